@@ -1,0 +1,466 @@
+//! Configuration: embedded defaults, overlaid by a TOML file, then by
+//! `INLETD_<KEY>` environment variables, then by command-line flags. This is
+//! the one place that reads files and the environment for settings.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors loading or validating the configuration; each names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("config is not valid: {0}")]
+    Parse(String),
+    #[error("config is not valid:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// When a write counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// 202 only after the group's flush to disk returned.
+    Fsync,
+    /// 202 after the write; the disk is flushed every `flush_interval_ms`.
+    Interval,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (journald, log shippers).
+    Json,
+}
+
+/// Everything the daemon can be told. Every key has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP server listens on (port 0 picks a free port).
+    pub bind: String,
+    /// Directory of the sled store (WAL, keys, counters, DLQ).
+    pub data_dir: PathBuf,
+    /// When a 202 may be sent: after an fsync (default) or before it.
+    pub durability: Durability,
+    /// Background flush period for `durability = "interval"`: the loss window.
+    pub flush_interval_ms: u64,
+    /// Events per micro-batch handed to the sinks.
+    pub batch_size: usize,
+    /// Longest wait before a partial batch is processed.
+    pub batch_timeout_ms: u64,
+    /// Retries per sink and batch before events go to the DLQ.
+    pub max_retries: u32,
+    /// First retry delay; doubles each attempt, with jitter.
+    pub retry_base_ms: u64,
+    /// Longest single retry delay (also caps a sink's Retry-After).
+    pub retry_max_ms: u64,
+    /// Consecutive failed batches after which a sink is isolated.
+    pub breaker_failures: u32,
+    /// How long an isolated sink is skipped before it is tried again.
+    pub breaker_cooldown_ms: u64,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl_hours: u64,
+    /// Longest the drain may take on SIGTERM (keep under systemd's TimeoutStopSec).
+    pub drain_timeout_secs: u64,
+    /// Largest request body taken (413 above).
+    pub max_body_bytes: usize,
+    /// Most events in one batch request (413 above).
+    pub max_batch_events: usize,
+    /// Queue high-water mark: intake answers 503 above it.
+    pub max_queue_events: u64,
+    /// Bearer token for /admin; empty: admin answers loopback callers only.
+    pub admin_token: String,
+    /// Log format: text or json.
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `inletd=debug`.
+    pub log_level: String,
+    /// sled page cache in MiB.
+    pub cache_capacity_mb: u64,
+    /// Seconds a client has to send its request headers.
+    pub header_read_timeout_secs: u64,
+    /// Named sources with their own idempotency scope and rate limit.
+    pub sources: Vec<SourceConfig>,
+    /// Where processed batches are forwarded.
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// A named intake: `/webhook/{name}/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Path segment and idempotency scope.
+    pub name: String,
+    /// Signature scheme; only `none` in this build.
+    #[serde(default = "default_verify")]
+    pub verify: String,
+    /// Token-bucket rate limit in requests per second; absent: unlimited.
+    #[serde(default)]
+    pub rate_limit_per_sec: Option<f64>,
+}
+
+fn default_verify() -> String {
+    "none".into()
+}
+
+/// Kinds of sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// POST `{"events":[…]}` to `url`.
+    Http,
+    /// Append one JSON event per line to `path`.
+    File,
+}
+
+/// A forwarding sink.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Name in logs, metrics and DLQ entries.
+    pub name: String,
+    /// `http` or `file`.
+    #[serde(rename = "type")]
+    pub kind: SinkKind,
+    /// Target URL (`http` only; plain http).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Per-request timeout (`http` only).
+    #[serde(default = "default_sink_timeout")]
+    pub timeout_ms: u64,
+    /// Output file (`file` only).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+fn default_sink_timeout() -> u64 {
+    5000
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: "127.0.0.1:5015".into(),
+            data_dir: PathBuf::from("./inletd-data"),
+            durability: Durability::Fsync,
+            flush_interval_ms: 5,
+            batch_size: 100,
+            batch_timeout_ms: 250,
+            max_retries: 3,
+            retry_base_ms: 200,
+            retry_max_ms: 10_000,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 30_000,
+            idempotency_ttl_hours: 24,
+            drain_timeout_secs: 25,
+            max_body_bytes: 1_048_576,
+            max_batch_events: 1000,
+            max_queue_events: 10_000_000,
+            admin_token: String::new(),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            cache_capacity_mb: 64,
+            header_read_timeout_secs: 10,
+            sources: Vec::new(),
+            sinks: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file`, then the environment
+    /// (`INLETD_<KEY>` for every top-level scalar key), then `overrides`
+    /// (`key`, value as text) from the command line. Validates the result.
+    pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("INLETD_"))
+            .collect();
+        let text = match file {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?,
+            None => String::new(),
+        };
+        Self::from_parts(&text, &env, overrides)
+    }
+
+    /// [`Config::load`] without touching the process: file text, environment
+    /// pairs and overrides given.
+    pub fn from_parts(
+        file_text: &str,
+        env: &[(String, String)],
+        overrides: &[(&str, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(file_text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let scalar_keys = scalar_keys();
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("INLETD_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if key == "config" {
+                continue;
+            }
+            if !scalar_keys.contains(key.as_str()) {
+                return Err(ConfigError::Invalid(vec![format!(
+                    "environment variable {name}: no such setting `{key}`"
+                )]));
+            }
+            table.insert(key, scalar_value(value));
+        }
+        for (key, value) in overrides {
+            table.insert((*key).to_owned(), scalar_value(value));
+        }
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; names each bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut bad = Vec::new();
+        if self.bind.parse::<SocketAddr>().is_err() {
+            bad.push(format!(
+                "bind: `{}` is not an address like 127.0.0.1:5015",
+                self.bind
+            ));
+        }
+        let ranges: [(&str, u64, u64, u64); 14] = [
+            ("flush_interval_ms", self.flush_interval_ms, 1, 60_000),
+            ("batch_size", self.batch_size as u64, 1, 100_000),
+            ("batch_timeout_ms", self.batch_timeout_ms, 1, 3_600_000),
+            ("max_retries", u64::from(self.max_retries), 0, 100),
+            ("retry_base_ms", self.retry_base_ms, 1, 3_600_000),
+            ("retry_max_ms", self.retry_max_ms, 1, 3_600_000),
+            (
+                "breaker_failures",
+                u64::from(self.breaker_failures),
+                1,
+                1_000_000,
+            ),
+            (
+                "idempotency_ttl_hours",
+                self.idempotency_ttl_hours,
+                1,
+                24 * 365,
+            ),
+            ("drain_timeout_secs", self.drain_timeout_secs, 1, 3600),
+            ("max_body_bytes", self.max_body_bytes as u64, 256, 1 << 30),
+            (
+                "max_batch_events",
+                self.max_batch_events as u64,
+                1,
+                1_000_000,
+            ),
+            ("max_queue_events", self.max_queue_events, 1, u64::MAX),
+            ("cache_capacity_mb", self.cache_capacity_mb, 1, 1 << 20),
+            (
+                "header_read_timeout_secs",
+                self.header_read_timeout_secs,
+                1,
+                3600,
+            ),
+        ];
+        for (key, value, min, max) in ranges {
+            if value < min || value > max {
+                bad.push(format!("{key}: {value} is out of range ({min}..={max})"));
+            }
+        }
+        if self.retry_max_ms < self.retry_base_ms {
+            bad.push("retry_max_ms: must not be below retry_base_ms".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            bad.push(format!(
+                "log_level: `{}` is not a log filter: {e}",
+                self.log_level
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            if !valid_name(&s.name) {
+                bad.push(format!(
+                    "sources[{i}].name: `{}` must be 1-64 of a-z, 0-9, - and _",
+                    s.name
+                ));
+            }
+            if !names.insert(s.name.as_str()) {
+                bad.push(format!("sources[{i}].name: `{}` is given twice", s.name));
+            }
+            if s.verify != "none" {
+                bad.push(format!(
+                    "sources[{i}].verify: `{}` is not supported by this build; only \"none\" is",
+                    s.verify
+                ));
+            }
+            if let Some(r) = s.rate_limit_per_sec
+                && !(r.is_finite() && r > 0.0)
+            {
+                bad.push(format!(
+                    "sources[{i}].rate_limit_per_sec: must be a positive number"
+                ));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, s) in self.sinks.iter().enumerate() {
+            if !valid_name(&s.name) {
+                bad.push(format!(
+                    "sinks[{i}].name: `{}` must be 1-64 of a-z, 0-9, - and _",
+                    s.name
+                ));
+            }
+            if !names.insert(s.name.as_str()) {
+                bad.push(format!("sinks[{i}].name: `{}` is given twice", s.name));
+            }
+            match s.kind {
+                SinkKind::Http => match &s.url {
+                    Some(u) if u.starts_with("http://") && u.parse::<hyper::Uri>().is_ok() => {}
+                    Some(u) => bad.push(format!(
+                        "sinks[{i}].url: `{u}` must be a plain http:// URL (put TLS in front with a local proxy)"
+                    )),
+                    None => bad.push(format!("sinks[{i}].url: required for type = \"http\"")),
+                },
+                SinkKind::File => {
+                    if s.path.is_none() {
+                        bad.push(format!("sinks[{i}].path: required for type = \"file\""));
+                    }
+                }
+            }
+            if s.timeout_ms == 0 {
+                bad.push(format!("sinks[{i}].timeout_ms: must be at least 1"));
+            }
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(bad))
+        }
+    }
+
+    /// The listen address (validated).
+    pub fn bind_addr(&self) -> SocketAddr {
+        self.bind
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 5015)))
+    }
+
+    /// Idempotency window in ms.
+    pub fn idempotency_ttl_ms(&self) -> i64 {
+        i64::try_from(self.idempotency_ttl_hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX)
+    }
+
+    /// `batch_timeout_ms` as a Duration.
+    pub fn batch_timeout(&self) -> Duration {
+        Duration::from_millis(self.batch_timeout_ms)
+    }
+
+    /// `drain_timeout_secs` as a Duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// The configuration of source `name`; `default` always exists.
+    pub fn source(&self, name: &str) -> Option<SourceConfig> {
+        self.sources
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .or_else(|| {
+                (name == "default").then(|| SourceConfig {
+                    name: "default".into(),
+                    verify: default_verify(),
+                    rate_limit_per_sec: None,
+                })
+            })
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// The top-level keys that hold a single value (settable from env and flags).
+fn scalar_keys() -> BTreeSet<String> {
+    match toml::Table::try_from(Config::default()) {
+        Ok(t) => t
+            .into_iter()
+            .filter(|(_, v)| !matches!(v, toml::Value::Array(_) | toml::Value::Table(_)))
+            .map(|(k, _)| k)
+            .collect(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+/// Text from the environment or a flag as a TOML value: numbers and
+/// booleans as such, anything else as a string.
+fn scalar_value(text: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {text}")) {
+        Ok(mut t) => match t.remove("v") {
+            Some(
+                v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)),
+            ) => v,
+            _ => toml::Value::String(text.to_owned()),
+        },
+        Err(_) => toml::Value::String(text.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_gives_the_defaults() {
+        assert_eq!(Config::from_parts("", &[], &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let file = "batch_size = 10\nbind = \"127.0.0.1:1\"\ndata_dir = \"/f\"";
+        let env = vec![
+            ("INLETD_BATCH_SIZE".to_owned(), "20".to_owned()),
+            ("INLETD_BIND".to_owned(), "127.0.0.1:2".to_owned()),
+        ];
+        let c = Config::from_parts(file, &env, &[("bind", "127.0.0.1:3".into())]).unwrap();
+        assert_eq!(c.batch_size, 20);
+        assert_eq!(c.bind, "127.0.0.1:3");
+        assert_eq!(c.data_dir, PathBuf::from("/f"));
+    }
+
+    #[test]
+    fn every_bad_key_is_named() {
+        let file = "batch_size = 0\nbind = \"nowhere\"\n[[sinks]]\nname = \"d\"\ntype = \"http\"\nurl = \"https://x\"";
+        let err = Config::from_parts(file, &[], &[]).unwrap_err().to_string();
+        for key in ["batch_size", "bind", "sinks[0].url"] {
+            assert!(err.contains(key), "{err}");
+        }
+        let err = Config::from_parts("batch_sise = 3", &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("batch_sise"), "{err}");
+        let err = Config::from_parts("batch_size = \"x\"", &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("batch_size"), "{err}");
+        let env = vec![("INLETD_NOPE".to_owned(), "1".to_owned())];
+        assert!(
+            Config::from_parts("", &env, &[])
+                .unwrap_err()
+                .to_string()
+                .contains("nope")
+        );
+    }
+}

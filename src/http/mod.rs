@@ -1,0 +1,563 @@
+//! The HTTP layer: warp filters and thin handlers. Handlers check what can
+//! be checked from headers (draining, source, rate limit, queue full, body
+//! size), then hand the body to the pipeline and map its answer to status
+//! codes. Errors are [`error::ApiError`], turned into responses by one
+//! `recover()`.
+
+pub mod error;
+pub mod ratelimit;
+pub mod server;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use warp::filters::BoxedFilter;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::config::Config;
+use crate::event::BodyError;
+use crate::event::now_ms;
+use crate::pipeline::Pipeline;
+use crate::pipeline::messages::{IngestError, IngestRequest, Shape, Verdict};
+use error::ApiError;
+use ratelimit::TokenBucket;
+
+/// The peer address of a connection, put into each request by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// What the handlers need.
+pub struct Api {
+    /// The actor pipeline.
+    pub pipeline: Pipeline,
+    /// Limits, sources and the admin token.
+    pub config: Arc<Config>,
+    /// Token buckets of the rate-limited sources.
+    pub limiters: HashMap<String, TokenBucket>,
+}
+
+impl Api {
+    /// The handler state for `pipeline` under `config`.
+    pub fn new(pipeline: Pipeline, config: Arc<Config>) -> Arc<Self> {
+        let limiters = config
+            .sources
+            .iter()
+            .filter_map(|s| {
+                s.rate_limit_per_sec
+                    .map(|r| (s.name.clone(), TokenBucket::new(r)))
+            })
+            .collect();
+        Arc::new(Api {
+            pipeline,
+            config,
+            limiters,
+        })
+    }
+}
+
+/// Every route, with errors recovered into JSON.
+pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
+    let with_api = {
+        let api = api.clone();
+        warp::any().map(move || api.clone())
+    };
+    let body = warp::body::stream();
+    let ingest_common = warp::post()
+        .and(with_api.clone())
+        .and(warp::header::headers_cloned());
+
+    let single_default = warp::path!("webhook" / "events")
+        .and(ingest_common.clone())
+        .and(body)
+        .and_then(|api, headers, body| ingest(api, "default".to_owned(), false, headers, body));
+    let batch_default = warp::path!("webhook" / "batch")
+        .or(warp::path!("events"))
+        .unify()
+        .and(ingest_common.clone())
+        .and(body)
+        .and_then(|api, headers, body| ingest(api, "default".to_owned(), true, headers, body));
+    let single_source = warp::path!("webhook" / String / "events")
+        .and(ingest_common.clone())
+        .and(body)
+        .and_then(|source, api, headers, body| ingest(api, source, false, headers, body));
+    let batch_source = warp::path!("webhook" / String / "batch")
+        .and(ingest_common)
+        .and(body)
+        .and_then(|source, api, headers, body| ingest(api, source, true, headers, body));
+
+    let health = warp::path!("health")
+        .and(warp::get())
+        .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
+    let ready = warp::path!("ready")
+        .and(warp::get())
+        .and(with_api.clone())
+        .map(ready);
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_api.clone())
+        .and_then(metrics);
+
+    let admin = warp::path("admin")
+        .and(with_api.clone())
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(warp::header::optional::<String>("authorization"))
+        .and_then(authorize)
+        .untuple_one();
+    let dlq_list = warp::path!("dlq")
+        .and(warp::get())
+        .and(with_api.clone())
+        .and(warp::query::<ListQuery>())
+        .and_then(dlq_list);
+    let dlq_get = warp::path!("dlq" / u64)
+        .and(warp::get())
+        .and(with_api.clone())
+        .and_then(dlq_get);
+    let dlq_replay = warp::path!("dlq" / "replay")
+        .and(warp::post())
+        .and(with_api.clone())
+        .and(warp::query::<ReplayQuery>())
+        .and(warp::body::content_length_limit(1 << 20))
+        .and(warp::body::bytes())
+        .and_then(dlq_replay);
+    let dlq_delete = warp::path!("dlq" / u64)
+        .and(warp::delete())
+        .and(with_api.clone())
+        .and_then(|id, api| dlq_remove(api, Some(vec![id])));
+    let dlq_purge = warp::path!("dlq")
+        .and(warp::delete())
+        .and(with_api.clone())
+        .and_then(|api| dlq_remove(api, None));
+    let queue = warp::path!("queue")
+        .and(warp::get())
+        .and(with_api)
+        .and_then(queue);
+    let admin_routes = admin.and(
+        dlq_replay
+            .or(dlq_list)
+            .unify()
+            .or(dlq_get)
+            .unify()
+            .or(dlq_delete)
+            .unify()
+            .or(dlq_purge)
+            .unify()
+            .or(queue)
+            .unify(),
+    );
+
+    single_default
+        .or(batch_default)
+        .unify()
+        .or(single_source)
+        .unify()
+        .or(batch_source)
+        .unify()
+        .or(health)
+        .unify()
+        .or(ready)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(admin_routes)
+        .unify()
+        .recover(error::recover)
+        .unify()
+        .boxed()
+}
+
+fn service_unavailable(kind: &'static str, detail: &str, retry: u64) -> Rejection {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, kind, detail)
+        .retry_after(retry)
+        .into()
+}
+
+async fn ingest<S, B>(
+    api: Arc<Api>,
+    source: String,
+    batch: bool,
+    headers: HeaderMap,
+    body: S,
+) -> Result<Response, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let received = Instant::now();
+    let received_at_ms = now_ms();
+    let status = &api.pipeline.context.status;
+    if status.draining.load(Ordering::Relaxed) {
+        return Err(service_unavailable(
+            "draining",
+            "inletd is shutting down; retry against the restarted daemon",
+            5,
+        ));
+    }
+    if api.config.source(&source).is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_source",
+            format!("no source named `{source}` is configured"),
+        )
+        .into());
+    }
+    if let Some(bucket) = api.limiters.get(&source)
+        && let Err(wait) = bucket.take()
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("source `{source}` is over its rate limit"),
+        )
+        .retry_after(wait.as_secs_f64().ceil() as u64)
+        .into());
+    }
+    let depth = status.queue_depth();
+    if depth >= api.config.max_queue_events {
+        return Err(service_unavailable(
+            "queue_full",
+            &format!(
+                "{depth} events are queued (max_queue_events = {}); retry later",
+                api.config.max_queue_events
+            ),
+            10,
+        ));
+    }
+    let body = read_body(&headers, body, api.config.max_body_bytes).await?;
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let shape = if batch {
+        Shape::Batch
+    } else {
+        Shape::Single {
+            header_key: header("idempotency-key").or_else(|| header("webhook-id")),
+        }
+    };
+    let request = IngestRequest {
+        source,
+        shape: shape.clone(),
+        content_type: header("content-type"),
+        body,
+        received_at_ms,
+        received,
+    };
+    let verdicts = api.pipeline.ingest(request).await.map_err(ingest_error)?;
+    Ok(match shape {
+        Shape::Single { .. } => single_answer(verdicts)?,
+        Shape::Batch => batch_answer(&verdicts),
+    })
+}
+
+fn single_answer(verdicts: Vec<Verdict>) -> Result<Response, Rejection> {
+    let reply = |status, body| {
+        Ok(warp::reply::with_status(warp::reply::json(&body), status).into_response())
+    };
+    match verdicts.into_iter().next() {
+        Some(Verdict::Accepted { event_id }) => reply(
+            StatusCode::ACCEPTED,
+            json!({"status": "accepted", "event_id": event_id}),
+        ),
+        Some(Verdict::Duplicate { event_id }) => reply(
+            StatusCode::OK,
+            json!({"status": "duplicate", "event_id": event_id}),
+        ),
+        Some(Verdict::Rejected(f)) => Err(ApiError::schema(&f.field, &f.detail).into()),
+        None => {
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no verdict").into())
+        }
+    }
+}
+
+fn batch_answer(verdicts: &[Verdict]) -> Response {
+    let mut accepted = 0;
+    let mut duplicates = 0;
+    let mut rejected = Vec::new();
+    for (index, v) in verdicts.iter().enumerate() {
+        match v {
+            Verdict::Accepted { .. } => accepted += 1,
+            Verdict::Duplicate { .. } => duplicates += 1,
+            Verdict::Rejected(f) => rejected.push(json!({
+                "index": index, "error": "schema_violation", "field": f.field, "detail": f.detail,
+            })),
+        }
+    }
+    let body = json!({
+        "accepted": accepted,
+        "duplicates": duplicates,
+        "rejected": rejected,
+        "results": verdicts,
+    });
+    warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response()
+}
+
+fn ingest_error(e: IngestError) -> Rejection {
+    match e {
+        IngestError::Body(BodyError::Malformed {
+            line,
+            column,
+            message,
+        }) => {
+            let mut err = ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", message);
+            err.line = Some(line);
+            err.column = Some(column);
+            err.into()
+        }
+        IngestError::Body(BodyError::Shape(f)) => ApiError::schema(&f.field, &f.detail).into(),
+        IngestError::Body(e @ BodyError::TooManyEvents { .. }) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            e.to_string(),
+        )
+        .into(),
+        e @ IngestError::NotJson(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            e.to_string(),
+        )
+        .into(),
+        IngestError::Storage(detail) => service_unavailable(
+            "storage_unavailable",
+            &format!("the event was not stored: {detail}"),
+            5,
+        ),
+        IngestError::Unavailable => service_unavailable(
+            "unavailable",
+            "the pipeline is restarting; the event was not stored",
+            1,
+        ),
+    }
+}
+
+/// Reads the body, refusing more than `limit` bytes whether or not a
+/// Content-Length was sent.
+async fn read_body<S, B>(headers: &HeaderMap, mut body: S, limit: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is over max_body_bytes ({limit} bytes)"),
+        )
+    };
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut out = BytesMut::with_capacity(declared.map_or(8192, |n| n as usize));
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("reading the body failed: {e}"),
+            )
+        })?;
+        if out.len() + chunk.remaining() > limit {
+            return Err(too_large());
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            out.put_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(out.freeze())
+}
+
+fn ready(api: Arc<Api>) -> Response {
+    let status = &api.pipeline.context.status;
+    let (code, state) = if status.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if status.storage_failed.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "storage_failed")
+    } else {
+        (StatusCode::OK, "ready")
+    };
+    warp::reply::with_status(warp::reply::json(&json!({"status": state})), code).into_response()
+}
+
+async fn metrics(api: Arc<Api>) -> Result<Response, Rejection> {
+    match api.pipeline.render_metrics().await {
+        Some(text) => {
+            Ok(
+                warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
+                    .into_response(),
+            )
+        }
+        None => Err(service_unavailable(
+            "unavailable",
+            "the metrics actor is restarting",
+            1,
+        )),
+    }
+}
+
+/// Admin access: the bearer token when one is set, else loopback callers only.
+async fn authorize(
+    api: Arc<Api>,
+    peer: Option<PeerAddr>,
+    authorization: Option<String>,
+) -> Result<(), Rejection> {
+    let token = &api.config.admin_token;
+    if token.is_empty() {
+        return match peer {
+            Some(PeerAddr(addr)) if addr.ip().is_loopback() => Ok(()),
+            _ => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the admin API answers loopback callers only unless admin_token is set",
+            )
+            .into()),
+        };
+    }
+    let given = authorization
+        .as_deref()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer <admin_token>",
+        )
+        .into())
+    }
+}
+
+/// Compares without an early exit on the first differing byte.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    /// List entries with ids above this.
+    #[serde(default)]
+    after: u64,
+    /// At most this many (capped at 1000).
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReplayQuery {
+    /// Replay at most this many entries (capped at 1000).
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    100
+}
+
+fn internal(detail: String) -> Rejection {
+    service_unavailable("storage_unavailable", &detail, 1)
+}
+
+async fn dlq_list(api: Arc<Api>, q: ListQuery) -> Result<Response, Rejection> {
+    let items = api
+        .pipeline
+        .dlq_list(q.after, q.limit.clamp(1, 1000))
+        .await
+        .map_err(internal)?;
+    let next_after = items.last().map(|i| i.id);
+    Ok(warp::reply::json(&json!({"entries": items, "next_after": next_after})).into_response())
+}
+
+async fn dlq_get(id: u64, api: Arc<Api>) -> Result<Response, Rejection> {
+    match api.pipeline.dlq_get(id).await.map_err(internal)? {
+        Some(item) => Ok(warp::reply::json(&item).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no DLQ entry {id}"),
+        )
+        .into()),
+    }
+}
+
+async fn dlq_replay(api: Arc<Api>, q: ReplayQuery, body: Bytes) -> Result<Response, Rejection> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ReplayBody {
+        ids: Option<Vec<u64>>,
+    }
+    let ids = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        serde_json::from_slice::<ReplayBody>(&body)
+            .map_err(|e| {
+                ApiError::schema(
+                    "ids",
+                    &format!("expected {{\"ids\": [1, 2]}} or no body: {e}"),
+                )
+            })?
+            .ids
+    };
+    let report = api
+        .pipeline
+        .dlq_replay(ids, q.limit.clamp(1, 1000))
+        .await
+        .map_err(internal)?;
+    Ok(warp::reply::with_status(warp::reply::json(&report), StatusCode::ACCEPTED).into_response())
+}
+
+async fn dlq_remove(api: Arc<Api>, ids: Option<Vec<u64>>) -> Result<Response, Rejection> {
+    let single = ids.as_ref().and_then(|v| v.first().copied());
+    let removed = api.pipeline.dlq_remove(ids).await.map_err(internal)?;
+    if let Some(id) = single
+        && removed == 0
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no DLQ entry {id}"),
+        )
+        .into());
+    }
+    Ok(warp::reply::json(&json!({"removed": removed})).into_response())
+}
+
+async fn queue(api: Arc<Api>) -> Result<Response, Rejection> {
+    let storage = api.pipeline.context.storage.clone();
+    let info = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::storage::StorageError>((storage.queue_info()?, storage.dlq_len()?))
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?
+    .map_err(|e| internal(e.to_string()))?;
+    let (info, dlq) = info;
+    let oldest_age_ms = info.oldest_received_ms.map(|t| (now_ms() - t).max(0));
+    Ok(warp::reply::json(&json!({
+        "depth": info.depth,
+        "cursor": info.cursor,
+        "last_seq": info.last_seq,
+        "oldest_age_ms": oldest_age_ms,
+        "dlq_size": dlq,
+    }))
+    .into_response())
+}

@@ -1,0 +1,29 @@
+//! inletd: a durable webhook-intake daemon for one VM.
+//!
+//! ```text
+//! HTTP (warp) ─► Receiver ─► Deduper ─► WAL (sled) ─► Batcher ─► Processor ─► sinks
+//!                                │                                  │
+//!                                └── 202 after durable commit       └─► DLQ
+//! Metrics ◄── every actor reports counters and latencies
+//! Supervisor: owns all of them, restarts a failed child, orders the drain
+//! ```
+//!
+//! | module       | holds |
+//! |--------------|-------|
+//! | [`config`]   | settings: defaults, TOML file, `INLETD_*` environment, flags; validation |
+//! | [`event`]    | events, their validation, the WAL record |
+//! | [`storage`]  | the `Storage` trait, its design (layout, invariants, flushing), sled and memory stores |
+//! | [`pipeline`] | the supervised actors and their messages |
+//! | [`sinks`]    | forwarding sinks (HTTP, file) |
+//! | [`http`]     | warp routes, thin handlers, the error type, the accept loop |
+//! | [`app`]      | start-up wiring and the shutdown sequence |
+//! | [`shutdown`] | signal handling |
+
+pub mod app;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod pipeline;
+pub mod shutdown;
+pub mod sinks;
+pub mod storage;

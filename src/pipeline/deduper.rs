@@ -1,0 +1,154 @@
+//! Deduper: idempotency check and WAL append in one transaction, with group
+//! commit. Requests that arrive while a flush is running queue in the
+//! mailbox; the next `Commit` takes all of them, writes them in one
+//! transaction, flushes once, and only then answers each.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::messages::{AppendRequest, BatcherMsg, DeduperMsg, IngestError, Observation, Verdict};
+use super::{BATCHER, Context};
+use crate::config::Durability;
+use crate::event::now_ms;
+use crate::storage::{AppendOutcome, NewEvent};
+
+/// The Deduper actor.
+pub struct Deduper;
+
+/// Deduper state.
+pub struct State {
+    /// Storage, config and names.
+    context: Arc<Context>,
+    /// Requests gathered for the next group commit.
+    pending: Vec<AppendRequest>,
+    /// A `Commit` is already in the mailbox.
+    commit_scheduled: bool,
+}
+
+/// The Deduper starts from the pipeline context.
+pub type Arguments = Arc<Context>;
+
+impl Actor for Deduper {
+    type Msg = DeduperMsg;
+    type State = State;
+    type Arguments = Arguments;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        context: Arguments,
+    ) -> Result<State, ActorProcessingErr> {
+        Ok(State {
+            context,
+            pending: Vec::new(),
+            commit_scheduled: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            DeduperMsg::Append(request) => {
+                state.pending.push(request);
+                if !state.commit_scheduled {
+                    // Goes behind everything already queued: they join this group.
+                    state.commit_scheduled = true;
+                    myself.send_message(DeduperMsg::Commit)?;
+                }
+            }
+            DeduperMsg::Commit => {
+                state.commit_scheduled = false;
+                let group = std::mem::take(&mut state.pending);
+                commit(&state.context, group).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes one group, flushes once, answers every request in it.
+async fn commit(context: &Arc<Context>, group: Vec<AppendRequest>) {
+    if group.is_empty() {
+        return;
+    }
+    let events: Vec<NewEvent> = group
+        .iter()
+        .flat_map(|r| r.events.iter().cloned())
+        .collect();
+    let storage = context.storage.clone();
+    let fsync = context.config.durability == Durability::Fsync;
+    let ttl_ms = context.config.idempotency_ttl_ms();
+    let written = tokio::task::spawn_blocking(move || {
+        let outcomes = storage.append(&events, now_ms(), ttl_ms)?;
+        if fsync {
+            storage.flush()?;
+        }
+        Ok::<_, crate::storage::StorageError>(outcomes)
+    })
+    .await;
+    let outcomes = match written {
+        Ok(Ok(outcomes)) => outcomes,
+        Ok(Err(e)) => return fail(context, group, e.to_string()),
+        Err(e) => return fail(context, group, format!("storage task failed: {e}")),
+    };
+    context
+        .status
+        .storage_failed
+        .store(false, Ordering::Relaxed);
+    let mut outcomes = outcomes.into_iter();
+    let mut last_seq = 0;
+    for mut request in group {
+        let (mut accepted, mut duplicates) = (0, 0);
+        for slot in &request.slots {
+            let Some(outcome) = outcomes.next() else {
+                break;
+            };
+            let verdict = &mut request.verdicts[*slot];
+            match outcome {
+                AppendOutcome::Accepted { seq } => {
+                    accepted += 1;
+                    last_seq = last_seq.max(seq);
+                }
+                AppendOutcome::Duplicate { .. } => {
+                    duplicates += 1;
+                    if let Verdict::Accepted { event_id } = verdict {
+                        *verdict = Verdict::Duplicate {
+                            event_id: std::mem::take(event_id),
+                        };
+                    }
+                }
+            }
+        }
+        context.names.observe(Observation::Ingested {
+            accepted,
+            duplicates,
+            seconds: request.received.elapsed().as_secs_f64(),
+        });
+        let _ = request.reply.send(Ok(request.verdicts));
+    }
+    if last_seq > 0 {
+        context
+            .status
+            .last_seq
+            .fetch_max(last_seq, Ordering::Relaxed);
+        context.names.cast(BATCHER, BatcherMsg::Appended(last_seq));
+    }
+}
+
+fn fail(context: &Arc<Context>, group: Vec<AppendRequest>, error: String) {
+    tracing::error!(%error, requests = group.len(), "group commit failed; answering 503");
+    context.status.storage_failed.store(true, Ordering::Relaxed);
+    context.names.observe(Observation::Rejected {
+        reason: "storage",
+        count: group.len() as u64,
+    });
+    for request in group {
+        let _ = request.reply.send(Err(IngestError::Storage(error.clone())));
+    }
+}

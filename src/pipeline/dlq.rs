@@ -1,0 +1,134 @@
+//! DLQ: the admin side of the dead-letter queue. Entries are written by the
+//! Processor inside its batch commit; this actor lists, shows, deletes and
+//! replays them. A replay moves entries back into the WAL addressed to the
+//! sink that failed them, at most `limit` per request, so a recovering sink
+//! is fed at the Batcher's pace rather than all at once.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::messages::{BatcherMsg, DlqItem, DlqMsg, ReplayReport};
+use super::{BATCHER, Context};
+use crate::storage::StorageError;
+
+/// The DLQ actor.
+pub struct Dlq;
+
+/// DLQ state.
+pub struct State {
+    /// Storage and names.
+    context: Arc<Context>,
+}
+
+/// The DLQ actor starts from the pipeline context.
+pub type Arguments = Arc<Context>;
+
+impl Actor for Dlq {
+    type Msg = DlqMsg;
+    type State = State;
+    type Arguments = Arguments;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        context: Arguments,
+    ) -> Result<State, ActorProcessingErr> {
+        Ok(State { context })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        let storage = &state.context.storage;
+        let text = |e: StorageError| e.to_string();
+        match message {
+            DlqMsg::List {
+                after,
+                limit,
+                reply,
+            } => {
+                let items = storage
+                    .dlq_list(after, limit)
+                    .map(|v| {
+                        v.into_iter()
+                            .map(|(id, entry)| DlqItem { id, entry })
+                            .collect()
+                    })
+                    .map_err(text);
+                let _ = reply.send(items);
+            }
+            DlqMsg::Get { id, reply } => {
+                let item = storage
+                    .dlq_get(id)
+                    .map(|e| e.map(|entry| DlqItem { id, entry }))
+                    .map_err(text);
+                let _ = reply.send(item);
+            }
+            DlqMsg::Replay { ids, limit, reply } => {
+                let _ = reply.send(replay(&state.context, ids, limit).map_err(text));
+            }
+            DlqMsg::Remove { ids, reply } => {
+                let removed = match ids {
+                    Some(ids) => storage.dlq_remove(&ids),
+                    None => purge(&state.context),
+                };
+                let _ = reply.send(removed.map_err(text));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn replay(
+    context: &Context,
+    ids: Option<Vec<u64>>,
+    limit: usize,
+) -> Result<ReplayReport, StorageError> {
+    let storage = &context.storage;
+    let ids = match ids {
+        Some(ids) => ids.into_iter().take(limit).collect(),
+        None => storage
+            .dlq_list(0, limit)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect::<Vec<_>>(),
+    };
+    let (moved, last_seq) = storage.dlq_replay(&ids)?;
+    storage.flush()?;
+    if !moved.is_empty() {
+        tracing::info!(
+            replayed = moved.len(),
+            "DLQ entries replayed into the queue"
+        );
+        context
+            .status
+            .last_seq
+            .fetch_max(last_seq, Ordering::Relaxed);
+        context.names.cast(BATCHER, BatcherMsg::Appended(last_seq));
+    }
+    Ok(ReplayReport {
+        replayed: moved.len(),
+        remaining: storage.dlq_len()?,
+    })
+}
+
+fn purge(context: &Context) -> Result<usize, StorageError> {
+    let mut removed = 0;
+    loop {
+        let ids: Vec<u64> = context
+            .storage
+            .dlq_list(0, 1000)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(removed);
+        }
+        removed += context.storage.dlq_remove(&ids)?;
+    }
+}

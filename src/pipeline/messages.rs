@@ -1,0 +1,188 @@
+//! The typed messages of every actor, and the payloads they carry.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use ractor::RpcReplyPort;
+use serde::Serialize;
+
+use crate::event::{BodyError, FieldError, Queued};
+use crate::storage::{DlqEntry, NewEvent};
+
+/// What the HTTP layer hands the Receiver.
+#[derive(Debug)]
+pub struct IngestRequest {
+    /// The configured source the request came in on.
+    pub source: String,
+    /// One event or a batch.
+    pub shape: Shape,
+    /// The request's Content-Type header, checked by the Receiver.
+    pub content_type: Option<String>,
+    /// The raw body (already size-limited by the HTTP layer).
+    pub body: Bytes,
+    /// Receipt time (wall clock, ms since epoch) stored with each event.
+    pub received_at_ms: i64,
+    /// Receipt time (monotonic) for the receipt→accepted histogram.
+    pub received: Instant,
+}
+
+/// The two request shapes.
+#[derive(Debug, Clone)]
+pub enum Shape {
+    /// `POST …/events`: one event; the key may come from a header.
+    Single { header_key: Option<String> },
+    /// `POST …/batch`, `POST /events`: `{"events":[…]}`.
+    Batch,
+}
+
+/// The fate of one event of a request, in request order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Verdict {
+    /// Stored durably (or, in interval mode, written) under this id.
+    Accepted { event_id: String },
+    /// Seen before within the TTL; not stored again.
+    Duplicate { event_id: String },
+    /// Broke the schema; not stored.
+    Rejected(FieldError),
+}
+
+/// Why a request as a whole was not taken.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    Body(BodyError),
+    #[error("content type `{}` is not JSON; send Content-Type: application/json", .0.as_deref().unwrap_or("(none)"))]
+    NotJson(Option<String>),
+    #[error("the queue could not be written: {0}")]
+    Storage(String),
+    #[error("the pipeline is restarting; retry shortly")]
+    Unavailable,
+}
+
+/// The answer to an ingest request: one verdict per event.
+pub type IngestResult = Result<Vec<Verdict>, IngestError>;
+
+/// Receiver: parses and validates, then hands on without waiting.
+pub enum ReceiverMsg {
+    Ingest(IngestRequest, RpcReplyPort<IngestResult>),
+}
+
+/// A validated request waiting for the group commit.
+pub struct AppendRequest {
+    /// The events to check and append, in request order.
+    pub events: Vec<NewEvent>,
+    /// For each of `events`, its index in `verdicts`.
+    pub slots: Vec<usize>,
+    /// Verdicts so far; rejected ones are final, the others are filled in.
+    pub verdicts: Vec<Verdict>,
+    /// Monotonic receipt time, for the ack latency.
+    pub received: Instant,
+    /// Where the answer goes once the group is durable.
+    pub reply: RpcReplyPort<IngestResult>,
+}
+
+/// Deduper: idempotency check + WAL append + group commit.
+pub enum DeduperMsg {
+    /// A request to add to the next group.
+    Append(AppendRequest),
+    /// Commit everything gathered so far (sent by the Deduper to itself).
+    Commit,
+}
+
+/// Batcher: turns the WAL into micro-batches.
+pub enum BatcherMsg {
+    /// Records up to this seq are durable in the WAL.
+    Appended(u64),
+    /// The batch timeout fired.
+    Tick,
+    /// The Processor finished (and acknowledged) the batch ending at this seq.
+    Done(u64),
+    /// Forget the in-flight batch and re-read from the ack cursor (after a restart).
+    Reset,
+    /// Process everything now; answer when the WAL is caught up.
+    Drain(RpcReplyPort<()>),
+}
+
+/// Processor: delivers a batch to every sink and acknowledges it.
+pub enum ProcessorMsg {
+    /// Deliver `records` and move the cursor to `upto` (its last seq, or
+    /// past a gap of quarantined records).
+    Process { records: Vec<Queued>, upto: u64 },
+}
+
+/// One DLQ entry as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DlqItem {
+    /// The entry's id (for show, replay, delete).
+    pub id: u64,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: DlqEntry,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReplayReport {
+    /// Entries moved back into the queue.
+    pub replayed: usize,
+    /// Entries still parked (a replay of "all" moves at most `limit`).
+    pub remaining: u64,
+}
+
+/// DLQ: the admin side of the dead-letter queue.
+pub enum DlqMsg {
+    List {
+        after: u64,
+        limit: usize,
+        reply: RpcReplyPort<Result<Vec<DlqItem>, String>>,
+    },
+    Get {
+        id: u64,
+        reply: RpcReplyPort<Result<Option<DlqItem>, String>>,
+    },
+    /// Replays the given ids, or the oldest `limit` entries when `ids` is None.
+    Replay {
+        ids: Option<Vec<u64>>,
+        limit: usize,
+        reply: RpcReplyPort<Result<ReplayReport, String>>,
+    },
+    /// Removes the given ids, or every entry when None; answers how many.
+    Remove {
+        ids: Option<Vec<u64>>,
+        reply: RpcReplyPort<Result<usize, String>>,
+    },
+}
+
+/// Something worth counting.
+#[derive(Debug, Clone)]
+pub enum Observation {
+    /// A request was answered: events accepted, duplicates, seconds since receipt.
+    Ingested {
+        accepted: u64,
+        duplicates: u64,
+        seconds: f64,
+    },
+    /// Events or requests rejected, by reason.
+    Rejected { reason: &'static str, count: u64 },
+    /// A batch was processed; receipt→processed seconds of each event.
+    Batch {
+        events: u64,
+        failed: u64,
+        latencies: Vec<f64>,
+    },
+    /// A sink delivery attempt failed and will be retried.
+    Retry { sink: String },
+    /// Events parked in the DLQ for a sink.
+    DeadLettered { sink: String, count: u64 },
+    /// Events a sink took.
+    Delivered { sink: String, count: u64 },
+    /// An actor was restarted by the supervisor.
+    Restart { actor: &'static str },
+}
+
+/// Metrics: counters, gauges and histograms in Prometheus text format.
+pub enum MetricsMsg {
+    Observe(Observation),
+    Render(RpcReplyPort<String>),
+}

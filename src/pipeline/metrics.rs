@@ -1,0 +1,268 @@
+//! Metrics: every actor reports observations here; `/metrics` renders them
+//! in the Prometheus text format (with the queue and DLQ gauges read at
+//! render time).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::Context;
+use super::messages::{MetricsMsg, Observation};
+
+/// The Metrics actor.
+pub struct Metrics;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// A cumulative latency histogram.
+#[derive(Debug, Default, Clone)]
+pub struct Histogram {
+    /// Observations at or below each bound of `BUCKETS`.
+    counts: [u64; BUCKETS.len()],
+    /// All observations.
+    count: u64,
+    /// Their sum in seconds.
+    sum: f64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&mut self, seconds: f64) {
+        for (bound, count) in BUCKETS.iter().zip(self.counts.iter_mut()) {
+            if seconds <= *bound {
+                *count += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in BUCKETS.iter().zip(self.counts.iter()) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+    }
+}
+
+/// Metrics state.
+pub struct State {
+    /// Status and storage for the gauges.
+    context: Arc<Context>,
+    /// (metric, label pair or "") → value.
+    counters: BTreeMap<(&'static str, String), u64>,
+    /// receipt→accepted, per request.
+    ack_latency: Histogram,
+    /// receipt→processed, per event.
+    process_latency: Histogram,
+}
+
+/// The Metrics actor starts from the pipeline context.
+pub type Arguments = Arc<Context>;
+
+const HELP: &[(&str, &str)] = &[
+    (
+        "inletd_events_accepted_total",
+        "Events stored in the write-ahead queue.",
+    ),
+    (
+        "inletd_events_duplicate_total",
+        "Events dropped as duplicates of a known idempotency key.",
+    ),
+    (
+        "inletd_rejected_total",
+        "Requests or events refused, by reason.",
+    ),
+    ("inletd_batches_total", "Micro-batches processed."),
+    (
+        "inletd_events_processed_total",
+        "Events processed (acknowledged in the WAL).",
+    ),
+    (
+        "inletd_events_failed_total",
+        "Event deliveries parked in the DLQ.",
+    ),
+    ("inletd_sink_delivered_total", "Events delivered, by sink."),
+    ("inletd_sink_retries_total", "Delivery retries, by sink."),
+    (
+        "inletd_dlq_events_total",
+        "Events parked in the DLQ, by sink.",
+    ),
+    (
+        "inletd_actor_restarts_total",
+        "Actor restarts by the supervisor, by actor.",
+    ),
+];
+
+impl State {
+    fn add(&mut self, metric: &'static str, label: String, n: u64) {
+        *self.counters.entry((metric, label)).or_default() += n;
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for (metric, help) in HELP {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
+            let mut any = false;
+            for ((m, label), value) in self.counters.range((*metric, String::new())..) {
+                if m != metric {
+                    break;
+                }
+                any = true;
+                if label.is_empty() {
+                    let _ = writeln!(out, "{metric} {value}");
+                } else {
+                    let _ = writeln!(out, "{metric}{{{label}}} {value}");
+                }
+            }
+            // Unlabelled counters show 0 before their first event.
+            if !any && !help.contains(", by ") {
+                let _ = writeln!(out, "{metric} 0");
+            }
+        }
+        self.ack_latency.render(
+            &mut out,
+            "inletd_ack_latency_seconds",
+            "Receipt to durable answer, per request.",
+        );
+        self.process_latency.render(
+            &mut out,
+            "inletd_processing_latency_seconds",
+            "Receipt to processed, per event.",
+        );
+        let status = &self.context.status;
+        let dlq = self.context.storage.dlq_len().unwrap_or(0);
+        let gauges = [
+            (
+                "inletd_queue_depth",
+                "Events waiting in the write-ahead queue.",
+                status.queue_depth(),
+            ),
+            ("inletd_dlq_size", "Entries in the dead-letter queue.", dlq),
+            (
+                "inletd_draining",
+                "1 while draining after SIGTERM.",
+                u64::from(status.draining.load(Ordering::Relaxed)),
+            ),
+            (
+                "inletd_storage_failed",
+                "1 after a failed commit, until one succeeds.",
+                u64::from(status.storage_failed.load(Ordering::Relaxed)),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+        out
+    }
+}
+
+fn label(key: &str, value: &str) -> String {
+    let escaped = value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("{key}=\"{escaped}\"")
+}
+
+impl Actor for Metrics {
+    type Msg = MetricsMsg;
+    type State = State;
+    type Arguments = Arguments;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        context: Arguments,
+    ) -> Result<State, ActorProcessingErr> {
+        Ok(State {
+            context,
+            counters: BTreeMap::new(),
+            ack_latency: Histogram::default(),
+            process_latency: Histogram::default(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            MetricsMsg::Render(reply) => {
+                let _ = reply.send(state.render());
+            }
+            MetricsMsg::Observe(o) => match o {
+                Observation::Ingested {
+                    accepted,
+                    duplicates,
+                    seconds,
+                } => {
+                    state.add("inletd_events_accepted_total", String::new(), accepted);
+                    state.add("inletd_events_duplicate_total", String::new(), duplicates);
+                    state.ack_latency.observe(seconds);
+                }
+                Observation::Rejected { reason, count } => {
+                    state.add("inletd_rejected_total", label("reason", reason), count)
+                }
+                Observation::Batch {
+                    events,
+                    failed,
+                    latencies,
+                } => {
+                    state.add("inletd_batches_total", String::new(), 1);
+                    state.add("inletd_events_processed_total", String::new(), events);
+                    state.add("inletd_events_failed_total", String::new(), failed);
+                    for l in latencies {
+                        state.process_latency.observe(l);
+                    }
+                }
+                Observation::Retry { sink } => {
+                    state.add("inletd_sink_retries_total", label("sink", &sink), 1)
+                }
+                Observation::DeadLettered { sink, count } => {
+                    state.add("inletd_dlq_events_total", label("sink", &sink), count)
+                }
+                Observation::Delivered { sink, count } => {
+                    state.add("inletd_sink_delivered_total", label("sink", &sink), count)
+                }
+                Observation::Restart { actor } => {
+                    state.add("inletd_actor_restarts_total", label("actor", actor), 1)
+                }
+            },
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(0.003);
+        h.observe(2.0);
+        assert_eq!(h.count, 2);
+        assert_eq!(h.counts[2], 0); // le 0.0025
+        assert_eq!(h.counts[3], 1); // le 0.005
+        assert_eq!(h.counts[BUCKETS.len() - 1], 2);
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 2"), "{out}");
+    }
+}

@@ -1,0 +1,216 @@
+//! The supervised actor pipeline:
+//!
+//! ```text
+//! HTTP ─► Receiver ─► Deduper ─► WAL ─► Batcher ─► Processor ─► sinks
+//!                        └── answer after the group commit   └─► DLQ
+//! ```
+//!
+//! Actors find each other by name in ractor's registry, so a restarted
+//! actor is reachable under the same name. Names carry a per-pipeline
+//! prefix so that several pipelines can live in one process (tests).
+
+pub mod batcher;
+pub mod deduper;
+pub mod dlq;
+pub mod messages;
+pub mod metrics;
+pub mod processor;
+pub mod receiver;
+pub mod supervisor;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use ractor::{ActorRef, Message};
+
+use crate::config::Config;
+use crate::sinks::Sink;
+use crate::storage::Storage;
+use messages::{
+    BatcherMsg, DlqItem, DlqMsg, IngestError, IngestRequest, IngestResult, MetricsMsg, Observation,
+    ReceiverMsg, ReplayReport,
+};
+
+/// Live figures the HTTP layer reads without asking an actor.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// Set once on SIGTERM: intake answers 503, /ready answers 503.
+    pub draining: AtomicBool,
+    /// Cleared when a commit to storage fails; set again by the next success.
+    pub storage_failed: AtomicBool,
+    /// Highest seq durable in the WAL.
+    pub last_seq: AtomicU64,
+    /// The ack cursor.
+    pub cursor: AtomicU64,
+}
+
+impl Status {
+    /// Events waiting in the WAL.
+    pub fn queue_depth(&self) -> u64 {
+        self.last_seq
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.cursor.load(Ordering::Relaxed))
+    }
+}
+
+/// Registry names of one pipeline's actors.
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    /// Fresh names, unique within this process.
+    pub fn unique() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Names {
+            prefix: format!("inletd{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// The registry name of actor `role`.
+    pub fn of(&self, role: &str) -> String {
+        format!("{}.{role}", self.prefix)
+    }
+
+    /// The live actor playing `role`, if any.
+    pub fn find<M: Message>(&self, role: &str) -> Option<ActorRef<M>> {
+        ActorRef::where_is(self.of(role))
+    }
+
+    /// Sends `msg` to `role`; a missing actor (mid-restart) drops it.
+    pub fn cast<M: Message>(&self, role: &str, msg: M) {
+        if let Some(actor) = self.find::<M>(role) {
+            let _ = actor.cast(msg);
+        }
+    }
+
+    /// Records an observation with the Metrics actor.
+    pub fn observe(&self, observation: Observation) {
+        self.cast(METRICS, MetricsMsg::Observe(observation));
+    }
+}
+
+/// Actor roles (registry name suffixes).
+pub const RECEIVER: &str = "receiver";
+pub const DEDUPER: &str = "deduper";
+pub const BATCHER: &str = "batcher";
+pub const PROCESSOR: &str = "processor";
+pub const DLQ: &str = "dlq";
+pub const METRICS: &str = "metrics";
+
+/// What every actor is started with.
+pub struct Context {
+    /// The configuration the pipeline runs with.
+    pub config: Arc<Config>,
+    /// The store.
+    pub storage: Arc<dyn Storage>,
+    /// Figures shared with the HTTP layer.
+    pub status: Arc<Status>,
+    /// Where the other actors are.
+    pub names: Names,
+    /// The forwarding sinks, built from the config.
+    pub sinks: Vec<Arc<dyn Sink>>,
+}
+
+/// The handle the HTTP layer and `app` use; every call goes to an actor.
+#[derive(Clone)]
+pub struct Pipeline {
+    /// Shared context (names, status, storage).
+    pub context: Arc<Context>,
+}
+
+/// How long a request waits for an actor before answering 503.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn ask<M: Message, R: Send + 'static>(
+    names: &Names,
+    role: &str,
+    build: impl FnOnce(ractor::RpcReplyPort<R>) -> M,
+) -> Option<R> {
+    let actor = names.find::<M>(role)?;
+    match actor.call(build, Some(CALL_TIMEOUT)).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => Some(r),
+        _ => None,
+    }
+}
+
+impl Pipeline {
+    /// Hands a request to the Receiver and waits for its verdicts.
+    pub async fn ingest(&self, request: IngestRequest) -> IngestResult {
+        ask(&self.context.names, RECEIVER, |reply| {
+            ReceiverMsg::Ingest(request, reply)
+        })
+        .await
+        .unwrap_or(Err(IngestError::Unavailable))
+    }
+
+    /// Renders the Prometheus exposition.
+    pub async fn render_metrics(&self) -> Option<String> {
+        ask(&self.context.names, METRICS, MetricsMsg::Render).await
+    }
+
+    /// Lists DLQ entries after `after`.
+    pub async fn dlq_list(&self, after: u64, limit: usize) -> Result<Vec<DlqItem>, String> {
+        ask(&self.context.names, DLQ, |reply| DlqMsg::List {
+            after,
+            limit,
+            reply,
+        })
+        .await
+        .unwrap_or_else(|| Err(unavailable()))
+    }
+
+    /// One DLQ entry.
+    pub async fn dlq_get(&self, id: u64) -> Result<Option<DlqItem>, String> {
+        ask(&self.context.names, DLQ, |reply| DlqMsg::Get { id, reply })
+            .await
+            .unwrap_or_else(|| Err(unavailable()))
+    }
+
+    /// Replays DLQ entries into the queue.
+    pub async fn dlq_replay(
+        &self,
+        ids: Option<Vec<u64>>,
+        limit: usize,
+    ) -> Result<ReplayReport, String> {
+        ask(&self.context.names, DLQ, |reply| DlqMsg::Replay {
+            ids,
+            limit,
+            reply,
+        })
+        .await
+        .unwrap_or_else(|| Err(unavailable()))
+    }
+
+    /// Deletes DLQ entries.
+    pub async fn dlq_remove(&self, ids: Option<Vec<u64>>) -> Result<usize, String> {
+        ask(&self.context.names, DLQ, |reply| DlqMsg::Remove {
+            ids,
+            reply,
+        })
+        .await
+        .unwrap_or_else(|| Err(unavailable()))
+    }
+
+    /// Processes what the WAL holds, waiting at most `deadline`. True when
+    /// the queue was caught up in time.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        let Some(batcher) = self.context.names.find::<BatcherMsg>(BATCHER) else {
+            return false;
+        };
+        matches!(
+            batcher.call(BatcherMsg::Drain, Some(deadline)).await,
+            Ok(ractor::rpc::CallResult::Success(()))
+        )
+    }
+}
+
+fn unavailable() -> String {
+    "the DLQ actor is restarting; retry shortly".into()
+}
+
+/// Error type shared by actors for unexpected failures (they crash the
+/// actor, and the supervisor restarts it).
+pub type ActorError = ractor::ActorProcessingErr;

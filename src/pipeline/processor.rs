@@ -1,0 +1,348 @@
+//! Processor: delivers each batch to every sink concurrently (retries with
+//! exponential backoff and jitter, honouring Retry-After; a circuit breaker
+//! isolates a sink that keeps failing), then commits the batch: WAL entries
+//! removed, built-in counters added, failures parked in the DLQ and the
+//! cursor moved, all in one storage transaction.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::messages::{BatcherMsg, Observation, ProcessorMsg};
+use super::{BATCHER, Context};
+use crate::config::Config;
+use crate::event::{Queued, now_ms};
+use crate::sinks::{Sink, SinkError};
+use crate::storage::{BatchAck, DlqEntry};
+
+/// The Processor actor.
+pub struct Processor;
+
+/// Processor state.
+pub struct State {
+    /// Storage, config, sinks and names.
+    context: Arc<Context>,
+    /// Circuit breaker per sink name.
+    breakers: HashMap<String, Breaker>,
+}
+
+/// The Processor starts from the pipeline context.
+pub type Arguments = Arc<Context>;
+
+/// A sink's circuit breaker.
+#[derive(Debug, Default, Clone)]
+struct Breaker {
+    /// Batches in a row that this sink failed.
+    consecutive_failures: u32,
+    /// While set and in the future, the sink is skipped.
+    open_until: Option<Instant>,
+}
+
+/// How one sink's delivery of one batch ended.
+struct Failure {
+    error: String,
+    attempts: u32,
+    first_failed_ms: i64,
+    last_failed_ms: i64,
+}
+
+impl Actor for Processor {
+    type Msg = ProcessorMsg;
+    type State = State;
+    type Arguments = Arguments;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        context: Arguments,
+    ) -> Result<State, ActorProcessingErr> {
+        Ok(State {
+            context,
+            breakers: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        let ProcessorMsg::Process { records, upto } = message;
+        let started = Instant::now();
+        let context = state.context.clone();
+        let config = &context.config;
+        let ctx = &context;
+
+        let deliveries = context.sinks.iter().map(|sink| {
+            let events: Vec<Queued> = records
+                .iter()
+                .filter(|q| {
+                    q.record
+                        .only_sink
+                        .as_deref()
+                        .is_none_or(|s| s == sink.name())
+                })
+                .cloned()
+                .collect();
+            let breaker = state.breakers.get(sink.name()).cloned().unwrap_or_default();
+            async move {
+                let result = if events.is_empty() {
+                    Ok(())
+                } else {
+                    deliver(sink.as_ref(), &events, config, &breaker, ctx).await
+                };
+                (sink.clone(), events, result)
+            }
+        });
+        let results = join_all(deliveries).await;
+
+        let mut ack = BatchAck {
+            upto,
+            processed: records
+                .iter()
+                .map(|q| {
+                    (
+                        q.seq,
+                        q.record
+                            .only_sink
+                            .is_none()
+                            .then(|| q.record.event_type.clone()),
+                    )
+                })
+                .collect(),
+            dead: Vec::new(),
+        };
+        let now = now_ms();
+        for q in &records {
+            if let Some(target) = &q.record.only_sink
+                && !context.sinks.iter().any(|s| s.name() == target)
+            {
+                ack.dead.push((
+                    q.seq,
+                    dead_entry(
+                        q,
+                        target,
+                        &format!("sink `{target}` is not configured"),
+                        0,
+                        now,
+                        now,
+                    ),
+                ));
+            }
+        }
+        for (sink, events, result) in &results {
+            let breaker = state.breakers.entry(sink.name().to_owned()).or_default();
+            match result {
+                Ok(()) => {
+                    if breaker.consecutive_failures > 0 || breaker.open_until.is_some() {
+                        tracing::info!(sink = sink.name(), "sink recovered; circuit closed");
+                    }
+                    *breaker = Breaker::default();
+                    if !events.is_empty() {
+                        context.names.observe(Observation::Delivered {
+                            sink: sink.name().to_owned(),
+                            count: events.len() as u64,
+                        });
+                    }
+                }
+                Err(f) => {
+                    breaker.consecutive_failures += 1;
+                    if breaker.consecutive_failures >= config.breaker_failures {
+                        breaker.open_until = Some(
+                            Instant::now() + Duration::from_millis(config.breaker_cooldown_ms),
+                        );
+                        tracing::warn!(
+                            sink = sink.name(),
+                            failures = breaker.consecutive_failures,
+                            cooldown_ms = config.breaker_cooldown_ms,
+                            "circuit open: sink isolated"
+                        );
+                    }
+                    tracing::warn!(sink = sink.name(), events = events.len(), attempts = f.attempts,
+                        error = %f.error, "delivery failed; events parked in the DLQ");
+                    context.names.observe(Observation::DeadLettered {
+                        sink: sink.name().to_owned(),
+                        count: events.len() as u64,
+                    });
+                    for q in events {
+                        ack.dead.push((
+                            q.seq,
+                            dead_entry(
+                                q,
+                                sink.name(),
+                                &f.error,
+                                f.attempts,
+                                f.first_failed_ms,
+                                f.last_failed_ms,
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+
+        commit(&context, ack.clone()).await?;
+
+        let done_ms = now_ms();
+        let latencies: Vec<f64> = records
+            .iter()
+            .map(|q| (done_ms - q.record.received_at_ms).max(0) as f64 / 1000.0)
+            .collect();
+        let failed = ack.dead.len() as u64;
+        if !records.is_empty() {
+            let max_latency_ms = latencies.iter().cloned().fold(0.0, f64::max) * 1000.0;
+            tracing::info!(
+                events = records.len(),
+                success = records.len() as u64 - failed.min(records.len() as u64),
+                failed,
+                max_latency_ms = format!("{max_latency_ms:.1}"),
+                took_ms = started.elapsed().as_millis() as u64,
+                "batch complete"
+            );
+            for q in &records {
+                tracing::debug!(event_type = %q.record.event_type, key = %q.record.key,
+                    latency_ms = done_ms - q.record.received_at_ms, "processed");
+            }
+        }
+        context.names.observe(Observation::Batch {
+            events: records.len() as u64,
+            failed,
+            latencies,
+        });
+        context.names.cast(BATCHER, BatcherMsg::Done(upto));
+        Ok(())
+    }
+}
+
+fn dead_entry(
+    q: &Queued,
+    sink: &str,
+    error: &str,
+    attempts: u32,
+    first: i64,
+    last: i64,
+) -> DlqEntry {
+    DlqEntry {
+        sink: sink.to_owned(),
+        error: error.to_owned(),
+        attempts,
+        first_failed_ms: first,
+        last_failed_ms: last,
+        record: q.record.clone(),
+    }
+}
+
+/// Commits the batch, retrying a failing store a few times before giving up
+/// (the actor then fails, is restarted, and the batch is read again).
+async fn commit(context: &Arc<Context>, ack: BatchAck) -> Result<(), ActorProcessingErr> {
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=5 {
+        let storage = context.storage.clone();
+        let ack = ack.clone();
+        match tokio::task::spawn_blocking(move || storage.commit_batch(&ack)).await? {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 5 => {
+                tracing::warn!(error = %e, attempt, "acknowledging the batch failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => return Err(Box::new(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Delivers `events` to one sink with retries; `Err` once it gives up.
+async fn deliver(
+    sink: &dyn Sink,
+    events: &[Queued],
+    config: &Config,
+    breaker: &Breaker,
+    context: &Context,
+) -> Result<(), Failure> {
+    let now = Instant::now();
+    let attempts_allowed = match breaker.open_until {
+        Some(until) if until > now => {
+            let t = now_ms();
+            return Err(Failure {
+                error: format!(
+                    "circuit open after {} failed batches",
+                    breaker.consecutive_failures
+                ),
+                attempts: 0,
+                first_failed_ms: t,
+                last_failed_ms: t,
+            });
+        }
+        // Half-open: one probe, no retries.
+        Some(_) => 1,
+        None => config.max_retries + 1,
+    };
+    let mut first_failed_ms = None;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (error, retry_after) = match sink.deliver(events).await {
+            Ok(()) => return Ok(()),
+            Err(SinkError::Permanent(m)) => (m, None),
+            Err(SinkError::Retryable {
+                message,
+                retry_after,
+            }) => (message, Some(retry_after)),
+        };
+        let t = now_ms();
+        let first = *first_failed_ms.get_or_insert(t);
+        let give_up = |error| Failure {
+            error,
+            attempts: attempt,
+            first_failed_ms: first,
+            last_failed_ms: t,
+        };
+        let Some(retry_after) = retry_after else {
+            return Err(give_up(error));
+        };
+        if attempt >= attempts_allowed {
+            return Err(give_up(error));
+        }
+        context.names.observe(Observation::Retry {
+            sink: sink.name().to_owned(),
+        });
+        let delay = retry_after
+            .map(|d| d.min(Duration::from_millis(config.retry_max_ms)))
+            .unwrap_or_else(|| backoff(config, attempt));
+        tracing::debug!(sink = sink.name(), attempt, error = %error, delay_ms = delay.as_millis() as u64, "retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Exponential backoff with "equal jitter": half fixed, half random.
+fn backoff(config: &Config, attempt: u32) -> Duration {
+    let exp = config
+        .retry_base_ms
+        .saturating_mul(1u64 << (attempt - 1).min(30))
+        .min(config.retry_max_ms);
+    Duration::from_millis(exp / 2 + fastrand::u64(0..=exp / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_within_its_cap() {
+        let config = Config {
+            retry_base_ms: 100,
+            retry_max_ms: 1000,
+            ..Config::default()
+        };
+        for attempt in 1..10 {
+            let d = backoff(&config, attempt).as_millis() as u64;
+            let exp = (100u64 << (attempt - 1)).min(1000);
+            assert!(d >= exp / 2 && d <= exp, "attempt {attempt}: {d}");
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! `MemoryStorage`: the reference model. Plain BTreeMaps behind one mutex,
+//! with the same semantics as `SledStorage` and nothing durable. Used by
+//! unit tests and by the model test that checks sled against it.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use super::{
+    AppendOutcome, BatchAck, DlqEntry, NewEvent, Quarantined, QueueInfo, Storage, StorageError,
+    scoped_key,
+};
+use crate::event::{Queued, WalRecord};
+
+/// In-memory store; see the module docs.
+#[derive(Default)]
+pub struct MemoryStorage {
+    /// All state; one lock makes every operation atomic.
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default, Clone)]
+struct Inner {
+    wal: BTreeMap<u64, WalRecord>,
+    /// scoped key → (first seen ms, seq)
+    keys: BTreeMap<Vec<u8>, (i64, u64)>,
+    cursor: u64,
+    last_seq: u64,
+    counts: BTreeMap<String, u64>,
+    dlq: BTreeMap<u64, DlqEntry>,
+    /// Last DLQ id handed out; ids are never reused.
+    dlq_last: u64,
+}
+
+impl MemoryStorage {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock only means another thread panicked mid-call; the
+        // maps are still consistent because every call mutates a clone.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn append(
+        &self,
+        events: &[NewEvent],
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Vec<AppendOutcome>, StorageError> {
+        let mut g = self.lock();
+        let mut next = g.clone();
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            let key = scoped_key(&e.record);
+            match next.keys.get(&key) {
+                Some(&(first_seen_ms, _)) if now_ms - first_seen_ms < ttl_ms => {
+                    out.push(AppendOutcome::Duplicate { first_seen_ms });
+                }
+                _ => {
+                    next.last_seq += 1;
+                    let seq = next.last_seq;
+                    next.keys.insert(key, (now_ms, seq));
+                    next.wal.insert(seq, e.record.clone());
+                    out.push(AppendOutcome::Accepted { seq });
+                }
+            }
+        }
+        *g = next;
+        Ok(out)
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Queued>, Vec<Quarantined>), StorageError> {
+        let g = self.lock();
+        let records = g
+            .wal
+            .range(after.saturating_add(1)..)
+            .take(limit)
+            .map(|(&seq, record)| Queued {
+                seq,
+                record: record.clone(),
+            })
+            .collect();
+        Ok((records, Vec::new()))
+    }
+
+    fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
+        let mut g = self.lock();
+        let cursor = g.cursor;
+        for (seq, event_type) in &ack.processed {
+            if *seq <= cursor {
+                continue;
+            }
+            g.wal.remove(seq);
+            if let Some(t) = event_type {
+                *g.counts.entry(t.clone()).or_default() += 1;
+            }
+        }
+        for (seq, entry) in &ack.dead {
+            if *seq <= cursor {
+                continue;
+            }
+            g.dlq_last += 1;
+            let id = g.dlq_last;
+            g.dlq.insert(id, entry.clone());
+        }
+        g.cursor = cursor.max(ack.upto);
+        g.last_seq = g.last_seq.max(g.cursor);
+        Ok(())
+    }
+
+    fn queue_info(&self) -> Result<QueueInfo, StorageError> {
+        let g = self.lock();
+        Ok(QueueInfo {
+            depth: g.last_seq - g.cursor,
+            cursor: g.cursor,
+            last_seq: g.last_seq,
+            oldest_received_ms: g.wal.values().next().map(|r| r.received_at_ms),
+        })
+    }
+
+    fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
+        Ok(self
+            .lock()
+            .counts
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect())
+    }
+
+    fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
+        let mut g = self.lock();
+        let expired: Vec<Vec<u8>> = g
+            .keys
+            .iter()
+            .filter(|(_, (seen, _))| *seen < before_ms)
+            .map(|(k, _)| k.clone())
+            .take(limit)
+            .collect();
+        for k in &expired {
+            g.keys.remove(k);
+        }
+        Ok(expired.len())
+    }
+
+    fn dlq_list(&self, after: u64, limit: usize) -> Result<Vec<(u64, DlqEntry)>, StorageError> {
+        let g = self.lock();
+        Ok(g.dlq
+            .range(after.saturating_add(1)..)
+            .take(limit)
+            .map(|(id, e)| (*id, e.clone()))
+            .collect())
+    }
+
+    fn dlq_get(&self, id: u64) -> Result<Option<DlqEntry>, StorageError> {
+        Ok(self.lock().dlq.get(&id).cloned())
+    }
+
+    fn dlq_remove(&self, ids: &[u64]) -> Result<usize, StorageError> {
+        let mut g = self.lock();
+        Ok(ids.iter().filter(|id| g.dlq.remove(id).is_some()).count())
+    }
+
+    fn dlq_len(&self) -> Result<u64, StorageError> {
+        Ok(self.lock().dlq.len() as u64)
+    }
+
+    fn dlq_replay(&self, ids: &[u64]) -> Result<(Vec<u64>, u64), StorageError> {
+        let mut g = self.lock();
+        let mut moved = Vec::new();
+        for id in ids {
+            if let Some(entry) = g.dlq.remove(id) {
+                let mut record = entry.record;
+                record.only_sink = Some(entry.sink);
+                g.last_seq += 1;
+                let seq = g.last_seq;
+                g.wal.insert(seq, record);
+                moved.push(*id);
+            }
+        }
+        Ok((moved, g.last_seq))
+    }
+}

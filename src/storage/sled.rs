@@ -1,0 +1,407 @@
+//! `SledStorage`: the production store. The only file that imports sled.
+//! Layout and invariants are in the module docs of `storage`.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::{Db, IVec, Tree};
+
+use super::{
+    AppendOutcome, BatchAck, DlqEntry, FORMAT_VERSION, NewEvent, Quarantined, QueueInfo, Storage,
+    StorageError, decode_record, encode_record, scoped_key,
+};
+use crate::event::{Queued, WalRecord};
+
+const CURSOR: &[u8] = b"cursor";
+const FORMAT: &[u8] = b"format_version";
+const DLQ_LAST: &[u8] = b"dlq_last";
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// sled's page cache; its own default (1 GiB) is far too much for a VM daemon.
+    pub cache_bytes: u64,
+    /// `Some(ms)`: sled flushes in the background this often (`durability = "interval"`).
+    /// `None`: only explicit `flush()` calls make writes durable (`"fsync"`).
+    pub background_flush_ms: Option<u64>,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            cache_bytes: 64 * 1024 * 1024,
+            background_flush_ms: None,
+        }
+    }
+}
+
+/// The sled-backed store.
+pub struct SledStorage {
+    /// The database; kept to flush it.
+    db: Db,
+    /// seq → record envelope.
+    wal: Tree,
+    /// scoped key → first seen ‖ seq.
+    keys: Tree,
+    /// first seen ‖ scoped key → (), to sweep expired keys in time order.
+    expiry: Tree,
+    /// cursor, format version, last DLQ id.
+    meta: Tree,
+    /// event type → count (the built-in counter).
+    counts: Tree,
+    /// DLQ id → DlqEntry envelope.
+    dlq: Tree,
+    /// Records that did not decode, kept for inspection.
+    quarantine: Tree,
+    /// The last seq handed out (invariant 4); only changed under `write_lock`.
+    last_seq: AtomicU64,
+    /// Serialises writers that assign seqs (append, DLQ replay).
+    write_lock: Mutex<()>,
+}
+
+fn io(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Io(e.to_string())
+}
+
+fn tx_err(e: TransactionError<StorageError>) -> StorageError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => io(e),
+    }
+}
+
+fn u64_of(v: Option<IVec>) -> u64 {
+    v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+impl SledStorage {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, options: &SledOptions) -> Result<Self, StorageError> {
+        let open_err = |reason: String| StorageError::Open {
+            path: dir.display().to_string(),
+            reason,
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_bytes)
+            .flush_every_ms(options.background_flush_ms)
+            .open()
+            .map_err(|e| open_err(e.to_string()))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| open_err(e.to_string()));
+        let store = SledStorage {
+            wal: tree("wal")?,
+            keys: tree("idempotency")?,
+            expiry: tree("idem_expiry")?,
+            meta: tree("meta")?,
+            counts: tree("counts")?,
+            dlq: tree("dlq")?,
+            quarantine: tree("quarantine")?,
+            db,
+            last_seq: AtomicU64::new(0),
+            write_lock: Mutex::new(()),
+        };
+        match store.meta.get(FORMAT).map_err(io)? {
+            None => {
+                store
+                    .meta
+                    .insert(FORMAT, &u64::from(FORMAT_VERSION).to_be_bytes())
+                    .map_err(io)?;
+            }
+            Some(v) => {
+                let found = u64_of(Some(v));
+                if found > u64::from(FORMAT_VERSION) {
+                    return Err(StorageError::NewerFormat {
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+            }
+        }
+        let last_wal = store
+            .wal
+            .last()
+            .map_err(io)?
+            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let cursor = u64_of(store.meta.get(CURSOR).map_err(io)?);
+        store.last_seq.store(last_wal.max(cursor), Ordering::SeqCst);
+        Ok(store)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn quarantine(&self, tree: &str, key: &[u8], value: &[u8], reason: String) -> Quarantined {
+        let mut qkey = tree.as_bytes().to_vec();
+        qkey.push(0);
+        qkey.extend_from_slice(key);
+        let position = match <[u8; 8]>::try_from(key) {
+            Ok(b) => format!("{tree} seq {}", u64::from_be_bytes(b)),
+            Err(_) => format!("{tree} key {:?}", String::from_utf8_lossy(key)),
+        };
+        tracing::error!(%position, %reason, "damaged record moved to quarantine");
+        // Best effort: if moving aside fails, the record is still skipped and reported.
+        let moved = (&self.quarantine, &self.wal)
+            .transaction(|(q, w)| {
+                q.insert(qkey.as_slice(), value)?;
+                if tree == "wal" {
+                    w.remove(key)?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .is_ok();
+        if !moved {
+            tracing::error!(%position, "could not move damaged record aside");
+        }
+        Quarantined { position, reason }
+    }
+}
+
+impl Storage for SledStorage {
+    fn append(
+        &self,
+        events: &[NewEvent],
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Vec<AppendOutcome>, StorageError> {
+        let _guard = self.lock();
+        let start = self.last_seq.load(Ordering::SeqCst);
+        let encoded: Vec<(Vec<u8>, Vec<u8>)> = events
+            .iter()
+            .map(|e| (scoped_key(&e.record), encode_record(&e.record)))
+            .collect();
+        let (outcomes, last) = (&self.wal, &self.keys, &self.expiry)
+            .transaction(|(wal, keys, expiry)| {
+                let mut seq = start;
+                let mut out = Vec::with_capacity(encoded.len());
+                for (key, record) in &encoded {
+                    if let Some(v) = keys.get(key)? {
+                        let first_seen_ms = v
+                            .get(..8)
+                            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                            .map_or(i64::MIN, i64::from_be_bytes);
+                        if now_ms.saturating_sub(first_seen_ms) < ttl_ms {
+                            out.push(AppendOutcome::Duplicate { first_seen_ms });
+                            continue;
+                        }
+                    }
+                    seq += 1;
+                    let mut value = now_ms.to_be_bytes().to_vec();
+                    value.extend_from_slice(&seq.to_be_bytes());
+                    keys.insert(key.as_slice(), value)?;
+                    let mut exp = now_ms.to_be_bytes().to_vec();
+                    exp.extend_from_slice(key);
+                    expiry.insert(exp, &[])?;
+                    wal.insert(&seq.to_be_bytes(), record.as_slice())?;
+                    out.push(AppendOutcome::Accepted { seq });
+                }
+                Ok::<_, ConflictableTransactionError<StorageError>>((out, seq))
+            })
+            .map_err(tx_err)?;
+        self.last_seq.store(last, Ordering::SeqCst);
+        Ok(outcomes)
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        self.db.flush().map(|_| ()).map_err(io)
+    }
+
+    fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Queued>, Vec<Quarantined>), StorageError> {
+        let mut records = Vec::new();
+        let mut damaged = Vec::new();
+        let from = after.saturating_add(1).to_be_bytes();
+        for item in self.wal.range(from..) {
+            if records.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(io)?;
+            let seq = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes);
+            match (seq, decode_record::<WalRecord>(&v)) {
+                (Ok(seq), Ok(record)) => records.push(Queued { seq, record }),
+                (Err(_), _) => {
+                    damaged.push(self.quarantine("wal", &k, &v, "key is not a seq".into()))
+                }
+                (_, Err(e)) => damaged.push(self.quarantine("wal", &k, &v, e.to_string())),
+            }
+        }
+        Ok((records, damaged))
+    }
+
+    fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
+        let dead: Vec<(u64, Vec<u8>)> = ack
+            .dead
+            .iter()
+            .map(|(seq, e)| (*seq, encode_record(e)))
+            .collect();
+        (&self.wal, &self.meta, &self.counts, &self.dlq)
+            .transaction(|(wal, meta, counts, dlq)| {
+                let cursor = u64_of(meta.get(CURSOR)?);
+                let mut added: std::collections::BTreeMap<&str, u64> = Default::default();
+                for (seq, event_type) in &ack.processed {
+                    if *seq <= cursor {
+                        continue;
+                    }
+                    wal.remove(&seq.to_be_bytes())?;
+                    if let Some(t) = event_type {
+                        *added.entry(t.as_str()).or_default() += 1;
+                    }
+                }
+                for (t, n) in added {
+                    let now = u64_of(counts.get(t.as_bytes())?);
+                    counts.insert(t.as_bytes(), &(now + n).to_be_bytes())?;
+                }
+                let mut dlq_last = u64_of(meta.get(DLQ_LAST)?);
+                for (seq, entry) in &dead {
+                    if *seq <= cursor {
+                        continue;
+                    }
+                    dlq_last += 1;
+                    dlq.insert(&dlq_last.to_be_bytes(), entry.as_slice())?;
+                }
+                meta.insert(DLQ_LAST, &dlq_last.to_be_bytes())?;
+                meta.insert(CURSOR, &cursor.max(ack.upto).to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<StorageError>>(())
+            })
+            .map_err(tx_err)?;
+        self.last_seq.fetch_max(ack.upto, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn queue_info(&self) -> Result<QueueInfo, StorageError> {
+        let cursor = u64_of(self.meta.get(CURSOR).map_err(io)?);
+        let last_seq = self.last_seq.load(Ordering::SeqCst);
+        let oldest_received_ms = self
+            .wal
+            .first()
+            .map_err(io)?
+            .and_then(|(_, v)| decode_record::<WalRecord>(&v).ok())
+            .map(|r| r.received_at_ms);
+        Ok(QueueInfo {
+            depth: last_seq.saturating_sub(cursor),
+            cursor,
+            last_seq,
+            oldest_received_ms,
+        })
+    }
+
+    fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
+        self.counts
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(io)?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), u64_of(Some(v))))
+            })
+            .collect()
+    }
+
+    fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
+        let mut removed = 0;
+        let end = before_ms.to_be_bytes();
+        let expired: Vec<IVec> = self
+            .expiry
+            .range(..end.as_slice())
+            .keys()
+            .take(limit)
+            .collect::<Result<_, _>>()
+            .map_err(io)?;
+        for exp_key in expired {
+            let (seen, key) = exp_key.split_at(8.min(exp_key.len()));
+            // Remove the key only if this expiry entry is its current one (a
+            // key re-accepted after expiring has a newer entry). Key first,
+            // then the entry: a crash between leaves an entry the next sweep drops.
+            if let Some(v) = self.keys.get(key).map_err(io)?
+                && v.get(..8) == Some(seen)
+            {
+                self.keys.remove(key).map_err(io)?;
+                removed += 1;
+            }
+            self.expiry.remove(&exp_key).map_err(io)?;
+        }
+        Ok(removed)
+    }
+
+    fn dlq_list(&self, after: u64, limit: usize) -> Result<Vec<(u64, DlqEntry)>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.dlq.range(after.saturating_add(1).to_be_bytes()..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(io)?;
+            let id = u64_of(Some(k.clone()));
+            match decode_record::<DlqEntry>(&v) {
+                Ok(e) => out.push((id, e)),
+                Err(e) => {
+                    self.quarantine("dlq", &k, &v, e.to_string());
+                    self.dlq.remove(&k).map_err(io)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn dlq_get(&self, id: u64) -> Result<Option<DlqEntry>, StorageError> {
+        let key = id.to_be_bytes();
+        match self.dlq.get(key).map_err(io)? {
+            None => Ok(None),
+            Some(v) => match decode_record::<DlqEntry>(&v) {
+                Ok(e) => Ok(Some(e)),
+                Err(e) => {
+                    self.quarantine("dlq", &key, &v, e.to_string());
+                    self.dlq.remove(key).map_err(io)?;
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    fn dlq_remove(&self, ids: &[u64]) -> Result<usize, StorageError> {
+        let mut n = 0;
+        for id in ids {
+            if self.dlq.remove(id.to_be_bytes()).map_err(io)?.is_some() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn dlq_len(&self) -> Result<u64, StorageError> {
+        Ok(self.dlq.len() as u64)
+    }
+
+    fn dlq_replay(&self, ids: &[u64]) -> Result<(Vec<u64>, u64), StorageError> {
+        let _guard = self.lock();
+        let start = self.last_seq.load(Ordering::SeqCst);
+        let (moved, last) = (&self.dlq, &self.wal)
+            .transaction(|(dlq, wal)| {
+                let mut seq = start;
+                let mut moved = Vec::new();
+                for id in ids {
+                    let Some(v) = dlq.remove(&id.to_be_bytes())? else {
+                        continue;
+                    };
+                    // Damaged entries stay out of the WAL; dlq_list quarantines them.
+                    let Ok(entry) = decode_record::<DlqEntry>(&v) else {
+                        dlq.insert(&id.to_be_bytes(), v)?;
+                        continue;
+                    };
+                    let mut record = entry.record;
+                    record.only_sink = Some(entry.sink);
+                    seq += 1;
+                    wal.insert(&seq.to_be_bytes(), encode_record(&record))?;
+                    moved.push(*id);
+                }
+                Ok::<_, ConflictableTransactionError<StorageError>>((moved, seq))
+            })
+            .map_err(tx_err)?;
+        self.last_seq.store(last, Ordering::SeqCst);
+        Ok((moved, last))
+    }
+}
