@@ -86,6 +86,9 @@ pub struct Config {
     pub cache_capacity_mb: u64,
     /// Seconds a client has to send its request headers.
     pub header_read_timeout_secs: u64,
+    /// Actor restarts tolerated per minute before the daemon exits non-zero
+    /// (and systemd restarts it).
+    pub max_restarts_per_minute: usize,
     /// Named sources with their own idempotency scope and rate limit.
     pub sources: Vec<SourceConfig>,
     /// Where processed batches are forwarded.
@@ -168,6 +171,7 @@ impl Default for Config {
             log_level: "info".into(),
             cache_capacity_mb: 64,
             header_read_timeout_secs: 10,
+            max_restarts_per_minute: 10,
             sources: Vec::new(),
             sinks: Vec::new(),
         }
@@ -236,7 +240,7 @@ impl Config {
                 self.bind
             ));
         }
-        let ranges: [(&str, u64, u64, u64); 14] = [
+        let ranges: [(&str, u64, u64, u64); 15] = [
             ("flush_interval_ms", self.flush_interval_ms, 1, 60_000),
             ("batch_size", self.batch_size as u64, 1, 100_000),
             ("batch_timeout_ms", self.batch_timeout_ms, 1, 3_600_000),
@@ -270,6 +274,12 @@ impl Config {
                 self.header_read_timeout_secs,
                 1,
                 3600,
+            ),
+            (
+                "max_restarts_per_minute",
+                self.max_restarts_per_minute as u64,
+                1,
+                10_000,
             ),
         ];
         for (key, value, min, max) in ranges {

@@ -106,6 +106,11 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(with_api.clone())
         .and_then(metrics);
 
+    let summary = warp::path!("stats" / "summary")
+        .and(warp::get())
+        .and(with_api.clone())
+        .and_then(summary);
+
     let admin = warp::path("admin")
         .and(with_api.clone())
         .and(warp::ext::optional::<PeerAddr>())
@@ -166,6 +171,8 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .or(ready)
         .unify()
         .or(metrics)
+        .unify()
+        .or(summary)
         .unify()
         .or(admin_routes)
         .unify()
@@ -558,6 +565,28 @@ async fn queue(api: Arc<Api>) -> Result<Response, Rejection> {
         "last_seq": info.last_seq,
         "oldest_age_ms": oldest_age_ms,
         "dlq_size": dlq,
+    }))
+    .into_response())
+}
+
+async fn summary(api: Arc<Api>) -> Result<Response, Rejection> {
+    let storage = api.pipeline.context.storage.clone();
+    let (counts, dlq) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::storage::StorageError>((storage.counts()?, storage.dlq_len()?))
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?
+    .map_err(|e| internal(e.to_string()))?;
+    let latency = api.pipeline.latency().await.unwrap_or_default();
+    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+    let by_type: serde_json::Map<String, serde_json::Value> =
+        counts.into_iter().map(|(t, n)| (t, n.into())).collect();
+    Ok(warp::reply::json(&json!({
+        "total_events": total,
+        "by_type": by_type,
+        "queue_depth": api.pipeline.context.status.queue_depth(),
+        "dlq_size": dlq,
+        "latency_ms": latency,
     }))
     .into_response())
 }

@@ -185,4 +185,19 @@ pub enum Observation {
 pub enum MetricsMsg {
     Observe(Observation),
     Render(RpcReplyPort<String>),
+    /// Latency percentiles for `/stats/summary`.
+    Latency(RpcReplyPort<LatencySummary>),
+}
+
+/// Latency percentiles in milliseconds, estimated from the histograms.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct LatencySummary {
+    /// Receipt→processed, median.
+    pub p50: f64,
+    /// Receipt→processed, 99th percentile.
+    pub p99: f64,
+    /// Receipt→durable answer, median.
+    pub ack_p50: f64,
+    /// Receipt→durable answer, 99th percentile.
+    pub ack_p99: f64,
 }

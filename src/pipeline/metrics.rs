@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::Context;
-use super::messages::{MetricsMsg, Observation};
+use super::messages::{LatencySummary, MetricsMsg, Observation};
 
 /// The Metrics actor.
 pub struct Metrics;
@@ -42,6 +42,24 @@ impl Histogram {
         }
         self.count += 1;
         self.sum += seconds;
+    }
+
+    /// The `q` quantile in seconds, interpolated within its bucket; 0 when empty.
+    pub fn quantile(&self, q: f64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let rank = q * self.count as f64;
+        let mut lower = (0.0, 0u64);
+        for (bound, count) in BUCKETS.iter().zip(self.counts.iter()) {
+            if *count as f64 >= rank {
+                let in_bucket = (*count - lower.1).max(1) as f64;
+                return lower.0
+                    + (bound - lower.0) * ((rank - lower.1 as f64) / in_bucket).clamp(0.0, 1.0);
+            }
+            lower = (*bound, *count);
+        }
+        BUCKETS[BUCKETS.len() - 1]
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
@@ -205,6 +223,15 @@ impl Actor for Metrics {
             MetricsMsg::Render(reply) => {
                 let _ = reply.send(state.render());
             }
+            MetricsMsg::Latency(reply) => {
+                let ms = |h: &Histogram, q| (h.quantile(q) * 1000.0 * 100.0).round() / 100.0;
+                let _ = reply.send(LatencySummary {
+                    p50: ms(&state.process_latency, 0.5),
+                    p99: ms(&state.process_latency, 0.99),
+                    ack_p50: ms(&state.ack_latency, 0.5),
+                    ack_p99: ms(&state.ack_latency, 0.99),
+                });
+            }
             MetricsMsg::Observe(o) => match o {
                 Observation::Ingested {
                     accepted,
@@ -264,5 +291,9 @@ mod tests {
         let mut out = String::new();
         h.render(&mut out, "x", "help");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 2"), "{out}");
+        let p50 = h.quantile(0.5);
+        assert!(p50 > 0.0025 && p50 <= 0.005, "{p50}");
+        assert!(h.quantile(0.99) > 1.0 && h.quantile(0.99) <= 2.5);
+        assert_eq!(Histogram::default().quantile(0.5), 0.0);
     }
 }

@@ -151,6 +151,11 @@ impl Pipeline {
         ask(&self.context.names, METRICS, MetricsMsg::Render).await
     }
 
+    /// Latency percentiles.
+    pub async fn latency(&self) -> Option<messages::LatencySummary> {
+        ask(&self.context.names, METRICS, MetricsMsg::Latency).await
+    }
+
     /// Lists DLQ entries after `after`.
     pub async fn dlq_list(&self, after: u64, limit: usize) -> Result<Vec<DlqItem>, String> {
         ask(&self.context.names, DLQ, |reply| DlqMsg::List {

@@ -1,7 +1,7 @@
 //! Supervisor: starts every actor linked to itself, restarts one that fails
 //! (with exponential backoff), and gives up — stopping itself, so that the
-//! daemon exits non-zero and systemd restarts it — once more than
-//! `RESTART_BUDGET` restarts happened within `RESTART_WINDOW`.
+//! daemon exits non-zero and systemd restarts it — once
+//! `max_restarts_per_minute` restarts happened within `RESTART_WINDOW`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,10 +18,8 @@ use super::processor::Processor;
 use super::receiver::Receiver;
 use super::{BATCHER, Context, DEDUPER, DLQ, METRICS, PROCESSOR, RECEIVER};
 
-/// Most restarts tolerated within `RESTART_WINDOW`.
-pub const RESTART_BUDGET: usize = 10;
 /// The window the budget applies to.
-pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// Children in start order: consumers before producers.
 const ROLES: [&str; 6] = [METRICS, DLQ, PROCESSOR, BATCHER, DEDUPER, RECEIVER];
@@ -118,9 +116,10 @@ impl Actor for Supervisor {
             {
                 state.restarts.pop_front();
             }
-            if state.restarts.len() >= RESTART_BUDGET {
+            let budget = state.context.config.max_restarts_per_minute;
+            if state.restarts.len() >= budget {
                 tracing::error!(
-                    budget = RESTART_BUDGET,
+                    budget,
                     window_secs = RESTART_WINDOW.as_secs(),
                     "restart budget exhausted; stopping so the service manager restarts inletd"
                 );
