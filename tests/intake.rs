@@ -359,3 +359,33 @@ fn a_bad_config_is_refused_naming_the_key() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("batch_size = 7"));
 }
+
+/// A source with a rate limit answers 429 with Retry-After past its burst;
+/// other sources are not affected.
+#[test]
+fn a_rate_limited_source_answers_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        "[[sources]]\nname = \"github\"\nrate_limit_per_sec = 2\n",
+    );
+    let statuses: Vec<u16> = (0..5)
+        .map(|i| {
+            d.post_json("/webhook/github/events", &event(&format!("g{i}"), "push"))
+                .status
+        })
+        .collect();
+    assert_eq!(&statuses[..2], &[202, 202], "{statuses:?}");
+    assert!(statuses[2..].contains(&429), "{statuses:?}");
+    let r = d.post_json("/webhook/github/events", &event("g9", "push"));
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"], "rate_limited");
+    assert!(
+        r.header("retry-after")
+            .is_some_and(|s| s.parse::<u64>().is_ok_and(|n| n >= 1))
+    );
+    assert_eq!(
+        d.post_json("/webhook/events", &event("d1", "push")).status,
+        202
+    );
+}
