@@ -212,12 +212,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     running.run_until(shutdown).await
 }
 
-/// Removes expired idempotency keys once a minute.
+/// Once a minute: removes expired idempotency keys and prunes the
+/// rolling-window buckets that no window reaches any more.
 async fn sweep_keys(context: Arc<Context>) {
     const BATCH: usize = 10_000;
     let mut every = tokio::time::interval(Duration::from_secs(60));
     loop {
         every.tick().await;
+        let storage = context.storage.clone();
+        let stale = crate::event::now_ms() - crate::analytics::WINDOW_RETENTION_MINUTES * 60_000;
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || storage.prune_windows(stale)).await
+        {
+            tracing::warn!(error = %e, "pruning rolling-window buckets failed");
+        }
         let before = crate::event::now_ms() - context.config.idempotency_ttl_ms();
         loop {
             let storage = context.storage.clone();

@@ -10,6 +10,7 @@
 //!
 //! | module       | holds |
 //! |--------------|-------|
+//! | [`analytics`]| the aggregates (DAU, top events, cohorts, rolling windows) and their queries |
 //! | [`config`]   | settings: defaults, TOML file, `INLETD_*` environment, flags; validation |
 //! | [`event`]    | events, their validation, the WAL record |
 //! | [`storage`]  | the `Storage` trait, its design (layout, invariants, flushing), sled and memory stores |
@@ -19,6 +20,7 @@
 //! | [`app`]      | start-up wiring and the shutdown sequence |
 //! | [`shutdown`] | signal handling |
 
+pub mod analytics;
 pub mod app;
 pub mod config;
 pub mod event;

@@ -71,6 +71,17 @@ impl ApiError {
         e
     }
 
+    /// 400 naming a query parameter.
+    pub fn param(param: &str, detail: &str) -> Self {
+        let mut e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("{param}: {detail}"),
+        );
+        e.field = Some(param.to_owned());
+        e
+    }
+
     /// As a response.
     pub fn response(&self) -> Response {
         let mut r = warp::reply::with_status(warp::reply::json(self), self.status).into_response();

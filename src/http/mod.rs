@@ -23,6 +23,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use crate::analytics;
 use crate::config::Config;
 use crate::event::BodyError;
 use crate::event::now_ms;
@@ -110,6 +111,13 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_api.clone())
         .and_then(summary);
+    let stats = warp::path("stats")
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_api.clone())
+        .and(warp::query::<HashMap<String, String>>())
+        .and_then(stats);
 
     let admin = warp::path("admin")
         .and(with_api.clone())
@@ -173,6 +181,8 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .or(metrics)
         .unify()
         .or(summary)
+        .unify()
+        .or(stats)
         .unify()
         .or(admin_routes)
         .unify()
@@ -571,13 +581,20 @@ async fn queue(api: Arc<Api>) -> Result<Response, Rejection> {
 
 async fn summary(api: Arc<Api>) -> Result<Response, Rejection> {
     let storage = api.pipeline.context.storage.clone();
-    let (counts, dlq) = tokio::task::spawn_blocking(move || {
-        Ok::<_, crate::storage::StorageError>((storage.counts()?, storage.dlq_len()?))
+    let (counts, dlq, processed) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::storage::StorageError>((
+            storage.counts()?,
+            storage.dlq_len()?,
+            analytics::latency_percentiles(storage.as_ref(), &[0.5, 0.99])?,
+        ))
     })
     .await
     .map_err(|e| internal(e.to_string()))?
     .map_err(|e| internal(e.to_string()))?;
-    let latency = api.pipeline.latency().await.unwrap_or_default();
+    let mut latency = api.pipeline.latency().await.unwrap_or_default();
+    // Receipt→processed from the on-disk histogram: it survives restarts.
+    latency.p50 = processed[0];
+    latency.p99 = processed[1];
     let total: u64 = counts.iter().map(|(_, n)| n).sum();
     let by_type: serde_json::Map<String, serde_json::Value> =
         counts.into_iter().map(|(t, n)| (t, n.into())).collect();
@@ -589,4 +606,95 @@ async fn summary(api: Arc<Api>) -> Result<Response, Rejection> {
         "latency_ms": latency,
     }))
     .into_response())
+}
+
+/// `/stats/dau`, `/stats/top-events`, `/stats/retention`, `/stats/windows`.
+async fn stats(
+    which: String,
+    api: Arc<Api>,
+    q: HashMap<String, String>,
+) -> Result<Response, Rejection> {
+    let storage = api.pipeline.context.storage.clone();
+    let bad =
+        |e: analytics::QueryError| -> Rejection { ApiError::param(e.param, &e.detail).into() };
+    let today = analytics::day_of(now_ms());
+    let day = |name: &'static str, default: i32| -> Result<i32, Rejection> {
+        q.get(name)
+            .map_or(Ok(default), |t| analytics::parse_day(name, t).map_err(bad))
+    };
+    let number = |name: &'static str, default: u64, max: u64| -> Result<u64, Rejection> {
+        match q.get(name) {
+            None => Ok(default),
+            Some(t) => match t.parse::<u64>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => Err(ApiError::param(
+                    name,
+                    &format!("`{t}` must be a whole number from 1 to {max}"),
+                )
+                .into()),
+            },
+        }
+    };
+    let answer = match which.as_str() {
+        "dau" | "top-events" => {
+            let to = day("to", today)?;
+            let from = day("from", to - 29)?;
+            analytics::check_range(from, to).map_err(bad)?;
+            let limit = number("limit", 10, 1000)? as usize;
+            let top = which == "top-events";
+            blocking(move || {
+                let (f, t) = (analytics::format_day(from), analytics::format_day(to));
+                Ok(if top {
+                    json!({"from": f, "to": t, "events": analytics::top_events(storage.as_ref(), from, to, limit)?})
+                } else {
+                    json!({"from": f, "to": t, "days": analytics::dau(storage.as_ref(), from, to)?})
+                })
+            })
+            .await?
+        }
+        "retention" => {
+            let start = match q.get("start_date") {
+                Some(t) => analytics::parse_day("start_date", t).map_err(bad)?,
+                None => {
+                    return Err(ApiError::param("start_date", "is required (YYYY-MM-DD)").into());
+                }
+            };
+            let windows = number("windows", 4, u64::from(analytics::MAX_WINDOWS))? as u32;
+            let window_type = q
+                .get("window_type")
+                .map_or("daily", String::as_str)
+                .to_owned();
+            let days = match window_type.as_str() {
+                "daily" => 1,
+                "weekly" => 7,
+                other => {
+                    return Err(ApiError::param(
+                        "window_type",
+                        &format!("`{other}` must be daily or weekly"),
+                    )
+                    .into());
+                }
+            };
+            blocking(move || {
+                let cohorts = analytics::retention(storage.as_ref(), start, windows, days)?;
+                Ok(json!({"window_type": window_type, "cohorts": cohorts}))
+            })
+            .await?
+        }
+        "windows" => {
+            blocking(move || Ok(json!(analytics::windows(storage.as_ref(), now_ms())?))).await?
+        }
+        _ => return Err(warp::reject::not_found()),
+    };
+    Ok(warp::reply::json(&answer).into_response())
+}
+
+/// Runs a storage query off the async threads.
+async fn blocking(
+    f: impl FnOnce() -> Result<serde_json::Value, crate::storage::StorageError> + Send + 'static,
+) -> Result<serde_json::Value, Rejection> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(e.to_string()))
 }

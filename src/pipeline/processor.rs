@@ -13,6 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{BatcherMsg, Observation, ProcessorMsg};
 use super::{BATCHER, Context};
+use crate::analytics::Facts;
 use crate::config::Config;
 use crate::event::{Queued, now_ms};
 use crate::sinks::{Sink, SinkError};
@@ -100,23 +101,23 @@ impl Actor for Processor {
         });
         let results = join_all(deliveries).await;
 
+        let now = now_ms();
         let mut ack = BatchAck {
             upto,
             processed: records
                 .iter()
                 .map(|q| {
-                    (
-                        q.seq,
-                        q.record
-                            .only_sink
-                            .is_none()
-                            .then(|| q.record.event_type.clone()),
-                    )
+                    let facts = q
+                        .record
+                        .only_sink
+                        .is_none()
+                        .then(|| Facts::of(&q.record, now));
+                    (q.seq, facts)
                 })
                 .collect(),
+            now_ms: now,
             dead: Vec::new(),
         };
-        let now = now_ms();
         for q in &records {
             if let Some(target) = &q.record.only_sink
                 && !context.sinks.iter().any(|s| s.name() == target)

@@ -9,6 +9,7 @@ use super::{
     AppendOutcome, BatchAck, DlqEntry, NewEvent, Quarantined, QueueInfo, Storage, StorageError,
     scoped_key,
 };
+use crate::analytics::{self, KvRead, KvWrite};
 use crate::event::{Queued, WalRecord};
 
 /// In-memory store; see the module docs.
@@ -29,6 +30,50 @@ struct Inner {
     dlq: BTreeMap<u64, DlqEntry>,
     /// Last DLQ id handed out; ids are never reused.
     dlq_last: u64,
+    /// The analytics key space.
+    aggregates: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// The aggregates map as a transaction target.
+struct MapTx<'a>(&'a mut BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl KvWrite for MapTx<'_> {
+    type Error = std::convert::Infallible;
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error> {
+        Ok(self.0.get(key).cloned())
+    }
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Self::Error> {
+        self.0.insert(key.to_vec(), value.to_vec());
+        Ok(())
+    }
+    fn remove(&mut self, key: &[u8]) -> Result<(), Self::Error> {
+        self.0.remove(key);
+        Ok(())
+    }
+}
+
+impl KvRead for MemoryStorage {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.lock().aggregates.get(key).cloned())
+    }
+
+    fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        if from >= to {
+            return Ok(());
+        }
+        let g = self.lock();
+        for (k, v) in g.aggregates.range(from.to_vec()..to.to_vec()) {
+            if !f(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl MemoryStorage {
@@ -98,15 +143,18 @@ impl Storage for MemoryStorage {
     fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
         let mut g = self.lock();
         let cursor = g.cursor;
-        for (seq, event_type) in &ack.processed {
+        let mut facts = Vec::new();
+        for (seq, f) in &ack.processed {
             if *seq <= cursor {
                 continue;
             }
             g.wal.remove(seq);
-            if let Some(t) = event_type {
-                *g.counts.entry(t.clone()).or_default() += 1;
+            if let Some(f) = f {
+                *g.counts.entry(f.event_type.clone()).or_default() += 1;
+                facts.push(f.clone());
             }
         }
+        let Ok(()) = analytics::apply(&mut MapTx(&mut g.aggregates), &facts, ack.now_ms);
         for (seq, entry) in &ack.dead {
             if *seq <= cursor {
                 continue;
@@ -137,6 +185,23 @@ impl Storage for MemoryStorage {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect())
+    }
+
+    fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
+        let mut g = self.lock();
+        let mut removed = 0;
+        for (from, to) in analytics::stale_window_ranges(before_ms) {
+            let stale: Vec<Vec<u8>> = g
+                .aggregates
+                .range(from..to)
+                .map(|(k, _)| k.clone())
+                .collect();
+            removed += stale.len();
+            for k in stale {
+                g.aggregates.remove(&k);
+            }
+        }
+        Ok(removed)
     }
 
     fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {

@@ -17,6 +17,7 @@
 //! | `meta`        | `cursor`, `format_version`            | u64 BE                                |
 //! | `counts`      | event type                            | u64 BE                                |
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |
+//! | `aggregates`  | see [`crate::analytics`]              | counts, user days, cohorts, windows   |
 //! | `quarantine`  | tree name `\0` original key           | the raw bytes that failed to decode   |
 //!
 //! ## Invariants
@@ -29,8 +30,9 @@
 //!    returns.** The Deduper writes a whole group of requests, flushes once
 //!    (group commit), then answers all of them.
 //! 3. **The cursor moves with the counters.** [`Storage::commit_batch`]
-//!    removes processed records, adds their counts, parks failures in the
-//!    DLQ and moves the cursor in one transaction, skipping any seq at or
+//!    removes processed records, adds their counts and analytics
+//!    aggregates, parks failures in the DLQ and moves the cursor in one
+//!    transaction, skipping any seq at or
 //!    below the cursor; so a batch processed twice (a crash before the ack,
 //!    an actor restart) is counted once. Sinks are at-least-once.
 //! 4. **Seqs only grow.** The next seq is `max(last WAL key, cursor) + 1`,
@@ -52,6 +54,7 @@ pub mod sled;
 
 use serde::{Deserialize, Serialize};
 
+use crate::analytics::{Facts, KvRead};
 use crate::event::{Queued, WalRecord};
 
 /// The on-disk format this build writes and reads.
@@ -134,9 +137,11 @@ pub struct DlqEntry {
 pub struct BatchAck {
     /// The highest seq of the batch: the cursor moves here.
     pub upto: u64,
-    /// Every seq of the batch with its event type; `None` for replays,
-    /// which are not counted again.
-    pub processed: Vec<(u64, Option<String>)>,
+    /// Every seq of the batch with what analytics counts of it; `None` for
+    /// DLQ replays, which were counted the first time.
+    pub processed: Vec<(u64, Option<Facts>)>,
+    /// Processing time: decides which events feed the rolling windows.
+    pub now_ms: i64,
     /// Failures to park, each with the seq of the event it belongs to.
     pub dead: Vec<(u64, DlqEntry)>,
 }
@@ -156,8 +161,9 @@ pub struct QueueInfo {
 }
 
 /// The store. Implementations are internally synchronised; the pipeline
-/// calls them from blocking tasks.
-pub trait Storage: Send + Sync + 'static {
+/// calls them from blocking tasks. As [`KvRead`] it exposes the analytics
+/// aggregates to the `/stats` queries.
+pub trait Storage: KvRead + Send + Sync + 'static {
     /// Checks and appends a group in one transaction (invariant 1). Does
     /// not flush. `ttl_ms` is the idempotency window.
     fn append(
@@ -186,6 +192,9 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Accepted-event counts by type, from the built-in counter.
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError>;
+
+    /// Removes rolling-window buckets of events older than `before_ms`.
+    fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError>;
 
     /// Removes idempotency keys first seen before `before_ms`; at most
     /// `limit` per call. Returns how many were removed.

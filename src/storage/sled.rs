@@ -5,13 +5,17 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
+    UnabortableTransactionError,
+};
 use sled::{Db, IVec, Tree};
 
 use super::{
     AppendOutcome, BatchAck, DlqEntry, FORMAT_VERSION, NewEvent, Quarantined, QueueInfo, Storage,
     StorageError, decode_record, encode_record, scoped_key,
 };
+use crate::analytics::{self, KvRead, KvWrite};
 use crate::event::{Queued, WalRecord};
 
 const CURSOR: &[u8] = b"cursor";
@@ -55,6 +59,8 @@ pub struct SledStorage {
     dlq: Tree,
     /// Records that did not decode, kept for inspection.
     quarantine: Tree,
+    /// The analytics key space (see `crate::analytics`).
+    aggregates: Tree,
     /// The last seq handed out (invariant 4); only changed under `write_lock`.
     last_seq: AtomicU64,
     /// Serialises writers that assign seqs (append, DLQ replay).
@@ -99,6 +105,7 @@ impl SledStorage {
             counts: tree("counts")?,
             dlq: tree("dlq")?,
             quarantine: tree("quarantine")?,
+            aggregates: tree("aggregates")?,
             db,
             last_seq: AtomicU64::new(0),
             write_lock: Mutex::new(()),
@@ -241,19 +248,28 @@ impl Storage for SledStorage {
             .iter()
             .map(|(seq, e)| (*seq, encode_record(e)))
             .collect();
-        (&self.wal, &self.meta, &self.counts, &self.dlq)
-            .transaction(|(wal, meta, counts, dlq)| {
+        (
+            &self.wal,
+            &self.meta,
+            &self.counts,
+            &self.dlq,
+            &self.aggregates,
+        )
+            .transaction(|(wal, meta, counts, dlq, aggregates)| {
                 let cursor = u64_of(meta.get(CURSOR)?);
                 let mut added: std::collections::BTreeMap<&str, u64> = Default::default();
-                for (seq, event_type) in &ack.processed {
+                let mut facts = Vec::with_capacity(ack.processed.len());
+                for (seq, f) in &ack.processed {
                     if *seq <= cursor {
                         continue;
                     }
                     wal.remove(&seq.to_be_bytes())?;
-                    if let Some(t) = event_type {
-                        *added.entry(t.as_str()).or_default() += 1;
+                    if let Some(f) = f {
+                        *added.entry(f.event_type.as_str()).or_default() += 1;
+                        facts.push(f.clone());
                     }
                 }
+                analytics::apply(&mut TxKv(aggregates), &facts, ack.now_ms)?;
                 for (t, n) in added {
                     let now = u64_of(counts.get(t.as_bytes())?);
                     counts.insert(t.as_bytes(), &(now + n).to_be_bytes())?;
@@ -300,6 +316,17 @@ impl Storage for SledStorage {
                 Ok((String::from_utf8_lossy(&k).into_owned(), u64_of(Some(v))))
             })
             .collect()
+    }
+
+    fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
+        let mut removed = 0;
+        for (from, to) in analytics::stale_window_ranges(before_ms) {
+            for k in self.aggregates.range(from..to).keys() {
+                self.aggregates.remove(k.map_err(io)?).map_err(io)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
@@ -403,5 +430,47 @@ impl Storage for SledStorage {
             .map_err(tx_err)?;
         self.last_seq.store(last, Ordering::SeqCst);
         Ok((moved, last))
+    }
+}
+
+/// sled's transactional tree as an analytics transaction target.
+struct TxKv<'a>(&'a TransactionalTree);
+
+impl KvWrite for TxKv<'_> {
+    type Error = UnabortableTransactionError;
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error> {
+        Ok(self.0.get(key)?.map(|v| v.to_vec()))
+    }
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Self::Error> {
+        self.0.insert(key, value)?;
+        Ok(())
+    }
+    fn remove(&mut self, key: &[u8]) -> Result<(), Self::Error> {
+        self.0.remove(key)?;
+        Ok(())
+    }
+}
+
+impl KvRead for SledStorage {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.aggregates.get(key).map_err(io)?.map(|v| v.to_vec()))
+    }
+
+    fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        if from >= to {
+            return Ok(());
+        }
+        for item in self.aggregates.range(from..to) {
+            let (k, v) = item.map_err(io)?;
+            if !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
     }
 }

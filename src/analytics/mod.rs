@@ -1,0 +1,577 @@
+//! Built-in real-time analytics: the aggregates and the `/stats` queries.
+//!
+//! # Design
+//!
+//! Aggregates live in one key space (sled tree `aggregates`) and are updated
+//! by [`apply`] inside the same storage transaction that acknowledges the
+//! batch in the WAL, so each accepted event is counted exactly once across
+//! crashes and restarts. The same code runs over sled's transactional tree
+//! and over the in-memory model, through the small [`KvWrite`] / [`KvRead`]
+//! traits. Everything is on disk; memory does not grow with users or days.
+//!
+//! Days, hours and minutes are UTC and taken from the event's own time
+//! (`timestamp` / `occurred_at`, else receipt).
+//!
+//! | key                                   | value | meaning |
+//! |---------------------------------------|-------|---------|
+//! | `T` day ‖ event type                  | u64   | events of a type on a day |
+//! | `H` hour ‖ event type                 | u64   | events of a type in an hour |
+//! | `U` user ‖ day                        | —     | the user was active that day |
+//! | `D` day                               | u64   | distinct users that day (DAU) |
+//! | `F` user                              | i64   | the user's first event time (ms), earliest by event time |
+//! | `C` first day ‖ user                  | —     | cohort index: users by first day |
+//! | `m` minute ‖ `u`/`s` ‖ id             | —     | a user / session seen in that minute |
+//! | `p` minute ‖ page                     | u64   | page views of a page in that minute |
+//! | `L` bucket                            | u64   | receipt→processed latency histogram |
+//!
+//! day = days since 1970-01-01 (i32 BE, offset so that order is kept),
+//! hour and minute likewise (i64 BE, offset); a user id is length-prefixed
+//! (u16 BE) so that no id is a prefix of another. Minute entries are only
+//! written for events of the last hour and are pruned after
+//! [`WINDOW_RETENTION_MINUTES`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+use serde_json::Value;
+use time::{Date, Duration as TimeDuration, Month};
+
+use crate::event::WalRecord;
+
+/// Minute buckets older than this are pruned (the longest window is 15 min).
+pub const WINDOW_RETENTION_MINUTES: i64 = 60;
+/// Longest date range a query may span.
+pub const MAX_RANGE_DAYS: i64 = 366;
+/// Most retention windows per query.
+pub const MAX_WINDOWS: u32 = 90;
+
+const MS_PER_MINUTE: i64 = 60_000;
+const MS_PER_HOUR: i64 = 3_600_000;
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// Upper bounds (ms) of the on-disk latency histogram buckets.
+pub const LATENCY_BUCKETS_MS: [f64; 18] = [
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
+    500.0,
+    1000.0,
+    2500.0,
+    5000.0,
+    10_000.0,
+    30_000.0,
+    60_000.0,
+    300_000.0,
+    3_600_000.0,
+    f64::INFINITY,
+];
+
+/// What analytics needs of one processed event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Facts {
+    /// `event_type`.
+    pub event_type: String,
+    /// The event's own time (ms since epoch).
+    pub occurred_at_ms: i64,
+    /// `user_id`, if any.
+    pub user_id: Option<String>,
+    /// `session_id`, if any.
+    pub session_id: Option<String>,
+    /// For `page_view` events: `properties.page` or `metadata.page`.
+    pub page: Option<String>,
+    /// Receipt→processed latency in ms.
+    pub latency_ms: i64,
+}
+
+impl Facts {
+    /// Extracts the facts of a stored event processed at `processed_at_ms`.
+    pub fn of(record: &WalRecord, processed_at_ms: i64) -> Facts {
+        let body: Value = serde_json::from_str(&record.body).unwrap_or(Value::Null);
+        let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+        let page = (record.event_type == "page_view")
+            .then(|| {
+                ["properties", "metadata"]
+                    .iter()
+                    .find_map(|f| body.get(f).and_then(|o| o.get("page")).and_then(text))
+            })
+            .flatten();
+        Facts {
+            event_type: record.event_type.clone(),
+            occurred_at_ms: record.occurred_at_ms,
+            user_id: body.get("user_id").and_then(text),
+            session_id: body.get("session_id").and_then(text),
+            page,
+            latency_ms: (processed_at_ms - record.received_at_ms).max(0),
+        }
+    }
+}
+
+/// Writes inside a storage transaction.
+pub trait KvWrite {
+    /// The store's error.
+    type Error;
+    /// Reads a key (seeing this transaction's own writes).
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error>;
+    /// Sets a key.
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Self::Error>;
+    /// Removes a key.
+    fn remove(&mut self, key: &[u8]) -> Result<(), Self::Error>;
+}
+
+/// Reads for the queries.
+pub trait KvRead {
+    /// Reads a key.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::storage::StorageError>;
+    /// Calls `f` for every key in `[from, to)` in order until it returns false.
+    fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), crate::storage::StorageError>;
+}
+
+/// Day number (days since 1970-01-01) of a time in ms.
+pub fn day_of(ms: i64) -> i32 {
+    ms.div_euclid(MS_PER_DAY) as i32
+}
+
+fn day_key(day: i32) -> [u8; 4] {
+    ((day as u32) ^ 0x8000_0000).to_be_bytes()
+}
+
+fn i64_key(v: i64) -> [u8; 8] {
+    ((v as u64) ^ 0x8000_0000_0000_0000).to_be_bytes()
+}
+
+fn user_part(user: &str) -> Vec<u8> {
+    let bytes = user.as_bytes();
+    let len = bytes.len().min(u16::MAX as usize);
+    let mut out = (len as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(&bytes[..len]);
+    out
+}
+
+fn key(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+fn read_u64(v: Option<Vec<u8>>) -> u64 {
+    v.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+fn add<K: KvWrite>(kv: &mut K, k: &[u8], n: u64) -> Result<(), K::Error> {
+    let now = read_u64(kv.get(k)?);
+    kv.put(k, &(now + n).to_be_bytes())
+}
+
+/// Applies a batch of processed events to the aggregates. `now_ms` decides
+/// which events are recent enough for the rolling-window buckets.
+pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(), K::Error> {
+    // Sum what can be summed before touching the store: one write per key.
+    let mut per_type_day: HashMap<(i32, &str), u64> = HashMap::new();
+    let mut per_type_hour: HashMap<(i64, &str), u64> = HashMap::new();
+    let mut page_minutes: HashMap<(i64, &str), u64> = HashMap::new();
+    let mut latency = [0u64; LATENCY_BUCKETS_MS.len()];
+    let recent_from = now_ms - WINDOW_RETENTION_MINUTES * MS_PER_MINUTE;
+    for f in facts {
+        let t = f.event_type.as_str();
+        *per_type_day
+            .entry((day_of(f.occurred_at_ms), t))
+            .or_default() += 1;
+        *per_type_hour
+            .entry((f.occurred_at_ms.div_euclid(MS_PER_HOUR), t))
+            .or_default() += 1;
+        let bucket = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|b| f.latency_ms as f64 <= *b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len() - 1);
+        latency[bucket] += 1;
+        if f.occurred_at_ms >= recent_from
+            && let Some(page) = &f.page
+        {
+            *page_minutes
+                .entry((f.occurred_at_ms.div_euclid(MS_PER_MINUTE), page.as_str()))
+                .or_default() += 1;
+        }
+    }
+    for ((day, t), n) in per_type_day {
+        add(kv, &key(&[b"T", &day_key(day), t.as_bytes()]), n)?;
+    }
+    for ((hour, t), n) in per_type_hour {
+        add(kv, &key(&[b"H", &i64_key(hour), t.as_bytes()]), n)?;
+    }
+    for ((minute, page), n) in page_minutes {
+        add(kv, &key(&[b"p", &i64_key(minute), page.as_bytes()]), n)?;
+    }
+    for (bucket, n) in latency.iter().enumerate() {
+        if *n > 0 {
+            add(kv, &key(&[b"L", &[bucket as u8]]), *n)?;
+        }
+    }
+    for f in facts {
+        let recent = f.occurred_at_ms >= recent_from;
+        let minute = i64_key(f.occurred_at_ms.div_euclid(MS_PER_MINUTE));
+        if recent && let Some(s) = &f.session_id {
+            kv.put(&key(&[b"m", &minute, b"s", s.as_bytes()]), &[])?;
+        }
+        let Some(user) = &f.user_id else { continue };
+        let user = user_part(user);
+        let day = day_of(f.occurred_at_ms);
+        if recent {
+            kv.put(&key(&[b"m", &minute, b"u", &user]), &[])?;
+        }
+        let active = key(&[b"U", &user, &day_key(day)]);
+        if kv.get(&active)?.is_none() {
+            kv.put(&active, &[])?;
+            add(kv, &key(&[b"D", &day_key(day)]), 1)?;
+        }
+        let first_key = key(&[b"F", &user]);
+        let first = kv
+            .get(&first_key)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(i64::from_be_bytes);
+        match first {
+            Some(first) if first <= f.occurred_at_ms => {}
+            Some(first) => {
+                kv.put(&first_key, &f.occurred_at_ms.to_be_bytes())?;
+                if day_of(first) != day {
+                    kv.remove(&key(&[b"C", &day_key(day_of(first)), &user]))?;
+                    kv.put(&key(&[b"C", &day_key(day), &user]), &[])?;
+                }
+            }
+            None => {
+                kv.put(&first_key, &f.occurred_at_ms.to_be_bytes())?;
+                kv.put(&key(&[b"C", &day_key(day), &user]), &[])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The key range of rolling-window buckets older than `before_ms`, for pruning.
+pub fn stale_window_ranges(before_ms: i64) -> [(Vec<u8>, Vec<u8>); 2] {
+    let end = i64_key(before_ms.div_euclid(MS_PER_MINUTE));
+    [
+        (b"m".to_vec(), key(&[b"m", &end])),
+        (b"p".to_vec(), key(&[b"p", &end])),
+    ]
+}
+
+/// A bad query parameter: answered 400 naming it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{param}: {detail}")]
+pub struct QueryError {
+    /// The parameter at fault.
+    pub param: &'static str,
+    /// What is wrong with it.
+    pub detail: String,
+}
+
+fn query_error(param: &'static str, detail: impl Into<String>) -> QueryError {
+    QueryError {
+        param,
+        detail: detail.into(),
+    }
+}
+
+/// Parses `YYYY-MM-DD` into a day number.
+pub fn parse_day(param: &'static str, text: &str) -> Result<i32, QueryError> {
+    let bad = || query_error(param, format!("`{text}` is not a date like 2024-01-31"));
+    let mut parts = text.splitn(3, '-');
+    let (y, m, d) = (parts.next(), parts.next(), parts.next());
+    let (Some(y), Some(m), Some(d)) = (y, m, d) else {
+        return Err(bad());
+    };
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return Err(bad());
+    }
+    let y: i32 = y.parse().map_err(|_| bad())?;
+    let m: u8 = m.parse().map_err(|_| bad())?;
+    let d: u8 = d.parse().map_err(|_| bad())?;
+    let month = Month::try_from(m).map_err(|_| bad())?;
+    let date = Date::from_calendar_date(y, month, d).map_err(|_| bad())?;
+    Ok(
+        (date - Date::from_calendar_date(1970, Month::January, 1).map_err(|_| bad())?).whole_days()
+            as i32,
+    )
+}
+
+/// A day number as `YYYY-MM-DD`.
+pub fn format_day(day: i32) -> String {
+    let epoch = Date::from_calendar_date(1970, Month::January, 1).unwrap_or(Date::MIN);
+    match epoch.checked_add(TimeDuration::days(i64::from(day))) {
+        Some(d) => format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()),
+        None => day.to_string(),
+    }
+}
+
+/// Checks a `from`..=`to` range.
+pub fn check_range(from: i32, to: i32) -> Result<(), QueryError> {
+    if to < from {
+        return Err(query_error("to", "must not be before `from`"));
+    }
+    if i64::from(to) - i64::from(from) + 1 > MAX_RANGE_DAYS {
+        return Err(query_error(
+            "to",
+            format!("a range spans at most {MAX_RANGE_DAYS} days"),
+        ));
+    }
+    Ok(())
+}
+
+/// One day of `/stats/dau`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DauDay {
+    /// `YYYY-MM-DD`.
+    pub date: String,
+    /// Distinct users with an event that day.
+    pub users: u64,
+}
+
+/// Distinct users per day, `from..=to`.
+pub fn dau(
+    kv: &dyn KvRead,
+    from: i32,
+    to: i32,
+) -> Result<Vec<DauDay>, crate::storage::StorageError> {
+    (from..=to)
+        .map(|day| {
+            Ok(DauDay {
+                date: format_day(day),
+                users: read_u64(kv.get(&key(&[b"D", &day_key(day)]))?),
+            })
+        })
+        .collect()
+}
+
+/// One row of `/stats/top-events`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TypeCount {
+    /// The event type.
+    pub event_type: String,
+    /// Events of it in the range.
+    pub count: u64,
+}
+
+/// Event types by count in `from..=to`, most first (ties by name).
+pub fn top_events(
+    kv: &dyn KvRead,
+    from: i32,
+    to: i32,
+    limit: usize,
+) -> Result<Vec<TypeCount>, crate::storage::StorageError> {
+    let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+    kv.scan(
+        &key(&[b"T", &day_key(from)]),
+        &key(&[b"T", &day_key(to.saturating_add(1))]),
+        &mut |k, v| {
+            let t = String::from_utf8_lossy(k.get(5..).unwrap_or_default()).into_owned();
+            *totals.entry(t).or_default() += read_u64(Some(v.to_vec()));
+            true
+        },
+    )?;
+    let mut rows: Vec<TypeCount> = totals
+        .into_iter()
+        .map(|(event_type, count)| TypeCount { event_type, count })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then_with(|| a.event_type.cmp(&b.event_type))
+    });
+    rows.truncate(limit);
+    Ok(rows)
+}
+
+/// One cohort of `/stats/retention`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cohort {
+    /// First day of the cohort's window, `YYYY-MM-DD`.
+    pub cohort: String,
+    /// Users whose first event falls in that window.
+    pub size: u64,
+    /// `retained[k]`: of them, users with an event in window `i + k`.
+    pub retained: Vec<u64>,
+}
+
+/// Cohort retention: `windows` windows of `window_days` from `start`.
+pub fn retention(
+    kv: &dyn KvRead,
+    start: i32,
+    windows: u32,
+    window_days: i32,
+) -> Result<Vec<Cohort>, crate::storage::StorageError> {
+    let windows = windows as i32;
+    let mut cohorts = Vec::new();
+    for i in 0..windows {
+        let from = start + i * window_days;
+        let mut users: Vec<Vec<u8>> = Vec::new();
+        kv.scan(
+            &key(&[b"C", &day_key(from)]),
+            &key(&[b"C", &day_key(from + window_days)]),
+            &mut |k, _| {
+                users.push(k.get(5..).unwrap_or_default().to_vec());
+                true
+            },
+        )?;
+        let mut retained = vec![users.len() as u64];
+        for k in 1..(windows - i) {
+            let w_from = from + k * window_days;
+            let w_to = w_from + window_days;
+            let mut n = 0;
+            for user in &users {
+                let mut active = false;
+                kv.scan(
+                    &key(&[b"U", user, &day_key(w_from)]),
+                    &key(&[b"U", user, &day_key(w_to)]),
+                    &mut |_, _| {
+                        active = true;
+                        false
+                    },
+                )?;
+                n += u64::from(active);
+            }
+            retained.push(n);
+        }
+        cohorts.push(Cohort {
+            cohort: format_day(from),
+            size: users.len() as u64,
+            retained,
+        });
+    }
+    Ok(cohorts)
+}
+
+/// `/stats/windows`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Windows {
+    /// Distinct users with an event in the last 5 minutes.
+    pub active_users_5m: u64,
+    /// Distinct sessions with an event in the last 5 minutes.
+    pub active_sessions_5m: u64,
+    /// `page_view` events in the last 15 minutes.
+    pub page_views_15m: u64,
+    /// Pages by views in the last 15 minutes, most first (top 10).
+    pub top_pages_15m: Vec<PageViews>,
+}
+
+/// One row of `top_pages_15m`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PageViews {
+    /// The page.
+    pub page: String,
+    /// Its views.
+    pub views: u64,
+}
+
+/// Rolling windows ending at `now_ms`: the current minute and the ones
+/// before it (5 and 15 minute buckets), by event time.
+pub fn windows(kv: &dyn KvRead, now_ms: i64) -> Result<Windows, crate::storage::StorageError> {
+    let now_minute = now_ms.div_euclid(MS_PER_MINUTE);
+    let end = i64_key(now_minute + 1);
+    let mut users = HashSet::new();
+    let mut sessions = HashSet::new();
+    kv.scan(
+        &key(&[b"m", &i64_key(now_minute - 4)]),
+        &key(&[b"m", &end]),
+        &mut |k, _| {
+            match k.get(9) {
+                Some(b'u') => users.insert(k[10..].to_vec()),
+                Some(b's') => sessions.insert(k[10..].to_vec()),
+                _ => false,
+            };
+            true
+        },
+    )?;
+    let mut pages: BTreeMap<String, u64> = BTreeMap::new();
+    kv.scan(
+        &key(&[b"p", &i64_key(now_minute - 14)]),
+        &key(&[b"p", &end]),
+        &mut |k, v| {
+            let page = String::from_utf8_lossy(k.get(9..).unwrap_or_default()).into_owned();
+            *pages.entry(page).or_default() += read_u64(Some(v.to_vec()));
+            true
+        },
+    )?;
+    let page_views_15m = pages.values().sum();
+    let mut top: Vec<PageViews> = pages
+        .into_iter()
+        .map(|(page, views)| PageViews { page, views })
+        .collect();
+    top.sort_by(|a, b| b.views.cmp(&a.views).then_with(|| a.page.cmp(&b.page)));
+    top.truncate(10);
+    Ok(Windows {
+        active_users_5m: users.len() as u64,
+        active_sessions_5m: sessions.len() as u64,
+        page_views_15m,
+        top_pages_15m: top,
+    })
+}
+
+/// Receipt→processed latency percentiles (ms) from the on-disk histogram,
+/// each the upper bound of the bucket that holds it.
+pub fn latency_percentiles(
+    kv: &dyn KvRead,
+    quantiles: &[f64],
+) -> Result<Vec<f64>, crate::storage::StorageError> {
+    let mut counts = [0u64; LATENCY_BUCKETS_MS.len()];
+    kv.scan(b"L", b"M", &mut |k, v| {
+        if let Some(&b) = k.get(1)
+            && let Some(c) = counts.get_mut(b as usize)
+        {
+            *c = read_u64(Some(v.to_vec()));
+        }
+        true
+    })?;
+    let total: u64 = counts.iter().sum();
+    Ok(quantiles
+        .iter()
+        .map(|q| {
+            if total == 0 {
+                return 0.0;
+            }
+            let rank = (q * total as f64).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    let bound = LATENCY_BUCKETS_MS[i];
+                    return if bound.is_finite() {
+                        bound
+                    } else {
+                        LATENCY_BUCKETS_MS[i - 1]
+                    };
+                }
+            }
+            0.0
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_round_trip_and_bad_dates_name_the_parameter() {
+        assert_eq!(parse_day("from", "1970-01-01"), Ok(0));
+        assert_eq!(parse_day("from", "2024-01-15"), Ok(19737));
+        assert_eq!(format_day(19737), "2024-01-15");
+        assert_eq!(format_day(-1), "1969-12-31");
+        for bad in ["2024-02-30", "2024-1-5", "yesterday", "", "2024-13-01"] {
+            assert_eq!(parse_day("from", bad).unwrap_err().param, "from", "{bad}");
+        }
+        assert_eq!(day_of(-1), -1);
+        assert!(day_key(-1) < day_key(0));
+        assert!(check_range(5, 4).is_err());
+        assert!(check_range(0, 366).is_err());
+        assert!(check_range(0, 365).is_ok());
+    }
+}

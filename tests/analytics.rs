@@ -1,0 +1,203 @@
+//! The `/stats` endpoints against hand-computed answers on a small fixed
+//! data set sent out of order, through the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Daemon;
+use serde_json::{Value, json};
+
+fn ev(id: &str, kind: &str, user: Option<&str>, at: &str) -> Value {
+    let mut e = json!({"event_id": id, "event_type": kind, "occurred_at": at});
+    if let Some(u) = user {
+        e["user_id"] = json!(u);
+    }
+    e
+}
+
+/// The data set, in the order it is sent (deliberately not time order):
+///
+/// | user | events (UTC)                                              |
+/// |------|-----------------------------------------------------------|
+/// | ann  | 01-02 09:00 login, 01-01 23:59:59 signup (arrives late)   |
+/// | bob  | 01-02 00:00:00 signup, 01-04 login, 01-09 login           |
+/// | cid  | 01-03 login, then 01-01 00:00 signup (arrives last)       |
+/// | —    | 01-02 12:00 page_view without a user                      |
+fn data_set() -> Vec<Value> {
+    vec![
+        ev("1", "login", Some("ann"), "2024-01-02T09:00:00Z"),
+        ev("2", "signup", Some("bob"), "2024-01-02T00:00:00Z"),
+        ev("3", "login", Some("cid"), "2024-01-03T10:00:00Z"),
+        ev("4", "page_view", None, "2024-01-02T12:00:00Z"),
+        ev("5", "signup", Some("ann"), "2024-01-01T23:59:59Z"),
+        ev("6", "login", Some("bob"), "2024-01-04T08:00:00Z"),
+        ev("7", "login", Some("bob"), "2024-01-09T08:00:00Z"),
+        ev("8", "signup", Some("cid"), "2024-01-01T00:00:00+00:00"),
+    ]
+}
+
+fn loaded() -> (tempfile::TempDir, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "batch_size = 3");
+    for chunk in data_set().chunks(3) {
+        let r = d.post_json("/webhook/batch", &json!({"events": chunk}));
+        assert_eq!(r.json()["accepted"], chunk.len(), "{}", r.text());
+    }
+    d.wait_processed(Duration::from_secs(10));
+    (dir, d)
+}
+
+/// DAU counts distinct users per UTC day; an event without a user counts
+/// for nothing; days without events are listed with 0.
+#[test]
+fn dau_counts_distinct_users_per_utc_day() {
+    let (_dir, d) = loaded();
+    let r = d.get("/stats/dau?from=2024-01-01&to=2024-01-05").json();
+    assert_eq!(r["from"], "2024-01-01");
+    assert_eq!(r["to"], "2024-01-05");
+    let users: Vec<(String, u64)> = r["days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["date"].as_str().unwrap().to_owned(),
+                d["users"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("2024-01-01", 2),
+        ("2024-01-02", 2),
+        ("2024-01-03", 1),
+        ("2024-01-04", 1),
+        ("2024-01-05", 0),
+    ];
+    assert_eq!(users, expected.map(|(d, n)| (d.to_owned(), n)));
+}
+
+/// Top events over a range, most first; the range bounds are inclusive
+/// UTC days.
+#[test]
+fn top_events_rank_types_within_the_range() {
+    let (_dir, d) = loaded();
+    let r = d
+        .get("/stats/top-events?from=2024-01-01&to=2024-01-31&limit=10")
+        .json();
+    assert_eq!(
+        r["events"],
+        json!([
+            {"event_type": "login", "count": 4},
+            {"event_type": "signup", "count": 3},
+            {"event_type": "page_view", "count": 1},
+        ])
+    );
+    let r = d
+        .get("/stats/top-events?from=2024-01-02&to=2024-01-02&limit=1")
+        .json();
+    assert_eq!(
+        r["events"],
+        json!([{"event_type": "login", "count": 1}]),
+        "ties broken by name"
+    );
+}
+
+/// Cohorts by first event (earliest by event time, whatever the arrival
+/// order): cid's and ann's late signups move them to 01-01. The table is a
+/// triangle: cohort i has `windows − i` entries.
+#[test]
+fn retention_uses_the_earliest_event_and_forms_a_triangle() {
+    let (_dir, d) = loaded();
+    let r = d
+        .get("/stats/retention?start_date=2024-01-01&windows=4&window_type=daily")
+        .json();
+    assert_eq!(r["window_type"], "daily");
+    assert_eq!(
+        r["cohorts"],
+        json!([
+            // ann, cid: ann active 01-02; cid active 01-03.
+            {"cohort": "2024-01-01", "size": 2, "retained": [2, 1, 1, 0]},
+            // bob: active 01-04 (window 3 = k 2).
+            {"cohort": "2024-01-02", "size": 1, "retained": [1, 0, 1]},
+            {"cohort": "2024-01-03", "size": 0, "retained": [0, 0]},
+            {"cohort": "2024-01-04", "size": 0, "retained": [0]},
+        ])
+    );
+    let r = d
+        .get("/stats/retention?start_date=2024-01-01&windows=2&window_type=weekly")
+        .json();
+    // Week 1 (01-01..07): ann, bob, cid; week 2 (01-08..14): bob.
+    assert_eq!(
+        r["cohorts"],
+        json!([
+            {"cohort": "2024-01-01", "size": 3, "retained": [3, 1]},
+            {"cohort": "2024-01-08", "size": 0, "retained": [0]},
+        ])
+    );
+}
+
+/// Rolling windows count events of the last minutes by event time: old
+/// events do not count; page views come from properties.page or metadata.page.
+#[test]
+fn rolling_windows_count_recent_activity() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "");
+    let now = inletd::event::format_ms(inletd::event::now_ms());
+    let events = json!({"events": [
+        {"event_id": "w1", "event_type": "page_view", "user_id": "u1", "session_id": "s1", "occurred_at": now, "properties": {"page": "/home"}},
+        {"event_id": "w2", "event_type": "page_view", "user_id": "u2", "session_id": "s2", "occurred_at": now, "metadata": {"page": "/home"}},
+        {"event_id": "w3", "event_type": "page_view", "user_id": "u1", "session_id": "s1", "occurred_at": now, "properties": {"page": "/pricing"}},
+        {"event_id": "w4", "event_type": "click", "user_id": "u3", "occurred_at": now},
+        {"event_id": "w5", "event_type": "page_view", "user_id": "u4", "occurred_at": "2024-01-01T00:00:00Z", "properties": {"page": "/old"}},
+    ]});
+    assert_eq!(d.post_json("/webhook/batch", &events).json()["accepted"], 5);
+    d.wait_processed(Duration::from_secs(10));
+    let w = d.get("/stats/windows").json();
+    assert_eq!(w["active_users_5m"], 3, "{w}");
+    assert_eq!(w["active_sessions_5m"], 2, "{w}");
+    assert_eq!(w["page_views_15m"], 3, "{w}");
+    assert_eq!(
+        w["top_pages_15m"],
+        json!([{"page": "/home", "views": 2}, {"page": "/pricing", "views": 1}])
+    );
+}
+
+/// Bad parameters answer 400 naming the parameter; ranges are capped.
+#[test]
+fn bad_stats_parameters_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "");
+    for (path, param) in [
+        ("/stats/dau?from=2024-02-30&to=2024-03-01", "from"),
+        ("/stats/dau?from=2024-03-01&to=2024-02-01", "to"),
+        ("/stats/dau?from=2020-01-01&to=2024-01-01", "to"),
+        (
+            "/stats/top-events?from=2024-01-01&to=2024-01-02&limit=0",
+            "limit",
+        ),
+        (
+            "/stats/top-events?from=2024-01-01&to=2024-01-02&limit=lots",
+            "limit",
+        ),
+        ("/stats/retention?windows=3", "start_date"),
+        (
+            "/stats/retention?start_date=2024-01-01&windows=1000",
+            "windows",
+        ),
+        (
+            "/stats/retention?start_date=2024-01-01&window_type=hourly",
+            "window_type",
+        ),
+    ] {
+        let r = d.get(path);
+        assert_eq!(r.status, 400, "{path}");
+        let b = r.json();
+        assert_eq!(
+            (b["error"].clone(), b["field"].clone()),
+            (json!("invalid_parameter"), json!(param)),
+            "{path}: {b}"
+        );
+    }
+    assert_eq!(d.get("/stats/nope").status, 404);
+}
