@@ -98,8 +98,12 @@ pub async fn start(
     sinks: Option<Vec<Arc<dyn crate::sinks::Sink>>>,
 ) -> Result<Running, AppError> {
     let config = Arc::new(config);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let context = Arc::new(Context {
         sinks: sinks.unwrap_or_else(|| crate::sinks::build(&config)),
+        sources: crate::pipeline::sources(&config),
         config: config.clone(),
         storage,
         status: Arc::new(Status::default()),

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::signature::{Scheme, Verifier};
+
 /// Errors loading or validating the configuration; each names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -77,6 +79,7 @@ pub struct Config {
     /// Queue high-water mark: intake answers 503 above it.
     pub max_queue_events: u64,
     /// Bearer token for /admin; empty: admin answers loopback callers only.
+    #[serde(serialize_with = "masked")]
     pub admin_token: String,
     /// Log format: text or json.
     pub log_format: LogFormat,
@@ -93,6 +96,10 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     /// Where processed batches are forwarded.
     pub sinks: Vec<SinkConfig>,
+    /// Things worth a warning found while loading (e.g. a secret file
+    /// readable by others); logged at start.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// A named intake: `/webhook/{name}/events`.
@@ -101,16 +108,27 @@ pub struct Config {
 pub struct SourceConfig {
     /// Path segment and idempotency scope.
     pub name: String,
-    /// Signature scheme; only `none` in this build.
-    #[serde(default = "default_verify")]
-    pub verify: String,
-    /// Token-bucket rate limit in requests per second; absent: unlimited.
+    /// Signature scheme: none, standard-webhooks, github or stripe.
     #[serde(default)]
+    pub verify: Scheme,
+    /// The signing secret (or use `secret_file`); never printed.
+    #[serde(default, skip_serializing)]
+    pub secret: Option<String>,
+    /// A file holding the signing secret (read at start and on reload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// Token-bucket rate limit in requests per second; absent: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_sec: Option<f64>,
 }
 
-fn default_verify() -> String {
-    "none".into()
+impl SourceConfig {
+    /// The source's signature verifier (`None` when it verifies nothing).
+    pub fn verifier(&self) -> Option<Verifier> {
+        Verifier::new(self.verify, self.secret.as_deref().unwrap_or_default())
+            .ok()
+            .flatten()
+    }
 }
 
 /// Kinds of sink.
@@ -174,6 +192,7 @@ impl Default for Config {
             max_restarts_per_minute: 10,
             sources: Vec::new(),
             sinks: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -193,7 +212,49 @@ impl Config {
             })?,
             None => String::new(),
         };
-        Self::from_parts(&text, &env, overrides)
+        let mut config = Self::from_parts(&text, &env, overrides)?;
+        config.read_secret_files()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads each source's `secret_file` into its `secret`, warning when
+    /// the file can be read by other users.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        for (i, source) in self.sources.iter_mut().enumerate() {
+            let Some(path) = &source.secret_file else {
+                continue;
+            };
+            if source.secret.is_some() {
+                return Err(ConfigError::Invalid(vec![format!(
+                    "sources[{i}]: give secret or secret_file, not both"
+                )]));
+            }
+            let unreadable = |e: std::io::Error| {
+                ConfigError::Invalid(vec![format!(
+                    "sources[{i}].secret_file: cannot read {}: {e}",
+                    path.display()
+                )])
+            };
+            let text = std::fs::read_to_string(path).map_err(unreadable)?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(path)
+                    .map_err(unreadable)?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    self.warnings.push(format!(
+                        "sources[{i}].secret_file {} is readable by other users (mode {:o}); chmod 600 it",
+                        path.display(),
+                        mode & 0o777
+                    ));
+                }
+            }
+            source.secret = Some(text.trim().to_owned());
+        }
+        Ok(())
     }
 
     /// [`Config::load`] without touching the process: file text, environment
@@ -307,11 +368,18 @@ impl Config {
             if !names.insert(s.name.as_str()) {
                 bad.push(format!("sources[{i}].name: `{}` is given twice", s.name));
             }
-            if s.verify != "none" {
-                bad.push(format!(
-                    "sources[{i}].verify: `{}` is not supported by this build; only \"none\" is",
+            match (&s.secret, &s.secret_file) {
+                (None, None) if s.verify != Scheme::None => bad.push(format!(
+                    "sources[{i}].secret: required for verify = {:?}",
                     s.verify
-                ));
+                )),
+                // A secret from `secret_file` is checked once read.
+                (Some(secret), _) => {
+                    if let Err(e) = Verifier::new(s.verify, secret) {
+                        bad.push(format!("sources[{i}].secret: {e}"));
+                    }
+                }
+                _ => {}
             }
             if let Some(r) = s.rate_limit_per_sec
                 && !(r.is_finite() && r > 0.0)
@@ -378,21 +446,11 @@ impl Config {
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
     }
+}
 
-    /// The configuration of source `name`; `default` always exists.
-    pub fn source(&self, name: &str) -> Option<SourceConfig> {
-        self.sources
-            .iter()
-            .find(|s| s.name == name)
-            .cloned()
-            .or_else(|| {
-                (name == "default").then(|| SourceConfig {
-                    name: "default".into(),
-                    verify: default_verify(),
-                    rate_limit_per_sec: None,
-                })
-            })
-    }
+/// Prints a secret as `***` (empty stays empty) so `check-config` leaks nothing.
+fn masked<S: serde::Serializer>(value: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if value.is_empty() { "" } else { "***" })
 }
 
 fn valid_name(name: &str) -> bool {

@@ -19,6 +19,7 @@
 //! | [`http`]     | warp routes, thin handlers, the error type, the accept loop |
 //! | [`app`]      | start-up wiring and the shutdown sequence |
 //! | [`shutdown`] | signal handling |
+//! | [`signature`]| webhook signature schemes (Standard Webhooks, GitHub, Stripe) |
 
 pub mod analytics;
 pub mod app;
@@ -27,5 +28,6 @@ pub mod event;
 pub mod http;
 pub mod pipeline;
 pub mod shutdown;
+pub mod signature;
 pub mod sinks;
 pub mod storage;

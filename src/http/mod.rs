@@ -29,6 +29,7 @@ use crate::event::BodyError;
 use crate::event::now_ms;
 use crate::pipeline::Pipeline;
 use crate::pipeline::messages::{IngestError, IngestRequest, Shape, Verdict};
+use crate::signature::{SignedHeaders, constant_time_eq};
 use error::ApiError;
 use ratelimit::TokenBucket;
 
@@ -218,7 +219,7 @@ where
             5,
         ));
     }
-    if api.config.source(&source).is_none() {
+    if !api.pipeline.context.sources.contains_key(&source) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_source",
@@ -262,10 +263,18 @@ where
             header_key: header("idempotency-key").or_else(|| header("webhook-id")),
         }
     };
+    let signed = SignedHeaders {
+        webhook_id: header("webhook-id"),
+        webhook_timestamp: header("webhook-timestamp"),
+        webhook_signature: header("webhook-signature"),
+        hub_signature_256: header("x-hub-signature-256"),
+        stripe_signature: header("stripe-signature"),
+    };
     let request = IngestRequest {
         source,
         shape: shape.clone(),
         content_type: header("content-type"),
+        signed,
         body,
         received_at_ms,
         received,
@@ -338,6 +347,9 @@ fn ingest_error(e: IngestError) -> Rejection {
             e.to_string(),
         )
         .into(),
+        IngestError::Signature(e) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", e.to_string()).into()
+        }
         e @ IngestError::NotJson(_) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -460,14 +472,6 @@ async fn authorize(
         )
         .into())
     }
-}
-
-/// Compares without an early exit on the first differing byte.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,6 +7,7 @@ use ractor::RpcReplyPort;
 use serde::Serialize;
 
 use crate::event::{BodyError, FieldError, Queued};
+use crate::signature::{SignatureError, SignedHeaders};
 use crate::storage::{DlqEntry, NewEvent};
 
 /// What the HTTP layer hands the Receiver.
@@ -18,6 +19,8 @@ pub struct IngestRequest {
     pub shape: Shape,
     /// The request's Content-Type header, checked by the Receiver.
     pub content_type: Option<String>,
+    /// The headers a signature scheme may need, checked by the Receiver.
+    pub signed: SignedHeaders,
     /// The raw body (already size-limited by the HTTP layer).
     pub body: Bytes,
     /// Receipt time (wall clock, ms since epoch) stored with each event.
@@ -52,6 +55,8 @@ pub enum Verdict {
 pub enum IngestError {
     #[error("{0}")]
     Body(BodyError),
+    #[error("signature check failed: {0}")]
+    Signature(SignatureError),
     #[error("content type `{}` is not JSON; send Content-Type: application/json", .0.as_deref().unwrap_or("(none)"))]
     NotJson(Option<String>),
     #[error("the queue could not be written: {0}")]

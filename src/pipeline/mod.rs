@@ -18,6 +18,7 @@ pub mod processor;
 pub mod receiver;
 pub mod supervisor;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use ractor::{ActorRef, Message};
 
 use crate::config::Config;
+use crate::signature::Verifier;
 use crate::sinks::Sink;
 use crate::storage::Storage;
 use messages::{
@@ -112,6 +114,20 @@ pub struct Context {
     pub names: Names,
     /// The forwarding sinks, built from the config.
     pub sinks: Vec<Arc<dyn Sink>>,
+    /// Every source by name (`default` always) with its signature verifier.
+    pub sources: HashMap<String, Option<Verifier>>,
+}
+
+/// The sources of `config` with their verifiers; `default` is added
+/// (verifying nothing) unless configured.
+pub fn sources(config: &Config) -> HashMap<String, Option<Verifier>> {
+    let mut map: HashMap<String, Option<Verifier>> = config
+        .sources
+        .iter()
+        .map(|s| (s.name.clone(), s.verifier()))
+        .collect();
+    map.entry("default".to_owned()).or_insert(None);
+    map
 }
 
 /// The handle the HTTP layer and `app` use; every call goes to an actor.

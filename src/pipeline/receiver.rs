@@ -1,4 +1,5 @@
-//! Receiver: checks the content type, parses and validates the body, and
+//! Receiver: checks the content type and the source's signature over the
+//! raw body, parses and validates the body, and
 //! hands the valid events to the Deduper together with the reply port. It
 //! never waits for storage or processing.
 
@@ -65,6 +66,17 @@ impl Actor for Receiver {
             });
             let _ = reply.send(Err(IngestError::NotJson(request.content_type)));
             return Ok(());
+        }
+        if let Some(Some(verifier)) = state.context.sources.get(&request.source) {
+            let now = request.received_at_ms.div_euclid(1000);
+            if let Err(e) = verifier.verify(&request.signed, &request.body, now) {
+                names.observe(Observation::Rejected {
+                    reason: "signature",
+                    count: 1,
+                });
+                let _ = reply.send(Err(IngestError::Signature(e)));
+                return Ok(());
+            }
         }
         let parsed = parse(&request, state.context.config.max_batch_events);
         let candidates = match parsed {
