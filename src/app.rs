@@ -1,11 +1,13 @@
 //! Wires storage, the actor pipeline and the HTTP server together, and runs
 //! the shutdown sequence:
 //!
-//! 1. `draining` is set: `/ready` and intake answer 503.
-//! 2. The listener closes; in-flight requests finish (each was answered
-//!    only after its group commit).
-//! 3. The Batcher processes what the WAL holds, partial batch included,
+//! 1. `draining` is set: `/ready` and new intake requests answer 503 (the
+//!    listener stays open, so load balancers and clients see why);
+//!    requests already past that check finish (each is answered only
+//!    after its group commit).
+//! 2. The Batcher processes what the WAL holds, partial batch included,
 //!    until it is caught up or `drain_timeout` has passed.
+//! 3. The listener closes and open connections finish (bounded).
 //! 4. The actors stop; the store is flushed. What was not processed stays
 //!    in the WAL for the next start.
 
@@ -138,7 +140,10 @@ pub async fn start(
     let http_done = tokio::spawn(http::server::serve(
         listener,
         routes,
-        Duration::from_secs(config.header_read_timeout_secs),
+        http::server::Limits {
+            header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+            max_connections: config.max_connections,
+        },
         async move {
             let _ = stopped.await;
         },
@@ -181,15 +186,14 @@ impl Running {
         let deadline = self.config.drain_timeout();
         let context = &self.pipeline.context;
         context.status.draining.store(true, Ordering::SeqCst);
+        let caught_up = self.pipeline.drain(deadline).await;
         let _ = self.stop_http.send(());
-        if tokio::time::timeout(deadline, self.http_done)
-            .await
-            .is_err()
-        {
-            tracing::warn!("requests still open at the drain deadline");
+        let left = deadline
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        if tokio::time::timeout(left, self.http_done).await.is_err() {
+            tracing::warn!("connections still open at the drain deadline");
         }
-        let left = deadline.saturating_sub(started.elapsed());
-        let caught_up = self.pipeline.drain(left).await;
         self.sweeper.abort();
         let _ = self
             .supervisor

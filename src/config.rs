@@ -89,6 +89,10 @@ pub struct Config {
     pub cache_capacity_mb: u64,
     /// Seconds a client has to send its request headers.
     pub header_read_timeout_secs: u64,
+    /// Seconds a client has to send a request's body (408 after).
+    pub request_timeout_secs: u64,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
     /// Actor restarts tolerated per minute before the daemon exits non-zero
     /// (and systemd restarts it).
     pub max_restarts_per_minute: usize,
@@ -190,6 +194,8 @@ impl Default for Config {
             cache_capacity_mb: 64,
             header_read_timeout_secs: 10,
             max_restarts_per_minute: 10,
+            request_timeout_secs: 30,
+            max_connections: 1024,
             sources: Vec::new(),
             sinks: Vec::new(),
             warnings: Vec::new(),
@@ -301,7 +307,7 @@ impl Config {
                 self.bind
             ));
         }
-        let ranges: [(&str, u64, u64, u64); 15] = [
+        let ranges: [(&str, u64, u64, u64); 17] = [
             ("flush_interval_ms", self.flush_interval_ms, 1, 60_000),
             ("batch_size", self.batch_size as u64, 1, 100_000),
             ("batch_timeout_ms", self.batch_timeout_ms, 1, 3_600_000),
@@ -336,6 +342,8 @@ impl Config {
                 1,
                 3600,
             ),
+            ("request_timeout_secs", self.request_timeout_secs, 1, 3600),
+            ("max_connections", self.max_connections as u64, 1, 1_000_000),
             (
                 "max_restarts_per_minute",
                 self.max_restarts_per_minute as u64,

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -249,7 +249,19 @@ where
             10,
         ));
     }
-    let body = read_body(&headers, body, api.config.max_body_bytes).await?;
+    let limit = Duration::from_secs(api.config.request_timeout_secs);
+    let body = tokio::time::timeout(limit, read_body(&headers, body, api.config.max_body_bytes))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the body did not arrive within request_timeout_secs ({}s)",
+                    limit.as_secs()
+                ),
+            )
+        })??;
     let header = |name: &str| {
         headers
             .get(name)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use super::messages::{BatcherMsg, ProcessorMsg};
+use super::messages::{BatcherMsg, Observation, ProcessorMsg};
 use super::{Context, PROCESSOR};
 
 /// The Batcher actor.
@@ -144,10 +144,15 @@ fn emit(myself: &ActorRef<BatcherMsg>, state: &mut State) -> Result<(), ActorPro
         return Ok(());
     };
     let batch_size = state.context.config.batch_size;
-    let (mut records, _damaged) = state
+    let (mut records, damaged) = state
         .context
         .storage
         .read_after(state.next_from, batch_size)?;
+    if !damaged.is_empty() {
+        state.context.names.observe(Observation::Quarantined {
+            count: damaged.len() as u64,
+        });
+    }
     records.retain(|q| q.seq <= state.durable_upto);
     // Records that were quarantined leave gaps; an empty batch still moves
     // the cursor past them.

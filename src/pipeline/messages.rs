@@ -184,6 +184,8 @@ pub enum Observation {
     Delivered { sink: String, count: u64 },
     /// An actor was restarted by the supervisor.
     Restart { actor: &'static str },
+    /// Damaged records moved out of the WAL into quarantine.
+    Quarantined { count: u64 },
 }
 
 /// Metrics: counters, gauges and histograms in Prometheus text format.

@@ -116,6 +116,10 @@ const HELP: &[(&str, &str)] = &[
         "Events parked in the DLQ, by sink.",
     ),
     (
+        "inletd_quarantined_total",
+        "Damaged WAL records moved to quarantine (their positions are logged).",
+    ),
+    (
         "inletd_actor_restarts_total",
         "Actor restarts by the supervisor, by actor.",
     ),
@@ -265,6 +269,9 @@ impl Actor for Metrics {
                 }
                 Observation::Delivered { sink, count } => {
                     state.add("inletd_sink_delivered_total", label("sink", &sink), count)
+                }
+                Observation::Quarantined { count } => {
+                    state.add("inletd_quarantined_total", String::new(), count)
                 }
                 Observation::Restart { actor } => {
                     state.add("inletd_actor_restarts_total", label("actor", actor), 1)

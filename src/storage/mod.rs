@@ -72,7 +72,11 @@ pub enum StorageError {
     )]
     NewerFormat { found: u64, supported: u8 },
     /// The store cannot be opened at all.
-    #[error("cannot open the store at {path}: {reason}")]
+    #[error(
+        "cannot open the store at {path}: {reason}. Is another inletd using this data_dir? \
+         Check the directory's owner, permissions and free space; a store that sled cannot \
+         read can be moved aside (the daemon then starts empty)"
+    )]
     Open { path: String, reason: String },
 }
 

@@ -1,9 +1,10 @@
 //! `SledStorage`: the production store. The only file that imports sled.
 //! Layout and invariants are in the module docs of `storage`.
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
@@ -41,8 +42,8 @@ impl Default for SledOptions {
     }
 }
 
-/// The sled-backed store.
-pub struct SledStorage {
+/// One open sled database and its trees.
+struct Store {
     /// The database; kept to flush it.
     db: Db,
     /// seq → record envelope.
@@ -83,9 +84,9 @@ fn u64_of(v: Option<IVec>) -> u64 {
         .map_or(0, u64::from_be_bytes)
 }
 
-impl SledStorage {
+impl Store {
     /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path, options: &SledOptions) -> Result<Self, StorageError> {
+    fn open(dir: &Path, options: &SledOptions) -> Result<Self, StorageError> {
         let open_err = |reason: String| StorageError::Open {
             path: dir.display().to_string(),
             reason,
@@ -97,7 +98,7 @@ impl SledStorage {
             .open()
             .map_err(|e| open_err(e.to_string()))?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_err(e.to_string()));
-        let store = SledStorage {
+        let store = Store {
             wal: tree("wal")?,
             keys: tree("idempotency")?,
             expiry: tree("idem_expiry")?,
@@ -168,7 +169,7 @@ impl SledStorage {
     }
 }
 
-impl Storage for SledStorage {
+impl Storage for Store {
     fn append(
         &self,
         events: &[NewEvent],
@@ -451,7 +452,7 @@ impl KvWrite for TxKv<'_> {
     }
 }
 
-impl KvRead for SledStorage {
+impl KvRead for Store {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.aggregates.get(key).map_err(io)?.map(|v| v.to_vec()))
     }
@@ -472,5 +473,176 @@ impl KvRead for SledStorage {
             }
         }
         Ok(())
+    }
+}
+
+/// The sled-backed store. sled stops working after a failed write (a
+/// full disk makes every later call fail, even once space returns), so
+/// after an I/O error this wrapper closes the database and opens it again,
+/// at most once a second: what was flushed is still there, and the daemon
+/// goes on without a restart when the disk has room again.
+pub struct SledStorage {
+    /// Where the database lives.
+    dir: PathBuf,
+    /// How it is opened.
+    options: SledOptions,
+    /// The open database; `None` while it is being reopened.
+    store: RwLock<Option<Arc<Store>>>,
+    /// When the last reopen was tried.
+    last_reopen: Mutex<Option<Instant>>,
+}
+
+impl SledStorage {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, options: &SledOptions) -> Result<Self, StorageError> {
+        let store = Store::open(dir, options)?;
+        Ok(SledStorage {
+            dir: dir.to_owned(),
+            options: options.clone(),
+            store: RwLock::new(Some(Arc::new(store))),
+            last_reopen: Mutex::new(None),
+        })
+    }
+
+    /// Runs `f` on the open store; an I/O error triggers a reopen.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let store = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(store) = store else {
+            self.reopen();
+            return Err(StorageError::Io(
+                "the store is being reopened after an I/O error".into(),
+            ));
+        };
+        let result = f(&store);
+        drop(store);
+        if let Err(StorageError::Io(e)) = &result {
+            tracing::warn!(error = %e, "storage I/O failed; reopening the store");
+            self.reopen();
+        }
+        result
+    }
+
+    /// Closes and reopens the database (at most once a second).
+    fn reopen(&self) {
+        {
+            let mut last = self.last_reopen.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let mut slot = self.store.write().unwrap_or_else(|p| p.into_inner());
+        let last_seq = slot
+            .as_ref()
+            .map_or(0, |s| s.last_seq.load(Ordering::SeqCst));
+        // Wait for calls still holding the old database, then close it.
+        if let Some(old) = slot.take() {
+            for _ in 0..100 {
+                if Arc::strong_count(&old) == 1 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            drop(old);
+        }
+        for attempt in 0..20 {
+            match Store::open(&self.dir, &self.options) {
+                Ok(store) => {
+                    store.last_seq.fetch_max(last_seq, Ordering::SeqCst);
+                    *slot = Some(Arc::new(store));
+                    tracing::info!("store reopened");
+                    return;
+                }
+                Err(e) if attempt == 19 => {
+                    tracing::error!(error = %e, "reopening the store failed; will retry")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+impl SledStorage {
+    /// Writes raw bytes into a tree, bypassing every check: for tests that
+    /// need a damaged record on disk.
+    #[doc(hidden)]
+    pub fn put_raw(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        self.with(|s| {
+            let t = match tree {
+                "wal" => &s.wal,
+                "dlq" => &s.dlq,
+                _ => return Err(StorageError::Io(format!("no tree {tree}"))),
+            };
+            t.insert(key, value).map_err(io)?;
+            s.flush()
+        })
+    }
+}
+
+impl Storage for SledStorage {
+    fn append(
+        &self,
+        events: &[NewEvent],
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Vec<AppendOutcome>, StorageError> {
+        self.with(|s| s.append(events, now_ms, ttl_ms))
+    }
+    fn flush(&self) -> Result<(), StorageError> {
+        self.with(|s| s.flush())
+    }
+    fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Queued>, Vec<Quarantined>), StorageError> {
+        self.with(|s| s.read_after(after, limit))
+    }
+    fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
+        self.with(|s| s.commit_batch(ack))
+    }
+    fn queue_info(&self) -> Result<QueueInfo, StorageError> {
+        self.with(|s| s.queue_info())
+    }
+    fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
+        self.with(|s| s.counts())
+    }
+    fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
+        self.with(|s| s.prune_windows(before_ms))
+    }
+    fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
+        self.with(|s| s.sweep_keys(before_ms, limit))
+    }
+    fn dlq_list(&self, after: u64, limit: usize) -> Result<Vec<(u64, DlqEntry)>, StorageError> {
+        self.with(|s| s.dlq_list(after, limit))
+    }
+    fn dlq_get(&self, id: u64) -> Result<Option<DlqEntry>, StorageError> {
+        self.with(|s| s.dlq_get(id))
+    }
+    fn dlq_remove(&self, ids: &[u64]) -> Result<usize, StorageError> {
+        self.with(|s| s.dlq_remove(ids))
+    }
+    fn dlq_len(&self) -> Result<u64, StorageError> {
+        self.with(|s| s.dlq_len())
+    }
+    fn dlq_replay(&self, ids: &[u64]) -> Result<(Vec<u64>, u64), StorageError> {
+        self.with(|s| s.dlq_replay(ids))
+    }
+}
+
+impl KvRead for SledStorage {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.with(|s| KvRead::get(s, key))
+    }
+    fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        self.with(|s| s.scan(from, to, f))
     }
 }
