@@ -13,18 +13,22 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
 use crate::config::{Config, Durability, LogFormat};
 use crate::http::{self, Api};
 use crate::pipeline::supervisor::{Supervisor, SupervisorMsg};
-use crate::pipeline::{Context, Names, Pipeline, Status};
+use crate::pipeline::{Context, Live, Pipeline};
 use crate::storage::sled::{SledOptions, SledStorage};
 use crate::storage::{Storage, StorageError};
 
@@ -49,8 +53,6 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The pipeline handle (tests inspect it).
     pub pipeline: Pipeline,
-    /// The configuration it runs with.
-    config: Arc<Config>,
     /// The root of the actor tree.
     supervisor: ActorRef<SupervisorMsg>,
     /// Completes when the supervisor stops (on purpose or not).
@@ -63,19 +65,70 @@ pub struct Running {
     sweeper: JoinHandle<()>,
 }
 
-/// Installs the global log subscriber (once per process).
+/// Changes the log filter of the running process (SIGHUP).
+static LOG_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Installs the global log subscriber (once per process): JSON lines under
+/// systemd (journald sets `JOURNAL_STREAM`) or when asked, text otherwise.
 pub fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let _ = match config.log_format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let json = match config.log_format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => std::env::var_os("JOURNAL_STREAM").is_some() && !terminal,
     };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(terminal)
+        .with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().boxed()
+    } else {
+        fmt.boxed()
+    };
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+    {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// Reads the configuration again and puts what can change live in force:
+/// log level, sources and their secrets and rate limits, sinks, batch and
+/// retry policy, limits. A config that does not load is refused and the
+/// old one kept.
+pub fn reload(context: &Context) {
+    let current = context.live().config.clone();
+    let (new, ignored) = match current.reload() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused; the running configuration is unchanged");
+            return;
+        }
+    };
+    for key in &ignored {
+        tracing::warn!(
+            key,
+            "changed in the file but only takes effect after a restart"
+        );
+    }
+    for warning in &new.warnings {
+        tracing::warn!("{warning}");
+    }
+    if new.log_level != current.log_level
+        && let Some(handle) = LOG_FILTER.get()
+        && let Ok(filter) = EnvFilter::try_new(&new.log_level)
+    {
+        let _ = handle.modify(|f| *f = filter);
+    }
+    let sources = new.sources.len();
+    let sinks = new.sinks.len();
+    context.set_live(Live::new(new, None));
+    tracing::info!(sources, sinks, "configuration reloaded");
 }
 
 /// Opens the store in `config.data_dir`.
@@ -99,18 +152,13 @@ pub async fn start(
     storage: Arc<dyn Storage>,
     sinks: Option<Vec<Arc<dyn crate::sinks::Sink>>>,
 ) -> Result<Running, AppError> {
-    let config = Arc::new(config);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    let context = Arc::new(Context {
-        sinks: sinks.unwrap_or_else(|| crate::sinks::build(&config)),
-        sources: crate::pipeline::sources(&config),
-        config: config.clone(),
-        storage,
-        status: Arc::new(Status::default()),
-        names: Names::unique(),
-    });
+    let live = Live::new(config, sinks);
+    let config = live.config.clone();
+    let sink_count = live.sinks.len();
+    let context = Arc::new(Context::new(live, storage));
     let (supervisor, supervisor_done) = Actor::spawn(None, Supervisor, context.clone())
         .await
         .map_err(|e| AppError::Spawn(e.to_string()))?;
@@ -136,7 +184,7 @@ pub async fn start(
         reason: e.to_string(),
     })?;
     let (stop_http, stopped) = oneshot::channel::<()>();
-    let routes = http::routes(Api::new(pipeline.clone(), config.clone()));
+    let routes = http::routes(Api::new(pipeline.clone()));
     let http_done = tokio::spawn(http::server::serve(
         listener,
         routes,
@@ -150,11 +198,10 @@ pub async fn start(
     ));
     let sweeper = tokio::spawn(sweep_keys(context.clone()));
     tracing::info!(%addr, data_dir = %config.data_dir.display(), durability = ?config.durability,
-        sinks = context.sinks.len(), "inletd is accepting events");
+        sinks = sink_count, "inletd is accepting events");
     Ok(Running {
         addr,
         pipeline,
-        config,
         supervisor,
         supervisor_done,
         stop_http,
@@ -183,7 +230,7 @@ impl Running {
     /// The drain sequence (module docs).
     pub async fn stop(self) {
         let started = Instant::now();
-        let deadline = self.config.drain_timeout();
+        let deadline = self.pipeline.context.live().config.drain_timeout();
         let context = &self.pipeline.context;
         context.status.draining.store(true, Ordering::SeqCst);
         let caught_up = self.pipeline.drain(deadline).await;
@@ -213,11 +260,50 @@ impl Running {
 }
 
 /// Starts the daemon and runs it until `shutdown` completes.
+///
+/// Under systemd (`Type=notify`) it reports READY=1 once the store is open
+/// and the listener bound, STOPPING=1 when the drain starts, and pings the
+/// watchdog when `WatchdogSec` is set. SIGHUP reloads the configuration.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
     init_logging(&config);
     let storage = open_storage(&config)?;
     let running = start(config, storage, None).await?;
-    running.run_until(shutdown).await
+    let reloader = tokio::spawn(reload_on_sighup(running.pipeline.context.clone()));
+    let watchdog = tokio::spawn(watchdog());
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let stopping = async {
+        shutdown.await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    };
+    let result = running.run_until(stopping).await;
+    reloader.abort();
+    watchdog.abort();
+    result
+}
+
+/// Reloads the configuration on every SIGHUP.
+async fn reload_on_sighup(context: Arc<Context>) {
+    use futures_util::StreamExt;
+    let Ok(mut signals) = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP]) else {
+        tracing::warn!("cannot listen for SIGHUP; reload needs a restart");
+        return;
+    };
+    while signals.next().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        reload(&context);
+    }
+}
+
+/// Pings systemd's watchdog at half its interval while the runtime is alive.
+async fn watchdog() {
+    let Some(interval) = sd_notify::watchdog_enabled().filter(|d| !d.is_zero()) else {
+        return;
+    };
+    let mut every = tokio::time::interval(interval / 2);
+    loop {
+        every.tick().await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+    }
 }
 
 /// Once a minute: removes expired idempotency keys and prunes the
@@ -233,7 +319,7 @@ async fn sweep_keys(context: Arc<Context>) {
         {
             tracing::warn!(error = %e, "pruning rolling-window buckets failed");
         }
-        let before = crate::event::now_ms() - context.config.idempotency_ttl_ms();
+        let before = crate::event::now_ms() - context.live().config.idempotency_ttl_ms();
         loop {
             let storage = context.storage.clone();
             match tokio::task::spawn_blocking(move || storage.sweep_keys(before, BATCH)).await {

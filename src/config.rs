@@ -36,6 +36,8 @@ pub enum Durability {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// JSON under systemd (journald), text at a terminal.
+    Auto,
     /// Human-readable lines.
     Text,
     /// One JSON object per line (journald, log shippers).
@@ -104,6 +106,18 @@ pub struct Config {
     /// readable by others); logged at start.
     #[serde(skip)]
     pub warnings: Vec<String>,
+    /// Where this config came from, so that SIGHUP can read it again.
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+/// How a config was loaded: the file and the command-line overrides.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Origin {
+    /// The TOML file, if any.
+    pub file: Option<PathBuf>,
+    /// `(key, value)` pairs from flags.
+    pub overrides: Vec<(String, String)>,
 }
 
 /// A named intake: `/webhook/{name}/events`.
@@ -189,7 +203,7 @@ impl Default for Config {
             max_batch_events: 1000,
             max_queue_events: 10_000_000,
             admin_token: String::new(),
-            log_format: LogFormat::Text,
+            log_format: LogFormat::Auto,
             log_level: "info".into(),
             cache_capacity_mb: 64,
             header_read_timeout_secs: 10,
@@ -199,6 +213,7 @@ impl Default for Config {
             sources: Vec::new(),
             sinks: Vec::new(),
             warnings: Vec::new(),
+            origin: Origin::default(),
         }
     }
 }
@@ -221,7 +236,47 @@ impl Config {
         let mut config = Self::from_parts(&text, &env, overrides)?;
         config.read_secret_files()?;
         config.validate()?;
+        config.origin = Origin {
+            file: file.map(Path::to_owned),
+            overrides: overrides
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        };
         Ok(config)
+    }
+
+    /// Reads the configuration again from where it came from (SIGHUP).
+    /// Keys that only take effect at start (listed below) keep their current values; the names of
+    /// those that differ are returned so the caller can say so.
+    pub fn reload(&self) -> Result<(Config, Vec<&'static str>), ConfigError> {
+        let overrides: Vec<(&str, String)> = self
+            .origin
+            .overrides
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let mut new = Config::load(self.origin.file.as_deref(), &overrides)?;
+        let mut ignored = Vec::new();
+        macro_rules! keep {
+            ($($field:ident),*) => {$(
+                if new.$field != self.$field {
+                    ignored.push(stringify!($field));
+                    new.$field = self.$field.clone();
+                }
+            )*};
+        }
+        keep!(
+            bind,
+            data_dir,
+            durability,
+            flush_interval_ms,
+            cache_capacity_mb,
+            header_read_timeout_secs,
+            max_connections,
+            log_format
+        );
+        Ok((new, ignored))
     }
 
     /// Reads each source's `secret_file` into its `secret`, warning when

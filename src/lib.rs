@@ -11,6 +11,7 @@
 //! | module       | holds |
 //! |--------------|-------|
 //! | [`analytics`]| the aggregates (DAU, top events, cohorts, rolling windows) and their queries |
+//! | [`cli`]      | the client subcommands: import, stats, demo (they talk to a running daemon over HTTP) |
 //! | [`config`]   | settings: defaults, TOML file, `INLETD_*` environment, flags; validation |
 //! | [`event`]    | events, their validation, the WAL record |
 //! | [`storage`]  | the `Storage` trait, its design (layout, invariants, flushing), sled and memory stores |
@@ -18,15 +19,18 @@
 //! | [`sinks`]    | forwarding sinks (HTTP, file) |
 //! | [`http`]     | warp routes, thin handlers, the error type, the accept loop |
 //! | [`app`]      | start-up wiring and the shutdown sequence |
+//! | [`ratelimit`]| the per-source token bucket |
 //! | [`shutdown`] | signal handling |
 //! | [`signature`]| webhook signature schemes (Standard Webhooks, GitHub, Stripe) |
 
 pub mod analytics;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod event;
 pub mod http;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod shutdown;
 pub mod signature;
 pub mod sinks;

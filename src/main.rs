@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use inletd::cli;
 use inletd::config::Config;
 
 /// Durable webhook intake: dedupe, write-ahead queue, micro-batches, DLQ.
@@ -15,12 +16,14 @@ struct Cli {
     /// TOML configuration file (every key has a default; none is needed).
     #[arg(long, global = true, env = "INLETD_CONFIG")]
     config: Option<PathBuf>,
-    /// Listen address, e.g. 127.0.0.1:5015 (beats INLETD_BIND and the file).
+    /// Listen address, e.g. 127.0.0.1:5015 (beats INLETD_BIND and the file);
+    /// import, stats and demo send to it unless --url is given.
     #[arg(long, global = true)]
     bind: Option<String>,
     /// Data directory (beats INLETD_DATA_DIR and the file).
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    /// What to do (default: run the daemon).
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -31,6 +34,22 @@ enum Command {
     Run,
     /// Load and validate the configuration; print it; exit non-zero if bad.
     CheckConfig,
+    /// Import events from a CSV or JSON-lines file into a running daemon.
+    Import(cli::import::Args),
+    /// Show a running daemon's totals, events by type, queue, DLQ and latency.
+    Stats(cli::stats::Args),
+    /// Send seed 000's sample traffic (basic, idempotency, burst, batch) to a running daemon.
+    Demo(cli::demo::Args),
+}
+
+impl Command {
+    /// Whether this subcommand is a client of a running daemon (exit 2 on a fatal error).
+    fn is_client(&self) -> bool {
+        matches!(
+            self,
+            Command::Import(_) | Command::Stats(_) | Command::Demo(_)
+        )
+    }
 }
 
 impl Cli {
@@ -48,16 +67,21 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let fatal = match &cli.command {
+        Some(c) if c.is_client() => cli::EXIT_FATAL,
+        _ => 1,
+    };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("inletd: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(fatal)
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the subcommand; returns the exit code.
+fn run(cli: Cli) -> anyhow::Result<u8> {
     let config = cli.config()?;
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
@@ -66,7 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 toml::to_string(&config).context("printing the config")?
             );
             eprintln!("inletd: configuration is valid");
-            Ok(())
+            Ok(0)
         }
         Command::Run => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -76,8 +100,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let _ = signal.await;
                 })
                 .await?;
-                Ok(())
+                Ok(0)
             })
         }
+        Command::Import(args) => client(async {
+            cli::import::run(&config, &args)
+                .await
+                .with_context(|| format!("import {}", args.file.display()))
+        }),
+        Command::Stats(args) => {
+            client(async { cli::stats::run(&config, &args).await.context("stats") })
+        }
+        Command::Demo(args) => {
+            client(async { cli::demo::run(&config, &args).await.context("demo") })
+        }
     }
+}
+
+/// Runs a client subcommand on a current-thread runtime.
+fn client(work: impl Future<Output = anyhow::Result<cli::Outcome>>) -> anyhow::Result<u8> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    Ok(runtime.block_on(work)?.exit_code())
 }

@@ -61,7 +61,10 @@ fn a_full_disk_answers_503_and_recovers_when_space_returns() {
     let mut refused = None;
     for i in 0..5000 {
         let id = format!("e{i}");
-        let r = d.post_json("/webhook/events", &json!({"event_id": id, "event_type": "t", "metadata": {"pad": pad}}));
+        let r = d.post_json(
+            "/webhook/events",
+            &json!({"event_id": id, "event_type": "t", "metadata": {"pad": pad}}),
+        );
         match r.status {
             202 => accepted.push(id),
             503 => {
@@ -72,15 +75,29 @@ fn a_full_disk_answers_503_and_recovers_when_space_returns() {
         }
     }
     let refused = refused.expect("the disk never filled up");
-    assert_eq!(refused.json()["error"], "storage_unavailable", "{}", refused.text());
+    assert_eq!(
+        refused.json()["error"],
+        "storage_unavailable",
+        "{}",
+        refused.text()
+    );
     assert!(refused.header("retry-after").is_some());
-    assert!(refused.text().contains("No space left"), "{}", refused.text());
+    assert!(
+        refused.text().contains("No space left"),
+        "{}",
+        refused.text()
+    );
     assert_eq!(d.get("/ready").status, 503);
     assert_eq!(d.get("/health").status, 200);
 
     std::fs::remove_file(&filler).unwrap();
     eventually(Duration::from_secs(20), "intake works again", || {
-        d.post_json("/webhook/events", &json!({"event_id": "after", "event_type": "t"})).status == 202
+        d.post_json(
+            "/webhook/events",
+            &json!({"event_id": "after", "event_type": "t"}),
+        )
+        .status
+            == 202
     });
     accepted.push("after".into());
     assert_eq!(d.get("/ready").status, 200);
@@ -88,9 +105,15 @@ fn a_full_disk_answers_503_and_recovers_when_space_returns() {
     // Drain on SIGTERM processes everything acknowledged.
     assert!(d.terminate(Duration::from_secs(30)).success());
     let text = std::fs::read_to_string(&sink).unwrap();
-    let mut missing: Vec<&String> = accepted.iter().filter(|id| !text.contains(&format!("\"{id}\""))).collect();
+    let mut missing: Vec<&String> = accepted
+        .iter()
+        .filter(|id| !text.contains(&format!("\"{id}\"")))
+        .collect();
     missing.truncate(5);
-    assert!(missing.is_empty(), "acknowledged but not processed: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not processed: {missing:?}"
+    );
 }
 
 fn record(key: &str) -> NewEvent {
@@ -115,23 +138,51 @@ fn a_damaged_record_is_quarantined_and_reported_by_position() {
     let data = dir.path().join("data");
     {
         let store = SledStorage::open(&data, &SledOptions::default()).unwrap();
-        store.append(&[record("a"), record("b"), record("c")], inletd::event::now_ms(), 86_400_000).unwrap();
+        store
+            .append(
+                &[record("a"), record("b"), record("c")],
+                inletd::event::now_ms(),
+                86_400_000,
+            )
+            .unwrap();
         // seq 2 ("b"): a flipped byte breaks its checksum.
-        store.put_raw("wal", &2u64.to_be_bytes(), b"\x01\x00\x00\x00\x00garbage").unwrap();
+        store
+            .put_raw("wal", &2u64.to_be_bytes(), b"\x01\x00\x00\x00\x00garbage")
+            .unwrap();
         store.flush().unwrap();
     }
     let sink = dir.path().join("out.jsonl");
     let d = Daemon::start(
         dir.path(),
-        &format!("[[sinks]]\nname = \"file\"\ntype = \"file\"\npath = \"{}\"\n", sink.display()),
+        &format!(
+            "[[sinks]]\nname = \"file\"\ntype = \"file\"\npath = \"{}\"\n",
+            sink.display()
+        ),
     );
     d.wait_processed(Duration::from_secs(10));
     let text = std::fs::read_to_string(&sink).unwrap();
-    assert!(text.contains("\"a\"") && text.contains("\"c\"") && !text.contains("\"b\""), "{text}");
+    assert!(
+        text.contains("\"a\"") && text.contains("\"c\"") && !text.contains("\"b\""),
+        "{text}"
+    );
     let log = d.log_text();
-    assert!(log.contains("damaged record moved to quarantine") && log.contains("wal seq 2"), "{log}");
-    assert!(d.get("/metrics").text().contains("inletd_quarantined_total 1"));
-    assert_eq!(d.post_json("/webhook/events", &json!({"event_id": "d", "event_type": "t"})).status, 202);
+    assert!(
+        log.contains("damaged record moved to quarantine") && log.contains("wal seq 2"),
+        "{log}"
+    );
+    assert!(
+        d.get("/metrics")
+            .text()
+            .contains("inletd_quarantined_total 1")
+    );
+    assert_eq!(
+        d.post_json(
+            "/webhook/events",
+            &json!({"event_id": "d", "event_type": "t"})
+        )
+        .status,
+        202
+    );
 }
 
 /// A second daemon on the same data directory exits non-zero, naming the
@@ -141,7 +192,11 @@ fn a_store_in_use_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let first = Daemon::start(dir.path(), "");
     let config = common::write_config(dir.path(), "");
-    let out = Command::new(env!("CARGO_BIN_EXE_inletd")).arg("--config").arg(&config).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_inletd"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&first.data_dir.display().to_string()), "{err}");

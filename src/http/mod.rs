@@ -5,7 +5,6 @@
 //! `recover()`.
 
 pub mod error;
-pub mod ratelimit;
 pub mod server;
 
 use std::collections::HashMap;
@@ -24,14 +23,12 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::analytics;
-use crate::config::Config;
 use crate::event::BodyError;
 use crate::event::now_ms;
 use crate::pipeline::Pipeline;
 use crate::pipeline::messages::{IngestError, IngestRequest, Shape, Verdict};
 use crate::signature::{SignedHeaders, constant_time_eq};
 use error::ApiError;
-use ratelimit::TokenBucket;
 
 /// The peer address of a connection, put into each request by the server.
 #[derive(Debug, Clone, Copy)]
@@ -39,30 +36,14 @@ pub struct PeerAddr(pub SocketAddr);
 
 /// What the handlers need.
 pub struct Api {
-    /// The actor pipeline.
+    /// The actor pipeline (and through it the live config).
     pub pipeline: Pipeline,
-    /// Limits, sources and the admin token.
-    pub config: Arc<Config>,
-    /// Token buckets of the rate-limited sources.
-    pub limiters: HashMap<String, TokenBucket>,
 }
 
 impl Api {
-    /// The handler state for `pipeline` under `config`.
-    pub fn new(pipeline: Pipeline, config: Arc<Config>) -> Arc<Self> {
-        let limiters = config
-            .sources
-            .iter()
-            .filter_map(|s| {
-                s.rate_limit_per_sec
-                    .map(|r| (s.name.clone(), TokenBucket::new(r)))
-            })
-            .collect();
-        Arc::new(Api {
-            pipeline,
-            config,
-            limiters,
-        })
+    /// The handler state for `pipeline`.
+    pub fn new(pipeline: Pipeline) -> Arc<Self> {
+        Arc::new(Api { pipeline })
     }
 }
 
@@ -219,15 +200,17 @@ where
             5,
         ));
     }
-    if !api.pipeline.context.sources.contains_key(&source) {
+    let live = api.pipeline.context.live();
+    let config = &live.config;
+    let Some(source_parts) = live.sources.get(&source) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_source",
             format!("no source named `{source}` is configured"),
         )
         .into());
-    }
-    if let Some(bucket) = api.limiters.get(&source)
+    };
+    if let Some(bucket) = &source_parts.limiter
         && let Err(wait) = bucket.take()
     {
         return Err(ApiError::new(
@@ -239,18 +222,18 @@ where
         .into());
     }
     let depth = status.queue_depth();
-    if depth >= api.config.max_queue_events {
+    if depth >= config.max_queue_events {
         return Err(service_unavailable(
             "queue_full",
             &format!(
                 "{depth} events are queued (max_queue_events = {}); retry later",
-                api.config.max_queue_events
+                config.max_queue_events
             ),
             10,
         ));
     }
-    let limit = Duration::from_secs(api.config.request_timeout_secs);
-    let body = tokio::time::timeout(limit, read_body(&headers, body, api.config.max_body_bytes))
+    let limit = Duration::from_secs(config.request_timeout_secs);
+    let body = tokio::time::timeout(limit, read_body(&headers, body, config.max_body_bytes))
         .await
         .map_err(|_| {
             ApiError::new(
@@ -458,7 +441,8 @@ async fn authorize(
     peer: Option<PeerAddr>,
     authorization: Option<String>,
 ) -> Result<(), Rejection> {
-    let token = &api.config.admin_token;
+    let live = api.pipeline.context.live();
+    let token = &live.config.admin_token;
     if token.is_empty() {
         return match peer {
             Some(PeerAddr(addr)) if addr.ip().is_loopback() => Ok(()),

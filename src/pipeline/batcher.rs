@@ -123,13 +123,15 @@ fn schedule(
         }
         return Ok(());
     }
-    let batch_size = state.context.config.batch_size;
+    let batch_size = state.context.live().config.batch_size;
     if available >= batch_size as u64 || timed_out || state.drain.is_some() {
         return emit(myself, state);
     }
     if !state.timer_armed {
         state.timer_armed = true;
-        myself.send_after(state.context.config.batch_timeout(), || BatcherMsg::Tick);
+        myself.send_after(state.context.live().config.batch_timeout(), || {
+            BatcherMsg::Tick
+        });
     }
     Ok(())
 }
@@ -143,7 +145,7 @@ fn emit(myself: &ActorRef<BatcherMsg>, state: &mut State) -> Result<(), ActorPro
         }
         return Ok(());
     };
-    let batch_size = state.context.config.batch_size;
+    let batch_size = state.context.live().config.batch_size;
     let (mut records, damaged) = state
         .context
         .storage

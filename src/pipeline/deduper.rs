@@ -82,8 +82,9 @@ async fn commit(context: &Arc<Context>, group: Vec<AppendRequest>) {
         .flat_map(|r| r.events.iter().cloned())
         .collect();
     let storage = context.storage.clone();
-    let fsync = context.config.durability == Durability::Fsync;
-    let ttl_ms = context.config.idempotency_ttl_ms();
+    let config = context.live().config.clone();
+    let fsync = config.durability == Durability::Fsync;
+    let ttl_ms = config.idempotency_ttl_ms();
     let written = tokio::task::spawn_blocking(move || {
         let outcomes = storage.append(&events, now_ms(), ttl_ms)?;
         if fsync {

@@ -19,13 +19,14 @@ pub mod receiver;
 pub mod supervisor;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ractor::{ActorRef, Message};
 
 use crate::config::Config;
+use crate::ratelimit::TokenBucket;
 use crate::signature::Verifier;
 use crate::sinks::Sink;
 use crate::storage::Storage;
@@ -102,32 +103,83 @@ pub const PROCESSOR: &str = "processor";
 pub const DLQ: &str = "dlq";
 pub const METRICS: &str = "metrics";
 
+/// What a reload (SIGHUP) may change, swapped as a whole: readers take
+/// one snapshot per message or request and see a consistent set.
+pub struct Live {
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Every source by name (`default` always).
+    pub sources: HashMap<String, Source>,
+    /// The forwarding sinks.
+    pub sinks: Vec<Arc<dyn Sink>>,
+}
+
+/// A source's runtime parts.
+pub struct Source {
+    /// Its signature check, if it has one.
+    pub verifier: Option<Verifier>,
+    /// Its rate limit, if it has one.
+    pub limiter: Option<TokenBucket>,
+}
+
+impl Live {
+    /// Builds the runtime parts of `config`; sinks from the config unless given.
+    pub fn new(config: Config, sinks: Option<Vec<Arc<dyn Sink>>>) -> Live {
+        let mut sources: HashMap<String, Source> = config
+            .sources
+            .iter()
+            .map(|s| {
+                let source = Source {
+                    verifier: s.verifier(),
+                    limiter: s.rate_limit_per_sec.map(TokenBucket::new),
+                };
+                (s.name.clone(), source)
+            })
+            .collect();
+        sources.entry("default".to_owned()).or_insert(Source {
+            verifier: None,
+            limiter: None,
+        });
+        Live {
+            sinks: sinks.unwrap_or_else(|| crate::sinks::build(&config)),
+            config: Arc::new(config),
+            sources,
+        }
+    }
+}
+
 /// What every actor is started with.
 pub struct Context {
-    /// The configuration the pipeline runs with.
-    pub config: Arc<Config>,
+    /// Config, sources and sinks; replaced on reload.
+    live: RwLock<Arc<Live>>,
     /// The store.
     pub storage: Arc<dyn Storage>,
     /// Figures shared with the HTTP layer.
     pub status: Arc<Status>,
     /// Where the other actors are.
     pub names: Names,
-    /// The forwarding sinks, built from the config.
-    pub sinks: Vec<Arc<dyn Sink>>,
-    /// Every source by name (`default` always) with its signature verifier.
-    pub sources: HashMap<String, Option<Verifier>>,
 }
 
-/// The sources of `config` with their verifiers; `default` is added
-/// (verifying nothing) unless configured.
-pub fn sources(config: &Config) -> HashMap<String, Option<Verifier>> {
-    let mut map: HashMap<String, Option<Verifier>> = config
-        .sources
-        .iter()
-        .map(|s| (s.name.clone(), s.verifier()))
-        .collect();
-    map.entry("default".to_owned()).or_insert(None);
-    map
+impl Context {
+    /// A context for a new pipeline.
+    pub fn new(live: Live, storage: Arc<dyn Storage>) -> Self {
+        Context {
+            live: RwLock::new(Arc::new(live)),
+            storage,
+            status: Arc::new(Status::default()),
+            names: Names::unique(),
+        }
+    }
+
+    /// The current config, sources and sinks.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts a reloaded config, sources and sinks in force.
+    pub fn set_live(&self, live: Live) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+    }
 }
 
 /// The handle the HTTP layer and `app` use; every call goes to an actor.

@@ -75,10 +75,11 @@ impl Actor for Processor {
         let ProcessorMsg::Process { records, upto } = message;
         let started = Instant::now();
         let context = state.context.clone();
-        let config = &context.config;
+        let live = context.live();
+        let config = &live.config;
         let ctx = &context;
 
-        let deliveries = context.sinks.iter().map(|sink| {
+        let deliveries = live.sinks.iter().map(|sink| {
             let events: Vec<Queued> = records
                 .iter()
                 .filter(|q| {
@@ -120,7 +121,7 @@ impl Actor for Processor {
         };
         for q in &records {
             if let Some(target) = &q.record.only_sink
-                && !context.sinks.iter().any(|s| s.name() == target)
+                && !live.sinks.iter().any(|s| s.name() == target)
             {
                 ack.dead.push((
                     q.seq,

@@ -67,7 +67,12 @@ impl Actor for Receiver {
             let _ = reply.send(Err(IngestError::NotJson(request.content_type)));
             return Ok(());
         }
-        if let Some(Some(verifier)) = state.context.sources.get(&request.source) {
+        let live = state.context.live();
+        if let Some(verifier) = live
+            .sources
+            .get(&request.source)
+            .and_then(|s| s.verifier.as_ref())
+        {
             let now = request.received_at_ms.div_euclid(1000);
             if let Err(e) = verifier.verify(&request.signed, &request.body, now) {
                 names.observe(Observation::Rejected {
@@ -78,7 +83,7 @@ impl Actor for Receiver {
                 return Ok(());
             }
         }
-        let parsed = parse(&request, state.context.config.max_batch_events);
+        let parsed = parse(&request, live.config.max_batch_events);
         let candidates = match parsed {
             Ok(c) => c,
             Err(e) => {

@@ -116,7 +116,7 @@ impl Actor for Supervisor {
             {
                 state.restarts.pop_front();
             }
-            let budget = state.context.config.max_restarts_per_minute;
+            let budget = state.context.live().config.max_restarts_per_minute;
             if state.restarts.len() >= budget {
                 tracing::error!(
                     budget,
