@@ -98,6 +98,11 @@ impl Verifier {
         Ok(Some(Verifier { scheme, key }))
     }
 
+    /// The scheme this verifier checks.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
     /// Checks the request; `now` is Unix seconds.
     pub fn verify(
         &self,

@@ -40,6 +40,10 @@ use crate::event::WalRecord;
 
 /// Minute buckets older than this are pruned (the longest window is 15 min).
 pub const WINDOW_RETENTION_MINUTES: i64 = 60;
+/// 0001-01-01 and 9999-12-31 as day numbers: the dates a query may name.
+pub const MIN_DAY: i32 = -719_162;
+/// See [`MIN_DAY`].
+pub const MAX_DAY: i32 = 2_932_896;
 /// Longest date range a query may span.
 pub const MAX_RANGE_DAYS: i64 = 366;
 /// Most retention windows per query.
@@ -314,6 +318,12 @@ pub fn format_day(day: i32) -> String {
 
 /// Checks a `from`..=`to` range.
 pub fn check_range(from: i32, to: i32) -> Result<(), QueryError> {
+    if from < MIN_DAY {
+        return Err(query_error("from", "must be in the years 0001 to 9999"));
+    }
+    if to > MAX_DAY {
+        return Err(query_error("to", "must be in the years 0001 to 9999"));
+    }
     if to < from {
         return Err(query_error("to", "must not be before `from`"));
     }
@@ -565,6 +575,10 @@ mod tests {
         assert_eq!(parse_day("from", "2024-01-15"), Ok(19737));
         assert_eq!(format_day(19737), "2024-01-15");
         assert_eq!(format_day(-1), "1969-12-31");
+        assert_eq!(parse_day("from", "0001-01-01"), Ok(MIN_DAY));
+        assert_eq!(parse_day("to", "9999-12-31"), Ok(MAX_DAY));
+        assert!(check_range(MIN_DAY - 1, MIN_DAY).is_err());
+        assert!(check_range(MAX_DAY, MAX_DAY + 1).is_err());
         for bad in ["2024-02-30", "2024-1-5", "yesterday", "", "2024-13-01"] {
             assert_eq!(parse_day("from", bad).unwrap_err().param, "from", "{bad}");
         }

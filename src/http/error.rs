@@ -100,14 +100,16 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         e.clone()
     } else if rejection.is_not_found() {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+    } else if let Some(q) = rejection.find::<warp::reject::InvalidQuery>() {
+        // Before MethodNotAllowed: other methods on the same path leave that
+        // rejection behind even when this route matched the method.
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", q.to_string())
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "this endpoint does not take that method",
         )
-    } else if let Some(q) = rejection.find::<warp::reject::InvalidQuery>() {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", q.to_string())
     } else if let Some(h) = rejection.find::<warp::reject::InvalidHeader>() {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_header", h.to_string())
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {

@@ -27,7 +27,7 @@ use crate::event::BodyError;
 use crate::event::now_ms;
 use crate::pipeline::Pipeline;
 use crate::pipeline::messages::{IngestError, IngestRequest, Shape, Verdict};
-use crate::signature::{SignedHeaders, constant_time_eq};
+use crate::signature::{Scheme, SignedHeaders, constant_time_eq};
 use error::ApiError;
 
 /// The peer address of a connection, put into each request by the server.
@@ -254,9 +254,14 @@ where
     let shape = if batch {
         Shape::Batch
     } else {
-        Shape::Single {
-            header_key: header("idempotency-key").or_else(|| header("webhook-id")),
-        }
+        // A signed source takes its key only from signed data: otherwise a
+        // captured request replayed with a new Idempotency-Key would be new.
+        let header_key = match source_parts.verifier.as_ref().map(|v| v.scheme()) {
+            None | Some(Scheme::None) => header("idempotency-key").or_else(|| header("webhook-id")),
+            Some(Scheme::StandardWebhooks) => header("webhook-id"),
+            Some(Scheme::Github | Scheme::Stripe) => None,
+        };
+        Shape::Single { header_key }
     };
     let signed = SignedHeaders {
         webhook_id: header("webhook-id"),
@@ -268,7 +273,10 @@ where
     let request = IngestRequest {
         source,
         shape: shape.clone(),
-        content_type: header("content-type"),
+        // Lossy, so that a non-UTF-8 value is reported as sent, not as missing.
+        content_type: headers
+            .get("content-type")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
         signed,
         body,
         received_at_ms,
@@ -675,6 +683,10 @@ async fn stats(
                     .into());
                 }
             };
+            let last_day = start.saturating_add((windows as i32) * days - 1);
+            analytics::check_range(start, last_day.min(analytics::MAX_DAY))
+                .and_then(|()| analytics::check_range(start, last_day))
+                .map_err(|e| ApiError::param("start_date", &e.detail))?;
             blocking(move || {
                 let cohorts = analytics::retention(storage.as_ref(), start, windows, days)?;
                 Ok(json!({"window_type": window_type, "cohorts": cohorts}))

@@ -68,6 +68,7 @@ pub async fn serve(
             .header_read_timeout(limits.header_read_timeout)
             .max_headers(MAX_HEADERS)
             .max_buf_size(MAX_HEAD_BYTES)
+            .max_header_size(MAX_HEAD_BYTES)
             .serve_connection(TokioIo::new(stream), per_request);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
