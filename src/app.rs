@@ -266,9 +266,11 @@ impl Running {
 /// watchdog when `WatchdogSec` is set. SIGHUP reloads the configuration.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
     init_logging(&config);
+    // Registered before anything else: a SIGHUP's default action is to exit.
+    let hangups = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP]);
     let storage = open_storage(&config)?;
     let running = start(config, storage, None).await?;
-    let reloader = tokio::spawn(reload_on_sighup(running.pipeline.context.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(hangups, running.pipeline.context.clone()));
     let watchdog = tokio::spawn(watchdog());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let stopping = async {
@@ -282,9 +284,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 /// Reloads the configuration on every SIGHUP.
-async fn reload_on_sighup(context: Arc<Context>) {
+async fn reload_on_sighup(
+    signals: std::io::Result<signal_hook_tokio::Signals>,
+    context: Arc<Context>,
+) {
     use futures_util::StreamExt;
-    let Ok(mut signals) = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP]) else {
+    let Ok(mut signals) = signals else {
         tracing::warn!("cannot listen for SIGHUP; reload needs a restart");
         return;
     };

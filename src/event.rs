@@ -262,7 +262,8 @@ impl WalRecord {
             received_at_ms,
             occurred_at_ms: event.occurred_at_ms,
             only_sink: None,
-            body: Value::Object(event.body.clone()).to_string(),
+            // A map of JSON values always serialises.
+            body: serde_json::to_string(&event.body).unwrap_or_default(),
         }
     }
 
