@@ -958,7 +958,10 @@ fn route_cases() -> Vec<Case> {
         param("/stats/dau?from=0000-01-01&to=9999-12-31", "from"),
         param("/stats/dau?from=0001-01-01&to=9999-12-31", "to"),
         param("/stats/dau?to=0001-01-05", "from"),
-        param("/stats/retention?start_date=9999-12-31&windows=3&window_type=weekly", "start_date"),
+        param(
+            "/stats/retention?start_date=9999-12-31&windows=3&window_type=weekly",
+            "start_date",
+        ),
         param("/stats/dau?from=2025-02-30", "from"),
         param("/stats/dau?from=%ff", "from"),
         param("/stats/top-events?limit=0", "limit"),
