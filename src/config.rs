@@ -80,6 +80,8 @@ pub struct Config {
     pub max_batch_events: usize,
     /// Queue high-water mark: intake answers 503 above it.
     pub max_queue_events: u64,
+    /// Queue high-water mark in bytes of stored records; 0: no byte limit.
+    pub max_queue_bytes: u64,
     /// Bearer token for /admin; empty: admin answers loopback callers only.
     #[serde(serialize_with = "masked")]
     pub admin_token: String,
@@ -202,6 +204,7 @@ impl Default for Config {
             max_body_bytes: 1_048_576,
             max_batch_events: 1000,
             max_queue_events: 10_000_000,
+            max_queue_bytes: 0,
             admin_token: String::new(),
             log_format: LogFormat::Auto,
             log_level: "info".into(),

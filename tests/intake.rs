@@ -389,3 +389,38 @@ fn a_rate_limited_source_answers_429() {
         202
     );
 }
+
+/// The byte high-water mark: once the queued records hold max_queue_bytes,
+/// intake answers 503; /admin/queue shows the bytes.
+#[test]
+fn a_queue_over_its_byte_limit_sheds_load_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let extra = format!(
+        "max_queue_bytes = 1000\nmax_retries = 0\n[[sinks]]\nname = \"hole\"\ntype = \"http\"\nurl = \"http://{}/\"\ntimeout_ms = 60000",
+        hole.local_addr().unwrap()
+    );
+    let d = Daemon::start(dir.path(), &extra);
+    let mut accepted = 0;
+    let refused = loop {
+        let r = d.post_json("/webhook/events", &event(&format!("b{accepted}"), "t"));
+        if r.status != 202 {
+            break r;
+        }
+        accepted += 1;
+        assert!(accepted < 100, "the byte limit never applied");
+    };
+    assert_eq!(
+        (refused.status, refused.json()["error"].clone()),
+        (503, json!("queue_full"))
+    );
+    assert!(
+        refused.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_queue_bytes")
+    );
+    let queue = d.get("/admin/queue").json();
+    assert!(queue["bytes"].as_u64().unwrap() >= 1000, "{queue}");
+    assert!(accepted >= 2, "{accepted}");
+}

@@ -232,6 +232,19 @@ where
             10,
         ));
     }
+    if config.max_queue_bytes > 0 {
+        let bytes = api.pipeline.context.storage.queue_bytes();
+        if bytes >= config.max_queue_bytes {
+            return Err(service_unavailable(
+                "queue_full",
+                &format!(
+                    "{bytes} bytes are queued (max_queue_bytes = {}); retry later",
+                    config.max_queue_bytes
+                ),
+                10,
+            ));
+        }
+    }
     let limit = Duration::from_secs(config.request_timeout_secs);
     let body = tokio::time::timeout(limit, read_body(&headers, body, config.max_body_bytes))
         .await
@@ -579,6 +592,7 @@ async fn queue(api: Arc<Api>) -> Result<Response, Rejection> {
     let oldest_age_ms = info.oldest_received_ms.map(|t| (now_ms() - t).max(0));
     Ok(warp::reply::json(&json!({
         "depth": info.depth,
+        "bytes": info.bytes,
         "cursor": info.cursor,
         "last_seq": info.last_seq,
         "oldest_age_ms": oldest_age_ms,

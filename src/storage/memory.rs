@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::{
     AppendOutcome, BatchAck, DlqEntry, NewEvent, Quarantined, QueueInfo, Storage, StorageError,
-    scoped_key,
+    encode_record, scoped_key,
 };
 use crate::analytics::{self, KvRead, KvWrite};
 use crate::event::{Queued, WalRecord};
@@ -32,6 +32,8 @@ struct Inner {
     dlq_last: u64,
     /// The analytics key space.
     aggregates: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Encoded bytes of the records in `wal`, as sled counts them.
+    queue_bytes: u64,
 }
 
 /// The aggregates map as a transaction target.
@@ -109,6 +111,7 @@ impl Storage for MemoryStorage {
                     next.last_seq += 1;
                     let seq = next.last_seq;
                     next.keys.insert(key, (now_ms, seq));
+                    next.queue_bytes += encode_record(&e.record).len() as u64;
                     next.wal.insert(seq, e.record.clone());
                     out.push(AppendOutcome::Accepted { seq });
                 }
@@ -148,7 +151,11 @@ impl Storage for MemoryStorage {
             if *seq <= cursor {
                 continue;
             }
-            g.wal.remove(seq);
+            if let Some(old) = g.wal.remove(seq) {
+                g.queue_bytes = g
+                    .queue_bytes
+                    .saturating_sub(encode_record(&old).len() as u64);
+            }
             if let Some(f) = f {
                 *g.counts.entry(f.event_type.clone()).or_default() += 1;
                 facts.push(f.clone());
@@ -171,11 +178,16 @@ impl Storage for MemoryStorage {
     fn queue_info(&self) -> Result<QueueInfo, StorageError> {
         let g = self.lock();
         Ok(QueueInfo {
+            bytes: g.queue_bytes,
             depth: g.last_seq - g.cursor,
             cursor: g.cursor,
             last_seq: g.last_seq,
             oldest_received_ms: g.wal.values().next().map(|r| r.received_at_ms),
         })
+    }
+
+    fn queue_bytes(&self) -> u64 {
+        self.lock().queue_bytes
     }
 
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
@@ -250,6 +262,7 @@ impl Storage for MemoryStorage {
                 record.only_sink = Some(entry.sink);
                 g.last_seq += 1;
                 let seq = g.last_seq;
+                g.queue_bytes += encode_record(&record).len() as u64;
                 g.wal.insert(seq, record);
                 moved.push(*id);
             }

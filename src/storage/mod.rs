@@ -14,7 +14,7 @@
 //! | `wal`         | seq (u64 big-endian)                  | record envelope ([`encode_record`])   |
 //! | `idempotency` | source `\0` key                       | first seen ms (i64 BE) ‖ seq (u64 BE) |
 //! | `idem_expiry` | first seen ms (i64 BE) ‖ source `\0` key | empty                              |
-//! | `meta`        | `cursor`, `format_version`            | u64 BE                                |
+//! | `meta`        | `cursor`, `format_version`, `dlq_last`, `queue_bytes` | u64 BE                |
 //! | `counts`      | event type                            | u64 BE                                |
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |
 //! | `aggregates`  | see [`crate::analytics`]              | counts, user days, cohorts, windows   |
@@ -153,6 +153,8 @@ pub struct BatchAck {
 /// Queue figures for `/admin/queue` and the high-water check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct QueueInfo {
+    /// Encoded bytes of the records waiting in the WAL (`max_queue_bytes`).
+    pub bytes: u64,
     /// Records waiting in the WAL: `last_seq - cursor` (O(1); a quarantined
     /// record still counts until the cursor passes it).
     pub depth: u64,
@@ -191,8 +193,11 @@ pub trait Storage: KvRead + Send + Sync + 'static {
     /// Commits a processed batch (invariant 3).
     fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError>;
 
-    /// Depth, cursor and last seq.
+    /// Depth, bytes, cursor and last seq.
     fn queue_info(&self) -> Result<QueueInfo, StorageError>;
+
+    /// Encoded bytes waiting in the WAL; cheap enough for every request.
+    fn queue_bytes(&self) -> u64;
 
     /// Accepted-event counts by type, from the built-in counter.
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError>;

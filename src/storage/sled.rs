@@ -22,6 +22,7 @@ use crate::event::{Queued, WalRecord};
 const CURSOR: &[u8] = b"cursor";
 const FORMAT: &[u8] = b"format_version";
 const DLQ_LAST: &[u8] = b"dlq_last";
+const QUEUE_BYTES: &[u8] = b"queue_bytes";
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
@@ -66,6 +67,8 @@ struct Store {
     last_seq: AtomicU64,
     /// Serialises writers that assign seqs (append, DLQ replay).
     write_lock: Mutex<()>,
+    /// Encoded bytes of the records in the WAL (kept in `meta` too).
+    queue_bytes: AtomicU64,
 }
 
 fn io(e: impl std::fmt::Display) -> StorageError {
@@ -110,6 +113,7 @@ impl Store {
             db,
             last_seq: AtomicU64::new(0),
             write_lock: Mutex::new(()),
+            queue_bytes: AtomicU64::new(0),
         };
         match store.meta.get(FORMAT).map_err(io)? {
             None => {
@@ -136,6 +140,8 @@ impl Store {
             .map_or(0, u64::from_be_bytes);
         let cursor = u64_of(store.meta.get(CURSOR).map_err(io)?);
         store.last_seq.store(last_wal.max(cursor), Ordering::SeqCst);
+        let bytes = u64_of(store.meta.get(QUEUE_BYTES).map_err(io)?);
+        store.queue_bytes.store(bytes, Ordering::SeqCst);
         Ok(store)
     }
 
@@ -182,9 +188,10 @@ impl Storage for Store {
             .iter()
             .map(|e| (scoped_key(&e.record), encode_record(&e.record)))
             .collect();
-        let (outcomes, last) = (&self.wal, &self.keys, &self.expiry)
-            .transaction(|(wal, keys, expiry)| {
+        let (outcomes, last, bytes) = (&self.wal, &self.keys, &self.expiry, &self.meta)
+            .transaction(|(wal, keys, expiry, meta)| {
                 let mut seq = start;
+                let mut bytes = u64_of(meta.get(QUEUE_BYTES)?);
                 let mut out = Vec::with_capacity(encoded.len());
                 for (key, record) in &encoded {
                     if let Some(v) = keys.get(key)? {
@@ -205,12 +212,15 @@ impl Storage for Store {
                     exp.extend_from_slice(key);
                     expiry.insert(exp, &[])?;
                     wal.insert(&seq.to_be_bytes(), record.as_slice())?;
+                    bytes += record.len() as u64;
                     out.push(AppendOutcome::Accepted { seq });
                 }
-                Ok::<_, ConflictableTransactionError<StorageError>>((out, seq))
+                meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<StorageError>>((out, seq, bytes))
             })
             .map_err(tx_err)?;
         self.last_seq.store(last, Ordering::SeqCst);
+        self.queue_bytes.store(bytes, Ordering::SeqCst);
         Ok(outcomes)
     }
 
@@ -258,13 +268,16 @@ impl Storage for Store {
         )
             .transaction(|(wal, meta, counts, dlq, aggregates)| {
                 let cursor = u64_of(meta.get(CURSOR)?);
+                let mut bytes = u64_of(meta.get(QUEUE_BYTES)?);
                 let mut added: std::collections::BTreeMap<&str, u64> = Default::default();
                 let mut facts = Vec::with_capacity(ack.processed.len());
                 for (seq, f) in &ack.processed {
                     if *seq <= cursor {
                         continue;
                     }
-                    wal.remove(&seq.to_be_bytes())?;
+                    if let Some(old) = wal.remove(&seq.to_be_bytes())? {
+                        bytes = bytes.saturating_sub(old.len() as u64);
+                    }
                     if let Some(f) = f {
                         *added.entry(f.event_type.as_str()).or_default() += 1;
                         facts.push(f.clone());
@@ -285,9 +298,11 @@ impl Storage for Store {
                 }
                 meta.insert(DLQ_LAST, &dlq_last.to_be_bytes())?;
                 meta.insert(CURSOR, &cursor.max(ack.upto).to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<StorageError>>(())
+                meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<StorageError>>(bytes)
             })
-            .map_err(tx_err)?;
+            .map_err(tx_err)
+            .map(|bytes| self.queue_bytes.store(bytes, Ordering::SeqCst))?;
         self.last_seq.fetch_max(ack.upto, Ordering::SeqCst);
         Ok(())
     }
@@ -302,11 +317,16 @@ impl Storage for Store {
             .and_then(|(_, v)| decode_record::<WalRecord>(&v).ok())
             .map(|r| r.received_at_ms);
         Ok(QueueInfo {
+            bytes: self.queue_bytes.load(Ordering::SeqCst),
             depth: last_seq.saturating_sub(cursor),
             cursor,
             last_seq,
             oldest_received_ms,
         })
+    }
+
+    fn queue_bytes(&self) -> u64 {
+        self.queue_bytes.load(Ordering::SeqCst)
     }
 
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
@@ -407,9 +427,10 @@ impl Storage for Store {
     fn dlq_replay(&self, ids: &[u64]) -> Result<(Vec<u64>, u64), StorageError> {
         let _guard = self.lock();
         let start = self.last_seq.load(Ordering::SeqCst);
-        let (moved, last) = (&self.dlq, &self.wal)
-            .transaction(|(dlq, wal)| {
+        let (moved, last, bytes) = (&self.dlq, &self.wal, &self.meta)
+            .transaction(|(dlq, wal, meta)| {
                 let mut seq = start;
+                let mut bytes = u64_of(meta.get(QUEUE_BYTES)?);
                 let mut moved = Vec::new();
                 for id in ids {
                     let Some(v) = dlq.remove(&id.to_be_bytes())? else {
@@ -423,13 +444,17 @@ impl Storage for Store {
                     let mut record = entry.record;
                     record.only_sink = Some(entry.sink);
                     seq += 1;
-                    wal.insert(&seq.to_be_bytes(), encode_record(&record))?;
+                    let encoded = encode_record(&record);
+                    bytes += encoded.len() as u64;
+                    wal.insert(&seq.to_be_bytes(), encoded)?;
                     moved.push(*id);
                 }
-                Ok::<_, ConflictableTransactionError<StorageError>>((moved, seq))
+                meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<StorageError>>((moved, seq, bytes))
             })
             .map_err(tx_err)?;
         self.last_seq.store(last, Ordering::SeqCst);
+        self.queue_bytes.store(bytes, Ordering::SeqCst);
         Ok((moved, last))
     }
 }
@@ -606,6 +631,9 @@ impl Storage for SledStorage {
     }
     fn queue_info(&self) -> Result<QueueInfo, StorageError> {
         self.with(|s| s.queue_info())
+    }
+    fn queue_bytes(&self) -> u64 {
+        self.with(|s| Ok(s.queue_bytes())).unwrap_or(0)
     }
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
         self.with(|s| s.counts())
