@@ -13,7 +13,7 @@
 //! |---------------|---------------------------------------|---------------------------------------|
 //! | `wal`         | seq (u64 big-endian)                  | record envelope ([`encode_record`])   |
 //! | `idempotency` | source `\0` key                       | first seen ms (i64 BE) ‖ seq (u64 BE) |
-//! | `idem_expiry` | first seen ms (i64 BE) ‖ source `\0` key | empty                              |
+//! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ source `\0` key | empty            |
 //! | `meta`        | `cursor`, `format_version`, `dlq_last`, `queue_bytes` | u64 BE                |
 //! | `counts`      | event type                            | u64 BE                                |
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |

@@ -71,6 +71,14 @@ struct Store {
     queue_bytes: AtomicU64,
 }
 
+/// Flips the sign bit so that big-endian bytes sort like the i64 they hold
+/// (negative times before positive ones).
+const SIGN: u64 = 1 << 63;
+
+fn ordered_ms(ms: i64) -> [u8; 8] {
+    ((ms as u64) ^ SIGN).to_be_bytes()
+}
+
 fn io(e: impl std::fmt::Display) -> StorageError {
     StorageError::Io(e.to_string())
 }
@@ -208,7 +216,7 @@ impl Storage for Store {
                     let mut value = now_ms.to_be_bytes().to_vec();
                     value.extend_from_slice(&seq.to_be_bytes());
                     keys.insert(key.as_slice(), value)?;
-                    let mut exp = now_ms.to_be_bytes().to_vec();
+                    let mut exp = ordered_ms(now_ms).to_vec();
                     exp.extend_from_slice(key);
                     expiry.insert(exp, &[])?;
                     wal.insert(&seq.to_be_bytes(), record.as_slice())?;
@@ -352,7 +360,7 @@ impl Storage for Store {
 
     fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
         let mut removed = 0;
-        let end = before_ms.to_be_bytes();
+        let end = ordered_ms(before_ms);
         let expired: Vec<IVec> = self
             .expiry
             .range(..end.as_slice())
@@ -362,11 +370,15 @@ impl Storage for Store {
             .map_err(io)?;
         for exp_key in expired {
             let (seen, key) = exp_key.split_at(8.min(exp_key.len()));
+            let seen = <[u8; 8]>::try_from(seen).map(|b| (u64::from_be_bytes(b) ^ SIGN) as i64);
             // Remove the key only if this expiry entry is its current one (a
             // key re-accepted after expiring has a newer entry). Key first,
             // then the entry: a crash between leaves an entry the next sweep drops.
             if let Some(v) = self.keys.get(key).map_err(io)?
-                && v.get(..8) == Some(seen)
+                && v.get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(i64::from_be_bytes)
+                    == seen.ok()
             {
                 self.keys.remove(key).map_err(io)?;
                 removed += 1;

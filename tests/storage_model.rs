@@ -1,0 +1,699 @@
+//! `SledStorage` checked against `MemoryStorage`, the reference model.
+//!
+//! In the style of sled's own `tests/tree/mod.rs`: proptest generates a
+//! random sequence of operations (appends under a clock that only moves
+//! forward, processed batches with dead letters, re-committed acks, key
+//! sweeps, window pruning, DLQ list/get/remove/replay, restarts) and applies
+//! each to both stores. Every result must be identical, and after every
+//! operation the whole observable state is compared: queue figures, the WAL,
+//! the counters, the DLQ and the analytics key space.
+//!
+//! Beside the model, a few properties are checked on sled alone (seqs only
+//! grow, depth is `last_seq - cursor`), because a model can share a bug with
+//! the implementation it checks.
+//!
+//! Failures are not persisted to a regressions file (this test writes no
+//! file beside itself); proptest prints the shrunk operation list instead.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use inletd::analytics::{Facts, WINDOW_RETENTION_MINUTES};
+use inletd::event::{Queued, WalRecord};
+use inletd::storage::memory::MemoryStorage;
+use inletd::storage::sled::{SledOptions, SledStorage};
+use inletd::storage::{
+    AppendOutcome, BatchAck, DlqEntry, NewEvent, QueueInfo, Storage, StorageError, encode_record,
+};
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::test_runner::TestCaseError;
+use serde_json::json;
+use tempfile::TempDir;
+
+/// The idempotency window; short so that keys expire within a case.
+const TTL_MS: i64 = 1_000;
+const DAY_MS: i64 = 86_400_000;
+/// A realistic clock start: 30 s before midnight UTC (2023-11-15), so that
+/// cases cross a day boundary.
+const T0: i64 = 19_676 * DAY_MS - 30_000;
+/// More than any case can ever hold: a limit that never binds.
+const ALL: usize = 100_000;
+const SOURCES: [&str; 2] = ["default", "shop"];
+const TYPES: [&str; 3] = ["page_view", "signup", "purchase"];
+const SINKS: [&str; 2] = ["dashboard", "warehouse"];
+
+// ---------------------------------------------------------------------------
+// Operations
+
+/// One generated event.
+#[derive(Debug, Clone)]
+struct Ev {
+    source: usize,
+    key: u8,
+    event_type: usize,
+    user: Option<u8>,
+    session: Option<u8>,
+    page: Option<u8>,
+    /// How long before receipt the event happened.
+    age_ms: i64,
+}
+
+/// A DLQ id: an existing one (picked from the model's list) or any number.
+#[derive(Debug, Clone)]
+enum IdSel {
+    Existing(Index),
+    Raw(u64),
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// One group commit.
+    Append(Vec<Ev>),
+    /// Moves the clock forward.
+    Advance(i64),
+    /// Reads a batch at the cursor and, if `commit`, commits its ack; the
+    /// ack is kept either way (an uncommitted one is a crash before the ack).
+    Process {
+        limit: usize,
+        /// Bit i set: record i failed on its (first) sink.
+        dead: u16,
+        /// Bit i set: record i also failed on the second sink.
+        dead_too: u16,
+        commit: bool,
+    },
+    /// Commits an earlier ack again (a batch processed twice).
+    Recommit(Index),
+    /// `sweep_keys(now - ttl, limit)`, then a sweep without a binding limit.
+    Sweep(usize),
+    /// `prune_windows` as the daemon's sweeper calls it.
+    PruneWindows,
+    DlqReplay(Vec<IdSel>),
+    DlqRemove(Vec<IdSel>),
+    DlqList {
+        after: IdSel,
+        limit: usize,
+    },
+    DlqGet(IdSel),
+    /// Drops sled and reopens it on the same directory. Without `flush`,
+    /// sled still flushes: dropping the last handle of a tree
+    /// (`TreeInner::drop`) flushes the page cache until nothing is dirty.
+    Restart {
+        flush: bool,
+    },
+}
+
+fn ev() -> impl Strategy<Value = Ev> {
+    (
+        0..SOURCES.len(),
+        0..12u8,
+        0..TYPES.len(),
+        proptest::option::of(0..4u8),
+        proptest::option::of(0..3u8),
+        proptest::option::of(0..3u8),
+        prop_oneof![Just(0i64), 0..2 * 3_600_000i64, 0..3 * DAY_MS],
+    )
+        .prop_map(
+            |(source, key, event_type, user, session, page, age_ms)| Ev {
+                source,
+                key,
+                event_type,
+                user,
+                session,
+                page,
+                age_ms,
+            },
+        )
+}
+
+fn id_sel() -> impl Strategy<Value = IdSel> {
+    prop_oneof![
+        3 => any::<Index>().prop_map(IdSel::Existing),
+        1 => (0..40u64).prop_map(IdSel::Raw),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => proptest::collection::vec(ev(), 1..=8).prop_map(Op::Append),
+        // Exact TTL steps land on the boundary (a key exactly `ttl` old is
+        // absent; one a millisecond younger is not).
+        3 => prop_oneof![
+            0..300i64,
+            0..1_500i64,
+            Just(TTL_MS),
+            Just(TTL_MS - 1),
+            Just(1)
+        ]
+        .prop_map(Op::Advance),
+        5 => (1..10usize, any::<u16>(), any::<u16>(), proptest::bool::weighted(0.8)).prop_map(
+            |(limit, dead, dead_too, commit)| Op::Process {
+                limit,
+                // About one record in eight fails.
+                dead: dead & dead.rotate_left(5) & dead.rotate_left(11),
+                dead_too: dead_too & dead_too.rotate_left(7),
+                commit,
+            }
+        ),
+        1 => any::<Index>().prop_map(Op::Recommit),
+        2 => prop_oneof![1..5usize, Just(ALL)].prop_map(Op::Sweep),
+        1 => Just(Op::PruneWindows),
+        1 => proptest::collection::vec(id_sel(), 0..4).prop_map(Op::DlqReplay),
+        1 => proptest::collection::vec(id_sel(), 0..4).prop_map(Op::DlqRemove),
+        1 => (id_sel(), 0..5usize).prop_map(|(after, limit)| Op::DlqList { after, limit }),
+        1 => id_sel().prop_map(Op::DlqGet),
+        1 => any::<bool>().prop_map(|flush| Op::Restart { flush }),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// The two stores side by side
+
+/// Opens sled on `dir`. Right after the previous handle is dropped, sled's
+/// background threads may still hold the directory's file lock for a moment
+/// (sled's own test builds block on the lock for this reason), so a lock
+/// error is retried for a while.
+fn open(dir: &TempDir) -> SledStorage {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match SledStorage::open(dir.path(), &SledOptions::default()) {
+            Ok(store) => return store,
+            Err(StorageError::Open { reason, .. })
+                if reason.contains("could not acquire lock") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("sled does not open: {e}"),
+        }
+    }
+}
+
+fn record(e: &Ev, now: i64) -> WalRecord {
+    let key = format!("k{}", e.key);
+    let mut body = json!({ "event_id": key, "event_type": TYPES[e.event_type] });
+    if let Some(u) = e.user {
+        body["user_id"] = json!(format!("u{u}"));
+    }
+    if let Some(s) = e.session {
+        body["session_id"] = json!(format!("s{s}"));
+    }
+    if let Some(p) = e.page {
+        body["properties"] = json!({ "page": format!("/p{p}") });
+    }
+    WalRecord {
+        source: SOURCES[e.source].into(),
+        key,
+        event_type: TYPES[e.event_type].into(),
+        received_at_ms: now,
+        occurred_at_ms: now - e.age_ms,
+        only_sink: None,
+        body: body.to_string(),
+    }
+}
+
+/// The whole analytics key space.
+fn aggregates(s: &dyn Storage) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    s.scan(&[], &[0xff; 9], &mut |k, v| {
+        out.push((k.to_vec(), v.to_vec()));
+        true
+    })
+    .expect("scan");
+    out
+}
+
+struct Harness {
+    dir: TempDir,
+    sled: Option<SledStorage>,
+    model: MemoryStorage,
+    now: i64,
+    /// Every ack built so far, committed or not.
+    acks: Vec<BatchAck>,
+    /// The highest seq sled ever handed out, tracked by the test itself.
+    high_water: u64,
+}
+
+macro_rules! both {
+    ($h:expr, $s:ident => $e:expr) => {{
+        let sled_result = {
+            let $s: &dyn Storage = $h.sled();
+            $e
+        };
+        let model_result = {
+            let $s: &dyn Storage = &$h.model;
+            $e
+        };
+        prop_assert_eq!(&sled_result, &model_result, "sled (left) vs model (right)");
+        sled_result
+    }};
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sled = open(&dir);
+        Harness {
+            dir,
+            sled: Some(sled),
+            model: MemoryStorage::new(),
+            now: T0,
+            acks: Vec::new(),
+            high_water: 0,
+        }
+    }
+
+    fn sled(&self) -> &SledStorage {
+        self.sled.as_ref().expect("sled is open")
+    }
+
+    fn dlq_ids(&self) -> Vec<u64> {
+        self.model
+            .dlq_list(0, ALL)
+            .expect("model list")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    fn resolve(&self, sel: &IdSel) -> u64 {
+        match sel {
+            IdSel::Existing(i) => {
+                let ids = self.dlq_ids();
+                if ids.is_empty() {
+                    1
+                } else {
+                    ids[i.index(ids.len())]
+                }
+            }
+            IdSel::Raw(id) => *id,
+        }
+    }
+
+    fn saw_seq(&mut self, seq: u64) -> Result<(), TestCaseError> {
+        prop_assert!(
+            seq > self.high_water,
+            "seq {seq} handed out again (high water {})",
+            self.high_water
+        );
+        self.high_water = seq;
+        Ok(())
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        match op {
+            Op::Append(group) => {
+                let now = self.now;
+                let events: Vec<NewEvent> = group
+                    .iter()
+                    .map(|e| NewEvent {
+                        record: record(e, now),
+                    })
+                    .collect();
+                let outcomes = both!(self, s => s.append(&events, now, TTL_MS).expect("append"));
+                for o in outcomes {
+                    if let AppendOutcome::Accepted { seq } = o {
+                        self.saw_seq(seq)?;
+                    }
+                }
+                // The Deduper flushes after each group.
+                self.sled().flush().expect("flush");
+            }
+            Op::Advance(ms) => self.now += ms,
+            Op::Process {
+                limit,
+                dead,
+                dead_too,
+                commit,
+            } => {
+                let cursor = both!(self, s => s.queue_info().expect("queue_info").cursor);
+                let (records, damaged) =
+                    both!(self, s => s.read_after(cursor, *limit).expect("read_after"));
+                prop_assert!(damaged.is_empty());
+                prop_assert!(records.len() <= *limit);
+                let Some(last) = records.last() else {
+                    return Ok(());
+                };
+                let ack = self.ack(&records, last.seq, *dead, *dead_too);
+                if *commit {
+                    both!(self, s => s.commit_batch(&ack).expect("commit"));
+                }
+                self.acks.push(ack);
+            }
+            Op::Recommit(i) => {
+                if !self.acks.is_empty() {
+                    let ack = self.acks[i.index(self.acks.len())].clone();
+                    both!(self, s => s.commit_batch(&ack).expect("commit"));
+                }
+            }
+            Op::Sweep(limit) => {
+                let before = self.now - TTL_MS;
+                let first = both_unchecked(self, |s| s.sweep_keys(before, *limit).expect("sweep"));
+                prop_assert!(
+                    first.0 <= *limit && first.1 <= *limit,
+                    "{first:?} > {limit}"
+                );
+                // Which expired keys a binding limit removes first is not
+                // specified (sled goes by time, the model by key); after a
+                // sweep without a binding limit both must have removed the
+                // same number of keys, and hold the same ones.
+                let rest = both_unchecked(self, |s| s.sweep_keys(before, ALL).expect("sweep"));
+                prop_assert_eq!(
+                    first.0 + rest.0,
+                    first.1 + rest.1,
+                    "keys swept: sled {:?} vs model {:?}",
+                    (first.0, rest.0),
+                    (first.1, rest.1)
+                );
+                if *limit == ALL {
+                    prop_assert_eq!(first.0, first.1);
+                }
+                both!(self, s => s.sweep_keys(before, ALL).expect("sweep"));
+            }
+            Op::PruneWindows => {
+                let stale = self.now - WINDOW_RETENTION_MINUTES * 60_000;
+                both!(self, s => s.prune_windows(stale).expect("prune"));
+            }
+            Op::DlqReplay(sel) => {
+                let ids: Vec<u64> = sel.iter().map(|s| self.resolve(s)).collect();
+                let before = self.sled().queue_info().expect("queue_info").last_seq;
+                let (moved, last) = both!(self, s => s.dlq_replay(&ids).expect("replay"));
+                prop_assert_eq!(last, before + moved.len() as u64);
+                if !moved.is_empty() {
+                    self.saw_seq(last)?;
+                }
+            }
+            Op::DlqRemove(sel) => {
+                let ids: Vec<u64> = sel.iter().map(|s| self.resolve(s)).collect();
+                both!(self, s => s.dlq_remove(&ids).expect("remove"));
+            }
+            Op::DlqList { after, limit } => {
+                let after = self.resolve(after).saturating_sub(1);
+                both!(self, s => s.dlq_list(after, *limit).expect("list"));
+            }
+            Op::DlqGet(sel) => {
+                let id = self.resolve(sel);
+                both!(self, s => s.dlq_get(id).expect("get"));
+            }
+            Op::Restart { flush } => {
+                let sled = self.sled.take().expect("sled is open");
+                if *flush {
+                    sled.flush().expect("flush");
+                }
+                drop(sled);
+                self.sled = Some(open(&self.dir));
+            }
+        }
+        self.check_state()
+    }
+
+    /// The ack the Processor would build for `records`.
+    fn ack(&self, records: &[Queued], upto: u64, dead: u16, dead_too: u16) -> BatchAck {
+        let now = self.now;
+        let mut ack = BatchAck {
+            upto,
+            processed: records
+                .iter()
+                .map(|q| {
+                    let facts = q
+                        .record
+                        .only_sink
+                        .is_none()
+                        .then(|| Facts::of(&q.record, now));
+                    (q.seq, facts)
+                })
+                .collect(),
+            now_ms: now,
+            dead: Vec::new(),
+        };
+        let entry = |q: &Queued, sink: &str| DlqEntry {
+            sink: sink.into(),
+            error: format!("{sink} answered 503"),
+            attempts: 3,
+            first_failed_ms: now - 10,
+            last_failed_ms: now,
+            record: q.record.clone(),
+        };
+        for (i, q) in records.iter().enumerate() {
+            let bit = 1u16 << (i % 16);
+            if dead & bit == 0 {
+                continue;
+            }
+            match &q.record.only_sink {
+                Some(sink) => ack.dead.push((q.seq, entry(q, sink))),
+                None => {
+                    ack.dead.push((q.seq, entry(q, SINKS[0])));
+                    if dead_too & bit != 0 {
+                        ack.dead.push((q.seq, entry(q, SINKS[1])));
+                    }
+                }
+            }
+        }
+        ack
+    }
+
+    /// Everything observable, compared; plus sled's own invariants.
+    fn check_state(&self) -> Result<(), TestCaseError> {
+        let info: QueueInfo = both!(self, s => s.queue_info().expect("queue_info"));
+        prop_assert_eq!(info.depth, info.last_seq - info.cursor);
+        prop_assert_eq!(info.last_seq, self.high_water);
+        both!(self, s => s.counts().expect("counts"));
+        let dlq_len = both!(self, s => s.dlq_len().expect("dlq_len"));
+        let dlq = both!(self, s => s.dlq_list(0, ALL).expect("dlq_list"));
+        prop_assert_eq!(dlq.len() as u64, dlq_len);
+        let (wal, damaged) = both!(self, s => s.read_after(0, ALL).expect("read_after"));
+        prop_assert!(damaged.is_empty());
+        // The byte gauge is the encoded size of exactly what waits.
+        let bytes: u64 = wal
+            .iter()
+            .map(|q| encode_record(&q.record).len() as u64)
+            .sum();
+        prop_assert_eq!(info.bytes, bytes, "queue bytes vs the WAL's records");
+        let seqs: BTreeSet<u64> = wal.iter().map(|q| q.seq).collect();
+        prop_assert_eq!(seqs.len(), wal.len());
+        // Everything at or below the cursor is done and gone; nothing
+        // above the last seq exists.
+        prop_assert!(
+            wal.iter()
+                .all(|q| q.seq > info.cursor && q.seq <= info.last_seq),
+            "WAL {:?} outside ({}, {}]",
+            seqs,
+            info.cursor,
+            info.last_seq
+        );
+        both!(self, s => aggregates(s));
+        Ok(())
+    }
+}
+
+/// Runs `f` on both stores without requiring equal results.
+fn both_unchecked<T>(h: &Harness, f: impl Fn(&dyn Storage) -> T) -> (T, T) {
+    (f(h.sled()), f(&h.model))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn sled_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let mut h = Harness::new();
+        for op in &ops {
+            h.apply(op)?;
+        }
+        // One last restart: everything above must survive it.
+        h.apply(&Op::Restart { flush: false })?;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic checks on sled
+
+fn event(key: &str, event_type: &str, now: i64) -> NewEvent {
+    NewEvent {
+        record: WalRecord {
+            source: "default".into(),
+            key: key.into(),
+            event_type: event_type.into(),
+            received_at_ms: now,
+            occurred_at_ms: now,
+            only_sink: None,
+            body: json!({ "event_id": key, "user_id": "u1" }).to_string(),
+        },
+    }
+}
+
+fn ack_all(s: &dyn Storage, dead_seq: Option<u64>, now: i64) -> BatchAck {
+    let cursor = s.queue_info().unwrap().cursor;
+    let (records, damaged) = s.read_after(cursor, ALL).unwrap();
+    assert!(damaged.is_empty());
+    let upto = records.last().expect("a non-empty batch").seq;
+    BatchAck {
+        upto,
+        processed: records
+            .iter()
+            .map(|q| (q.seq, Some(Facts::of(&q.record, now))))
+            .collect(),
+        now_ms: now,
+        dead: records
+            .iter()
+            .filter(|q| Some(q.seq) == dead_seq)
+            .map(|q| {
+                (
+                    q.seq,
+                    DlqEntry {
+                        sink: "dashboard".into(),
+                        error: "503".into(),
+                        attempts: 3,
+                        first_failed_ms: now,
+                        last_failed_ms: now,
+                        record: q.record.clone(),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_batch_committed_twice_is_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let now = T0;
+    let group = [
+        event("a", "signup", now),
+        event("b", "signup", now),
+        event("c", "purchase", now),
+    ];
+    let outcomes = store.append(&group, now, TTL_MS).unwrap();
+    assert_eq!(
+        outcomes,
+        (1..=3)
+            .map(|seq| AppendOutcome::Accepted { seq })
+            .collect::<Vec<_>>()
+    );
+    let ack = ack_all(&store, Some(2), now);
+
+    store.commit_batch(&ack).unwrap();
+    let counts = vec![("purchase".to_owned(), 1), ("signup".to_owned(), 2)];
+    assert_eq!(store.counts().unwrap(), counts);
+    assert_eq!(store.dlq_len().unwrap(), 1);
+    let aggregates_once = aggregates(&store);
+    assert!(!aggregates_once.is_empty());
+
+    // The same batch again (an actor restarted before it saw the ack).
+    store.commit_batch(&ack).unwrap();
+    assert_eq!(store.counts().unwrap(), counts);
+    assert_eq!(store.dlq_len().unwrap(), 1);
+    assert_eq!(aggregates(&store), aggregates_once);
+
+    // And again after a restart (a crash before the ack was acknowledged).
+    drop(store);
+    store = open(&dir);
+    store.commit_batch(&ack).unwrap();
+    assert_eq!(store.counts().unwrap(), counts);
+    assert_eq!(store.dlq_len().unwrap(), 1);
+    assert_eq!(aggregates(&store), aggregates_once);
+    let info = store.queue_info().unwrap();
+    assert_eq!(
+        (
+            info.depth,
+            info.cursor,
+            info.last_seq,
+            info.oldest_received_ms
+        ),
+        (0, 3, 3, None)
+    );
+
+    // A batch overlapping a committed one counts only its new part.
+    store
+        .append(&[event("d", "signup", now + 1)], now + 1, TTL_MS)
+        .unwrap();
+    let mut overlapping = ack_all(&store, None, now + 1);
+    overlapping.processed.splice(0..0, ack.processed.clone());
+    store.commit_batch(&overlapping).unwrap();
+    assert_eq!(
+        store.counts().unwrap(),
+        vec![("purchase".to_owned(), 1), ("signup".to_owned(), 3)]
+    );
+}
+
+#[test]
+fn seqs_never_repeat_after_the_queue_empties_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(&dir);
+    let mut now = T0;
+    let mut next_key = 0;
+    let mut last = 0;
+    for round in 0..4 {
+        let group: Vec<NewEvent> = (0..3)
+            .map(|_| {
+                next_key += 1;
+                event(&format!("k{next_key}"), "signup", now)
+            })
+            .collect();
+        for outcome in store.append(&group, now, TTL_MS).unwrap() {
+            let AppendOutcome::Accepted { seq } = outcome else {
+                panic!("a new key was taken for a duplicate: {outcome:?}");
+            };
+            assert!(seq > last, "round {round}: seq {seq} after {last}");
+            last = seq;
+        }
+        // Process everything: the WAL is empty, only the cursor remembers.
+        let ack = ack_all(&store, Some(last), now);
+        store.commit_batch(&ack).unwrap();
+        assert!(store.read_after(0, ALL).unwrap().0.is_empty());
+        let info = store.queue_info().unwrap();
+        assert_eq!((info.depth, info.cursor, info.last_seq), (0, last, last));
+
+        // Restart, with and without an explicit flush.
+        if round % 2 == 0 {
+            store.flush().unwrap();
+        }
+        drop(store);
+        store = open(&dir);
+        let info = store.queue_info().unwrap();
+        assert_eq!((info.depth, info.cursor, info.last_seq), (0, last, last));
+        now += 10;
+    }
+
+    // A DLQ replay after a restart is numbered after everything too.
+    let ids: Vec<u64> = store
+        .dlq_list(0, ALL)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3, 4]);
+    let (moved, replay_last) = store.dlq_replay(&ids[..1]).unwrap();
+    assert_eq!((moved, replay_last), (vec![1], last + 1));
+    drop(store);
+    store = open(&dir);
+    let outcomes = store
+        .append(&[event("fresh", "signup", now)], now, TTL_MS)
+        .unwrap();
+    assert_eq!(outcomes, vec![AppendOutcome::Accepted { seq: last + 2 }]);
+}
+
+/// Times before the epoch sort before later ones in the expiry index: a
+/// sweep up to a negative time removes only keys first seen before it.
+#[test]
+fn a_sweep_before_the_epoch_removes_nothing_unexpired() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = open(&dir);
+    let model = MemoryStorage::new();
+    for s in [&sled as &dyn Storage, &model] {
+        assert_eq!(
+            s.append(&[event("a", "t", 500)], 500, 1000).unwrap(),
+            vec![AppendOutcome::Accepted { seq: 1 }]
+        );
+        assert_eq!(s.sweep_keys(500 - 1000, 100).unwrap(), 0);
+        assert!(matches!(
+            s.append(&[event("a", "t", 600)], 600, 1000).unwrap()[..],
+            [AppendOutcome::Duplicate { first_seen_ms: 500 }]
+        ));
+        assert_eq!(s.sweep_keys(1501, 100).unwrap(), 1);
+    }
+}
