@@ -385,7 +385,7 @@ impl Config {
                 24 * 365,
             ),
             ("drain_timeout_secs", self.drain_timeout_secs, 1, 3600),
-            ("max_body_bytes", self.max_body_bytes as u64, 256, 1 << 30),
+            ("max_body_bytes", self.max_body_bytes as u64, 256, 32 << 20),
             (
                 "max_batch_events",
                 self.max_batch_events as u64,

@@ -57,6 +57,10 @@ use serde::{Deserialize, Serialize};
 use crate::analytics::{Facts, KvRead};
 use crate::event::{Queued, WalRecord};
 
+/// The largest record body decoded: far above any record (bodies are at
+/// most `max_body_bytes`, itself capped at 32 MiB).
+pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
+
 /// The on-disk format this build writes and reads.
 pub const FORMAT_VERSION: u8 = 1;
 
@@ -252,7 +256,10 @@ pub fn decode_record<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Re
     if crc32fast::hash(body) != crc {
         return Err(RecordError::Checksum);
     }
-    let (value, _) = bincode::serde::decode_from_slice(body, bincode::config::standard())
+    // A damaged length prefix must not make bincode allocate without bound
+    // (found by fuzzing: it aborted the process); no record is near this.
+    let config = bincode::config::standard().with_limit::<MAX_RECORD_BYTES>();
+    let (value, _) = bincode::serde::decode_from_slice(body, config)
         .map_err(|e| RecordError::Body(e.to_string()))?;
     Ok(value)
 }
