@@ -262,6 +262,10 @@ impl Storage for Store {
     }
 
     fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
+        // Writers take turns: sled's transactions are optimistic, and an ack
+        // racing a large group commit on the same trees would conflict and
+        // run again.
+        let _guard = self.lock();
         let dead: Vec<(u64, Vec<u8>)> = ack
             .dead
             .iter()
