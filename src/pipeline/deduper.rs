@@ -17,6 +17,9 @@ use crate::storage::{AppendOutcome, NewEvent};
 /// The Deduper actor.
 pub struct Deduper;
 
+/// A group stops taking requests once it holds this many events.
+const MAX_GROUP_EVENTS: usize = 1000;
+
 /// Deduper state.
 pub struct State {
     /// Storage, config and names.
@@ -64,7 +67,22 @@ impl Actor for Deduper {
             }
             DeduperMsg::Commit => {
                 state.commit_scheduled = false;
-                let group = std::mem::take(&mut state.pending);
+                // Bounded groups keep each transaction short, so the ack
+                // path gets its turn at the store between them.
+                let mut events = 0;
+                let take = state
+                    .pending
+                    .iter()
+                    .take_while(|r| {
+                        events += r.events.len();
+                        events - r.events.len() < MAX_GROUP_EVENTS
+                    })
+                    .count();
+                let group: Vec<AppendRequest> = state.pending.drain(..take).collect();
+                if !state.pending.is_empty() {
+                    state.commit_scheduled = true;
+                    myself.send_message(DeduperMsg::Commit)?;
+                }
                 commit(&state.context, group).await;
             }
         }
