@@ -87,41 +87,59 @@ pub struct State {
 /// The Metrics actor starts from the pipeline context.
 pub type Arguments = Arc<Context>;
 
-const HELP: &[(&str, &str)] = &[
+/// Every counter: name, help text, and whether it carries a label (a
+/// labelled counter has no line until its first event).
+const COUNTERS: &[(&str, &str, bool)] = &[
     (
         "inletd_events_accepted_total",
         "Events stored in the write-ahead queue.",
+        false,
     ),
     (
         "inletd_events_duplicate_total",
         "Events dropped as duplicates of a known idempotency key.",
+        false,
     ),
     (
         "inletd_rejected_total",
         "Requests or events refused, by reason.",
+        true,
     ),
-    ("inletd_batches_total", "Micro-batches processed."),
+    ("inletd_batches_total", "Micro-batches processed.", false),
     (
         "inletd_events_processed_total",
         "Events processed (acknowledged in the WAL).",
+        false,
     ),
     (
         "inletd_events_failed_total",
         "Event deliveries parked in the DLQ.",
+        false,
     ),
-    ("inletd_sink_delivered_total", "Events delivered, by sink."),
-    ("inletd_sink_retries_total", "Delivery retries, by sink."),
+    (
+        "inletd_sink_delivered_total",
+        "Events delivered, by sink.",
+        true,
+    ),
+    (
+        "inletd_sink_retries_total",
+        "Delivery retries, by sink.",
+        true,
+    ),
     (
         "inletd_dlq_events_total",
         "Events parked in the DLQ, by sink.",
+        true,
     ),
     (
         "inletd_quarantined_total",
         "Damaged WAL records moved to quarantine (their positions are logged).",
+        false,
     ),
     (
         "inletd_actor_restarts_total",
         "Actor restarts by the supervisor, by actor.",
+        true,
     ),
 ];
 
@@ -132,7 +150,7 @@ impl State {
 
     fn render(&self) -> String {
         let mut out = String::new();
-        for (metric, help) in HELP {
+        for (metric, help, labelled) in COUNTERS {
             let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
             let mut any = false;
             for ((m, label), value) in self.counters.range((*metric, String::new())..) {
@@ -146,8 +164,7 @@ impl State {
                     let _ = writeln!(out, "{metric}{{{label}}} {value}");
                 }
             }
-            // Unlabelled counters show 0 before their first event.
-            if !any && !help.contains(", by ") {
+            if !any && !labelled {
                 let _ = writeln!(out, "{metric} 0");
             }
         }
