@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -51,7 +51,7 @@ pub enum ClientError {
     /// No whole answer within the deadline.
     #[error("{method} {url} got no answer within {timeout:?}")]
     Timeout {
-        /// GET or POST.
+        /// GET, POST or DELETE.
         method: Method,
         /// The URL requested.
         url: String,
@@ -61,7 +61,7 @@ pub enum ClientError {
     /// The answer was not what the daemon sends (not JSON, too large, …).
     #[error("{method} {url}: unexpected answer: {reason}")]
     BadAnswer {
-        /// GET or POST.
+        /// GET, POST or DELETE.
         method: Method,
         /// The URL requested.
         url: String,
@@ -166,6 +166,11 @@ impl Client {
         self.send(Method::POST, path, Some(Bytes::from(body))).await
     }
 
+    /// DELETEs `path`.
+    pub async fn delete(&self, path: &str) -> Result<Answer, ClientError> {
+        self.send(Method::DELETE, path, None).await
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -174,8 +179,11 @@ impl Client {
     ) -> Result<Answer, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut builder = Request::builder().method(method.clone()).uri(&url);
-        if body.is_some() {
-            builder = builder.header(CONTENT_TYPE, "application/json");
+        if let Some(body) = &body {
+            // Explicit, so that an empty body still says so (warp wants a length).
+            builder = builder
+                .header(CONTENT_TYPE, "application/json")
+                .header(CONTENT_LENGTH, body.len());
         }
         if let Some(auth) = &self.auth {
             builder = builder.header(AUTHORIZATION, auth.clone());
