@@ -849,28 +849,59 @@ proptest! {
     }
 }
 
-/// Arbitrary bodies behind a correct checksum reach bincode itself.
-/// Ignored while it aborts the process: a body whose first string length
-/// prefix is huge (e.g. `fd ff ff ff ff ff 00 00 00`) makes bincode
-/// allocate that many bytes (`vec![0u8; len]`, no decode limit configured),
-/// which is a capacity-overflow panic or an allocation-failure abort.
-/// Remove the `ignore` once `decode_record` bounds the allocation.
-#[test]
+/// `body` in an envelope with the current version and a correct checksum,
+/// so that the bincode decoder behind the checks is reached.
+fn checksummed(body: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![FORMAT_VERSION];
+    bytes.extend_from_slice(&crc32fast::hash(body).to_be_bytes());
+    bytes.extend_from_slice(body);
+    bytes
+}
 
-fn decode_record_never_panics_on_a_checksummed_arbitrary_body() {
-    let mut runner = proptest::test_runner::TestRunner::new(config(2048));
-    runner
-        .run(&vec(any::<u8>(), 0..128), |body| {
-            let mut bytes = vec![FORMAT_VERSION];
-            bytes.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
-            bytes.extend_from_slice(&body);
-            if let Ok(r) = decode_record::<WalRecord>(&bytes) {
-                prop_assert_eq!(decode_record::<WalRecord>(&encode_record(&r)), Ok(r));
-            }
-            let _ = decode_record::<DlqEntry>(&bytes);
-            Ok(())
-        })
-        .unwrap();
+proptest! {
+    #![proptest_config(config(1024))]
+
+    /// Found by fuzzing: a length prefix of 2^40 (or 2^32, or usize::MAX)
+    /// made bincode allocate that much and abort (or panic with "capacity
+    /// overflow") before `decode_record` bounded its allocations.
+    #[test]
+    fn decode_record_never_panics_on_a_checksummed_arbitrary_body(
+        body in prop_oneof![
+            vec(any::<u8>(), 0..128),
+            // A huge varint length prefix (u16/u32/u64/u128 markers) first.
+            (251..=255u8, vec(any::<u8>(), 0..24)).prop_map(|(marker, rest)| {
+                let mut b = vec![marker];
+                b.extend(rest);
+                b
+            }),
+        ],
+    ) {
+        let bytes = checksummed(&body);
+        if let Ok(r) = decode_record::<WalRecord>(&bytes) {
+            prop_assert_eq!(decode_record::<WalRecord>(&encode_record(&r)), Ok(r));
+        }
+        if let Ok(e) = decode_record::<DlqEntry>(&bytes) {
+            prop_assert_eq!(decode_record::<DlqEntry>(&encode_record(&e)), Ok(e));
+        }
+    }
+}
+
+#[test]
+fn decode_record_refuses_the_length_prefixes_that_once_aborted_the_process() {
+    for body in [
+        &[0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00][..], // 2^40 - 1: abort
+        &[0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff][..], // usize::MAX: panic
+        &[0xfc, 0xfc, 0xfc, 0xfc, 0xfc][..],                         // ~4 GiB
+    ] {
+        assert!(matches!(
+            decode_record::<WalRecord>(&checksummed(body)),
+            Err(RecordError::Body(_))
+        ));
+        assert!(matches!(
+            decode_record::<DlqEntry>(&checksummed(body)),
+            Err(RecordError::Body(_))
+        ));
+    }
 }
 
 // ------------------------------------------------------------------ days
