@@ -86,10 +86,13 @@ for target in $targets; do
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
     if [ -z "$execs" ]; then
-        execs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
-        rate=$(grep -oE 'exec/s: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+' || true)
+        # (its own exec/s there is per job and often 0: divide by its time)
+        last=$(grep -E '^#[0-9]+: cov:' "$log" | tail -1)
+        execs=$(printf '%s' "$last" | grep -oE '^#[0-9]+' | tr -d '#')
+        secs=$(printf '%s' "$last" | grep -oE 'time: [0-9]+' | grep -oE '[0-9]+' || true)
         execs="${execs:-0}"
-        rate="${rate:-0}"
+        secs="${secs:-$elapsed}"
+        rate=$((execs / (secs > 0 ? secs : 1)))
     fi
     found=$(find "$artifacts" -type f -newer "$stamp" \
         \( -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' -o -name 'leak-*' \) | sort)
