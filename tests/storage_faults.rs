@@ -138,13 +138,13 @@ fn a_damaged_record_is_quarantined_and_reported_by_position() {
     let data = dir.path().join("data");
     {
         let store = SledStorage::open(&data, &SledOptions::default()).unwrap();
-        store
-            .append(
-                &[record("a"), record("b"), record("c")],
-                inletd::event::now_ms(),
-                86_400_000,
-            )
-            .unwrap();
+        // Three requests, three group commits: each event is a segment of
+        // its own, keyed by its seq.
+        for key in ["a", "b", "c"] {
+            store
+                .append(&[record(key)], inletd::event::now_ms(), 86_400_000)
+                .unwrap();
+        }
         // seq 2 ("b"): a flipped byte breaks its checksum.
         store
             .put_raw("wal", &2u64.to_be_bytes(), b"\x01\x00\x00\x00\x00garbage")
@@ -167,7 +167,8 @@ fn a_damaged_record_is_quarantined_and_reported_by_position() {
     );
     let log = d.log_text();
     assert!(
-        log.contains("damaged record moved to quarantine") && log.contains("wal seq 2"),
+        log.contains("damaged record moved to quarantine")
+            && log.contains("wal segment ending at seq 2"),
         "{log}"
     );
     assert!(

@@ -1,7 +1,8 @@
-//! Arbitrary bytes into the on-disk record decoder, as a `WalRecord` and as
-//! a `DlqEntry`: once as they are, and once wrapped in an envelope with a
-//! correct checksum, so that the bincode body decoder behind the CRC check
-//! is reached too (a CRC is no defence against a writer bug or a file
+//! Arbitrary bytes into the on-disk record decoders, as a `WalRecord` and a
+//! `DlqEntry` (once as they are, and once wrapped in an envelope with a
+//! correct checksum), and, behind a correct checksum, as a WAL segment and
+//! an expiry key list, so that the decoders behind the CRC check are
+//! reached too (a CRC is no defence against a writer bug or a file
 //! copied from elsewhere, and invariant 5 says nothing undecodable crashes
 //! the daemon).
 //!
@@ -11,7 +12,10 @@
 #![no_main]
 
 use inletd::event::WalRecord;
-use inletd::storage::{DlqEntry, FORMAT_VERSION, RecordError, decode_record, encode_record};
+use inletd::storage::{
+    DlqEntry, FORMAT_VERSION, RecordError, decode_key_list, decode_record, decode_segment,
+    encode_record,
+};
 use libfuzzer_sys::fuzz_target;
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -31,6 +35,25 @@ fuzz_target!(|data: &[u8]| {
         envelope.extend_from_slice(body);
         check::<WalRecord>(&envelope);
         check::<DlqEntry>(&envelope);
+        // The same bytes as a WAL segment under the key its header claims
+        // (so the record table is reached) and as an expiry key list.
+        let key = body
+            .get(..12)
+            .map(|h| {
+                let first = u64::from_be_bytes(h[..8].try_into().unwrap());
+                let n = u32::from_be_bytes(h[8..12].try_into().unwrap());
+                first.wrapping_add(u64::from(n)).wrapping_sub(1)
+            })
+            .unwrap_or(0);
+        if let Ok(segment) = decode_segment(key, &envelope) {
+            assert_eq!(segment.last(), key);
+            for seq in segment.first()..=segment.last().min(segment.first() + 64) {
+                if let Ok(record) = segment.record(seq) {
+                    assert_eq!(decode_record::<WalRecord>(&encode_record(&record)), Ok(record));
+                }
+            }
+        }
+        let _ = decode_key_list(&envelope);
     }
 });
 

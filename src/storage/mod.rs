@@ -11,14 +11,31 @@
 //!
 //! | tree          | key                                   | value                                 |
 //! |---------------|---------------------------------------|---------------------------------------|
-//! | `wal`         | seq (u64 big-endian)                  | record envelope ([`encode_record`])   |
+//! | `wal`         | last seq of the segment (u64 BE)      | a segment: every record of one group commit ([`encode_segment`]) |
 //! | `idempotency` | source `\0` key                       | first seen ms (i64 BE) ‖ seq (u64 BE) |
-//! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ source `\0` key | empty            |
+//! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys ([`encode_key_list`]) |
 //! | `meta`        | `cursor`, `format_version`, `dlq_last`, `queue_bytes` | u64 BE                |
 //! | `counts`      | event type                            | u64 BE                                |
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |
 //! | `aggregates`  | see [`crate::analytics`]              | counts, user days, cohorts, windows   |
 //! | `quarantine`  | tree name `\0` original key           | the raw bytes that failed to decode   |
+//!
+//! ## Why segments
+//!
+//! sled pays per key written, whatever the batching: about 60 k inserts/s
+//! on this class of machine (`../shared/DEPENDENCIES.md`). Format 1 wrote
+//! three keys per event (record, idempotency key, expiry entry) and capped
+//! intake near 25 k events/s. Format 2 writes one key per event (the
+//! idempotency key, which must stay a key to be looked up) and two per
+//! group: the group's records packed into one WAL segment, and its keys
+//! packed into one expiry entry. A segment is removed once the cursor has
+//! passed its last seq; records at or below the cursor inside a segment
+//! that is still there count as gone (read_after skips them).
+//!
+//! Format 1 stores are read as they are: a version-1 WAL value is a single
+//! record (a segment of one), and an empty `idem_expiry` value means the
+//! key itself follows the time. Opening one marks it format 2, which an
+//! older inletd then refuses rather than misreads.
 //!
 //! ## Invariants
 //!
@@ -37,9 +54,13 @@
 //!    an actor restart) is counted once. Sinks are at-least-once.
 //! 4. **Seqs only grow.** The next seq is `max(last WAL key, cursor) + 1`,
 //!    so an emptied queue never reuses a number.
-//! 5. **Nothing undecodable crashes the daemon.** Each record carries a
-//!    format version and a CRC-32; a record that fails either check is moved
-//!    to `quarantine` and reported by tree and position.
+//! 5. **Nothing undecodable crashes the daemon.** Each record and segment
+//!    carries a format version and a CRC-32; one that fails either check
+//!    is moved to `quarantine` and reported by tree and position.
+//! 6. **The byte gauge is exact.** `queue_bytes` is the sum, over the
+//!    records above the cursor, of each record's size as its own envelope
+//!    ([`encode_record`]); a segment's header lists those sizes, so an ack
+//!    subtracts them without decoding the records.
 //!
 //! ## Flushing
 //!
@@ -61,8 +82,13 @@ use crate::event::{Queued, WalRecord};
 /// most `max_body_bytes`, itself capped at 32 MiB).
 pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
 
-/// The on-disk format this build writes and reads.
-pub const FORMAT_VERSION: u8 = 1;
+/// The on-disk format this build writes (and the newest it reads): 2 packs
+/// each group commit into one WAL segment. Record envelopes carry it too.
+pub const FORMAT_VERSION: u8 = 2;
+
+/// The envelope version of a WAL value that holds one bare [`WalRecord`]
+/// (format 1, before segments).
+const SINGLE_RECORD: u8 = 1;
 
 /// Errors from the store. None of them is a panic.
 #[derive(Debug, thiserror::Error)]
@@ -233,35 +259,216 @@ pub trait Storage: KvRead + Send + Sync + 'static {
 /// Wraps a serialisable value in the versioned, checksummed envelope:
 /// `version (1 byte) ‖ crc32 of body (4 bytes BE) ‖ bincode body`.
 pub fn encode_record<T: Serialize>(value: &T) -> Vec<u8> {
-    // Encoding plain structs of strings and integers into a Vec cannot fail.
-    let body = bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .expect("bincode encodes inletd's own records");
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(FORMAT_VERSION);
-    out.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
-    out.extend_from_slice(&body);
-    out
+    let mut out = vec![0; ENVELOPE_HEADER];
+    encode_body(value, &mut out);
+    seal(out)
 }
 
 /// Opens an envelope written by [`encode_record`].
 pub fn decode_record<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, RecordError> {
-    if bytes.len() < 5 {
-        return Err(RecordError::Truncated(bytes.len()));
-    }
-    if bytes[0] > FORMAT_VERSION {
-        return Err(RecordError::NewerVersion(bytes[0]));
-    }
-    let crc = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-    let body = &bytes[5..];
-    if crc32fast::hash(body) != crc {
-        return Err(RecordError::Checksum);
-    }
+    let (_, body) = open_envelope(bytes)?;
+    decode_body(body)
+}
+
+/// Version byte and checksum in front of every stored value.
+const ENVELOPE_HEADER: usize = 5;
+
+/// Appends the bincode encoding of `value` to `out`; returns its length.
+fn encode_body<T: Serialize>(value: &T, out: &mut Vec<u8>) -> usize {
+    let before = out.len();
+    // Encoding plain structs of strings and integers into a Vec cannot fail.
+    bincode::serde::encode_into_std_write(value, out, bincode::config::standard())
+        .expect("bincode encodes inletd's own records");
+    out.len() - before
+}
+
+/// Decodes the bincode value at the front of `body`.
+fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, RecordError> {
     // A damaged length prefix must not make bincode allocate without bound
     // (found by fuzzing: it aborted the process); no record is near this.
     let config = bincode::config::standard().with_limit::<MAX_RECORD_BYTES>();
     let (value, _) = bincode::serde::decode_from_slice(body, config)
         .map_err(|e| RecordError::Body(e.to_string()))?;
     Ok(value)
+}
+
+/// Fills in the header of `out`, whose first [`ENVELOPE_HEADER`] bytes were
+/// reserved: this build's version and the checksum of the rest.
+fn seal(mut out: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&out[ENVELOPE_HEADER..]);
+    out[0] = FORMAT_VERSION;
+    out[1..ENVELOPE_HEADER].copy_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// Checks an envelope's version and checksum; returns both and the body.
+fn open_envelope(bytes: &[u8]) -> Result<(u8, &[u8]), RecordError> {
+    if bytes.len() < ENVELOPE_HEADER {
+        return Err(RecordError::Truncated(bytes.len()));
+    }
+    if bytes[0] > FORMAT_VERSION {
+        return Err(RecordError::NewerVersion(bytes[0]));
+    }
+    let crc = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let body = &bytes[ENVELOPE_HEADER..];
+    if crc32fast::hash(body) != crc {
+        return Err(RecordError::Checksum);
+    }
+    Ok((bytes[0], body))
+}
+
+/// Reads a big-endian integer of `N` bytes at `at`.
+fn be<const N: usize>(body: &[u8], at: usize) -> Option<[u8; N]> {
+    body.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
+/// Encodes `records`, which get the seqs `first`, `first + 1`, …, as one WAL
+/// segment, keyed by its last seq. Returns the envelope and the size of each
+/// record (that of its own [`encode_record`] envelope: invariant 6).
+///
+/// Body: `first (u64 BE) ‖ n (u32 BE) ‖ n × record length (u32 BE) ‖ the n
+/// bincode records`, so that a reader finds any record, and an ack its size,
+/// without decoding the others.
+pub fn encode_segment(first: u64, records: &[&WalRecord]) -> (Vec<u8>, Vec<u64>) {
+    let n = records.len();
+    let table = ENVELOPE_HEADER + 12;
+    let guess: usize = records.iter().map(|r| r.body.len() + 64).sum();
+    let mut out = Vec::with_capacity(table + 4 * n + guess);
+    out.resize(ENVELOPE_HEADER, 0);
+    out.extend_from_slice(&first.to_be_bytes());
+    out.extend_from_slice(&(n as u32).to_be_bytes());
+    out.resize(table + 4 * n, 0);
+    let mut sizes = Vec::with_capacity(n);
+    for (i, record) in records.iter().enumerate() {
+        let len = encode_body(record, &mut out);
+        let at = table + 4 * i;
+        out[at..at + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        sizes.push((len + ENVELOPE_HEADER) as u64);
+    }
+    (seal(out), sizes)
+}
+
+/// A WAL segment opened by [`decode_segment`]: checked, its records decoded
+/// one at a time on demand.
+#[derive(Debug)]
+pub struct Segment<'a> {
+    /// The seq of the first record.
+    first: u64,
+    /// Where each record's bincode lies in `body`.
+    spans: Vec<std::ops::Range<usize>>,
+    /// The envelope's body.
+    body: &'a [u8],
+}
+
+impl Segment<'_> {
+    /// The seq of the first record.
+    pub fn first(&self) -> u64 {
+        self.first
+    }
+
+    /// The seq of the last record (the segment's key).
+    pub fn last(&self) -> u64 {
+        self.first + self.spans.len() as u64 - 1
+    }
+
+    /// The size that [`QueueInfo::bytes`] counts for the record at `seq`;
+    /// 0 if the segment does not hold it.
+    pub fn size_of(&self, seq: u64) -> u64 {
+        self.span(seq)
+            .map_or(0, |s| (s.len() + ENVELOPE_HEADER) as u64)
+    }
+
+    /// Decodes the record at `seq`.
+    pub fn record(&self, seq: u64) -> Result<WalRecord, RecordError> {
+        let span = self
+            .span(seq)
+            .ok_or_else(|| RecordError::Body(format!("segment holds no seq {seq}")))?;
+        decode_body(&self.body[span.clone()])
+    }
+
+    fn span(&self, seq: u64) -> Option<&std::ops::Range<usize>> {
+        let i = usize::try_from(seq.checked_sub(self.first)?).ok()?;
+        self.spans.get(i)
+    }
+}
+
+/// Opens the WAL value stored under `key` (the segment's last seq): a
+/// format-2 segment, or a format-1 single record (a segment of one).
+pub fn decode_segment(key: u64, bytes: &[u8]) -> Result<Segment<'_>, RecordError> {
+    let (version, body) = open_envelope(bytes)?;
+    if version <= SINGLE_RECORD {
+        return Ok(Segment {
+            first: key,
+            spans: std::iter::once(0..body.len()).collect(),
+            body,
+        });
+    }
+    let bad = |what: &str| RecordError::Body(format!("segment {what}"));
+    let first = be::<8>(body, 0)
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| bad("header is short"))?;
+    let n = be::<4>(body, 8)
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| bad("header is short"))? as usize;
+    let table = 12usize;
+    let mut at = n
+        .checked_mul(4)
+        .and_then(|t| t.checked_add(table))
+        .filter(|end| *end <= body.len())
+        .ok_or_else(|| bad("length table is longer than the segment"))?;
+    if n == 0 || first.checked_add(n as u64 - 1) != Some(key) {
+        return Err(bad(&format!(
+            "of {n} records from seq {first} is not keyed by its last seq {key}"
+        )));
+    }
+    let mut spans = Vec::with_capacity(n);
+    for i in 0..n {
+        let len = be::<4>(body, table + 4 * i)
+            .map(u32::from_be_bytes)
+            .unwrap_or(0) as usize;
+        let end = at
+            .checked_add(len)
+            .filter(|e| *e <= body.len())
+            .ok_or_else(|| bad("record runs past its end"))?;
+        spans.push(at..end);
+        at = end;
+    }
+    if at != body.len() {
+        return Err(bad("has bytes after its last record"));
+    }
+    Ok(Segment { first, spans, body })
+}
+
+/// Encodes one group's scoped idempotency keys for its `idem_expiry` entry:
+/// `n × (length (u32 BE) ‖ key)` in an envelope.
+pub fn encode_key_list(keys: &[&[u8]]) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(ENVELOPE_HEADER + keys.iter().map(|k| k.len() + 4).sum::<usize>());
+    out.resize(ENVELOPE_HEADER, 0);
+    for k in keys {
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+    }
+    seal(out)
+}
+
+/// Opens an entry written by [`encode_key_list`].
+pub fn decode_key_list(bytes: &[u8]) -> Result<Vec<&[u8]>, RecordError> {
+    let (_, body) = open_envelope(bytes)?;
+    let mut keys = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        let len = be::<4>(body, at)
+            .map(u32::from_be_bytes)
+            .ok_or_else(|| RecordError::Body("key list is cut short".into()))?
+            as usize;
+        let key = body
+            .get(at + 4..(at + 4).saturating_add(len))
+            .ok_or_else(|| RecordError::Body("key list is cut short".into()))?;
+        keys.push(key);
+        at += 4 + len;
+    }
+    Ok(keys)
 }
 
 /// The idempotency key of a record within its source scope.
@@ -308,7 +515,81 @@ mod tests {
         newer[0] = FORMAT_VERSION + 1;
         assert_eq!(
             decode_record::<WalRecord>(&newer),
-            Err(RecordError::NewerVersion(2))
+            Err(RecordError::NewerVersion(FORMAT_VERSION + 1))
         );
+    }
+
+    fn numbered(n: u64) -> WalRecord {
+        WalRecord {
+            key: format!("k{n}"),
+            body: format!("{{\"n\":{n}}}"),
+            ..record()
+        }
+    }
+
+    #[test]
+    fn a_segment_holds_its_records_at_their_seqs_and_knows_their_sizes() {
+        let records: Vec<WalRecord> = (0..5).map(numbered).collect();
+        let refs: Vec<&WalRecord> = records.iter().collect();
+        let (bytes, sizes) = encode_segment(41, &refs);
+        let segment = decode_segment(45, &bytes).unwrap();
+        assert_eq!((segment.first(), segment.last()), (41, 45));
+        for (i, r) in records.iter().enumerate() {
+            let seq = 41 + i as u64;
+            assert_eq!(segment.record(seq).unwrap(), *r);
+            // Invariant 6: the size an ack subtracts is the record's own envelope.
+            assert_eq!(sizes[i], encode_record(r).len() as u64);
+            assert_eq!(segment.size_of(seq), sizes[i]);
+        }
+        assert_eq!(segment.size_of(40), 0);
+        assert_eq!(segment.size_of(46), 0);
+        assert!(segment.record(46).is_err());
+        // Stored under another key than its last seq: refused, not misread.
+        assert!(matches!(
+            decode_segment(44, &bytes),
+            Err(RecordError::Body(_))
+        ));
+        let mut flipped = bytes.clone();
+        flipped[20] ^= 1;
+        assert_eq!(
+            decode_segment(45, &flipped).unwrap_err(),
+            RecordError::Checksum
+        );
+    }
+
+    #[test]
+    fn a_format_1_wal_value_reads_as_a_segment_of_one() {
+        let mut legacy = encode_record(&record());
+        legacy[0] = SINGLE_RECORD; // the version byte is outside the checksum
+        let segment = decode_segment(7, &legacy).unwrap();
+        assert_eq!((segment.first(), segment.last()), (7, 7));
+        assert_eq!(segment.record(7).unwrap(), record());
+        assert_eq!(segment.size_of(7), legacy.len() as u64);
+    }
+
+    #[test]
+    fn a_segment_header_that_lies_is_an_error() {
+        // Correct checksum, but n says more records than the body holds.
+        let mut body = vec![0u8; ENVELOPE_HEADER];
+        body.extend_from_slice(&1u64.to_be_bytes());
+        body.extend_from_slice(&u32::MAX.to_be_bytes());
+        let bytes = seal(body);
+        assert!(matches!(
+            decode_segment(1, &bytes),
+            Err(RecordError::Body(_))
+        ));
+        let (ok, _) = encode_segment(1, &[&record()]);
+        let mut cut = ok[..ok.len() - 1].to_vec();
+        let crc = crc32fast::hash(&cut[ENVELOPE_HEADER..]);
+        cut[1..ENVELOPE_HEADER].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(decode_segment(1, &cut), Err(RecordError::Body(_))));
+    }
+
+    #[test]
+    fn key_lists_round_trip() {
+        let keys: [&[u8]; 3] = [b"default\0a", b"", b"shop\0\xff"];
+        assert_eq!(decode_key_list(&encode_key_list(&keys)).unwrap(), keys);
+        let bytes = encode_key_list(&keys);
+        assert!(decode_key_list(&bytes[..bytes.len() - 1]).is_err());
     }
 }

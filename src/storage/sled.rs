@@ -14,7 +14,8 @@ use sled::{Db, IVec, Tree};
 
 use super::{
     AppendOutcome, BatchAck, DlqEntry, FORMAT_VERSION, NewEvent, Quarantined, QueueInfo, Storage,
-    StorageError, decode_record, encode_record, scoped_key,
+    StorageError, decode_key_list, decode_record, decode_segment, encode_key_list, encode_record,
+    encode_segment, scoped_key,
 };
 use crate::analytics::{self, KvRead, KvWrite};
 use crate::event::{Queued, WalRecord};
@@ -47,11 +48,12 @@ impl Default for SledOptions {
 struct Store {
     /// The database; kept to flush it.
     db: Db,
-    /// seq → record envelope.
+    /// last seq of a group → the group's segment.
     wal: Tree,
     /// scoped key → first seen ‖ seq.
     keys: Tree,
-    /// first seen ‖ scoped key → (), to sweep expired keys in time order.
+    /// first seen ‖ last seq of a group → the group's keys, to sweep expired
+    /// keys in time order.
     expiry: Tree,
     /// cursor, format version, last DLQ id.
     meta: Tree,
@@ -65,7 +67,8 @@ struct Store {
     aggregates: Tree,
     /// The last seq handed out (invariant 4); only changed under `write_lock`.
     last_seq: AtomicU64,
-    /// Serialises writers that assign seqs (append, DLQ replay).
+    /// Serialises the writers: seqs (append, DLQ replay), the byte gauge
+    /// (ack, quarantine) and keys (sweep) each have one writer at a time.
     write_lock: Mutex<()>,
     /// Encoded bytes of the records in the WAL (kept in `meta` too).
     queue_bytes: AtomicU64,
@@ -138,6 +141,14 @@ impl Store {
                         supported: FORMAT_VERSION,
                     });
                 }
+                if found < u64::from(FORMAT_VERSION) {
+                    // Format 1 values are read as they are; from now on an
+                    // older inletd must refuse this store (it cannot read segments).
+                    store
+                        .meta
+                        .insert(FORMAT, &u64::from(FORMAT_VERSION).to_be_bytes())
+                        .map_err(io)?;
+                }
             }
         }
         let last_wal = store
@@ -157,29 +168,76 @@ impl Store {
         self.write_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn quarantine(&self, tree: &str, key: &[u8], value: &[u8], reason: String) -> Quarantined {
+    /// Moves a value that does not decode to `quarantine`, taking it out of
+    /// its tree (a WAL segment's waiting records also leave the byte gauge:
+    /// `waiting_bytes`).
+    fn quarantine(
+        &self,
+        tree: &str,
+        key: &[u8],
+        value: &[u8],
+        waiting_bytes: u64,
+        reason: String,
+    ) -> Quarantined {
         let mut qkey = tree.as_bytes().to_vec();
         qkey.push(0);
         qkey.extend_from_slice(key);
         let position = match <[u8; 8]>::try_from(key) {
-            Ok(b) => format!("{tree} seq {}", u64::from_be_bytes(b)),
+            Ok(b) if tree == "wal" => {
+                format!("wal segment ending at seq {}", u64::from_be_bytes(b))
+            }
+            Ok(b) => format!("{tree} id {}", u64::from_be_bytes(b)),
             Err(_) => format!("{tree} key {:?}", String::from_utf8_lossy(key)),
         };
         tracing::error!(%position, %reason, "damaged record moved to quarantine");
+        let _guard = self.lock();
         // Best effort: if moving aside fails, the record is still skipped and reported.
-        let moved = (&self.quarantine, &self.wal)
-            .transaction(|(q, w)| {
+        let moved = (&self.quarantine, &self.wal, &self.dlq, &self.meta).transaction(
+            |(q, wal, dlq, meta)| {
                 q.insert(qkey.as_slice(), value)?;
-                if tree == "wal" {
-                    w.remove(key)?;
+                let bytes = u64_of(meta.get(QUEUE_BYTES)?).saturating_sub(waiting_bytes);
+                match tree {
+                    "wal" => {
+                        wal.remove(key)?;
+                        meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
+                    }
+                    _ => {
+                        dlq.remove(key)?;
+                    }
                 }
-                Ok::<_, ConflictableTransactionError<()>>(())
-            })
-            .is_ok();
-        if !moved {
-            tracing::error!(%position, "could not move damaged record aside");
+                Ok::<_, ConflictableTransactionError<()>>(bytes)
+            },
+        );
+        match moved {
+            Ok(bytes) if tree == "wal" => self.queue_bytes.store(bytes, Ordering::SeqCst),
+            Ok(_) => {}
+            Err(_) => tracing::error!(%position, "could not move damaged record aside"),
         }
         Quarantined { position, reason }
+    }
+
+    fn cursor(&self) -> Result<u64, StorageError> {
+        Ok(u64_of(self.meta.get(CURSOR).map_err(io)?))
+    }
+
+    /// Writes `records` as one segment after the last seq, with its bytes,
+    /// inside a transaction; returns the new last seq and byte gauge.
+    fn put_segment(
+        wal: &TransactionalTree,
+        meta: &TransactionalTree,
+        after: u64,
+        records: &[&WalRecord],
+    ) -> Result<(u64, u64), UnabortableTransactionError> {
+        let mut bytes = u64_of(meta.get(QUEUE_BYTES)?);
+        if records.is_empty() {
+            return Ok((after, bytes));
+        }
+        let (segment, sizes) = encode_segment(after + 1, records);
+        let last = after + records.len() as u64;
+        wal.insert(&last.to_be_bytes(), segment)?;
+        bytes += sizes.iter().sum::<u64>();
+        meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
+        Ok((last, bytes))
     }
 }
 
@@ -192,16 +250,13 @@ impl Storage for Store {
     ) -> Result<Vec<AppendOutcome>, StorageError> {
         let _guard = self.lock();
         let start = self.last_seq.load(Ordering::SeqCst);
-        let encoded: Vec<(Vec<u8>, Vec<u8>)> = events
-            .iter()
-            .map(|e| (scoped_key(&e.record), encode_record(&e.record)))
-            .collect();
+        let keys_of: Vec<Vec<u8>> = events.iter().map(|e| scoped_key(&e.record)).collect();
         let (outcomes, last, bytes) = (&self.wal, &self.keys, &self.expiry, &self.meta)
             .transaction(|(wal, keys, expiry, meta)| {
                 let mut seq = start;
-                let mut bytes = u64_of(meta.get(QUEUE_BYTES)?);
-                let mut out = Vec::with_capacity(encoded.len());
-                for (key, record) in &encoded {
+                let mut out = Vec::with_capacity(events.len());
+                let mut accepted: Vec<usize> = Vec::with_capacity(events.len());
+                for (i, key) in keys_of.iter().enumerate() {
                     if let Some(v) = keys.get(key)? {
                         let first_seen_ms = v
                             .get(..8)
@@ -216,15 +271,20 @@ impl Storage for Store {
                     let mut value = now_ms.to_be_bytes().to_vec();
                     value.extend_from_slice(&seq.to_be_bytes());
                     keys.insert(key.as_slice(), value)?;
-                    let mut exp = ordered_ms(now_ms).to_vec();
-                    exp.extend_from_slice(key);
-                    expiry.insert(exp, &[])?;
-                    wal.insert(&seq.to_be_bytes(), record.as_slice())?;
-                    bytes += record.len() as u64;
+                    accepted.push(i);
                     out.push(AppendOutcome::Accepted { seq });
                 }
-                meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<StorageError>>((out, seq, bytes))
+                let records: Vec<&WalRecord> =
+                    accepted.iter().map(|&i| &events[i].record).collect();
+                let (last, bytes) = Self::put_segment(wal, meta, start, &records)?;
+                if !accepted.is_empty() {
+                    let mut exp = ordered_ms(now_ms).to_vec();
+                    exp.extend_from_slice(&last.to_be_bytes());
+                    let group: Vec<&[u8]> =
+                        accepted.iter().map(|&i| keys_of[i].as_slice()).collect();
+                    expiry.insert(exp, encode_key_list(&group))?;
+                }
+                Ok::<_, ConflictableTransactionError<StorageError>>((out, last, bytes))
             })
             .map_err(tx_err)?;
         self.last_seq.store(last, Ordering::SeqCst);
@@ -243,19 +303,51 @@ impl Storage for Store {
     ) -> Result<(Vec<Queued>, Vec<Quarantined>), StorageError> {
         let mut records = Vec::new();
         let mut damaged = Vec::new();
-        let from = after.saturating_add(1).to_be_bytes();
-        for item in self.wal.range(from..) {
+        // Records at or below the cursor are done, even inside a segment
+        // that is still there.
+        let cursor = self.cursor()?;
+        let after = after.max(cursor);
+        for item in self.wal.range(after.saturating_add(1).to_be_bytes()..) {
             if records.len() >= limit {
                 break;
             }
             let (k, v) = item.map_err(io)?;
-            let seq = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes);
-            match (seq, decode_record::<WalRecord>(&v)) {
-                (Ok(seq), Ok(record)) => records.push(Queued { seq, record }),
-                (Err(_), _) => {
-                    damaged.push(self.quarantine("wal", &k, &v, "key is not a seq".into()))
+            let Ok(key) = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes) else {
+                damaged.push(self.quarantine("wal", &k, &v, 0, "key is not a seq".into()));
+                continue;
+            };
+            let segment = match decode_segment(key, &v) {
+                Ok(segment) => segment,
+                Err(e) => {
+                    // Its sizes cannot be trusted: take what the envelope weighs.
+                    let waiting = v.len() as u64;
+                    damaged.push(self.quarantine("wal", &k, &v, waiting, e.to_string()));
+                    continue;
                 }
-                (_, Err(e)) => damaged.push(self.quarantine("wal", &k, &v, e.to_string())),
+            };
+            let from = segment.first().max(after + 1);
+            let take = (limit - records.len()) as u64;
+            let mut taken = Vec::new();
+            let mut failed = None;
+            for seq in from..=segment.last().min(from + take - 1) {
+                match segment.record(seq) {
+                    Ok(record) => taken.push(Queued { seq, record }),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => records.append(&mut taken),
+                Some(e) => {
+                    // A checksummed segment whose record does not decode: a
+                    // writer bug. Set the whole segment aside, as found.
+                    let waiting = (cursor + 1..=segment.last())
+                        .map(|s| segment.size_of(s))
+                        .sum();
+                    damaged.push(self.quarantine("wal", &k, &v, waiting, e.to_string()));
+                }
             }
         }
         Ok((records, damaged))
@@ -264,13 +356,56 @@ impl Storage for Store {
     fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
         // Writers take turns: sled's transactions are optimistic, and an ack
         // racing a large group commit on the same trees would conflict and
-        // run again.
+        // run again. Under the lock nobody else moves the cursor or removes
+        // segments, so what is read here holds in the transaction below.
         let _guard = self.lock();
+        let cursor = self.cursor()?;
+        let new_cursor = cursor.max(ack.upto);
+        // The sizes of the processed records, from their segments' headers.
+        let mut freed = 0u64;
+        let mut current: Option<(u64, IVec)> = None;
+        for (seq, _) in &ack.processed {
+            if *seq <= cursor {
+                continue;
+            }
+            if current.as_ref().is_none_or(|(last, _)| last < seq) {
+                current = self
+                    .wal
+                    .range(seq.to_be_bytes()..)
+                    .next()
+                    .transpose()
+                    .map_err(io)?
+                    .and_then(|(k, v)| Some((u64::from_be_bytes(k.as_ref().try_into().ok()?), v)));
+            }
+            if let Some((last, v)) = &current
+                && let Ok(segment) = decode_segment(*last, v)
+            {
+                freed += segment.size_of(*seq);
+            }
+        }
+        // Segments that the cursor has passed entirely.
+        let done: Vec<IVec> = self
+            .wal
+            .range(..=new_cursor.to_be_bytes())
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(io)?;
         let dead: Vec<(u64, Vec<u8>)> = ack
             .dead
             .iter()
+            .filter(|(seq, _)| *seq > cursor)
             .map(|(seq, e)| (*seq, encode_record(e)))
             .collect();
+        let mut added: std::collections::BTreeMap<&str, u64> = Default::default();
+        let mut facts = Vec::with_capacity(ack.processed.len());
+        for (seq, f) in &ack.processed {
+            if *seq > cursor
+                && let Some(f) = f
+            {
+                *added.entry(f.event_type.as_str()).or_default() += 1;
+                facts.push(f.clone());
+            }
+        }
         (
             &self.wal,
             &self.meta,
@@ -279,37 +414,22 @@ impl Storage for Store {
             &self.aggregates,
         )
             .transaction(|(wal, meta, counts, dlq, aggregates)| {
-                let cursor = u64_of(meta.get(CURSOR)?);
-                let mut bytes = u64_of(meta.get(QUEUE_BYTES)?);
-                let mut added: std::collections::BTreeMap<&str, u64> = Default::default();
-                let mut facts = Vec::with_capacity(ack.processed.len());
-                for (seq, f) in &ack.processed {
-                    if *seq <= cursor {
-                        continue;
-                    }
-                    if let Some(old) = wal.remove(&seq.to_be_bytes())? {
-                        bytes = bytes.saturating_sub(old.len() as u64);
-                    }
-                    if let Some(f) = f {
-                        *added.entry(f.event_type.as_str()).or_default() += 1;
-                        facts.push(f.clone());
-                    }
+                for key in &done {
+                    wal.remove(key)?;
                 }
+                let bytes = u64_of(meta.get(QUEUE_BYTES)?).saturating_sub(freed);
                 analytics::apply(&mut TxKv(aggregates), &facts, ack.now_ms)?;
-                for (t, n) in added {
+                for (t, n) in &added {
                     let now = u64_of(counts.get(t.as_bytes())?);
                     counts.insert(t.as_bytes(), &(now + n).to_be_bytes())?;
                 }
                 let mut dlq_last = u64_of(meta.get(DLQ_LAST)?);
-                for (seq, entry) in &dead {
-                    if *seq <= cursor {
-                        continue;
-                    }
+                for (_, entry) in &dead {
                     dlq_last += 1;
                     dlq.insert(&dlq_last.to_be_bytes(), entry.as_slice())?;
                 }
                 meta.insert(DLQ_LAST, &dlq_last.to_be_bytes())?;
-                meta.insert(CURSOR, &cursor.max(ack.upto).to_be_bytes())?;
+                meta.insert(CURSOR, &new_cursor.to_be_bytes())?;
                 meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
                 Ok::<_, ConflictableTransactionError<StorageError>>(bytes)
             })
@@ -320,13 +440,19 @@ impl Storage for Store {
     }
 
     fn queue_info(&self) -> Result<QueueInfo, StorageError> {
-        let cursor = u64_of(self.meta.get(CURSOR).map_err(io)?);
+        let cursor = self.cursor()?;
         let last_seq = self.last_seq.load(Ordering::SeqCst);
         let oldest_received_ms = self
             .wal
-            .first()
+            .range((cursor + 1).to_be_bytes()..)
+            .next()
+            .transpose()
             .map_err(io)?
-            .and_then(|(_, v)| decode_record::<WalRecord>(&v).ok())
+            .and_then(|(k, v)| {
+                let segment =
+                    decode_segment(u64::from_be_bytes(k.as_ref().try_into().ok()?), &v).ok()?;
+                segment.record(segment.first().max(cursor + 1)).ok()
+            })
             .map(|r| r.received_at_ms);
         Ok(QueueInfo {
             bytes: self.queue_bytes.load(Ordering::SeqCst),
@@ -365,29 +491,60 @@ impl Storage for Store {
     fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
         let mut removed = 0;
         let end = ordered_ms(before_ms);
-        let expired: Vec<IVec> = self
-            .expiry
-            .range(..end.as_slice())
-            .keys()
-            .take(limit)
-            .collect::<Result<_, _>>()
-            .map_err(io)?;
-        for exp_key in expired {
-            let (seen, key) = exp_key.split_at(8.min(exp_key.len()));
-            let seen = <[u8; 8]>::try_from(seen).map(|b| (u64::from_be_bytes(b) ^ SIGN) as i64);
-            // Remove the key only if this expiry entry is its current one (a
-            // key re-accepted after expiring has a newer entry). Key first,
-            // then the entry: a crash between leaves an entry the next sweep drops.
-            if let Some(v) = self.keys.get(key).map_err(io)?
-                && v.get(..8)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(i64::from_be_bytes)
-                    == seen.ok()
-            {
-                self.keys.remove(key).map_err(io)?;
-                removed += 1;
+        while removed < limit {
+            // One group at a time under the lock: an append must not
+            // re-accept a key between this check and its removal.
+            let _guard = self.lock();
+            let Some((exp_key, value)) = self
+                .expiry
+                .range(..end.as_slice())
+                .next()
+                .transpose()
+                .map_err(io)?
+            else {
+                break;
+            };
+            let (seen, suffix) = exp_key.split_at(8.min(exp_key.len()));
+            let seen = <[u8; 8]>::try_from(seen)
+                .ok()
+                .map(|b| (u64::from_be_bytes(b) ^ SIGN) as i64);
+            let group: Vec<&[u8]> = if value.is_empty() {
+                vec![suffix] // format 1: one key, in the entry's own key
+            } else {
+                decode_key_list(&value).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "damaged expiry entry dropped; its keys stay until re-sent");
+                    Vec::new()
+                })
+            };
+            // Remove a key only if this entry is its current one (a key
+            // re-accepted after expiring has a newer entry).
+            let mut batch = sled::Batch::default();
+            let mut taken = 0;
+            for key in &group {
+                if removed + taken >= limit {
+                    break;
+                }
+                taken += 1;
+                if let Some(v) = self.keys.get(key).map_err(io)?
+                    && v.get(..8)
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map(i64::from_be_bytes)
+                        == seen
+                {
+                    batch.remove(*key);
+                    removed += 1;
+                }
             }
-            self.expiry.remove(&exp_key).map_err(io)?;
+            // Keys first, then the entry: a crash between leaves an entry
+            // that the next sweep finds nothing to do for.
+            self.keys.apply_batch(batch).map_err(io)?;
+            if taken < group.len() {
+                self.expiry
+                    .insert(&exp_key, encode_key_list(&group[taken..]))
+                    .map_err(io)?;
+            } else {
+                self.expiry.remove(&exp_key).map_err(io)?;
+            }
         }
         Ok(removed)
     }
@@ -403,8 +560,7 @@ impl Storage for Store {
             match decode_record::<DlqEntry>(&v) {
                 Ok(e) => out.push((id, e)),
                 Err(e) => {
-                    self.quarantine("dlq", &k, &v, e.to_string());
-                    self.dlq.remove(&k).map_err(io)?;
+                    self.quarantine("dlq", &k, &v, 0, e.to_string());
                 }
             }
         }
@@ -418,8 +574,7 @@ impl Storage for Store {
             Some(v) => match decode_record::<DlqEntry>(&v) {
                 Ok(e) => Ok(Some(e)),
                 Err(e) => {
-                    self.quarantine("dlq", &key, &v, e.to_string());
-                    self.dlq.remove(key).map_err(io)?;
+                    self.quarantine("dlq", &key, &v, 0, e.to_string());
                     Ok(None)
                 }
             },
@@ -445,9 +600,8 @@ impl Storage for Store {
         let start = self.last_seq.load(Ordering::SeqCst);
         let (moved, last, bytes) = (&self.dlq, &self.wal, &self.meta)
             .transaction(|(dlq, wal, meta)| {
-                let mut seq = start;
-                let mut bytes = u64_of(meta.get(QUEUE_BYTES)?);
                 let mut moved = Vec::new();
+                let mut records = Vec::new();
                 for id in ids {
                     let Some(v) = dlq.remove(&id.to_be_bytes())? else {
                         continue;
@@ -459,14 +613,12 @@ impl Storage for Store {
                     };
                     let mut record = entry.record;
                     record.only_sink = Some(entry.sink);
-                    seq += 1;
-                    let encoded = encode_record(&record);
-                    bytes += encoded.len() as u64;
-                    wal.insert(&seq.to_be_bytes(), encoded)?;
+                    records.push(record);
                     moved.push(*id);
                 }
-                meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<StorageError>>((moved, seq, bytes))
+                let refs: Vec<&WalRecord> = records.iter().collect();
+                let (last, bytes) = Self::put_segment(wal, meta, start, &refs)?;
+                Ok::<_, ConflictableTransactionError<StorageError>>((moved, last, bytes))
             })
             .map_err(tx_err)?;
         self.last_seq.store(last, Ordering::SeqCst);
