@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use parking_lot::{FairMutex, FairMutexGuard};
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
     UnabortableTransactionError,
@@ -69,7 +70,10 @@ struct Store {
     last_seq: AtomicU64,
     /// Serialises the writers: seqs (append, DLQ replay), the byte gauge
     /// (ack, quarantine) and keys (sweep) each have one writer at a time.
-    write_lock: Mutex<()>,
+    /// Fair, so that acks get their turn between group commits under
+    /// sustained intake instead of starving (the queue would grow without
+    /// bound while the Deduper re-took an unfair lock).
+    write_lock: FairMutex<()>,
     /// Encoded bytes of the records in the WAL (kept in `meta` too).
     queue_bytes: AtomicU64,
 }
@@ -123,7 +127,7 @@ impl Store {
             aggregates: tree("aggregates")?,
             db,
             last_seq: AtomicU64::new(0),
-            write_lock: Mutex::new(()),
+            write_lock: FairMutex::new(()),
             queue_bytes: AtomicU64::new(0),
         };
         match store.meta.get(FORMAT).map_err(io)? {
@@ -164,8 +168,8 @@ impl Store {
         Ok(store)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.write_lock.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> FairMutexGuard<'_, ()> {
+        self.write_lock.lock()
     }
 
     /// Moves a value that does not decode to `quarantine`, taking it out of
