@@ -206,3 +206,63 @@ fn one_failing_sink_does_not_stall_the_other() {
     assert_eq!(dlq.len(), 5);
     assert!(dlq.iter().all(|e| e["sink"] == "dashboard"));
 }
+
+fn batch_of(n: usize) -> serde_json::Value {
+    let events: Vec<_> = (0..n)
+        .map(|i| json!({"event_id": format!("b{i:02}"), "event_type": "signup"}))
+        .collect();
+    json!({ "events": events })
+}
+
+/// A backlog larger than one micro-batch is handed over and committed
+/// together, but the dashboard still receives it `batch_size` events at a
+/// time, each event once.
+#[test]
+fn a_backlog_reaches_the_sink_one_micro_batch_at_a_time() {
+    let sink = SinkServer::start(Box::new(|_| 200));
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &format!(
+            "batch_size = 10\nbatch_timeout_ms = 300\n{}",
+            http_sink(&sink.url())
+        ),
+    );
+    assert_eq!(d.post_json("/webhook/batch", &batch_of(35)).status, 202);
+    d.wait_processed(Duration::from_secs(10));
+    let sizes: Vec<usize> = sink
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| b["events"].as_array().map_or(0, Vec::len))
+        .collect();
+    assert_eq!(sizes, vec![10, 10, 10, 5], "bodies as the sink got them");
+    let expected: Vec<String> = (0..35).map(|i| format!("b{i:02}")).collect();
+    assert_eq!(ids(&sink.events()), expected);
+}
+
+/// When the first micro-batch of a hand-over fails after its retries, the
+/// others go to the DLQ with it instead of waiting through the retries
+/// again: the sink sees one batch's attempts, the DLQ holds every event.
+#[test]
+fn a_failed_micro_batch_parks_the_rest_of_its_hand_over_without_more_retries() {
+    let sink = SinkServer::start(Box::new(|_| 503));
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &format!(
+            "batch_size = 10\nbatch_timeout_ms = 5000\n{}",
+            http_sink(&sink.url())
+        ),
+    );
+    assert_eq!(d.post_json("/webhook/batch", &batch_of(30)).status, 202);
+    eventually(Duration::from_secs(10), "30 events in the DLQ", || {
+        d.get("/admin/queue").json()["dlq_size"] == 30
+    });
+    assert_eq!(
+        sink.requests.load(Ordering::SeqCst),
+        4,
+        "max_retries = 3: one first try and three retries, for the first micro-batch only"
+    );
+}

@@ -111,8 +111,9 @@ pub enum BatcherMsg {
 
 /// Processor: delivers a batch to every sink and acknowledges it.
 pub enum ProcessorMsg {
-    /// Deliver `records` and move the cursor to `upto` (its last seq, or
-    /// past a gap of quarantined records).
+    /// Deliver `records` (one or more micro-batches of `batch_size`, each
+    /// sent to the sinks on its own) and move the cursor to `upto` (its last
+    /// seq, or past a gap of quarantined records) in one commit.
     Process { records: Vec<Queued>, upto: u64 },
 }
 

@@ -43,6 +43,7 @@ struct Breaker {
 }
 
 /// How one sink's delivery of one batch ended.
+#[derive(Clone)]
 struct Failure {
     error: String,
     attempts: u32,
@@ -79,6 +80,9 @@ impl Actor for Processor {
         let config = &live.config;
         let ctx = &context;
 
+        // Each sink gets the micro-batches in order, one at a time; once one
+        // fails (after its retries), the rest go to the DLQ with the same error
+        // rather than wait through the retries again.
         let deliveries = live.sinks.iter().map(|sink| {
             let events: Vec<Queued> = records
                 .iter()
@@ -92,15 +96,26 @@ impl Actor for Processor {
                 .collect();
             let breaker = state.breakers.get(sink.name()).cloned().unwrap_or_default();
             async move {
-                let result = if events.is_empty() {
-                    Ok(())
-                } else {
-                    deliver(sink.as_ref(), &events, config, &breaker, ctx).await
-                };
-                (sink.clone(), events, result)
+                let mut outcomes: Vec<(Vec<Queued>, Result<(), Failure>)> = Vec::new();
+                for chunk in events.chunks(config.batch_size.max(1)) {
+                    let result = match outcomes.last() {
+                        Some((_, Err(f))) => Err(f.clone()),
+                        _ => deliver(sink.as_ref(), chunk, config, &breaker, ctx).await,
+                    };
+                    outcomes.push((chunk.to_vec(), result));
+                }
+                (sink.clone(), outcomes)
             }
         });
-        let results = join_all(deliveries).await;
+        let results: Vec<_> = join_all(deliveries)
+            .await
+            .into_iter()
+            .flat_map(|(sink, outcomes)| {
+                outcomes
+                    .into_iter()
+                    .map(move |(events, result)| (sink.clone(), events, result))
+            })
+            .collect();
 
         let now = now_ms();
         let mut ack = BatchAck {
