@@ -1,6 +1,7 @@
 //! WAL append with group commit: one transaction and one flush per group,
 //! at several group sizes, on a real sled store in a temp dir. The
-//! per-event cost falling with the group size is what group commit buys.
+//! per-event cost falling with the group size is what group commit buys;
+//! the same appends without a flush show the CPU share.
 
 use std::sync::Arc;
 
@@ -47,5 +48,27 @@ fn group_commit(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, group_commit);
+/// The same appends without the flush: the CPU a group costs, which the
+/// Deduper spends serially (it holds the write lock).
+fn append_only(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wal_append_no_flush");
+    g.sample_size(20);
+    for size in [64u64, 1000] {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Storage> =
+            Arc::new(SledStorage::open(dir.path(), &SledOptions::default()).unwrap());
+        let mut next = 0u64;
+        g.throughput(Throughput::Elements(size));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, &size| {
+            b.iter(|| {
+                let group: Vec<NewEvent> = (0..size).map(|i| record(next + i)).collect();
+                next += size;
+                store.append(&group, 1_700_000_000_000, 86_400_000).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, group_commit, append_only);
 criterion_main!(benches);
