@@ -1,7 +1,9 @@
 //! The per-event work on the intake and processing paths, each on its own:
 //!
-//! * `record`: the WAL envelope, `encode_record` / `decode_record` of one
+//! * `record`: the envelope, `encode_record` / `decode_record` of one
 //!   `WalRecord` (bincode + crc32);
+//! * `segment`: a WAL segment of 100 records, encoded, and opened with
+//!   every record decoded;
 //! * `parse`: `parse_single` of one event body and `parse_batch` of a
 //!   100-event body (JSON + validation);
 //! * `idempotency_lookup`: `Storage::append` of a group whose every key is
@@ -22,7 +24,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use inletd::analytics::{self, Facts, KvWrite};
 use inletd::event::{WalRecord, parse_batch, parse_single};
 use inletd::storage::sled::{SledOptions, SledStorage};
-use inletd::storage::{AppendOutcome, NewEvent, Storage, decode_record, encode_record};
+use inletd::storage::{
+    AppendOutcome, NewEvent, Storage, decode_record, decode_segment, encode_record, encode_segment,
+};
 
 const NOW_MS: i64 = 1_700_000_000_000;
 const TTL_MS: i64 = 86_400_000;
@@ -54,6 +58,27 @@ fn records(c: &mut Criterion) {
     g.bench_function("encode", |b| b.iter(|| encode_record(black_box(&rec))));
     g.bench_function("decode", |b| {
         b.iter(|| decode_record::<WalRecord>(black_box(&bytes)).unwrap())
+    });
+    g.finish();
+
+    // A group commit's segment of 100 records: written once per group,
+    // opened (checksum and record table) once per hand-over, each record
+    // decoded on its own.
+    let mut g = c.benchmark_group("segment");
+    let group: Vec<WalRecord> = (0..100).map(record).collect();
+    let refs: Vec<&WalRecord> = group.iter().collect();
+    let (segment, _) = encode_segment(1, &refs);
+    g.throughput(Throughput::Elements(100));
+    g.bench_function("encode_100", |b| {
+        b.iter(|| encode_segment(1, black_box(&refs)))
+    });
+    g.bench_function("decode_100", |b| {
+        b.iter(|| {
+            let s = decode_segment(100, black_box(&segment)).unwrap();
+            (1..=100)
+                .map(|seq| s.record(seq).unwrap())
+                .collect::<Vec<_>>()
+        })
     });
     g.finish();
 }

@@ -271,7 +271,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let storage = open_storage(&config)?;
     let running = start(config, storage, None).await?;
     let reloader = tokio::spawn(reload_on_sighup(hangups, running.pipeline.context.clone()));
-    let watchdog = tokio::spawn(watchdog());
+    let watchdog = tokio::spawn(watchdog(running.pipeline.context.clone()));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let stopping = async {
         shutdown.await;
@@ -299,15 +299,38 @@ async fn reload_on_sighup(
     }
 }
 
-/// Pings systemd's watchdog at half its interval while the runtime is alive.
-async fn watchdog() {
+/// Pings systemd's watchdog at half its interval, each time after the
+/// store has answered a read: sled 0.34 can deadlock under heavy writes
+/// (spacejam/sled#1412; seen here once in interval mode, BENCHMARKS.md), and
+/// a daemon whose store hangs must be restarted, not kept alive by a
+/// runtime that still ticks. A store that answers with an error is not
+/// hung (the reopen logic deals with it). Acknowledged events are on disk,
+/// so systemd's restart loses none.
+async fn watchdog(context: Arc<Context>) {
     let Some(interval) = sd_notify::watchdog_enabled().filter(|d| !d.is_zero()) else {
         return;
     };
     let mut every = tokio::time::interval(interval / 2);
+    let mut probe: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         every.tick().await;
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        // At most one probe at a time: a hung one is not joined by more.
+        let running = probe.get_or_insert_with(|| {
+            let storage = context.storage.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = storage.queue_info();
+            })
+        });
+        match tokio::time::timeout(interval / 4, running).await {
+            Ok(_) => {
+                probe = None;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+            Err(_) => tracing::error!(
+                waited_ms = interval.as_millis() as u64 / 4,
+                "the store has not answered a read; withholding the watchdog ping so that systemd restarts inletd"
+            ),
+        }
     }
 }
 
