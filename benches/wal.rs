@@ -27,10 +27,12 @@ fn record(n: u64) -> NewEvent {
     }
 }
 
-fn group_commit(c: &mut Criterion) {
-    let mut g = c.benchmark_group("wal_append_flush");
+/// Appends groups of each size to a fresh store, flushing after each group
+/// or not.
+fn appends(c: &mut Criterion, name: &str, sizes: &[u64], flush: bool) {
+    let mut g = c.benchmark_group(name);
     g.sample_size(20);
-    for size in [1u64, 10, 100, 1000] {
+    for &size in sizes {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Storage> =
             Arc::new(SledStorage::open(dir.path(), &SledOptions::default()).unwrap());
@@ -41,33 +43,23 @@ fn group_commit(c: &mut Criterion) {
                 let group: Vec<NewEvent> = (0..size).map(|i| record(next + i)).collect();
                 next += size;
                 store.append(&group, 1_700_000_000_000, 86_400_000).unwrap();
-                store.flush().unwrap();
+                if flush {
+                    store.flush().unwrap();
+                }
             })
         });
     }
     g.finish();
 }
 
+fn group_commit(c: &mut Criterion) {
+    appends(c, "wal_append_flush", &[1, 10, 100, 1000], true);
+}
+
 /// The same appends without the flush: the CPU a group costs, which the
 /// Deduper spends serially (it holds the write lock).
 fn append_only(c: &mut Criterion) {
-    let mut g = c.benchmark_group("wal_append_no_flush");
-    g.sample_size(20);
-    for size in [64u64, 1000] {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Storage> =
-            Arc::new(SledStorage::open(dir.path(), &SledOptions::default()).unwrap());
-        let mut next = 0u64;
-        g.throughput(Throughput::Elements(size));
-        g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, &size| {
-            b.iter(|| {
-                let group: Vec<NewEvent> = (0..size).map(|i| record(next + i)).collect();
-                next += size;
-                store.append(&group, 1_700_000_000_000, 86_400_000).unwrap();
-            })
-        });
-    }
-    g.finish();
+    appends(c, "wal_append_no_flush", &[64, 1000], false);
 }
 
 criterion_group!(benches, group_commit, append_only);
