@@ -697,3 +697,43 @@ fn a_sweep_before_the_epoch_removes_nothing_unexpired() {
         assert_eq!(s.sweep_keys(1501, 100).unwrap(), 1);
     }
 }
+
+/// A store written by format 1 kept one expiry entry per key, with the key
+/// in the entry's own key and an empty value: the sweep still expires it,
+/// and only when it is the key's current entry.
+#[test]
+fn a_format_1_expiry_entry_is_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = open(&dir);
+    let sign = 1u64 << 63;
+    for (key, first_seen) in [("old", 500i64), ("renewed", 500)] {
+        let scoped = format!("default\0{key}");
+        let mut value = first_seen.to_be_bytes().to_vec();
+        value.extend_from_slice(&7u64.to_be_bytes());
+        sled.put_raw("idempotency", scoped.as_bytes(), &value)
+            .unwrap();
+        let mut expiry = ((first_seen as u64) ^ sign).to_be_bytes().to_vec();
+        expiry.extend_from_slice(scoped.as_bytes());
+        sled.put_raw("idem_expiry", &expiry, b"").unwrap();
+    }
+    // "renewed" was accepted again after it expired: its format-1 entry is
+    // no longer its current one.
+    assert_eq!(
+        sled.append(&[event("renewed", "t", 1600)], 1600, 1000)
+            .unwrap(),
+        vec![AppendOutcome::Accepted { seq: 1 }]
+    );
+    assert_eq!(sled.sweep_keys(1501, 100).unwrap(), 1, "only `old`");
+    assert_eq!(
+        sled.append(&[event("old", "t", 1700)], 1700, 1000).unwrap(),
+        vec![AppendOutcome::Accepted { seq: 2 }],
+        "an expired key is accepted again"
+    );
+    assert!(matches!(
+        sled.append(&[event("renewed", "t", 1700)], 1700, 1000)
+            .unwrap()[..],
+        [AppendOutcome::Duplicate {
+            first_seen_ms: 1600
+        }]
+    ));
+}

@@ -764,13 +764,15 @@ impl SledStorage {
 
 impl SledStorage {
     /// Writes raw bytes into a tree, bypassing every check: for tests that
-    /// need a damaged record on disk.
+    /// need a damaged record, or one in an older format, on disk.
     #[doc(hidden)]
     pub fn put_raw(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
         self.with(|s| {
             let t = match tree {
                 "wal" => &s.wal,
                 "dlq" => &s.dlq,
+                "idempotency" => &s.keys,
+                "idem_expiry" => &s.expiry,
                 _ => return Err(StorageError::Io(format!("no tree {tree}"))),
             };
             t.insert(key, value).map_err(io)?;
