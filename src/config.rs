@@ -26,9 +26,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
-    /// 202 only after the group's flush to disk returned.
+    /// 202 only after the group's flush and sync to disk returned.
     Fsync,
-    /// 202 after the write; the disk is flushed every `flush_interval_ms`.
+    /// 202 after the write; flushed and synced every `flush_interval_ms`.
     Interval,
 }
 

@@ -51,7 +51,7 @@ const KEYS: &[(&str, &str, bool)] = &[
     ),
     (
         "durability",
-        "fsync: answer 202 after the group's flush to disk; interval: after the write, flushed every flush_interval_ms (a power loss can lose that window).",
+        "fsync: answer 202 after the group's flush and sync to disk (survives a power cut); interval: after the write, synced every flush_interval_ms (a power cut or kill -9 can lose that window plus two flush times).",
         true,
     ),
     (

@@ -73,10 +73,13 @@ impl Actor for Dlq {
                 let _ = reply.send(replay(&state.context, ids, limit).map_err(text));
             }
             DlqMsg::Remove { ids, reply } => {
+                // Flushed before the answer, like a replay: a removal that
+                // a power cut undid would bring the entries back.
                 let removed = match ids {
                     Some(ids) => storage.dlq_remove(&ids),
                     None => purge(&state.context),
-                };
+                }
+                .and_then(|n| storage.flush().map(|()| n));
                 let _ = reply.send(removed.map_err(text));
             }
         }

@@ -64,11 +64,22 @@
 //!
 //! ## Flushing
 //!
-//! `durability = "fsync"`: the Deduper calls `flush()` after each group;
-//! the ack path does not flush (a lost ack only means re-delivery, and the
-//! next group commit flushes it anyway). `durability = "interval"`: sled
-//! flushes every `flush_interval_ms` in the background and `flush()` is not
-//! called on the request path.
+//! `durability = "fsync"`: the Deduper calls `flush()` after each group,
+//! the DLQ actor after each replay and removal; the ack path does not flush
+//! (a lost ack only means re-delivery, counted once since the counters
+//! roll back with the cursor, and the next group commit flushes it anyway).
+//! `durability = "interval"`: a background thread calls `flush()` every
+//! `flush_interval_ms` and `flush()` is not called on the request path.
+//!
+//! A flush is power-safe: sled's own ends in `sync_file_range`, which
+//! persists neither the file size nor the drive's cache, and sled never
+//! syncs `conf`, its blob files (values over `segment_size / 4`, 128 KiB)
+//! or a directory. `SledStorage::flush` therefore also fdatasyncs each new
+//! or grown blob file and then `blobs/`, fdatasyncs `db`, and fsyncs the
+//! data directory when its listing changed (a new snapshot); opening the
+//! store syncs `conf`, `db`, both directories and the data directory's
+//! parent once. `tests/powercut.rs` runs the daemon on a filesystem that
+//! drops every unsynced write at a simulated power cut.
 
 pub mod memory;
 pub mod sled;
@@ -101,6 +112,12 @@ pub enum StorageError {
         "data directory has format version {found}; this inletd reads up to {supported}: upgrade inletd"
     )]
     NewerFormat { found: u64, supported: u8 },
+    /// sled cannot read the store (it panicked or reported corruption).
+    #[error(
+        "the store at {path} is damaged: {reason}. Keep it aside (mv it), start inletd on an \
+         empty data_dir, and see \"A damaged store\" in the README to recover what it holds"
+    )]
+    Damaged { path: String, reason: String },
     /// The store cannot be opened at all.
     #[error(
         "cannot open the store at {path}: {reason}. Is another inletd using this data_dir? \
