@@ -9,37 +9,19 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::books::{
+    Ledger, Load, Mix, check_books, file_sink, read_sink, sample, seed, summary, type_of,
+};
 use common::{Daemon, eventually, signal, try_request, write_config};
 use serde_json::{Value, json};
-
-/// Concurrent clients per cycle.
-const CLIENTS: usize = 8;
-
-/// The event types clients send; each id always carries the same one.
-const TYPES: [&str; 3] = ["signup", "page_view", "purchase"];
-
-/// The event type that belongs to `id` (so a re-sent id carries the same body).
-fn type_of(id: &str) -> &'static str {
-    let sum: usize = id.bytes().map(usize::from).sum();
-    TYPES[sum % TYPES.len()]
-}
-
-/// Config lines for a file sink writing to `path`.
-fn file_sink(path: &Path) -> String {
-    format!(
-        "[[sinks]]\nname = \"file\"\ntype = \"file\"\npath = \"{}\"\n",
-        path.display()
-    )
-}
 
 /// Config lines for an http sink that hangs on `addr`: no retries, a
 /// timeout far longer than any test waits.
@@ -47,21 +29,6 @@ fn hanging_sink(addr: SocketAddr) -> String {
     format!(
         "max_retries = 0\n[[sinks]]\nname = \"dashboard\"\ntype = \"http\"\nurl = \"http://{addr}/update\"\ntimeout_ms = 30000\n"
     )
-}
-
-/// The seed for this run: `CRASH_SEED` or the clock; printed for replay.
-fn seed(test: &str) -> u64 {
-    let seed = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("{test}: CRASH_SEED={seed}");
-    seed
 }
 
 /// A downstream that accepts connections, reads what it is sent and never
@@ -98,237 +65,6 @@ impl HangingServer {
     }
 }
 
-/// What the clients were told, over every run of the daemon.
-#[derive(Default)]
-struct Ledger {
-    /// Every id a client sent at least once.
-    sent: HashSet<String>,
-    /// Ids answered 202 accepted.
-    accepted: HashSet<String>,
-    /// Ids answered 200 duplicate.
-    duplicate: HashSet<String>,
-    /// Ids sent without getting an answer; clients send them again first.
-    unanswered: Vec<String>,
-    /// Answers outside the contract, described.
-    unexpected: Vec<String>,
-    /// Ids answered 202 after they had already been acknowledged.
-    accepted_twice: Vec<String>,
-    /// 503 answers seen (draining).
-    unavailable: usize,
-    /// Transport errors by kind; "(before stop)" marks those seen while
-    /// the daemon was meant to be up.
-    io_errors: BTreeMap<String, usize>,
-}
-
-impl Ledger {
-    /// Ids the daemon acknowledged (202 or 200 duplicate).
-    fn acknowledged(&self) -> HashSet<String> {
-        self.accepted.union(&self.duplicate).cloned().collect()
-    }
-}
-
-/// Client threads posting single events to one daemon.
-struct Load {
-    /// Ends the clients' loops.
-    stop: Arc<AtomicBool>,
-    /// Set when the daemon is being stopped: a transport error then ends a client.
-    closing: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Load {
-    /// Starts `CLIENTS` clients against `addr`. New ids are `{prefix}-{client}-{n}`;
-    /// ids in `ledger.unanswered` are sent again first; now and then an id
-    /// from `acked_before` is sent again and must be answered 200.
-    fn start(
-        addr: SocketAddr,
-        ledger: &Arc<Mutex<Ledger>>,
-        prefix: &str,
-        seed: u64,
-        acked_before: Arc<Vec<String>>,
-    ) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let closing = Arc::new(AtomicBool::new(false));
-        let threads = (0..CLIENTS)
-            .map(|client| {
-                let (ledger, stop, closing) = (ledger.clone(), stop.clone(), closing.clone());
-                let acked_before = acked_before.clone();
-                let prefix = format!("{prefix}-{client}");
-                let mut rng = fastrand::Rng::with_seed(seed ^ (client as u64).wrapping_mul(0x9E37));
-                std::thread::spawn(move || {
-                    client_loop(
-                        addr,
-                        &ledger,
-                        &prefix,
-                        &mut rng,
-                        &acked_before,
-                        &stop,
-                        &closing,
-                    )
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            closing,
-            threads,
-        }
-    }
-
-    /// Stops the clients and waits for them.
-    fn finish(self) {
-        self.closing.store(true, Ordering::SeqCst);
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads {
-            t.join().expect("client thread panicked");
-        }
-    }
-}
-
-fn client_loop(
-    addr: SocketAddr,
-    ledger: &Mutex<Ledger>,
-    prefix: &str,
-    rng: &mut fastrand::Rng,
-    acked_before: &[String],
-    stop: &AtomicBool,
-    closing: &AtomicBool,
-) {
-    let mut n = 0;
-    while !stop.load(Ordering::SeqCst) {
-        let (id, known_acked) = {
-            let mut l = ledger.lock().unwrap();
-            let pick = if let Some(id) = l.unanswered.pop() {
-                (id, false)
-            } else if !acked_before.is_empty() && rng.u32(0..20) == 0 {
-                (acked_before[rng.usize(..acked_before.len())].clone(), true)
-            } else {
-                n += 1;
-                (format!("{prefix}-{n}"), false)
-            };
-            l.sent.insert(pick.0.clone());
-            pick
-        };
-        let body = json!({"event_id": id, "event_type": type_of(&id)}).to_string();
-        let result = try_request(
-            addr,
-            "POST",
-            "/webhook/events",
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        );
-        let mut l = ledger.lock().unwrap();
-        match result {
-            Ok(r) if r.status == 202 => {
-                if known_acked || l.accepted.contains(&id) || l.duplicate.contains(&id) {
-                    l.accepted_twice.push(id.clone());
-                }
-                l.accepted.insert(id);
-            }
-            Ok(r) if r.status == 200 => {
-                let v: Value = serde_json::from_slice(&r.body).unwrap_or_default();
-                if v["status"] != "duplicate" || v["event_id"] != id.as_str() {
-                    l.unexpected
-                        .push(format!("{id}: 200 with body {}", r.text()));
-                }
-                l.duplicate.insert(id);
-            }
-            Ok(r) if r.status == 503 => {
-                l.unavailable += 1;
-                if r.header("retry-after").is_none() {
-                    l.unexpected
-                        .push(format!("{id}: 503 without Retry-After: {}", r.text()));
-                }
-                if !closing.load(Ordering::SeqCst) {
-                    l.unexpected.push(format!("{id}: 503 while not stopping"));
-                }
-                if !known_acked {
-                    l.unanswered.push(id);
-                }
-                drop(l);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Ok(r) => {
-                l.unexpected
-                    .push(format!("{id}: status {} body {}", r.status, r.text()));
-                if !known_acked {
-                    l.unanswered.push(id);
-                }
-            }
-            Err(e) => {
-                if !known_acked {
-                    l.unanswered.push(id);
-                }
-                let closing = closing.load(Ordering::SeqCst);
-                let kind = format!(
-                    "{:?}{}",
-                    e.kind(),
-                    if closing { "" } else { " (before stop)" }
-                );
-                *l.io_errors.entry(kind).or_default() += 1;
-                if closing {
-                    return;
-                }
-                drop(l);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-/// What the file sink holds.
-struct SinkFile {
-    /// Lines in the file.
-    lines: usize,
-    /// Each distinct event (first copy) by event_id.
-    events: BTreeMap<String, Value>,
-    /// How often each event_id was written.
-    copies: HashMap<String, usize>,
-    /// Lines that are not a JSON event with an event_id (torn writes).
-    bad: Vec<String>,
-}
-
-fn read_sink(path: &Path) -> SinkFile {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut file = SinkFile {
-        lines: 0,
-        events: BTreeMap::new(),
-        copies: HashMap::new(),
-        bad: Vec::new(),
-    };
-    for line in text.lines() {
-        file.lines += 1;
-        let parsed: Option<Value> = serde_json::from_str(line).ok();
-        match parsed
-            .as_ref()
-            .and_then(|v| v["event_id"].as_str().map(str::to_owned))
-        {
-            Some(id) => {
-                *file.copies.entry(id.clone()).or_default() += 1;
-                file.events.entry(id).or_insert_with(|| parsed.unwrap());
-            }
-            None => file.bad.push(line.chars().take(200).collect()),
-        }
-    }
-    file
-}
-
-/// `total_events` and `by_type` from `/stats/summary`.
-fn summary(d: &Daemon) -> (u64, BTreeMap<String, u64>) {
-    let s = d.get("/stats/summary").json();
-    let total = s["total_events"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no total_events in {s}"));
-    let by_type = s["by_type"]
-        .as_object()
-        .unwrap_or_else(|| panic!("no by_type in {s}"))
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
-        .filter(|(_, v)| *v > 0)
-        .collect();
-    (total, by_type)
-}
-
 /// The first JSON log line whose message starts with `prefix`.
 fn log_line(d: &Daemon, prefix: &str) -> Option<Value> {
     d.log
@@ -341,81 +77,6 @@ fn log_line(d: &Daemon, prefix: &str) -> Option<Value> {
                 .as_str()
                 .is_some_and(|m| m.starts_with(prefix))
         })
-}
-
-fn sample<'a>(ids: impl IntoIterator<Item = &'a String>) -> Vec<&'a String> {
-    let mut v: Vec<_> = ids.into_iter().collect();
-    v.sort();
-    v.truncate(20);
-    v
-}
-
-/// The books balance: every acknowledged id is in the file; the file holds
-/// only events clients sent, each with the body it was sent with, on whole
-/// lines; the built-in counter counted each stored event exactly once.
-fn check_books(d: &Daemon, ledger: &Ledger, sink: &SinkFile) {
-    assert!(
-        ledger.unexpected.is_empty(),
-        "answers outside the contract: {:?}",
-        &ledger.unexpected[..ledger.unexpected.len().min(20)]
-    );
-    assert!(
-        ledger.accepted_twice.is_empty(),
-        "acknowledged ids accepted (stored) again: {:?}",
-        ledger.accepted_twice
-    );
-    assert!(
-        sink.bad.is_empty(),
-        "torn or foreign lines in the file sink: {:?}",
-        sink.bad
-    );
-
-    let in_file: HashSet<&String> = sink.events.keys().collect();
-    let acknowledged = ledger.acknowledged();
-    let missing: Vec<&String> = acknowledged
-        .iter()
-        .filter(|id| !in_file.contains(id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged ids never reached the file sink, e.g. {:?}",
-        missing.len(),
-        acknowledged.len(),
-        sample(missing.iter().copied())
-    );
-    let strangers: Vec<&String> = in_file
-        .iter()
-        .copied()
-        .filter(|id| !ledger.sent.contains(*id))
-        .collect();
-    assert!(
-        strangers.is_empty(),
-        "the file sink holds events no client sent: {:?}",
-        sample(strangers)
-    );
-    for (id, e) in &sink.events {
-        assert_eq!(
-            e["event_type"],
-            type_of(id),
-            "event {id} changed on the way: {e}"
-        );
-    }
-
-    let (total, by_type) = summary(d);
-    let mut file_by_type: BTreeMap<String, u64> = BTreeMap::new();
-    for e in sink.events.values() {
-        *file_by_type
-            .entry(e["event_type"].as_str().unwrap().to_owned())
-            .or_default() += 1;
-    }
-    assert_eq!(
-        total,
-        sink.events.len() as u64,
-        "total_events must count each stored event once (file: {} distinct events, {} lines)",
-        sink.events.len(),
-        sink.lines
-    );
-    assert_eq!(by_type, file_by_type, "by_type against the file sink");
 }
 
 /// The user ran clients against inletd and pulled the plug (kill -9) at a
@@ -431,7 +92,7 @@ fn kill_9_under_load_loses_nothing_acknowledged() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let seed = seed("kill_9_under_load_loses_nothing_acknowledged");
+    let seed = seed("kill_9_under_load_loses_nothing_acknowledged", "CRASH_SEED");
     let mut rng = fastrand::Rng::with_seed(seed);
     let dir = tempfile::tempdir().unwrap();
     let sink_path = dir.path().join("processed.jsonl");
@@ -443,12 +104,7 @@ fn kill_9_under_load_loses_nothing_acknowledged() {
 
     for cycle in 0..cycles {
         let mut d = Daemon::start_with(dir.path(), &config, &[]);
-        let acked_before: Vec<String> = {
-            let l = ledger.lock().unwrap();
-            let mut v: Vec<String> = l.acknowledged().into_iter().collect();
-            v.sort();
-            v
-        };
+        let acked_before = ledger.lock().unwrap().acknowledged_sorted();
         let before = ledger.lock().unwrap().accepted.len();
         let load = Load::start(
             d.addr,
@@ -456,6 +112,7 @@ fn kill_9_under_load_loses_nothing_acknowledged() {
             &format!("c{cycle}"),
             rng.u64(..),
             Arc::new(acked_before),
+            Mix::SINGLES,
         );
         let up_for = rng.u64(50..=400);
         std::thread::sleep(Duration::from_millis(up_for));
@@ -505,7 +162,7 @@ fn kill_9_under_load_loses_nothing_acknowledged() {
 /// matches the file.
 #[test]
 fn sigterm_under_load_drains_and_exits_zero() {
-    let seed = seed("sigterm_under_load_drains_and_exits_zero");
+    let seed = seed("sigterm_under_load_drains_and_exits_zero", "CRASH_SEED");
     let dir = tempfile::tempdir().unwrap();
     let sink_path = dir.path().join("processed.jsonl");
     let drain_timeout = 10;
@@ -517,7 +174,14 @@ fn sigterm_under_load_drains_and_exits_zero() {
         ),
     );
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let load = Load::start(d.addr, &ledger, "t", seed, Arc::new(Vec::new()));
+    let load = Load::start(
+        d.addr,
+        &ledger,
+        "t",
+        seed,
+        Arc::new(Vec::new()),
+        Mix::SINGLES,
+    );
     eventually(Duration::from_secs(10), "some events accepted", || {
         ledger.lock().unwrap().accepted.len() >= 50
     });

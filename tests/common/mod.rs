@@ -4,6 +4,8 @@
 //! scriptable sink server that records what it was sent.
 #![allow(dead_code)]
 
+pub mod books;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
