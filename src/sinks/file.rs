@@ -1,7 +1,10 @@
 //! The `file` sink: appends one JSON event per line and syncs the file
-//! before the batch counts as delivered.
+//! before the batch counts as delivered. A line cut short by a crash
+//! mid-write (its batch was not acknowledged, so it comes again) is cut off
+//! before the next append: the file only ever holds whole lines.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use super::{Delivery, Sink, SinkError};
@@ -42,8 +45,10 @@ impl Sink for FileSink {
             let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                 let mut f = std::fs::OpenOptions::new()
                     .create(true)
+                    .read(true)
                     .append(true)
                     .open(&path)?;
+                cut_torn_tail(&mut f, &path)?;
                 f.write_all(&lines)?;
                 f.sync_data()
             })
@@ -60,5 +65,76 @@ impl Sink for FileSink {
                 }),
             }
         })
+    }
+}
+
+/// Truncates `f` after its last newline when it does not end with one: the
+/// rest is a line a crash cut short.
+fn cut_torn_tail(f: &mut File, path: &std::path::Path) -> std::io::Result<()> {
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    f.seek(SeekFrom::Start(len - 1))?;
+    f.read_exact(&mut last)?;
+    if last[0] == b'\n' {
+        return Ok(());
+    }
+    // Look back for the last newline, a chunk at a time.
+    let mut end = len;
+    let mut keep = 0;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let buf = &mut chunk[..(end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(buf)?;
+        if let Some(i) = buf.iter().rposition(|b| *b == b'\n') {
+            keep = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    tracing::warn!(path = %path.display(), bytes = len - keep, "cut a line a crash left unfinished");
+    f.set_len(keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A crash left half a line: it goes, whole lines stay, and the next
+    /// append starts on a line of its own.
+    #[test]
+    fn a_torn_last_line_is_cut_before_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let whole = "{\"a\":1}\n".repeat(10_000); // longer than one look-back chunk
+        std::fs::write(&path, format!("{whole}{{\"torn\":")).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        cut_torn_tail(&mut f, &path).unwrap();
+        f.write_all(b"{\"b\":2}\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{whole}{{\"b\":2}}\n")
+        );
+
+        std::fs::write(&path, "no newline at all").unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        cut_torn_tail(&mut f, &path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        // Whole lines are left alone.
+        std::fs::write(&path, "{}\n").unwrap();
+        cut_torn_tail(&mut f, &path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
     }
 }
