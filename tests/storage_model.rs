@@ -699,34 +699,57 @@ fn a_sweep_before_the_epoch_removes_nothing_unexpired() {
 }
 
 /// A store written by format 1 kept one expiry entry per key, with the key
-/// in the entry's own key and an empty value: the sweep still expires it,
-/// and only when it is the key's current entry.
+/// in the entry's own key and an empty value, and each key in its own
+/// `idempotency` tree. Opened now, it is converted to format 3: a key whose
+/// entry was current is still a duplicate until it expires, and only then
+/// swept; one whose entry was stale (accepted again later) keeps its newer
+/// first-seen time.
 #[test]
-fn a_format_1_expiry_entry_is_swept() {
+fn a_format_1_store_is_converted_and_its_keys_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let sled = open(&dir);
     let sign = 1u64 << 63;
-    for (key, first_seen) in [("old", 500i64), ("renewed", 500)] {
-        let scoped = format!("default\0{key}");
-        let mut value = first_seen.to_be_bytes().to_vec();
-        value.extend_from_slice(&7u64.to_be_bytes());
-        sled.put_raw("idempotency", scoped.as_bytes(), &value)
-            .unwrap();
-        let mut expiry = ((first_seen as u64) ^ sign).to_be_bytes().to_vec();
-        expiry.extend_from_slice(scoped.as_bytes());
-        sled.put_raw("idem_expiry", &expiry, b"").unwrap();
+    {
+        // Written with sled itself, as format 1 left it.
+        let db = sled::open(dir.path()).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert("format_version", &1u64.to_be_bytes()).unwrap();
+        let keys = db.open_tree("idempotency").unwrap();
+        let expiry = db.open_tree("idem_expiry").unwrap();
+        // `old` first seen at 500 (seq 1); `renewed` seen at 500, then
+        // accepted again at 1600 (seq 2), its first entry left behind.
+        for (key, entries, current) in [
+            ("old", vec![500i64], (500i64, 1u64)),
+            ("renewed", vec![500, 1600], (1600, 2)),
+        ] {
+            let scoped = format!("default\0{key}");
+            let mut value = current.0.to_be_bytes().to_vec();
+            value.extend_from_slice(&current.1.to_be_bytes());
+            keys.insert(scoped.as_bytes(), value).unwrap();
+            for seen in entries {
+                let mut entry = ((seen as u64) ^ sign).to_be_bytes().to_vec();
+                entry.extend_from_slice(scoped.as_bytes());
+                expiry.insert(entry, b"").unwrap();
+            }
+        }
+        meta.insert("cursor", &2u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
     }
-    // "renewed" was accepted again after it expired: its format-1 entry is
-    // no longer its current one.
-    assert_eq!(
-        sled.append(&[event("renewed", "t", 1600)], 1600, 1000)
-            .unwrap(),
-        vec![AppendOutcome::Accepted { seq: 1 }]
-    );
+    let sled = open(&dir);
+    assert!(matches!(
+        sled.append(&[event("old", "t", 1000)], 1000, 1000).unwrap()[..],
+        [AppendOutcome::Duplicate { first_seen_ms: 500 }]
+    ));
+    assert!(matches!(
+        sled.append(&[event("renewed", "t", 1000)], 1000, 1000)
+            .unwrap()[..],
+        [AppendOutcome::Duplicate {
+            first_seen_ms: 1600
+        }]
+    ));
     assert_eq!(sled.sweep_keys(1501, 100).unwrap(), 1, "only `old`");
     assert_eq!(
         sled.append(&[event("old", "t", 1700)], 1700, 1000).unwrap(),
-        vec![AppendOutcome::Accepted { seq: 2 }],
+        vec![AppendOutcome::Accepted { seq: 3 }],
         "an expired key is accepted again"
     );
     assert!(matches!(

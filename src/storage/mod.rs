@@ -11,37 +11,54 @@
 //!
 //! | tree          | key                                   | value                                 |
 //! |---------------|---------------------------------------|---------------------------------------|
-//! | `wal`         | last seq of the segment (u64 BE)      | a segment: every record of one group commit ([`encode_segment`]) |
-//! | `idempotency` | source `\0` key                       | first seen ms (i64 BE) ‖ seq (u64 BE) |
-//! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys ([`encode_key_list`]) |
+//! | `wal`         | last seq of the segment (u64 BE)      | a segment: up to ~96 KiB of one group commit's records ([`encode_segment`]) |
+//! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys ([`encode_key_list`]): the durable idempotency index |
 //! | `meta`        | `cursor`, `format_version`, `dlq_last`, `queue_bytes` | u64 BE                |
 //! | `counts`      | event type                            | u64 BE                                |
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |
 //! | `aggregates`  | see [`crate::analytics`]              | counts, user days, cohorts, windows   |
 //! | `quarantine`  | tree name `\0` original key           | the raw bytes that failed to decode   |
 //!
-//! ## Why segments
+//! ## Why packed records (format 3)
 //!
-//! sled pays per key written, whatever the batching: about 60 k inserts/s
-//! on this class of machine (`../shared/DEPENDENCIES.md`). Format 1 wrote
-//! three keys per event (record, idempotency key, expiry entry) and capped
-//! intake near 25 k events/s. Format 2 writes one key per event (the
-//! idempotency key, which must stay a key to be looked up) and two per
-//! group: the group's records packed into one WAL segment, and its keys
-//! packed into one expiry entry. A segment is removed once the cursor has
-//! passed its last seq; records at or below the cursor inside a segment
-//! that is still there count as gone (read_after skips them).
+//! sled pays per key written, whatever the batching: 7–17 µs an insert on
+//! this class of machine (`../shared/DEPENDENCIES.md`), against about 3 µs
+//! an event for a packed record. Format 1 wrote three keys per event,
+//! format 2 one (the idempotency key). Format 3 writes none per event: a
+//! group commit writes its records as WAL segments (split so that no value
+//! passes sled's 128 KiB blob threshold), its keys as one `idem_expiry`
+//! entry, and the byte gauge. The log is the truth, the index is derived:
 //!
-//! Format 1 stores are read as they are: a version-1 WAL value is a single
-//! record (a segment of one), and an empty `idem_expiry` value means the
-//! key itself follows the time. Opening one marks it format 2, which an
-//! older inletd then refuses rather than misreads.
+//! - **The idempotency index lives in memory** (`index.rs`): a 32-bit tag
+//!   of each key's fingerprint and a 32-bit group id in 8 bytes a slot,
+//!   9–18 bytes a key. A tag hit is confirmed against the group's stored
+//!   key list (one sled read, cached for the call), so a collision never
+//!   drops an event. Fingerprints are SipHash with per-process random keys:
+//!   clients cannot choose keys that collide.
+//! - **It is rebuilt at open** from every `idem_expiry` entry (the sweeper
+//!   drops expired ones), and **expiry drops whole groups**: their entry
+//!   and their index slots.
+//! - A key accepted again after it expired lives in two groups; the newer
+//!   answers, and sweeping the older does not count it.
 //!
+//! A segment is removed once the cursor has passed its last seq; records
+//! at or below the cursor inside a segment that is still there count as
+//! gone (read_after skips them).
+//!
+//! Older stores are converted at open: format 1 and 2 WAL values are read
+//! as they are (a version-1 WAL value is a single record, a segment of one);
+//! format 1's expiry entries of one key (empty value, the key inside the
+//! entry's own key) become lists of one when still current; the per-key
+//! `idempotency` tree is dropped; the version is written last, so an
+//! interrupted conversion runs again, and an older inletd refuses the store
+//! rather than misreads it.
+
 //! ## Invariants
 //!
-//! 1. **Check and append are one transaction.** [`Storage::append`] looks up
-//!    each idempotency key and, for a new one, writes the key and the WAL
-//!    record together. Keys repeated inside one group are duplicates of the
+//! 1. **Check and append are one step.** Under the store's write lock,
+//!    [`Storage::append`] looks up each idempotency key (index, then the
+//!    stored key lists), writes the group's records and key list in one
+//!    transaction, and only then adds the keys to the index. Keys repeated inside one group are duplicates of the
 //!    first. A key older than the TTL counts as absent.
 //! 2. **Nothing is acknowledged to a client before [`Storage::flush`]
 //!    returns.** The Deduper writes a whole group of requests, flushes once
@@ -81,6 +98,7 @@
 //! parent once. `tests/powercut.rs` runs the daemon on a filesystem that
 //! drops every unsynced write at a simulated power cut.
 
+mod index;
 pub mod memory;
 pub mod sled;
 
@@ -95,7 +113,7 @@ pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
 
 /// The on-disk format this build writes (and the newest it reads): 2 packs
 /// each group commit into one WAL segment. Record envelopes carry it too.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 
 /// The envelope version of a WAL value that holds one bare [`WalRecord`]
 /// (format 1, before segments).

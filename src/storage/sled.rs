@@ -1,9 +1,10 @@
 //! `SledStorage`: the production store. The only file that imports sled.
 //! Layout and invariants are in the module docs of `storage`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,7 @@ use sled::transaction::{
 };
 use sled::{Db, IVec, Tree};
 
+use super::index::KeyIndex;
 use super::{
     AppendOutcome, BatchAck, DlqEntry, FORMAT_VERSION, NewEvent, Quarantined, QueueInfo, Storage,
     StorageError, decode_key_list, decode_record, decode_segment, encode_key_list, encode_record,
@@ -56,8 +58,6 @@ struct Store {
     db: Db,
     /// last seq of a group → the group's segment.
     wal: Tree,
-    /// scoped key → first seen ‖ seq.
-    keys: Tree,
     /// first seen ‖ last seq of a group → the group's keys, to sweep expired
     /// keys in time order.
     expiry: Tree,
@@ -81,8 +81,100 @@ struct Store {
     write_lock: FairMutex<()>,
     /// Encoded bytes of the records in the WAL (kept in `meta` too).
     queue_bytes: AtomicU64,
+    /// Which group may hold a key (format 3): derived from `expiry`,
+    /// rebuilt at open; changed only under `write_lock`.
+    idempotency: parking_lot::Mutex<Idempotency>,
     /// Syncs the files that sled's flush leaves in the page cache.
     disk: DiskSync,
+}
+
+/// The in-memory idempotency index and the groups it points at.
+struct Idempotency {
+    /// Key fingerprint → candidate group ids.
+    index: KeyIndex,
+    /// Group id → the group's `idem_expiry` entry.
+    groups: HashMap<u32, Group>,
+    /// A group's last seq → its id (the sweep meets groups by their entry).
+    ids: HashMap<u64, u32>,
+    /// The next id to try; ids wrap, skipping `u32::MAX` and ids in use.
+    next_id: u32,
+    /// Per-process random keys: clients cannot choose keys that collide.
+    hasher: RandomState,
+    /// The fingerprint function; tests swap in one that collides.
+    fingerprint: fn(&RandomState, &[u8]) -> u64,
+}
+
+/// Where a group's keys are: its `idem_expiry` entry.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    /// When its keys were first seen: the TTL runs from here.
+    first_seen_ms: i64,
+    /// Its last seq: the rest of the entry's key.
+    last_seq: u64,
+}
+
+impl Group {
+    fn entry_key(&self) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&ordered_ms(self.first_seen_ms));
+        k[8..].copy_from_slice(&self.last_seq.to_be_bytes());
+        k
+    }
+
+    /// Reads a format-3 entry key; `None` for any other shape.
+    fn from_entry_key(key: &[u8]) -> Option<Group> {
+        let key: [u8; 16] = key.try_into().ok()?;
+        Some(Group {
+            first_seen_ms: (u64::from_be_bytes(key[..8].try_into().ok()?) ^ SIGN) as i64,
+            last_seq: u64::from_be_bytes(key[8..].try_into().ok()?),
+        })
+    }
+}
+
+/// The fingerprint of a scoped key (SipHash with the process's keys).
+fn siphash(hasher: &RandomState, key: &[u8]) -> u64 {
+    hasher.hash_one(key)
+}
+
+impl Idempotency {
+    fn new() -> Idempotency {
+        Idempotency {
+            index: KeyIndex::default(),
+            groups: HashMap::new(),
+            ids: HashMap::new(),
+            next_id: 0,
+            hasher: RandomState::new(),
+            fingerprint: siphash,
+        }
+    }
+
+    fn fingerprint(&self, key: &[u8]) -> u64 {
+        (self.fingerprint)(&self.hasher, key)
+    }
+
+    /// Registers a group and its keys' fingerprints.
+    fn add(&mut self, group: Group, fingerprints: impl IntoIterator<Item = u64>) {
+        while self.next_id == u32::MAX || self.groups.contains_key(&self.next_id) {
+            self.next_id = self.next_id.wrapping_add(1);
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.groups.insert(id, group);
+        self.ids.insert(group.last_seq, id);
+        for fp in fingerprints {
+            self.index.insert(fp, id);
+        }
+    }
+}
+
+/// What the index and the stored key lists say of one key.
+enum Seen {
+    /// Never (or swept).
+    No,
+    /// In a group inside the TTL, first seen then.
+    Live(i64),
+    /// Only in expired groups not yet swept: these index entries.
+    Expired(Vec<u32>),
 }
 
 /// What makes a sled flush power-safe.
@@ -189,6 +281,15 @@ impl DiskSync {
 /// fsyncs a directory: its entries (a new or renamed file) become durable.
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// A WAL segment's target size: under sled's blob threshold
+/// (`segment_size / 4` = 128 KiB) with room for the envelope and table.
+const SEGMENT_BYTES: usize = 96 * 1024;
+
+/// About the bytes a record takes in a segment.
+fn record_estimate(r: &WalRecord) -> usize {
+    r.body.len() + r.source.len() + r.key.len() + r.event_type.len() + 40
 }
 
 /// Flips the sign bit so that big-endian bytes sort like the i64 they hold
@@ -300,7 +401,6 @@ impl Store {
         let store = Store {
             disk,
             wal: tree("wal")?,
-            keys: tree("idempotency")?,
             expiry: tree("idem_expiry")?,
             meta: tree("meta")?,
             counts: tree("counts")?,
@@ -311,6 +411,7 @@ impl Store {
             last_seq: AtomicU64::new(0),
             write_lock: FairMutex::new(()),
             queue_bytes: AtomicU64::new(0),
+            idempotency: parking_lot::Mutex::new(Idempotency::new()),
         };
         match store.meta.get(FORMAT).map_err(io)? {
             None => {
@@ -328,12 +429,7 @@ impl Store {
                     });
                 }
                 if found < u64::from(FORMAT_VERSION) {
-                    // Format 1 values are read as they are; from now on an
-                    // older inletd must refuse this store (it cannot read segments).
-                    store
-                        .meta
-                        .insert(FORMAT, &u64::from(FORMAT_VERSION).to_be_bytes())
-                        .map_err(io)?;
+                    store.convert_to_format_3()?;
                 }
             }
         }
@@ -347,7 +443,150 @@ impl Store {
         store.last_seq.store(last_wal.max(cursor), Ordering::SeqCst);
         let bytes = u64_of(store.meta.get(QUEUE_BYTES).map_err(io)?);
         store.queue_bytes.store(bytes, Ordering::SeqCst);
+        store.rebuild_index()?;
         Ok(store)
+    }
+
+    /// Converts a format 1 or 2 store: the per-key `idempotency` tree goes,
+    /// its keys already being in the groups' `idem_expiry` lists, but for
+    /// format 1's entries of one key each (empty value, the key inside the
+    /// entry's own key), which become lists of one keyed by the key's seq.
+    /// Each step can run again after a crash; the version is written last.
+    /// WAL values (format 1 records, format 2 segments) are read as they are.
+    fn convert_to_format_3(&self) -> Result<(), StorageError> {
+        let had_keys = self
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == b"idempotency");
+        if had_keys {
+            let keys = self.db.open_tree("idempotency").map_err(io)?;
+            let mut converted = 0usize;
+            for item in self.expiry.iter() {
+                let (k, v) = item.map_err(io)?;
+                if !v.is_empty() {
+                    continue;
+                }
+                let (seen, key) = k.split_at(8.min(k.len()));
+                // The key's current value: first seen ‖ seq. Not current
+                // (accepted again later, or swept): the entry is dropped.
+                let current = keys.get(key).map_err(io)?.filter(|v| {
+                    <[u8; 8]>::try_from(&v[..8.min(v.len())])
+                        .is_ok_and(|t| v.len() == 16 && ordered_ms(i64::from_be_bytes(t)) == seen)
+                });
+                if let Some(value) = current {
+                    let mut entry = seen.to_vec();
+                    entry.extend_from_slice(&value[8..16]);
+                    self.expiry
+                        .insert(entry, encode_key_list(&[key]))
+                        .map_err(io)?;
+                    converted += 1;
+                }
+                self.expiry.remove(&k).map_err(io)?;
+            }
+            self.flush()?;
+            self.db.drop_tree("idempotency").map_err(io)?;
+            tracing::info!(
+                format_1_entries = converted,
+                "store converted to format 3: idempotency keys now live in memory"
+            );
+        }
+        self.meta
+            .insert(FORMAT, &u64::from(FORMAT_VERSION).to_be_bytes())
+            .map_err(io)?;
+        self.flush()
+    }
+
+    /// Builds the in-memory idempotency index from every group's key list
+    /// (expired groups too: the sweeper drops them).
+    fn rebuild_index(&self) -> Result<(), StorageError> {
+        let started = Instant::now();
+        let mut idem = self.idempotency.lock();
+        *idem = Idempotency::new();
+        for item in self.expiry.iter() {
+            let (k, v) = item.map_err(io)?;
+            let Some(group) = Group::from_entry_key(&k) else {
+                tracing::error!(key = ?k, "expiry entry of an unknown shape dropped");
+                self.expiry.remove(&k).map_err(io)?;
+                continue;
+            };
+            match decode_key_list(&v) {
+                Ok(keys) => {
+                    let fps: Vec<u64> = keys.iter().map(|key| idem.fingerprint(key)).collect();
+                    idem.add(group, fps);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, last_seq = group.last_seq,
+                        "damaged expiry entry dropped; its keys are forgotten");
+                    self.expiry.remove(&k).map_err(io)?;
+                }
+            }
+        }
+        tracing::info!(
+            keys = idem.index.len(),
+            groups = idem.groups.len(),
+            index_bytes = idem.index.bytes(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "idempotency index rebuilt"
+        );
+        Ok(())
+    }
+
+    /// Whether group `id`'s stored key list holds `key` (`lists` caches the
+    /// lists read).
+    fn holds(
+        &self,
+        id: u32,
+        group: Group,
+        key: &[u8],
+        lists: &mut HashMap<u32, Option<IVec>>,
+    ) -> Result<bool, StorageError> {
+        let list = match lists.get(&id) {
+            Some(list) => list.clone(),
+            None => {
+                let list = self.expiry.get(group.entry_key()).map_err(io)?;
+                lists.insert(id, list.clone());
+                list
+            }
+        };
+        Ok(list
+            .as_deref()
+            .is_some_and(|bytes| decode_key_list(bytes).is_ok_and(|keys| keys.contains(&key))))
+    }
+
+    /// What the stored lists say of `key`: read for each candidate group
+    /// (`lists` caches them for one call).
+    fn seen(
+        &self,
+        idem: &Idempotency,
+        fingerprint: u64,
+        key: &[u8],
+        now_ms: i64,
+        ttl_ms: i64,
+        lists: &mut HashMap<u32, Option<IVec>>,
+    ) -> Result<Seen, StorageError> {
+        let mut candidates = Vec::new();
+        idem.index.candidates(fingerprint, &mut candidates);
+        let mut expired = Vec::new();
+        let mut live: Option<i64> = None;
+        for id in candidates {
+            let Some(group) = idem.groups.get(&id).copied() else {
+                continue;
+            };
+            if !self.holds(id, group, key, lists)? {
+                continue; // a fingerprint collision
+            }
+            if now_ms.saturating_sub(group.first_seen_ms) < ttl_ms {
+                live = Some(live.map_or(group.first_seen_ms, |t| t.max(group.first_seen_ms)));
+            } else {
+                expired.push(id);
+            }
+        }
+        Ok(match live {
+            Some(first_seen) => Seen::Live(first_seen),
+            None if expired.is_empty() => Seen::No,
+            None => Seen::Expired(expired),
+        })
     }
 
     fn lock(&self) -> FairMutexGuard<'_, ()> {
@@ -406,8 +645,10 @@ impl Store {
         Ok(u64_of(self.meta.get(CURSOR).map_err(io)?))
     }
 
-    /// Writes `records` as one segment after the last seq, with its bytes,
-    /// inside a transaction; returns the new last seq and byte gauge.
+    /// Writes `records` after the last seq as segments of at most about
+    /// [`SEGMENT_BYTES`] each (a sled value past 128 KiB would become a blob
+    /// file, with a file create and two more syncs per flush), with their
+    /// bytes, inside a transaction; returns the new last seq and byte gauge.
     fn put_segment(
         wal: &TransactionalTree,
         meta: &TransactionalTree,
@@ -415,13 +656,25 @@ impl Store {
         records: &[&WalRecord],
     ) -> Result<(u64, u64), UnabortableTransactionError> {
         let mut bytes = u64_of(meta.get(QUEUE_BYTES)?);
-        if records.is_empty() {
-            return Ok((after, bytes));
+        let mut last = after;
+        let mut rest = records;
+        while !rest.is_empty() {
+            let mut size = 0;
+            let n = rest
+                .iter()
+                .take_while(|r| {
+                    size += record_estimate(r);
+                    size <= SEGMENT_BYTES
+                })
+                .count()
+                .max(1);
+            let (chunk, tail) = rest.split_at(n);
+            let (segment, sizes) = encode_segment(last + 1, chunk);
+            last += chunk.len() as u64;
+            wal.insert(&last.to_be_bytes(), segment)?;
+            bytes += sizes.iter().sum::<u64>();
+            rest = tail;
         }
-        let (segment, sizes) = encode_segment(after + 1, records);
-        let last = after + records.len() as u64;
-        wal.insert(&last.to_be_bytes(), segment)?;
-        bytes += sizes.iter().sum::<u64>();
         meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
         Ok((last, bytes))
     }
@@ -437,42 +690,63 @@ impl Storage for Store {
         let _guard = self.lock();
         let start = self.last_seq.load(Ordering::SeqCst);
         let keys_of: Vec<Vec<u8>> = events.iter().map(|e| scoped_key(&e.record)).collect();
-        let (outcomes, last, bytes) = (&self.wal, &self.keys, &self.expiry, &self.meta)
-            .transaction(|(wal, keys, expiry, meta)| {
-                let mut seq = start;
-                let mut out = Vec::with_capacity(events.len());
-                let mut accepted: Vec<usize> = Vec::with_capacity(events.len());
-                for (i, key) in keys_of.iter().enumerate() {
-                    if let Some(v) = keys.get(key)? {
-                        let first_seen_ms = v
-                            .get(..8)
-                            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                            .map_or(i64::MIN, i64::from_be_bytes);
-                        if now_ms.saturating_sub(first_seen_ms) < ttl_ms {
-                            out.push(AppendOutcome::Duplicate { first_seen_ms });
-                            continue;
-                        }
-                    }
-                    seq += 1;
-                    let mut value = now_ms.to_be_bytes().to_vec();
-                    value.extend_from_slice(&seq.to_be_bytes());
-                    keys.insert(key.as_slice(), value)?;
-                    accepted.push(i);
-                    out.push(AppendOutcome::Accepted { seq });
+        let mut idem = self.idempotency.lock();
+        // Invariant 1, format 3: the check reads the index and the stored
+        // key lists, all under the write lock; the group is then written in
+        // one transaction and only then added to the index.
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut accepted: Vec<usize> = Vec::with_capacity(events.len());
+        let mut fingerprints = Vec::with_capacity(events.len());
+        let mut in_group: HashSet<&[u8]> = HashSet::with_capacity(events.len());
+        let mut renewed: Vec<(u64, u32)> = Vec::new();
+        let mut lists = HashMap::new();
+        let mut seq = start;
+        for (i, key) in keys_of.iter().enumerate() {
+            if in_group.contains(key.as_slice()) {
+                outcomes.push(AppendOutcome::Duplicate {
+                    first_seen_ms: now_ms,
+                });
+                continue;
+            }
+            let fp = idem.fingerprint(key);
+            match self.seen(&idem, fp, key, now_ms, ttl_ms, &mut lists)? {
+                Seen::Live(first_seen_ms) => {
+                    outcomes.push(AppendOutcome::Duplicate { first_seen_ms });
+                    continue;
                 }
-                let records: Vec<&WalRecord> =
-                    accepted.iter().map(|&i| &events[i].record).collect();
+                // Accepted again: the old groups no longer answer for it.
+                Seen::Expired(ids) => renewed.extend(ids.into_iter().map(|id| (fp, id))),
+                Seen::No => {}
+            }
+            seq += 1;
+            in_group.insert(key);
+            accepted.push(i);
+            fingerprints.push(fp);
+            outcomes.push(AppendOutcome::Accepted { seq });
+        }
+        if accepted.is_empty() {
+            return Ok(outcomes);
+        }
+        let records: Vec<&WalRecord> = accepted.iter().map(|&i| &events[i].record).collect();
+        let group = Group {
+            first_seen_ms: now_ms,
+            last_seq: seq,
+        };
+        let key_list = {
+            let keys: Vec<&[u8]> = accepted.iter().map(|&i| keys_of[i].as_slice()).collect();
+            encode_key_list(&keys)
+        };
+        let (last, bytes) = (&self.wal, &self.expiry, &self.meta)
+            .transaction(|(wal, expiry, meta)| {
                 let (last, bytes) = Self::put_segment(wal, meta, start, &records)?;
-                if !accepted.is_empty() {
-                    let mut exp = ordered_ms(now_ms).to_vec();
-                    exp.extend_from_slice(&last.to_be_bytes());
-                    let group: Vec<&[u8]> =
-                        accepted.iter().map(|&i| keys_of[i].as_slice()).collect();
-                    expiry.insert(exp, encode_key_list(&group))?;
-                }
-                Ok::<_, ConflictableTransactionError<StorageError>>((out, last, bytes))
+                expiry.insert(&group.entry_key(), key_list.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StorageError>>((last, bytes))
             })
             .map_err(tx_err)?;
+        for (fp, id) in renewed {
+            idem.index.remove(fp, id);
+        }
+        idem.add(group, fingerprints);
         self.last_seq.store(last, Ordering::SeqCst);
         self.queue_bytes.store(bytes, Ordering::SeqCst);
         Ok(outcomes)
@@ -679,10 +953,10 @@ impl Storage for Store {
         let mut removed = 0;
         let end = ordered_ms(before_ms);
         while removed < limit {
-            // One group at a time under the lock: an append must not
-            // re-accept a key between this check and its removal.
+            // One group at a time under the lock: an append must not find a
+            // key in a group this sweep is taking apart.
             let _guard = self.lock();
-            let Some((exp_key, value)) = self
+            let Some((entry, value)) = self
                 .expiry
                 .range(..end.as_slice())
                 .next()
@@ -691,46 +965,49 @@ impl Storage for Store {
             else {
                 break;
             };
-            let (seen, suffix) = exp_key.split_at(8.min(exp_key.len()));
-            let seen = <[u8; 8]>::try_from(seen)
-                .ok()
-                .map(|b| (u64::from_be_bytes(b) ^ SIGN) as i64);
-            let group: Vec<&[u8]> = if value.is_empty() {
-                vec![suffix] // format 1: one key, in the entry's own key
-            } else {
-                decode_key_list(&value).unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "damaged expiry entry dropped; its keys stay until re-sent");
-                    Vec::new()
-                })
-            };
-            // Remove a key only if this entry is its current one (a key
-            // re-accepted after expiring has a newer entry).
-            let mut batch = sled::Batch::default();
-            let mut taken = 0;
-            for key in &group {
-                if removed + taken >= limit {
-                    break;
+            let mut idem = self.idempotency.lock();
+            let id = Group::from_entry_key(&entry).and_then(|g| idem.ids.get(&g.last_seq).copied());
+            let keys = decode_key_list(&value).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "damaged expiry entry dropped; its keys are forgotten");
+                Vec::new()
+            });
+            // A key counts as removed when this group was its latest: one
+            // accepted again since lives on in its newer group.
+            let taken = keys.len().min(limit - removed);
+            let mut lists = HashMap::new();
+            let mut candidates = Vec::new();
+            for key in &keys[..taken] {
+                let fp = idem.fingerprint(key);
+                let Some(id) = id.filter(|id| idem.index.remove(fp, *id)) else {
+                    continue;
+                };
+                let last_seq = idem.groups.get(&id).map_or(0, |g| g.last_seq);
+                idem.index.candidates(fp, &mut candidates);
+                let mut renewed = false;
+                for &other in &candidates {
+                    if let Some(g) = idem.groups.get(&other).copied()
+                        && g.last_seq > last_seq
+                        && self.holds(other, g, key, &mut lists)?
+                    {
+                        renewed = true;
+                        break;
+                    }
                 }
-                taken += 1;
-                if let Some(v) = self.keys.get(key).map_err(io)?
-                    && v.get(..8)
-                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                        .map(i64::from_be_bytes)
-                        == seen
-                {
-                    batch.remove(*key);
+                if !renewed {
                     removed += 1;
                 }
             }
-            // Keys first, then the entry: a crash between leaves an entry
-            // that the next sweep finds nothing to do for.
-            self.keys.apply_batch(batch).map_err(io)?;
-            if taken < group.len() {
+            if taken < keys.len() {
                 self.expiry
-                    .insert(&exp_key, encode_key_list(&group[taken..]))
+                    .insert(&entry, encode_key_list(&keys[taken..]))
                     .map_err(io)?;
             } else {
-                self.expiry.remove(&exp_key).map_err(io)?;
+                self.expiry.remove(&entry).map_err(io)?;
+                if let Some(id) = id
+                    && let Some(group) = idem.groups.remove(&id)
+                {
+                    idem.ids.remove(&group.last_seq);
+                }
             }
         }
         Ok(removed)
@@ -963,7 +1240,7 @@ impl SledStorage {
             let t = match tree {
                 "wal" => &s.wal,
                 "dlq" => &s.dlq,
-                "idempotency" => &s.keys,
+                "meta" => &s.meta,
                 "idem_expiry" => &s.expiry,
                 _ => return Err(StorageError::Io(format!("no tree {tree}"))),
             };
@@ -1062,5 +1339,78 @@ mod tests {
         // The same thread opens a good store afterwards: nothing was left poisoned.
         let good = sled::Config::new().path(dir.path().join("good"));
         assert!(open_without_panic(good, dir.path()).is_ok());
+    }
+
+    fn event(key: &str) -> NewEvent {
+        NewEvent {
+            record: WalRecord {
+                source: "default".into(),
+                key: key.into(),
+                event_type: "t".into(),
+                received_at_ms: 0,
+                occurred_at_ms: 0,
+                only_sink: None,
+                body: "{}".into(),
+            },
+        }
+    }
+
+    /// Every key gets the same fingerprint: each lookup finds every group
+    /// as a candidate, and only the stored key lists can tell the keys
+    /// apart. No new key is taken for a duplicate, no duplicate for a new
+    /// key, before and after a restart (which rebuilds the index).
+    #[test]
+    fn colliding_fingerprints_never_drop_an_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let collide = |store: &Store| {
+            store.idempotency.lock().fingerprint = |_, _| 0x4242_4242_0000_0001;
+            store.rebuild_index().unwrap();
+        };
+        let ttl = 1_000_000;
+        let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
+        collide(&store);
+        let first: Vec<NewEvent> = (0..5).map(|i| event(&format!("a{i}"))).collect();
+        let out = store.append(&first, 10, ttl).unwrap();
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, AppendOutcome::Accepted { .. }))
+        );
+        // New keys in a second group, mixed with repeats of the first.
+        let second: Vec<NewEvent> = ["b0", "a3", "b1", "a0", "b0"].map(event).to_vec();
+        let out = store.append(&second, 20, ttl).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                AppendOutcome::Accepted { seq: 6 },
+                AppendOutcome::Duplicate { first_seen_ms: 10 },
+                AppendOutcome::Accepted { seq: 7 },
+                AppendOutcome::Duplicate { first_seen_ms: 10 },
+                AppendOutcome::Duplicate { first_seen_ms: 20 },
+            ]
+        );
+        drop(store);
+
+        let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
+        collide(&store);
+        let again: Vec<NewEvent> = ["a4", "b1", "c0"].map(event).to_vec();
+        assert_eq!(
+            store.append(&again, 30, ttl).unwrap(),
+            vec![
+                AppendOutcome::Duplicate { first_seen_ms: 10 },
+                AppendOutcome::Duplicate { first_seen_ms: 20 },
+                AppendOutcome::Accepted { seq: 8 },
+            ]
+        );
+        // Expiry drops whole groups: the first group's keys are new again,
+        // the later ones are still known.
+        assert_eq!(store.sweep_keys(15, usize::MAX).unwrap(), 5);
+        let after: Vec<NewEvent> = ["a1", "b0"].map(event).to_vec();
+        assert_eq!(
+            store.append(&after, 40, ttl).unwrap(),
+            vec![
+                AppendOutcome::Accepted { seq: 9 },
+                AppendOutcome::Duplicate { first_seen_ms: 20 },
+            ]
+        );
     }
 }
