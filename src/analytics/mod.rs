@@ -8,6 +8,9 @@
 //! crashes and restarts. The same code runs over sled's transactional tree
 //! and over the in-memory model, through the small [`KvWrite`] / [`KvRead`]
 //! traits. Everything is on disk; memory does not grow with users or days.
+//! A batch is aggregated in memory first: each counter is written once per
+//! batch, each set member (user-day, first seen, cohort, a minute's users
+//! and sessions) read once and written only when it is new.
 //!
 //! Days, hours and minutes are UTC and taken from the event's own time
 //! (`timestamp` / `occurred_at`, else receipt).
@@ -30,7 +33,7 @@
 //! written for events of the last hour and are pruned after
 //! [`WINDOW_RETENTION_MINUTES`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -176,7 +179,10 @@ fn add<K: KvWrite>(kv: &mut K, k: &[u8], n: u64) -> Result<(), K::Error> {
 }
 
 /// Applies a batch of processed events to the aggregates. `now_ms` decides
-/// which events are recent enough for the rolling-window buckets.
+/// which events are recent enough for the rolling-window buckets. The batch
+/// is aggregated in memory first: a counter is written once per batch, and
+/// a set member (user-day, first seen, cohort, a minute's users and
+/// sessions) only when it is new.
 pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(), K::Error> {
     // Sum what can be summed before touching the store: one write per key.
     let mut per_type_day: HashMap<(i32, &str), u64> = HashMap::new();
@@ -219,40 +225,65 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
             add(kv, &key(&[b"L", &[bucket as u8]]), *n)?;
         }
     }
+    // The sets: each distinct entity of the batch is read once and written
+    // only when it is new, so a processed event costs a sled key only for a
+    // new user, user-day, or user or session in a minute.
+    let mut minute_members: BTreeSet<(i64, u8, Vec<u8>)> = BTreeSet::new();
+    let mut user_days: BTreeSet<(Vec<u8>, i32)> = BTreeSet::new();
+    let mut earliest: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
     for f in facts {
         let recent = f.occurred_at_ms >= recent_from;
-        let minute = i64_key(f.occurred_at_ms.div_euclid(MS_PER_MINUTE));
+        let minute = f.occurred_at_ms.div_euclid(MS_PER_MINUTE);
         if recent && let Some(s) = &f.session_id {
-            kv.put(&key(&[b"m", &minute, b"s", s.as_bytes()]), &[])?;
+            minute_members.insert((minute, b's', s.as_bytes().to_vec()));
         }
         let Some(user) = &f.user_id else { continue };
         let user = user_part(user);
-        let day = day_of(f.occurred_at_ms);
         if recent {
-            kv.put(&key(&[b"m", &minute, b"u", &user]), &[])?;
+            minute_members.insert((minute, b'u', user.clone()));
         }
-        let active = key(&[b"U", &user, &day_key(day)]);
+        user_days.insert((user.clone(), day_of(f.occurred_at_ms)));
+        earliest
+            .entry(user)
+            .and_modify(|t| *t = (*t).min(f.occurred_at_ms))
+            .or_insert(f.occurred_at_ms);
+    }
+    for (minute, kind, id) in &minute_members {
+        let k = key(&[b"m", &i64_key(*minute), &[*kind], id]);
+        if kv.get(&k)?.is_none() {
+            kv.put(&k, &[])?;
+        }
+    }
+    let mut new_dau: BTreeMap<i32, u64> = BTreeMap::new();
+    for (user, day) in &user_days {
+        let active = key(&[b"U", user, &day_key(*day)]);
         if kv.get(&active)?.is_none() {
             kv.put(&active, &[])?;
-            add(kv, &key(&[b"D", &day_key(day)]), 1)?;
+            *new_dau.entry(*day).or_default() += 1;
         }
-        let first_key = key(&[b"F", &user]);
+    }
+    for (day, n) in new_dau {
+        add(kv, &key(&[b"D", &day_key(day)]), n)?;
+    }
+    for (user, at) in &earliest {
+        let (at, day) = (*at, day_of(*at));
+        let first_key = key(&[b"F", user]);
         let first = kv
             .get(&first_key)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(i64::from_be_bytes);
         match first {
-            Some(first) if first <= f.occurred_at_ms => {}
+            Some(first) if first <= at => {}
             Some(first) => {
-                kv.put(&first_key, &f.occurred_at_ms.to_be_bytes())?;
+                kv.put(&first_key, &at.to_be_bytes())?;
                 if day_of(first) != day {
-                    kv.remove(&key(&[b"C", &day_key(day_of(first)), &user]))?;
-                    kv.put(&key(&[b"C", &day_key(day), &user]), &[])?;
+                    kv.remove(&key(&[b"C", &day_key(day_of(first)), user]))?;
+                    kv.put(&key(&[b"C", &day_key(day), user]), &[])?;
                 }
             }
             None => {
-                kv.put(&first_key, &f.occurred_at_ms.to_be_bytes())?;
-                kv.put(&key(&[b"C", &day_key(day), &user]), &[])?;
+                kv.put(&first_key, &at.to_be_bytes())?;
+                kv.put(&key(&[b"C", &day_key(day), user]), &[])?;
             }
         }
     }
