@@ -822,27 +822,36 @@ impl Storage for Store {
         let _guard = self.lock();
         let cursor = self.cursor()?;
         let new_cursor = cursor.max(ack.upto);
-        // The sizes of the processed records, from their segments' headers.
+        // The sizes of the processed records, from their segments' headers:
+        // each segment is opened (and its checksum checked) once.
         let mut freed = 0u64;
-        let mut current: Option<(u64, IVec)> = None;
-        for (seq, _) in &ack.processed {
-            if *seq <= cursor {
-                continue;
+        let mut seqs: Vec<u64> = ack
+            .processed
+            .iter()
+            .map(|(seq, _)| *seq)
+            .filter(|seq| *seq > cursor)
+            .collect();
+        seqs.sort_unstable();
+        let mut rest = seqs.as_slice();
+        while let Some(&seq) = rest.first() {
+            let Some((last, v)) = self
+                .wal
+                .range(seq.to_be_bytes()..)
+                .next()
+                .transpose()
+                .map_err(io)?
+                .and_then(|(k, v)| Some((u64::from_be_bytes(k.as_ref().try_into().ok()?), v)))
+            else {
+                break;
+            };
+            let in_segment = rest.iter().take_while(|s| **s <= last).count();
+            if let Ok(segment) = decode_segment(last, &v) {
+                freed += rest[..in_segment]
+                    .iter()
+                    .map(|s| segment.size_of(*s))
+                    .sum::<u64>();
             }
-            if current.as_ref().is_none_or(|(last, _)| last < seq) {
-                current = self
-                    .wal
-                    .range(seq.to_be_bytes()..)
-                    .next()
-                    .transpose()
-                    .map_err(io)?
-                    .and_then(|(k, v)| Some((u64::from_be_bytes(k.as_ref().try_into().ok()?), v)));
-            }
-            if let Some((last, v)) = &current
-                && let Ok(segment) = decode_segment(*last, v)
-            {
-                freed += segment.size_of(*seq);
-            }
+            rest = &rest[in_segment..];
         }
         // Segments that the cursor has passed entirely.
         let done: Vec<IVec> = self
