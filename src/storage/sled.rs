@@ -167,6 +167,9 @@ impl Idempotency {
     }
 }
 
+/// Group id → its stored keys, decoded once per call that needs them.
+type KeyLists = HashMap<u32, HashSet<Box<[u8]>>>;
+
 /// What the index and the stored key lists say of one key.
 enum Seen {
     /// Never (or swept).
@@ -532,26 +535,31 @@ impl Store {
         Ok(())
     }
 
-    /// Whether group `id`'s stored key list holds `key` (`lists` caches the
-    /// lists read).
+    /// Whether group `id`'s stored key list holds `key`. `lists` keeps each
+    /// list read, decoded, for the rest of the call: a burst of re-sent
+    /// duplicates from one group reads and checks its list once, not once
+    /// a key. A missing or damaged list holds nothing.
     fn holds(
         &self,
         id: u32,
         group: Group,
         key: &[u8],
-        lists: &mut HashMap<u32, Option<IVec>>,
+        lists: &mut KeyLists,
     ) -> Result<bool, StorageError> {
-        let list = match lists.get(&id) {
-            Some(list) => list.clone(),
-            None => {
-                let list = self.expiry.get(group.entry_key()).map_err(io)?;
-                lists.insert(id, list.clone());
-                list
+        let keys = match lists.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let stored = self.expiry.get(group.entry_key()).map_err(io)?;
+                e.insert(
+                    stored
+                        .as_deref()
+                        .and_then(|bytes| decode_key_list(bytes).ok())
+                        .map(|keys| keys.into_iter().map(Box::from).collect())
+                        .unwrap_or_default(),
+                )
             }
         };
-        Ok(list
-            .as_deref()
-            .is_some_and(|bytes| decode_key_list(bytes).is_ok_and(|keys| keys.contains(&key))))
+        Ok(keys.contains(key))
     }
 
     /// What the stored lists say of `key`: read for each candidate group
@@ -563,7 +571,7 @@ impl Store {
         key: &[u8],
         now_ms: i64,
         ttl_ms: i64,
-        lists: &mut HashMap<u32, Option<IVec>>,
+        lists: &mut KeyLists,
     ) -> Result<Seen, StorageError> {
         let mut candidates = Vec::new();
         idem.index.candidates(fingerprint, &mut candidates);
