@@ -43,11 +43,7 @@ impl Sink for FileSink {
         let path = self.path.clone();
         Box::pin(async move {
             let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .read(true)
-                    .append(true)
-                    .open(&path)?;
+                let mut f = open_for_append(&path)?;
                 cut_torn_tail(&mut f, &path)?;
                 f.write_all(&lines)?;
                 f.sync_data()
@@ -66,6 +62,15 @@ impl Sink for FileSink {
             }
         })
     }
+}
+
+/// Opens (creating) the sink's file to append, and to read its tail.
+fn open_for_append(path: &std::path::Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
 }
 
 /// Truncates `f` after its last newline when it does not end with one: the
@@ -112,11 +117,7 @@ mod tests {
         let path = dir.path().join("out.jsonl");
         let whole = "{\"a\":1}\n".repeat(10_000); // longer than one look-back chunk
         std::fs::write(&path, format!("{whole}{{\"torn\":")).unwrap();
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
+        let mut f = open_for_append(&path).unwrap();
         cut_torn_tail(&mut f, &path).unwrap();
         f.write_all(b"{\"b\":2}\n").unwrap();
         assert_eq!(
@@ -124,12 +125,8 @@ mod tests {
             format!("{whole}{{\"b\":2}}\n")
         );
 
+        // The same handle: the file is rewritten in place.
         std::fs::write(&path, "no newline at all").unwrap();
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
         cut_torn_tail(&mut f, &path).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
         // Whole lines are left alone.
