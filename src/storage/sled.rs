@@ -307,7 +307,10 @@ fn ordered_ms(ms: i64) -> [u8; 8] {
 /// on some damaged stores (an empty `conf` after a power cut: "tried to
 /// serialize Uninitialized"); the operator gets one line naming the store
 /// and the cause instead of a backtrace.
-fn open_without_panic(config: sled::Config, dir: &Path) -> Result<Db, StorageError> {
+fn open_without_panic<T>(
+    dir: &Path,
+    open: impl FnOnce() -> sled::Result<T>,
+) -> Result<T, StorageError> {
     thread_local! {
         /// Set while this thread opens sled: its panic is reported as an error.
         static OPENING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -322,11 +325,11 @@ fn open_without_panic(config: sled::Config, dir: &Path) -> Result<Db, StorageErr
         }));
     });
     OPENING.with(|o| o.set(true));
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open));
     OPENING.with(|o| o.set(false));
     let path = dir.display().to_string();
     match opened {
-        Ok(Ok(db)) => Ok(db),
+        Ok(Ok(opened)) => Ok(opened),
         Ok(Err(e @ sled::Error::Corruption { .. })) => Err(StorageError::Damaged {
             path,
             reason: e.to_string(),
@@ -398,9 +401,10 @@ impl Store {
             .path(dir)
             .cache_capacity(options.cache_bytes)
             .flush_every_ms(None);
-        let db = open_without_panic(config, dir)?;
+        let db = open_without_panic(dir, || config.open())?;
         let disk = DiskSync::open(dir).map_err(|e| open_err(format!("syncing it: {e}")))?;
-        let tree = |name: &str| db.open_tree(name).map_err(|e| open_err(e.to_string()));
+        // sled reads its recovered pages on first use: it can panic here too.
+        let tree = |name: &str| open_without_panic(dir, || db.open_tree(name));
         let store = Store {
             disk,
             wal: tree("wal")?,
@@ -1346,7 +1350,7 @@ mod tests {
     fn a_panic_inside_sled_open_is_an_error_naming_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let config = sled::Config::new().path(dir.path()).cache_capacity(0);
-        let err = open_without_panic(config, dir.path())
+        let err = open_without_panic(dir.path(), || config.open())
             .map(|_| ())
             .expect_err("sled refuses a cache of 0 bytes");
         let text = err.to_string();
@@ -1355,7 +1359,7 @@ mod tests {
         assert!(text.contains("cache capacity"), "{text}");
         // The same thread opens a good store afterwards: nothing was left poisoned.
         let good = sled::Config::new().path(dir.path().join("good"));
-        assert!(open_without_panic(good, dir.path()).is_ok());
+        assert!(open_without_panic(dir.path(), || good.open()).is_ok());
     }
 
     fn event(key: &str) -> NewEvent {

@@ -65,6 +65,17 @@ impl Daemon {
 
     /// Starts the binary with an existing config file and extra environment.
     pub fn start_with(dir: &Path, config_path: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::try_start_with(dir, config_path, env)
+            .unwrap_or_else(|log| panic!("inletd did not start; log:\n{log}"))
+    }
+
+    /// Starts the binary; when it does not start listening within 30 s (it
+    /// exited, or hangs), kills it and returns everything it logged.
+    pub fn try_start_with(
+        dir: &Path,
+        config_path: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_inletd"));
         cmd.arg("--config")
             .arg(config_path)
@@ -96,19 +107,19 @@ impl Daemon {
             Ok(addr) => addr,
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "inletd did not start; log:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
+                let _ = child.wait();
+                // The reader thread may still be taking the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(log.lock().unwrap().join("\n"));
             }
         };
-        Daemon {
+        Ok(Daemon {
             child,
             addr,
             data_dir: dir.join("data"),
             config_path: config_path.to_owned(),
             log,
-        }
+        })
     }
 
     /// Sends a request; see [`request`].
