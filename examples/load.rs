@@ -650,6 +650,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let plan = plan.clone();
         tokio::spawn(async move {
             let mut last = 0;
+            let mut last_ticks = pid.and_then(|p| proc_cpu_ticks(&p.to_string()));
             let mut lines = Vec::new();
             let mut tick = tokio::time::interval_at(
                 (plan.t0 + Duration::from_secs(1)).into(),
@@ -668,11 +669,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let t = (at.into_std() - plan.t0).as_secs_f64();
                 let eps = done - last;
                 last = done;
+                // The server's CPU this second, per event answered in it.
+                let ticks = pid.and_then(|p| proc_cpu_ticks(&p.to_string()));
+                let cpu_us = match (last_ticks, ticks) {
+                    (Some(a), Some(b)) if eps > 0 => {
+                        Some((b.saturating_sub(a)) as f64 / tck * 1e6 / eps as f64)
+                    }
+                    _ => None,
+                };
+                last_ticks = ticks;
                 eprintln!(
-                    "t={t:5.1}s events/s={eps:>8} queue_depth={}",
-                    depth.map_or("?".to_owned(), |d| d.to_string())
+                    "t={t:5.1}s events/s={eps:>8} queue_depth={} cpu_us_per_event={}",
+                    depth.map_or("?".to_owned(), |d| d.to_string()),
+                    cpu_us.map_or("?".to_owned(), |c| format!("{c:.1}"))
                 );
-                lines.push(json!({"t": t.round(), "events_per_s": eps, "queue_depth": depth}));
+                lines.push(
+                    json!({"t": t.round(), "events_per_s": eps, "queue_depth": depth,
+                    "cpu_us_per_event": cpu_us}),
+                );
             }
             lines
         })

@@ -91,9 +91,10 @@
 //! A flush is power-safe: sled's own ends in `sync_file_range`, which
 //! persists neither the file size nor the drive's cache, and sled never
 //! syncs `conf`, its blob files (values over `segment_size / 4`, 128 KiB)
-//! or a directory. `SledStorage::flush` therefore also fdatasyncs each new
-//! or grown blob file and then `blobs/`, fdatasyncs `db`, and fsyncs the
-//! data directory when its listing changed (a new snapshot); opening the
+//! or a directory. `SledStorage::flush` therefore lists the blob files
+//! before and after sled's flush, fdatasyncs each one no earlier flush
+//! settled and then `blobs/`, fdatasyncs `db`, and fsyncs the data
+//! directory when its listing changed (a new snapshot); opening the
 //! store syncs `conf`, `db`, both directories and the data directory's
 //! parent once. `tests/powercut.rs` runs the daemon on a filesystem that
 //! drops every unsynced write at a simulated power cut.

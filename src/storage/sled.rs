@@ -185,40 +185,58 @@ enum Seen {
 /// sled 0.34's `flush` writes its buffers and ends in `sync_file_range`,
 /// which persists neither the file's size nor the drive's write cache; it
 /// writes `conf` and values larger than `segment_size / 4` (blob files,
-/// one per value) without any sync, and never syncs a directory. After
-/// every flush, [`DiskSync::sync`] therefore:
+/// one per value) without any sync, and never syncs a directory.
+/// [`DiskSync::flush`] therefore wraps sled's flush:
 ///
-/// 1. `fdatasync`s each blob file that is new or has grown since its last
-///    sync, then the `blobs` directory if a file in it is new: a log entry
-///    made durable in step 2 may point at any of them;
-/// 2. `fdatasync`s the log file `db`;
-/// 3. `fsync`s the data directory when its listing changed (sled writes
+/// 1. it lists the blob files, then runs sled's flush, then lists them again;
+/// 2. it `fdatasync`s every blob file of the second listing that no earlier
+///    flush settled, then the `blobs` directory if a file in it is new: a
+///    log entry made durable in step 3 may point at any of them;
+/// 3. it `fdatasync`s the log file `db`;
+/// 4. it `fsync`s the data directory when its listing changed (sled writes
 ///    a snapshot to a new file and renames it).
 ///
-/// Opening the store syncs `conf`, `db`, every blob, both directories and
-/// the data directory's parent (which may have just created it) once.
+/// Why a blob is synced at most twice, never statted: sled names a blob by
+/// its reservation's log sequence number, raises its `max_reserved_lsn`
+/// past that number before it creates the file, writes the whole file
+/// before the reservation completes, and never writes the file again. Its
+/// flush waits for every reservation up to the `max_reserved_lsn` it read
+/// at the start. So a blob in the first listing was finished when the flush
+/// returned: synced once then, it is settled for good. A blob that appeared
+/// during the flush may still have been written then: it is synced now (if
+/// the flush made a log entry pointing at it durable, it was finished) and
+/// once more after the next flush, when it is in that flush's first
+/// listing. The cost of a flush is two directory listings and the new
+/// blobs, not a `stat` of every blob in the store (hundreds of them once
+/// millions of keys are in the window).
+///
+/// Opening the store syncs `conf`, `db`, both directories and the data
+/// directory's parent (which may have just created it), then flushes once,
+/// which syncs every blob.
 struct DiskSync {
     /// The data directory (sled's root).
     dir: PathBuf,
     /// sled's log file, kept open to be synced.
     log: File,
-    /// What was synced; held through a sync so that syncs do not interleave.
+    /// What was synced; held through a flush so that flushes do not interleave.
     state: Mutex<SyncedFiles>,
 }
 
-/// The files as the last [`DiskSync::sync`] left them.
+/// The files as the last [`DiskSync::flush`] left them.
 #[derive(Default)]
 struct SyncedFiles {
     /// The data directory's entries.
     entries: Vec<OsString>,
-    /// Each blob file's size when it was last synced: a blob that grew since
-    /// was being written then, and is synced again.
-    blobs: HashMap<OsString, u64>,
+    /// Blob files synced after sled had finished them: never synced again.
+    settled: HashSet<OsString>,
+    /// Blob files that appeared during the last flush and may have been
+    /// unfinished when they were synced: synced again after the next one.
+    fresh: HashSet<OsString>,
 }
 
 impl DiskSync {
-    /// Syncs everything sled has written in `dir` so far, once.
-    fn open(dir: &Path) -> std::io::Result<DiskSync> {
+    /// Syncs what sled wrote in `dir` before this start, once.
+    fn open(dir: &Path, db: &Db) -> std::io::Result<DiskSync> {
         let log = File::open(dir.join("db"))?;
         File::open(dir.join("conf"))?.sync_all()?;
         log.sync_all()?;
@@ -233,38 +251,39 @@ impl DiskSync {
             log,
             state: Mutex::new(SyncedFiles::default()),
         };
-        // An empty record of what was synced: this syncs every blob and the directory.
-        disk.sync()?;
+        // Nothing is settled yet: this syncs every blob and the directory.
+        disk.flush(db)?;
         Ok(disk)
     }
 
-    /// Makes what sled's last flush wrote durable (see the type's docs).
-    fn sync(&self) -> std::io::Result<()> {
+    /// Runs sled's flush and makes what it wrote durable (see the type's docs).
+    fn flush(&self, db: &Db) -> std::io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let blobs_dir = self.dir.join("blobs");
-        let mut blobs = HashMap::with_capacity(state.blobs.len());
+        let finished = blob_names(&blobs_dir)?;
+        db.flush().map_err(std::io::Error::other)?;
+        let mut settled = HashSet::with_capacity(state.settled.len() + 4);
+        let mut fresh = HashSet::new();
         let mut new_blob = false;
-        for entry in std::fs::read_dir(&blobs_dir)? {
-            let entry = entry?;
-            // The size before the sync: all of it is then in the sync.
-            let len = match entry.metadata() {
-                Ok(m) => m.len(),
+        for name in blob_names(&blobs_dir)? {
+            if state.settled.contains(&name) {
+                settled.insert(name);
+                continue;
+            }
+            match File::open(blobs_dir.join(&name)) {
+                Ok(f) => f.sync_data()?,
                 Err(e) if e.kind() == ErrorKind::NotFound => continue, // collected by sled
                 Err(e) => return Err(e),
-            };
-            let name = entry.file_name();
-            let known = state.blobs.get(&name).copied();
-            if known != Some(len) {
-                match File::open(entry.path()) {
-                    Ok(f) => f.sync_data()?,
-                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-                new_blob |= known.is_none();
             }
-            blobs.insert(name, len);
+            new_blob |= !state.fresh.contains(&name);
+            if finished.contains(&name) {
+                settled.insert(name);
+            } else {
+                fresh.insert(name);
+            }
         }
-        state.blobs = blobs;
+        state.settled = settled;
+        state.fresh = fresh;
         if new_blob {
             sync_dir(&blobs_dir)?;
         }
@@ -279,6 +298,13 @@ impl DiskSync {
         }
         Ok(())
     }
+}
+
+/// The names in sled's blob directory.
+fn blob_names(dir: &Path) -> std::io::Result<HashSet<OsString>> {
+    std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect()
 }
 
 /// fsyncs a directory: its entries (a new or renamed file) become durable.
@@ -402,7 +428,7 @@ impl Store {
             .cache_capacity(options.cache_bytes)
             .flush_every_ms(None);
         let db = open_without_panic(dir, || config.open())?;
-        let disk = DiskSync::open(dir).map_err(|e| open_err(format!("syncing it: {e}")))?;
+        let disk = DiskSync::open(dir, &db).map_err(|e| open_err(format!("syncing it: {e}")))?;
         // sled reads its recovered pages on first use: it can panic here too.
         let tree = |name: &str| open_without_panic(dir, || db.open_tree(name));
         let store = Store {
@@ -765,8 +791,7 @@ impl Storage for Store {
     }
 
     fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush().map_err(io)?;
-        self.disk.sync().map_err(io)
+        self.disk.flush(&self.db).map_err(io)
     }
 
     fn read_after(
