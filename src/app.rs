@@ -3,10 +3,12 @@
 //!
 //! 1. `draining` is set: `/ready` and new intake requests answer 503 (the
 //!    listener stays open, so load balancers and clients see why);
-//!    requests already past that check finish (each is answered only
-//!    after its group commit).
+//!    requests already past that check finish first (each is answered only
+//!    after its group commit), so that everything answered 202 is in the
+//!    WAL before step 2.
 //! 2. The Batcher processes what the WAL holds, partial batch included,
-//!    until it is caught up or `drain_timeout` has passed.
+//!    until it is caught up or `drain_timeout` (counted from step 1) has
+//!    passed.
 //! 3. The listener closes and open connections finish (bounded).
 //! 4. The actors stop; the store is flushed. What was not processed stays
 //!    in the WAL for the next start.
@@ -233,7 +235,14 @@ impl Running {
         let deadline = self.pipeline.context.live().config.drain_timeout();
         let context = &self.pipeline.context;
         context.status.draining.store(true, Ordering::SeqCst);
-        let caught_up = self.pipeline.drain(deadline).await;
+        // What the requests in flight commit must be in the WAL before the
+        // Batcher drains it: they were answered 202.
+        let settled = context.status.intake_settled(deadline).await;
+        let caught_up = settled
+            && self
+                .pipeline
+                .drain(deadline.saturating_sub(started.elapsed()))
+                .await;
         let _ = self.stop_http.send(());
         let left = deadline
             .saturating_sub(started.elapsed())

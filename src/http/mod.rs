@@ -193,13 +193,14 @@ where
     let received = Instant::now();
     let received_at_ms = now_ms();
     let status = &api.pipeline.context.status;
-    if status.draining.load(Ordering::Relaxed) {
+    // Held until the answer: the drain waits for this request.
+    let Some(_in_flight) = status.begin_intake() else {
         return Err(service_unavailable(
             "draining",
             "inletd is shutting down; retry against the restarted daemon",
             5,
         ));
-    }
+    };
     let live = api.pipeline.context.live();
     let config = &live.config;
     let Some(source_parts) = live.sources.get(&source) else {

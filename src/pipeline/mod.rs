@@ -19,7 +19,7 @@ pub mod receiver;
 pub mod supervisor;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -46,9 +46,44 @@ pub struct Status {
     pub last_seq: AtomicU64,
     /// The ack cursor.
     pub cursor: AtomicU64,
+    /// Intake requests past the draining check and not yet answered: the
+    /// drain waits for them before it processes the WAL.
+    intake_in_flight: AtomicUsize,
+}
+
+/// An intake request in flight; counted until dropped.
+pub struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Status {
+    /// Counts an intake request in, or answers `None` once draining. A
+    /// request that got `Some` is waited for by [`Status::intake_settled`]:
+    /// both sides use `SeqCst`, so either the request sees `draining` or the
+    /// drain sees the request.
+    pub fn begin_intake(&self) -> Option<InFlight<'_>> {
+        self.intake_in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(&self.intake_in_flight);
+        (!self.draining.load(Ordering::SeqCst)).then_some(guard)
+    }
+
+    /// Once `draining` is set: waits until every intake request that got
+    /// past the check is answered, or `limit` passes; `false` if it passed.
+    pub async fn intake_settled(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.intake_in_flight.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
+
     /// Events waiting in the WAL.
     pub fn queue_depth(&self) -> u64 {
         self.last_seq

@@ -28,6 +28,9 @@ pub struct Daemon {
     pub config_path: PathBuf,
     /// Every log line it wrote so far.
     pub log: Arc<Mutex<Vec<String>>>,
+    /// The thread copying its stderr into `log`: joined once it exits, so
+    /// that its last lines are in `log` before a test reads them.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Writes `inletd.toml` into `dir` with the test defaults plus `extra`
@@ -89,7 +92,7 @@ impl Daemon {
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        {
+        let reader = {
             let log = log.clone();
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
@@ -101,15 +104,14 @@ impl Daemon {
                     }
                     log.lock().unwrap().push(line);
                 }
-            });
-        }
+            })
+        };
         let addr = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(addr) => addr,
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                // The reader thread may still be taking the last lines.
-                std::thread::sleep(Duration::from_millis(100));
+                let _ = reader.join();
                 return Err(log.lock().unwrap().join("\n"));
             }
         };
@@ -119,6 +121,7 @@ impl Daemon {
             data_dir: dir.join("data"),
             config_path: config_path.to_owned(),
             log,
+            reader: Some(reader),
         })
     }
 
@@ -158,6 +161,7 @@ impl Daemon {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.take_last_lines();
     }
 
     /// Waits for exit, failing the test past `limit`.
@@ -165,6 +169,7 @@ impl Daemon {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.take_last_lines();
                 return status;
             }
             if start.elapsed() > limit {
@@ -175,6 +180,14 @@ impl Daemon {
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Once the process has exited: waits for the reader to copy what it
+    /// wrote last (its stderr closes at exit).
+    fn take_last_lines(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
     }
 
