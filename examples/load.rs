@@ -100,6 +100,10 @@ struct Args {
     /// Events per request: 1 → POST /webhook/events, more → POST /webhook/batch.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// `event_id`s of 32 random hex digits, as UUIDs are, instead of run,
+    /// connection and a counter (which share most of their bytes).
+    #[arg(long)]
+    random_ids: bool,
     /// Worker threads of the load generator's runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -445,11 +449,17 @@ async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
     Ok(serde_json::from_slice(&body)?)
 }
 
-fn event_json(out: &mut String, run: &str, conn: usize, n: u64) {
+fn event_json(out: &mut String, plan: &Plan, conn: usize, n: u64) {
     use std::fmt::Write as _;
+    let run = &plan.run;
+    let id = if plan.random_ids {
+        format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    } else {
+        format!("{run}-{conn}-{n}")
+    };
     let _ = write!(
         out,
-        r#"{{"event_id":"{run}-{conn}-{n}","event_type":"page_view","user_id":"user_{}","properties":{{"page":"/pricing"}}}}"#,
+        r#"{{"event_id":"{id}","event_type":"page_view","user_id":"user_{}","properties":{{"page":"/pricing"}}}}"#,
         n % 1000
     );
 }
@@ -458,6 +468,7 @@ struct Plan {
     addr: SocketAddr,
     run: String,
     batch: usize,
+    random_ids: bool,
     mode: Mode,
     /// Time between two scheduled sends on one connection (open loop).
     interval: Duration,
@@ -538,7 +549,7 @@ async fn connection(plan: Arc<Plan>, id: usize) -> ConnResult {
         };
         body.clear();
         if plan.batch == 1 {
-            event_json(&mut body, &plan.run, id, n);
+            event_json(&mut body, &plan, id, n);
             n += 1;
         } else {
             body.push_str(r#"{"events":["#);
@@ -546,7 +557,7 @@ async fn connection(plan: Arc<Plan>, id: usize) -> ConnResult {
                 if i > 0 {
                     body.push(',');
                 }
-                event_json(&mut body, &plan.run, id, n);
+                event_json(&mut body, &plan, id, n);
                 n += 1;
             }
             body.push_str("]}");
@@ -634,6 +645,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         addr,
         run: run_id.clone(),
         batch: args.batch,
+        random_ids: args.random_ids,
         mode: args.mode,
         interval,
         connections: args.connections,

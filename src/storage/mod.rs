@@ -12,7 +12,7 @@
 //! | tree          | key                                   | value                                 |
 //! |---------------|---------------------------------------|---------------------------------------|
 //! | `wal`         | last seq of the segment (u64 BE)      | a segment: up to ~96 KiB of one group commit's records ([`encode_segment`]) |
-//! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys ([`encode_key_list`]): the durable idempotency index |
+//! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys, front-coded ([`encode_key_list`]): the durable idempotency index |
 //! | `meta`        | `cursor`, `format_version`, `dlq_last`, `queue_bytes` | u64 BE                |
 //! | `counts`      | event type                            | u64 BE                                |
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |
@@ -475,36 +475,113 @@ pub fn decode_segment(key: u64, bytes: &[u8]) -> Result<Segment<'_>, RecordError
     Ok(Segment { first, spans, body })
 }
 
-/// Encodes one group's scoped idempotency keys for its `idem_expiry` entry:
-/// `n × (length (u32 BE) ‖ key)` in an envelope.
+/// How a key list's body starts: front-coded (see [`encode_key_list`]).
+/// The first build of format 3 wrote plain lists, `n × (length (u32 BE) ‖
+/// key)`, which start with a zero byte (no key comes near 16 MiB); they
+/// are still read.
+const FRONT_CODED: u8 = 1;
+
+/// Encodes one group's scoped idempotency keys for its `idem_expiry` entry,
+/// in an envelope: [`FRONT_CODED`], then the keys in byte order, each as
+/// varint(bytes shared with the key before) ‖ varint(bytes of the rest) ‖
+/// the rest. Keys of one source share its name, and ids that count up or
+/// start with a time share most of their bytes: 3–6 bytes a key for such
+/// ids, against 4 + the whole scoped key plain.
 pub fn encode_key_list(keys: &[&[u8]]) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(ENVELOPE_HEADER + keys.iter().map(|k| k.len() + 4).sum::<usize>());
+    let mut sorted = keys.to_vec();
+    sorted.sort_unstable();
+    let mut out = Vec::with_capacity(ENVELOPE_HEADER + 1 + keys.len() * 8);
     out.resize(ENVELOPE_HEADER, 0);
-    for k in keys {
-        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-        out.extend_from_slice(k);
+    out.push(FRONT_CODED);
+    let mut before: &[u8] = &[];
+    for key in sorted {
+        let shared = before.iter().zip(key).take_while(|(a, b)| a == b).count();
+        put_varint(&mut out, shared);
+        put_varint(&mut out, key.len() - shared);
+        out.extend_from_slice(&key[shared..]);
+        before = key;
     }
     seal(out)
 }
 
-/// Opens an entry written by [`encode_key_list`].
-pub fn decode_key_list(bytes: &[u8]) -> Result<Vec<&[u8]>, RecordError> {
+/// Calls `each` with every key of an entry written by [`encode_key_list`]
+/// (or a plain list of the first build of format 3), in stored order;
+/// returns how many. On an error, `each` may have seen some keys.
+pub fn visit_key_list(bytes: &[u8], mut each: impl FnMut(&[u8])) -> Result<usize, RecordError> {
     let (_, body) = open_envelope(bytes)?;
-    let mut keys = Vec::new();
-    let mut at = 0;
-    while at < body.len() {
-        let len = be::<4>(body, at)
-            .map(u32::from_be_bytes)
-            .ok_or_else(|| RecordError::Body("key list is cut short".into()))?
-            as usize;
-        let key = body
-            .get(at + 4..(at + 4).saturating_add(len))
-            .ok_or_else(|| RecordError::Body("key list is cut short".into()))?;
-        keys.push(key);
-        at += 4 + len;
+    let cut = || RecordError::Body("key list is cut short".into());
+    let mut n = 0;
+    match body.first() {
+        None => {}
+        Some(0) => {
+            let mut at = 0;
+            while at < body.len() {
+                let len = be::<4>(body, at).map(u32::from_be_bytes).ok_or_else(cut)? as usize;
+                let key = body
+                    .get(at + 4..(at + 4).saturating_add(len))
+                    .ok_or_else(cut)?;
+                each(key);
+                n += 1;
+                at += 4 + len;
+            }
+        }
+        Some(&FRONT_CODED) => {
+            let mut at = 1;
+            let mut key = Vec::new();
+            while at < body.len() {
+                let shared = get_varint(body, &mut at).ok_or_else(cut)?;
+                let rest = get_varint(body, &mut at).ok_or_else(cut)?;
+                if shared > key.len() {
+                    return Err(RecordError::Body(
+                        "key list shares more than the key before".into(),
+                    ));
+                }
+                let tail = body.get(at..at.saturating_add(rest)).ok_or_else(cut)?;
+                key.truncate(shared);
+                key.extend_from_slice(tail);
+                each(&key);
+                n += 1;
+                at += rest;
+            }
+        }
+        Some(other) => {
+            return Err(RecordError::Body(format!(
+                "key list of unknown encoding {other}"
+            )));
+        }
     }
+    Ok(n)
+}
+
+/// The keys of an entry written by [`encode_key_list`], in stored order.
+pub fn decode_key_list(bytes: &[u8]) -> Result<Vec<Vec<u8>>, RecordError> {
+    let mut keys = Vec::new();
+    visit_key_list(bytes, |k| keys.push(k.to_vec()))?;
     Ok(keys)
+}
+
+/// LEB128: seven bits a byte, low bits first.
+fn put_varint(out: &mut Vec<u8>, mut v: usize) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads a [`put_varint`] number at `at` and moves past it; `None` when it
+/// is cut short or wider than a key could be (`u32`).
+fn get_varint(body: &[u8], at: &mut usize) -> Option<usize> {
+    let mut v: u64 = 0;
+    for shift in (0..35).step_by(7) {
+        let b = *body.get(*at)?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return u32::try_from(v).ok().map(|v| v as usize);
+        }
+    }
+    None
 }
 
 /// The idempotency key of a record within its source scope.
@@ -622,10 +699,59 @@ mod tests {
     }
 
     #[test]
-    fn key_lists_round_trip() {
-        let keys: [&[u8]; 3] = [b"default\0a", b"", b"shop\0\xff"];
-        assert_eq!(decode_key_list(&encode_key_list(&keys)).unwrap(), keys);
+    fn key_lists_round_trip_in_byte_order() {
+        let keys: [&[u8]; 5] = [
+            b"default\0a",
+            b"",
+            b"shop\0\xff",
+            b"default\0ab",
+            b"default\0b",
+        ];
+        let mut sorted = keys.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(decode_key_list(&encode_key_list(&keys)).unwrap(), sorted);
         let bytes = encode_key_list(&keys);
         assert!(decode_key_list(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn keys_that_count_up_take_a_few_bytes_each() {
+        let owned: Vec<Vec<u8>> = (0..1000)
+            .map(|n| format!("default\0r18f3a2b9c0d1e-{}-{n}", n % 64).into_bytes())
+            .collect();
+        let keys: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+        let bytes = encode_key_list(&keys);
+        let plain: usize = keys.iter().map(|k| 4 + k.len()).sum();
+        assert!(
+            bytes.len() * 4 < plain,
+            "{} bytes front-coded against {plain} plain",
+            bytes.len()
+        );
+        assert_eq!(decode_key_list(&bytes).unwrap().len(), 1000);
+    }
+
+    /// Lists written by the first build of format 3 are still read.
+    #[test]
+    fn plain_key_lists_of_the_first_format_3_build_are_read() {
+        let mut out = vec![0; ENVELOPE_HEADER];
+        for k in [&b"default\0x"[..], b"default\0a"] {
+            out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+            out.extend_from_slice(k);
+        }
+        let bytes = seal(out);
+        assert_eq!(
+            decode_key_list(&bytes).unwrap(),
+            vec![b"default\0x".to_vec(), b"default\0a".to_vec()]
+        );
+    }
+
+    #[test]
+    fn a_key_list_that_shares_more_than_it_has_is_refused() {
+        let mut out = vec![0; ENVELOPE_HEADER];
+        out.extend_from_slice(&[FRONT_CODED, 0, 1, b'a', 5, 1, b'b']);
+        assert!(matches!(
+            decode_key_list(&seal(out)),
+            Err(RecordError::Body(_))
+        ));
     }
 }

@@ -22,7 +22,7 @@ use super::index::KeyIndex;
 use super::{
     AppendOutcome, BatchAck, DlqEntry, FORMAT_VERSION, NewEvent, Quarantined, QueueInfo, Storage,
     StorageError, decode_key_list, decode_record, decode_segment, encode_key_list, encode_record,
-    encode_segment, scoped_key,
+    encode_segment, scoped_key, visit_key_list,
 };
 use crate::analytics::{self, KvRead, KvWrite};
 use crate::event::{Queued, WalRecord};
@@ -543,11 +543,9 @@ impl Store {
                 self.expiry.remove(&k).map_err(io)?;
                 continue;
             };
-            match decode_key_list(&v) {
-                Ok(keys) => {
-                    let fps: Vec<u64> = keys.iter().map(|key| idem.fingerprint(key)).collect();
-                    idem.add(group, fps);
-                }
+            let mut fps = Vec::new();
+            match visit_key_list(&v, |key| fps.push(idem.fingerprint(key))) {
+                Ok(_) => idem.add(group, fps),
                 Err(e) => {
                     tracing::error!(error = %e, last_seq = group.last_seq,
                         "damaged expiry entry dropped; its keys are forgotten");
@@ -1045,7 +1043,10 @@ impl Storage for Store {
             }
             if taken < keys.len() {
                 self.expiry
-                    .insert(&entry, encode_key_list(&keys[taken..]))
+                    .insert(&entry, {
+                        let rest: Vec<&[u8]> = keys[taken..].iter().map(Vec::as_slice).collect();
+                        encode_key_list(&rest)
+                    })
                     .map_err(io)?;
             } else {
                 self.expiry.remove(&entry).map_err(io)?;
