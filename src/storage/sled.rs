@@ -329,13 +329,40 @@ fn ordered_ms(ms: i64) -> [u8; 8] {
     ((ms as u64) ^ SIGN).to_be_bytes()
 }
 
-/// Opens sled, turning a panic inside it into an error. sled 0.34 panics
-/// on some damaged stores (an empty `conf` after a power cut: "tried to
-/// serialize Uninitialized"); the operator gets one line naming the store
-/// and the cause instead of a backtrace.
+/// Opens sled (`open`: the database or a tree), turning a panic inside it
+/// into an error; see [`without_panic`].
 fn open_without_panic<T>(
     dir: &Path,
     open: impl FnOnce() -> sled::Result<T>,
+) -> Result<T, StorageError> {
+    let path = || dir.display().to_string();
+    without_panic(dir, || {
+        open().map_err(|e| match e {
+            sled::Error::Corruption { .. } => StorageError::Damaged {
+                path: path(),
+                reason: e.to_string(),
+            },
+            e => StorageError::Open {
+                path: path(),
+                reason: e.to_string(),
+            },
+        })
+    })
+}
+
+/// How much of sled's panic message a damaged-store error quotes.
+const MAX_PANIC_CHARS: usize = 160;
+
+/// Runs `read`, a step of opening the store that reads what sled
+/// recovered, turning a panic inside sled into [`StorageError::Damaged`].
+/// sled 0.34 panics on some damaged stores, while it opens the database
+/// (an empty `conf` after a power cut: "tried to serialize Uninitialized")
+/// or on the first read of a recovered page ("cannot find pid … in
+/// view_for_key"); the operator gets one line naming the store and the
+/// cause instead of a backtrace.
+fn without_panic<T>(
+    dir: &Path,
+    read: impl FnOnce() -> Result<T, StorageError>,
 ) -> Result<T, StorageError> {
     thread_local! {
         /// Set while this thread opens sled: its panic is reported as an error.
@@ -350,28 +377,24 @@ fn open_without_panic<T>(
             }
         }));
     });
-    OPENING.with(|o| o.set(true));
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open));
-    OPENING.with(|o| o.set(false));
-    let path = dir.display().to_string();
-    match opened {
-        Ok(Ok(opened)) => Ok(opened),
-        Ok(Err(e @ sled::Error::Corruption { .. })) => Err(StorageError::Damaged {
-            path,
-            reason: e.to_string(),
-        }),
-        Ok(Err(e)) => Err(StorageError::Open {
-            path,
-            reason: e.to_string(),
-        }),
+    let was = OPENING.with(|o| o.replace(true));
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
+    OPENING.with(|o| o.set(was));
+    match read {
+        Ok(result) => result,
         Err(panic) => {
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".into());
+            // sled's messages can carry a whole key: one line stays short.
+            let message = match message.char_indices().nth(MAX_PANIC_CHARS) {
+                Some((cut, _)) => format!("{}…", &message[..cut]),
+                None => message,
+            };
             Err(StorageError::Damaged {
-                path,
+                path: dir.display().to_string(),
                 reason: format!("sled panicked opening it: {message}"),
             })
         }
@@ -428,7 +451,9 @@ impl Store {
             .cache_capacity(options.cache_bytes)
             .flush_every_ms(None);
         let db = open_without_panic(dir, || config.open())?;
-        let disk = DiskSync::open(dir, &db).map_err(|e| open_err(format!("syncing it: {e}")))?;
+        let disk = without_panic(dir, || {
+            DiskSync::open(dir, &db).map_err(|e| open_err(format!("syncing it: {e}")))
+        })?;
         // sled reads its recovered pages on first use: it can panic here too.
         let tree = |name: &str| open_without_panic(dir, || db.open_tree(name));
         let store = Store {
@@ -446,10 +471,17 @@ impl Store {
             queue_bytes: AtomicU64::new(0),
             idempotency: parking_lot::Mutex::new(Idempotency::new()),
         };
-        match store.meta.get(FORMAT).map_err(io)? {
+        without_panic(dir, || store.load())?;
+        Ok(store)
+    }
+
+    /// Reads what the store holds at open: checks the format (converting
+    /// an older one), recovers the last seq and the byte gauge, rebuilds
+    /// the idempotency index.
+    fn load(&self) -> Result<(), StorageError> {
+        match self.meta.get(FORMAT).map_err(io)? {
             None => {
-                store
-                    .meta
+                self.meta
                     .insert(FORMAT, &u64::from(FORMAT_VERSION).to_be_bytes())
                     .map_err(io)?;
             }
@@ -462,22 +494,21 @@ impl Store {
                     });
                 }
                 if found < u64::from(FORMAT_VERSION) {
-                    store.convert_to_format_3()?;
+                    self.convert_to_format_3()?;
                 }
             }
         }
-        let last_wal = store
+        let last_wal = self
             .wal
             .last()
             .map_err(io)?
             .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
             .map_or(0, u64::from_be_bytes);
-        let cursor = u64_of(store.meta.get(CURSOR).map_err(io)?);
-        store.last_seq.store(last_wal.max(cursor), Ordering::SeqCst);
-        let bytes = u64_of(store.meta.get(QUEUE_BYTES).map_err(io)?);
-        store.queue_bytes.store(bytes, Ordering::SeqCst);
-        store.rebuild_index()?;
-        Ok(store)
+        let cursor = u64_of(self.meta.get(CURSOR).map_err(io)?);
+        self.last_seq.store(last_wal.max(cursor), Ordering::SeqCst);
+        let bytes = u64_of(self.meta.get(QUEUE_BYTES).map_err(io)?);
+        self.queue_bytes.store(bytes, Ordering::SeqCst);
+        self.rebuild_index()
     }
 
     /// Converts a format 1 or 2 store: the per-key `idempotency` tree goes,
