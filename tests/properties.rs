@@ -15,7 +15,7 @@ use inletd::event::{
 use inletd::signature::{Scheme, SignatureError, SignedHeaders, TOLERANCE, Verifier, sign};
 use inletd::storage::{
     DlqEntry, FORMAT_VERSION, RecordError, decode_key_list, decode_record, decode_segment,
-    encode_record, encode_segment,
+    encode_key_list, encode_record, encode_segment,
 };
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -891,6 +891,29 @@ proptest! {
 
 proptest! {
     #![proptest_config(config(512))]
+
+    /// A key list gives back the keys it was given, in byte order, however
+    /// much of their bytes they share (duplicates and the empty key too).
+    #[test]
+    fn key_lists_round_trip_arbitrary_keys(
+        keys in vec(
+            prop_oneof![
+                vec(any::<u8>(), 0..40),
+                // Keys that share a prefix, as the ids of one source do.
+                (0..4u8, vec(0..3u8, 0..12)).prop_map(|(src, tail)| {
+                    let mut k = format!("source-{src}\0evt_").into_bytes();
+                    k.extend(tail);
+                    k
+                }),
+            ],
+            1..64,
+        ),
+    ) {
+        let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        prop_assert_eq!(decode_key_list(&encode_key_list(&refs)).unwrap(), sorted);
+    }
 
     /// A segment round-trips under its last seq, whatever its records.
     #[test]

@@ -91,13 +91,14 @@ impl Actor for Deduper {
 }
 
 /// Writes one group, flushes once, answers every request in it.
-async fn commit(context: &Arc<Context>, group: Vec<AppendRequest>) {
+async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
     if group.is_empty() {
         return;
     }
+    // Moved, not copied: once written, a request needs only its slots.
     let events: Vec<NewEvent> = group
-        .iter()
-        .flat_map(|r| r.events.iter().cloned())
+        .iter_mut()
+        .flat_map(|r| std::mem::take(&mut r.events))
         .collect();
     let storage = context.storage.clone();
     let config = context.live().config.clone();
