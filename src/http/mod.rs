@@ -234,7 +234,13 @@ where
         ));
     }
     if config.max_queue_bytes > 0 {
-        let bytes = api.pipeline.context.storage.queue_bytes();
+        // Unknown is not empty: the byte limit cannot be checked, so nothing is taken.
+        let bytes = api
+            .pipeline
+            .context
+            .storage
+            .queue_bytes()
+            .map_err(|e| ingest_error(IngestError::Storage(e.to_string())))?;
         if bytes >= config.max_queue_bytes {
             return Err(service_unavailable(
                 "queue_full",

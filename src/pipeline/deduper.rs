@@ -100,6 +100,7 @@ async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
         .iter_mut()
         .flat_map(|r| std::mem::take(&mut r.events))
         .collect();
+    let expected = events.len();
     let storage = context.storage.clone();
     let config = context.live().config.clone();
     let fsync = config.durability == Durability::Fsync;
@@ -113,6 +114,15 @@ async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
     })
     .await;
     let outcomes = match written {
+        // One outcome per event, or no answer can be trusted: a 202 is
+        // only ever sent for an event the store said it holds.
+        Ok(Ok(outcomes)) if outcomes.len() != expected => {
+            let error = format!(
+                "the store answered {} outcomes for {expected} events",
+                outcomes.len()
+            );
+            return fail(context, group, error);
+        }
         Ok(Ok(outcomes)) => outcomes,
         Ok(Err(e)) => return fail(context, group, e.to_string()),
         Err(e) => return fail(context, group, format!("storage task failed: {e}")),
@@ -125,10 +135,7 @@ async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
     let mut last_seq = 0;
     for mut request in group {
         let (mut accepted, mut duplicates) = (0, 0);
-        for slot in &request.slots {
-            let Some(outcome) = outcomes.next() else {
-                break;
-            };
+        for (slot, outcome) in request.slots.iter().zip(&mut outcomes) {
             let verdict = &mut request.verdicts[*slot];
             match outcome {
                 AppendOutcome::Accepted { seq } => {

@@ -64,9 +64,12 @@ async fn spawn_child(
         DEDUPER => Actor::spawn_linked(name, Deduper, args, supervisor)
             .await
             .map(drop),
-        _ => Actor::spawn_linked(name, Receiver, args, supervisor)
+        RECEIVER => Actor::spawn_linked(name, Receiver, args, supervisor)
             .await
             .map(drop),
+        other => Err(SpawnErr::StartupFailed(
+            format!("no actor has the role `{other}`").into(),
+        )),
     }
 }
 
@@ -138,8 +141,12 @@ impl Actor for Supervisor {
             .context
             .names
             .observe(Observation::Restart { actor: role });
-        // Whatever was in flight is re-read from the ack cursor.
-        state.context.names.cast(BATCHER, BatcherMsg::Reset);
+        // The batch a failed Processor held is re-read from the ack cursor.
+        // No other restart loses one: a Reset then would hand the running
+        // Processor's batch out again, and the sinks would get it twice.
+        if *role == PROCESSOR {
+            state.context.names.cast(BATCHER, BatcherMsg::Reset);
+        }
         Ok(())
     }
 }

@@ -186,8 +186,8 @@ impl Storage for MemoryStorage {
         })
     }
 
-    fn queue_bytes(&self) -> u64 {
-        self.lock().queue_bytes
+    fn queue_bytes(&self) -> Result<u64, StorageError> {
+        Ok(self.lock().queue_bytes)
     }
 
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {

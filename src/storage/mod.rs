@@ -263,7 +263,8 @@ pub trait Storage: KvRead + Send + Sync + 'static {
     fn queue_info(&self) -> Result<QueueInfo, StorageError>;
 
     /// Encoded bytes waiting in the WAL; cheap enough for every request.
-    fn queue_bytes(&self) -> u64;
+    /// An error (the store is being reopened) is not "nothing waiting".
+    fn queue_bytes(&self) -> Result<u64, StorageError>;
 
     /// Accepted-event counts by type, from the built-in counter.
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError>;

@@ -999,8 +999,8 @@ impl Storage for Store {
         })
     }
 
-    fn queue_bytes(&self) -> u64 {
-        self.queue_bytes.load(Ordering::SeqCst)
+    fn queue_bytes(&self) -> Result<u64, StorageError> {
+        Ok(self.queue_bytes.load(Ordering::SeqCst))
     }
 
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
@@ -1353,8 +1353,8 @@ impl Storage for SledStorage {
     fn queue_info(&self) -> Result<QueueInfo, StorageError> {
         self.with(|s| s.queue_info())
     }
-    fn queue_bytes(&self) -> u64 {
-        self.with(|s| Ok(s.queue_bytes())).unwrap_or(0)
+    fn queue_bytes(&self) -> Result<u64, StorageError> {
+        self.with(|s| s.queue_bytes())
     }
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
         self.with(|s| s.counts())

@@ -1,0 +1,271 @@
+//! The pipeline, in process, over a store that misbehaves or a child that
+//! dies: a 202 is only ever sent for an event the store holds, and a
+//! restart hands no batch out twice.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use inletd::analytics::KvRead;
+use inletd::config::Config;
+use inletd::event::Queued;
+use inletd::pipeline::METRICS;
+use inletd::sinks::{Delivery, Sink};
+use inletd::storage::memory::MemoryStorage;
+use inletd::storage::{
+    AppendOutcome, BatchAck, DlqEntry, NewEvent, Quarantined, QueueInfo, Storage, StorageError,
+};
+
+/// The in-memory store with two faults that a test can switch on.
+#[derive(Default)]
+struct Faulty {
+    inner: MemoryStorage,
+    /// `append` stores every event but answers for one fewer.
+    short_outcomes: AtomicBool,
+    /// `queue_bytes` fails, as while the store is being reopened.
+    bytes_unknown: AtomicBool,
+}
+
+impl KvRead for Faulty {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(key)
+    }
+    fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        self.inner.scan(from, to, f)
+    }
+}
+
+impl Storage for Faulty {
+    fn append(
+        &self,
+        events: &[NewEvent],
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Vec<AppendOutcome>, StorageError> {
+        let mut outcomes = self.inner.append(events, now_ms, ttl_ms)?;
+        if self.short_outcomes.load(Ordering::SeqCst) {
+            outcomes.pop();
+        }
+        Ok(outcomes)
+    }
+    fn flush(&self) -> Result<(), StorageError> {
+        self.inner.flush()
+    }
+    fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Queued>, Vec<Quarantined>), StorageError> {
+        self.inner.read_after(after, limit)
+    }
+    fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
+        self.inner.commit_batch(ack)
+    }
+    fn queue_info(&self) -> Result<QueueInfo, StorageError> {
+        self.inner.queue_info()
+    }
+    fn queue_bytes(&self) -> Result<u64, StorageError> {
+        if self.bytes_unknown.load(Ordering::SeqCst) {
+            return Err(StorageError::Io("the store is being reopened".into()));
+        }
+        self.inner.queue_bytes()
+    }
+    fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
+        self.inner.counts()
+    }
+    fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
+        self.inner.prune_windows(before_ms)
+    }
+    fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
+        self.inner.sweep_keys(before_ms, limit)
+    }
+    fn dlq_list(&self, after: u64, limit: usize) -> Result<Vec<(u64, DlqEntry)>, StorageError> {
+        self.inner.dlq_list(after, limit)
+    }
+    fn dlq_get(&self, id: u64) -> Result<Option<DlqEntry>, StorageError> {
+        self.inner.dlq_get(id)
+    }
+    fn dlq_remove(&self, ids: &[u64]) -> Result<usize, StorageError> {
+        self.inner.dlq_remove(ids)
+    }
+    fn dlq_len(&self) -> Result<u64, StorageError> {
+        self.inner.dlq_len()
+    }
+    fn dlq_replay(&self, ids: &[u64]) -> Result<(Vec<u64>, u64), StorageError> {
+        self.inner.dlq_replay(ids)
+    }
+}
+
+/// Records every event it is handed; each delivery takes `hold`.
+struct SlowSink {
+    hold: Duration,
+    deliveries: AtomicUsize,
+    got: Mutex<Vec<String>>,
+}
+
+impl Sink for SlowSink {
+    fn name(&self) -> &str {
+        "slow"
+    }
+
+    fn deliver<'a>(&'a self, events: &'a [Queued]) -> Delivery<'a> {
+        Box::pin(async move {
+            self.deliveries.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.hold).await;
+            self.got
+                .lock()
+                .unwrap()
+                .extend(events.iter().map(|q| q.record.key.clone()));
+            Ok(())
+        })
+    }
+}
+
+fn config(extra: impl FnOnce(&mut Config)) -> Config {
+    let mut c = Config {
+        bind: "127.0.0.1:0".into(),
+        data_dir: std::env::temp_dir().join("inletd-pipeline-faults-unused"),
+        batch_timeout_ms: 20,
+        ..Config::default()
+    };
+    extra(&mut c);
+    c
+}
+
+/// POSTs `body` to `path`; returns the status and the body.
+async fn post(addr: std::net::SocketAddr, path: &str, body: String) -> (u16, String) {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out[9..12].parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        (status, body)
+    })
+    .await
+    .unwrap()
+}
+
+fn event(id: &str) -> String {
+    format!(r#"{{"event_id":"{id}","event_type":"signup"}}"#)
+}
+
+/// The store answers for fewer events than it was given: no request of
+/// that group is told its events were accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_answers_for_fewer_events_gets_no_202() {
+    let store = Arc::new(Faulty::default());
+    store.short_outcomes.store(true, Ordering::SeqCst);
+    let running = inletd::app::start(config(|_| {}), store.clone(), Some(Vec::new()))
+        .await
+        .unwrap();
+    let batch = format!(
+        r#"{{"events":[{},{},{}]}}"#,
+        event("a"),
+        event("b"),
+        event("c")
+    );
+    let (status, body) = post(running.addr, "/webhook/batch", batch).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("storage_unavailable"), "{body}");
+    let (status, body) = post(running.addr, "/webhook/events", event("d")).await;
+    assert_eq!(status, 503, "{body}");
+
+    // Once the store answers for every event, the re-sent ones are taken.
+    store.short_outcomes.store(false, Ordering::SeqCst);
+    let (status, body) = post(running.addr, "/webhook/events", event("e")).await;
+    assert_eq!(status, 202, "{body}");
+    running.stop().await;
+}
+
+/// With a byte limit set, a store that cannot say how many bytes wait
+/// takes nothing: unknown is not empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_queue_size_refuses_intake_under_a_byte_limit() {
+    let store = Arc::new(Faulty::default());
+    let running = inletd::app::start(
+        config(|c| c.max_queue_bytes = 1 << 20),
+        store.clone(),
+        Some(Vec::new()),
+    )
+    .await
+    .unwrap();
+    store.bytes_unknown.store(true, Ordering::SeqCst);
+    let (status, body) = post(running.addr, "/webhook/events", event("a")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(store.queue_info().unwrap().last_seq, 0, "nothing stored");
+    store.bytes_unknown.store(false, Ordering::SeqCst);
+    let (status, body) = post(running.addr, "/webhook/events", event("a")).await;
+    assert_eq!(status, 202, "{body}");
+    running.stop().await;
+}
+
+/// The Metrics actor dies while a batch is out at a slow sink: it is
+/// restarted, and the sink gets each event once (a restart of a child
+/// that holds no batch must not hand the running one out again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_restart_hands_no_batch_out_twice() {
+    let store = Arc::new(Faulty::default());
+    let sink = Arc::new(SlowSink {
+        hold: Duration::from_millis(400),
+        deliveries: AtomicUsize::new(0),
+        got: Mutex::new(Vec::new()),
+    });
+    let running = inletd::app::start(
+        config(|_| {}),
+        store.clone(),
+        Some(vec![sink.clone() as Arc<dyn Sink>]),
+    )
+    .await
+    .unwrap();
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            post(running.addr, "/webhook/events", event(id)).await.0,
+            202
+        );
+    }
+    for _ in 0..100 {
+        if sink.deliveries.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sink.deliveries.load(Ordering::SeqCst), 1, "a batch is out");
+
+    let metrics = running.pipeline.context.names.of(METRICS);
+    ractor::registry::where_is(metrics)
+        .expect("the Metrics actor is registered")
+        .kill();
+    for _ in 0..300 {
+        if store.queue_info().unwrap().depth == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.queue_info().unwrap().depth, 0, "processed");
+    // A batch handed out again would reach the sink after the first one.
+    tokio::time::sleep(sink.hold * 2).await;
+    assert_eq!(sink.deliveries.load(Ordering::SeqCst), 1, "one delivery");
+    let mut got = sink.got.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(got, vec!["a", "b", "c"], "each event delivered once");
+    let rendered = running.pipeline.render_metrics().await.unwrap_or_default();
+    assert!(
+        rendered.contains("inletd_actor_restarts_total{actor=\"metrics\"} 1"),
+        "the Metrics actor was restarted:\n{rendered}"
+    );
+    running.stop().await;
+}
