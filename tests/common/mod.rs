@@ -33,6 +33,17 @@ pub struct Daemon {
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
+/// For a test that needs what this machine lacks (root, a mount): fails
+/// with `why`, unless `INLETD_SKIP_PRIVILEGED=1` asks to skip such tests,
+/// in which case it says so and the caller returns. Never a silent pass.
+pub fn cannot_run_here(why: &str) {
+    if std::env::var("INLETD_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+        eprintln!("SKIPPED (INLETD_SKIP_PRIVILEGED=1): {why}");
+        return;
+    }
+    panic!("{why}; run as root (CI does), or set INLETD_SKIP_PRIVILEGED=1 to skip this test");
+}
+
 /// Writes `inletd.toml` into `dir` with the test defaults plus `extra`
 /// (a key in `extra` replaces the default of the same name).
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
