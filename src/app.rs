@@ -47,6 +47,10 @@ pub enum AppError {
     Spawn(String),
     #[error("the actor pipeline stopped: {0}")]
     PipelineStopped(String),
+    #[error(
+        "the store stopped answering: {what} has not returned after {waited_secs} s (store_stall_secs)"
+    )]
+    StoreStalled { what: String, waited_secs: u64 },
 }
 
 /// A started daemon.
@@ -218,6 +222,13 @@ impl Running {
     pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
         tokio::select! {
             _ = shutdown => {}
+            stalled = watch_store_writes(self.pipeline.context.clone()) => {
+                // No drain: it would wait on the same store. What was
+                // answered 202 is on disk; the rest was never answered.
+                self.sweeper.abort();
+                self.http_done.abort();
+                return Err(stalled);
+            }
             _ = &mut self.supervisor_done => {
                 self.sweeper.abort();
                 self.http_done.abort();
@@ -339,6 +350,30 @@ async fn watchdog(context: Arc<Context>) {
                 waited_ms = interval.as_millis() as u64 / 4,
                 "the store has not answered a read; withholding the watchdog ping so that systemd restarts inletd"
             ),
+        }
+    }
+}
+
+/// Resolves once a storage write has been in flight for longer than
+/// `store_stall_secs` (read at each check, so a reload applies), having
+/// logged what it was.
+async fn watch_store_writes(context: Arc<Context>) -> AppError {
+    let mut every = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        every.tick().await;
+        let limit = context.live().config.store_stall();
+        if let Some((waited, what)) = context.status.store_writes.oldest()
+            && waited > limit
+        {
+            tracing::error!(
+                %what,
+                waited_ms = waited.as_millis() as u64,
+                "the store stopped answering; exiting non-zero so that the service manager restarts inletd"
+            );
+            return AppError::StoreStalled {
+                what,
+                waited_secs: waited.as_secs(),
+            };
         }
     }
 }

@@ -100,6 +100,10 @@ pub struct Config {
     /// Actor restarts tolerated per minute before the daemon exits non-zero
     /// (and systemd restarts it).
     pub max_restarts_per_minute: usize,
+    /// Seconds a storage write (a group commit, a batch's ack) may take
+    /// before the daemon logs what hung and exits non-zero, for systemd to
+    /// restart it: a store that stopped answering is never waited on forever.
+    pub store_stall_secs: u64,
     /// Named sources with their own idempotency scope and rate limit.
     pub sources: Vec<SourceConfig>,
     /// Where processed batches are forwarded.
@@ -211,6 +215,7 @@ impl Default for Config {
             cache_capacity_mb: 64,
             header_read_timeout_secs: 10,
             max_restarts_per_minute: 10,
+            store_stall_secs: 30,
             request_timeout_secs: 30,
             max_connections: 1024,
             sources: Vec::new(),
@@ -365,7 +370,7 @@ impl Config {
                 self.bind
             ));
         }
-        let ranges: [(&str, u64, u64, u64); 17] = [
+        let ranges: [(&str, u64, u64, u64); 18] = [
             ("flush_interval_ms", self.flush_interval_ms, 1, 60_000),
             ("batch_size", self.batch_size as u64, 1, 100_000),
             ("batch_timeout_ms", self.batch_timeout_ms, 1, 3_600_000),
@@ -408,6 +413,7 @@ impl Config {
                 1,
                 10_000,
             ),
+            ("store_stall_secs", self.store_stall_secs, 1, 3600),
         ];
         for (key, value, min, max) in ranges {
             if value < min || value > max {
@@ -511,6 +517,11 @@ impl Config {
     /// `drain_timeout_secs` as a Duration.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// `store_stall_secs` as a duration.
+    pub fn store_stall(&self) -> Duration {
+        Duration::from_secs(self.store_stall_secs)
     }
 }
 

@@ -43,14 +43,18 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Run => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(async {
+            let ran = runtime.block_on(async {
                 let signal = inletd::shutdown::on_signal().context("installing signal handlers")?;
                 inletd::app::run(config, async {
                     let _ = signal.await;
                 })
                 .await?;
                 Ok(0)
-            })
+            });
+            // A store that stopped answering holds a blocking thread for good:
+            // exit without waiting on it.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            ran
         }
         Command::Import(args) => client(async {
             cli::import::run(&config, &args)

@@ -1,6 +1,6 @@
 //! The pipeline, in process, over a store that misbehaves or a child that
-//! dies: a 202 is only ever sent for an event the store holds, and a
-//! restart hands no batch out twice.
+//! dies: a 202 is only ever sent for an event the store holds, a restart
+//! hands no batch out twice, and a store that hangs stops the daemon.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,8 @@ struct Faulty {
     short_outcomes: AtomicBool,
     /// `queue_bytes` fails, as while the store is being reopened.
     bytes_unknown: AtomicBool,
+    /// `flush` does not return while this is set, as a deadlocked store.
+    hang_flush: AtomicBool,
 }
 
 impl KvRead for Faulty {
@@ -54,6 +56,9 @@ impl Storage for Faulty {
         Ok(outcomes)
     }
     fn flush(&self) -> Result<(), StorageError> {
+        while self.hang_flush.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.inner.flush()
     }
     fn read_after(
@@ -268,4 +273,61 @@ async fn a_metrics_restart_hands_no_batch_out_twice() {
         "the Metrics actor was restarted:\n{rendered}"
     );
     running.stop().await;
+}
+
+/// The store stops answering in the middle of a group commit: after
+/// `store_stall_secs` the daemon stops with an error that says what hung
+/// (the binary then exits non-zero for systemd to restart it), and the
+/// request in that group got no answer while it hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_hangs_stops_the_daemon_with_an_error() {
+    let store = Arc::new(Faulty::default());
+    let running = inletd::app::start(
+        config(|c| c.store_stall_secs = 1),
+        store.clone(),
+        Some(Vec::new()),
+    )
+    .await
+    .unwrap();
+    store.hang_flush.store(true, Ordering::SeqCst);
+    let addr = running.addr;
+    let answer = tokio::spawn(async move {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let body = event("hung");
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let _ = write!(
+                s,
+                "POST /webhook/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        })
+        .await
+        .unwrap()
+    });
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        running.run_until(std::future::pending()),
+    )
+    .await
+    .expect("the daemon should stop on its own");
+    let waited = started.elapsed();
+    let error = outcome
+        .expect_err("a hung store must end in an error")
+        .to_string();
+    assert!(error.contains("group commit of 1 events"), "{error}");
+    assert!(error.contains("store_stall_secs"), "{error}");
+    assert!(
+        waited >= Duration::from_secs(1),
+        "not before the limit: {waited:?}"
+    );
+    assert!(!answer.is_finished(), "no answer while the write hung");
+    // Let the blocked write return so the test's runtime can end (the
+    // binary exits instead).
+    store.hang_flush.store(false, Ordering::SeqCst);
+    let _ = answer.await;
 }

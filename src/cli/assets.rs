@@ -152,6 +152,11 @@ const KEYS: &[(&str, &str, bool)] = &[
         "Actor restarts tolerated per minute before the daemon exits non-zero (for systemd to restart it).",
         false,
     ),
+    (
+        "store_stall_secs",
+        "Seconds a storage write may take before the daemon logs what hung and exits non-zero (for systemd to restart it).",
+        false,
+    ),
 ];
 
 /// Writes every asset into `args.dir`; returns the files written.
@@ -343,7 +348,8 @@ fn main_page(cmd: &clap::Command) -> String {
     r.item(
         "run",
         "0 after a drain; 1 when the configuration or the store cannot be used; non-zero when \
-         actors kept failing (more than max_restarts_per_minute); 130 on a second signal.",
+         actors kept failing (more than max_restarts_per_minute) or a storage write hung \
+         (longer than store_stall_secs); 130 on a second signal.",
     );
     r.item("check-config", "0 valid; 1 invalid (every bad key named).");
     r.item(

@@ -101,6 +101,10 @@ async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
         .flat_map(|r| std::mem::take(&mut r.events))
         .collect();
     let expected = events.len();
+    let _writing = context.status.store_writes.begin(format!(
+        "a group commit of {expected} events from {} requests",
+        group.len()
+    ));
     let storage = context.storage.clone();
     let config = context.live().config.clone();
     let fsync = config.durability == Durability::Fsync;

@@ -20,8 +20,8 @@ pub mod supervisor;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use ractor::{ActorRef, Message};
 
@@ -49,6 +49,52 @@ pub struct Status {
     /// Intake requests past the draining check and not yet answered: the
     /// drain waits for them before it processes the WAL.
     intake_in_flight: AtomicUsize,
+    /// Storage writes in flight, watched for a store that stopped answering.
+    pub store_writes: StoreWrites,
+}
+
+/// Storage writes in flight (group commits, batch commits): a store that
+/// stops answering leaves one here, and the daemon's stall watch exits
+/// rather than hang with requests unanswered (`store_stall_secs`).
+#[derive(Debug, Default)]
+pub struct StoreWrites {
+    /// The id of the next write.
+    next: AtomicU64,
+    /// Each write in flight: since when, and what it is.
+    in_flight: Mutex<HashMap<u64, (Instant, String)>>,
+}
+
+/// A storage write in flight; it leaves [`StoreWrites`] when dropped.
+pub struct StoreWrite<'a> {
+    writes: &'a StoreWrites,
+    id: u64,
+}
+
+impl Drop for StoreWrite<'_> {
+    fn drop(&mut self) {
+        self.writes.lock().remove(&self.id);
+    }
+}
+
+impl StoreWrites {
+    /// Registers a write until the returned guard drops.
+    pub fn begin(&self, what: String) -> StoreWrite<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, (Instant::now(), what));
+        StoreWrite { writes: self, id }
+    }
+
+    /// The write in flight the longest: for how long, and what it is.
+    pub fn oldest(&self) -> Option<(Duration, String)> {
+        self.lock()
+            .values()
+            .min_by_key(|(since, _)| *since)
+            .map(|(since, what)| (since.elapsed(), what.clone()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, String)>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// An intake request in flight; counted until dropped.

@@ -259,6 +259,12 @@ async fn commit(context: &Arc<Context>, ack: BatchAck) -> Result<(), ActorProces
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=5 {
         let storage = context.storage.clone();
+        let what = format!(
+            "acknowledging the batch up to seq {} ({} events)",
+            ack.upto,
+            ack.processed.len()
+        );
+        let _writing = context.status.store_writes.begin(what);
         let ack = ack.clone();
         match tokio::task::spawn_blocking(move || storage.commit_batch(&ack)).await? {
             Ok(()) => return Ok(()),
