@@ -434,3 +434,67 @@ fn a_draining_daemon_answers_503_and_stays_healthy() {
     assert!(text.contains("\"stuck\""), "{text}");
     assert!(!text.contains("\"late\""), "a 503 stored nothing");
 }
+
+/// A client is still sending its body, slowly, when SIGTERM comes: the
+/// drain waits for it at most half of `drain_timeout`, then delivers what
+/// was accepted before within the timeout, and exits 0.
+#[test]
+fn a_slow_client_does_not_starve_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink_path = dir.path().join("processed.jsonl");
+    let drain_timeout = 4;
+    let mut d = Daemon::start(
+        dir.path(),
+        &format!(
+            "drain_timeout_secs = {drain_timeout}\nbatch_size = 100\nbatch_timeout_ms = 60000\n{}",
+            file_sink(&sink_path)
+        ),
+    );
+    let ids: Vec<String> = (0..10).map(|i| format!("before-{i}")).collect();
+    post_all(d.addr, &ids);
+
+    // Headers and half a body, then nothing: the request is in flight.
+    let mut slow = std::net::TcpStream::connect(d.addr).unwrap();
+    let body = r#"{"event_id":"slow","event_type":"signup"}"#;
+    std::io::Write::write_all(
+        &mut slow,
+        format!(
+            "POST /webhook/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+            body.len(),
+            &body[..10]
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The drain delivers what was accepted while the slow request is still
+    // open: once it has waited half of drain_timeout for it, not after.
+    signal(&d.child, "TERM");
+    let signalled = Instant::now();
+    let all_delivered = || {
+        let delivered = read_sink(&sink_path);
+        ids.iter().all(|id| delivered.events.contains_key(id))
+    };
+    while !all_delivered() && signalled.elapsed() < Duration::from_secs(drain_timeout + 5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let delivered_after = signalled.elapsed();
+    let status = d.wait(Duration::from_secs(drain_timeout + 5));
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        d.log_text()
+    );
+    assert!(
+        all_delivered(),
+        "accepted before SIGTERM but not delivered by the drain; log:\n{}",
+        d.log_text()
+    );
+    assert!(
+        delivered_after < Duration::from_secs(drain_timeout),
+        "delivered {delivered_after:?} after SIGTERM: the drain waited out drain_timeout \
+         ({drain_timeout} s) for the slow request"
+    );
+    drop(slow);
+}
