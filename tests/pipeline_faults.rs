@@ -2,6 +2,8 @@
 //! dies: a 202 is only ever sent for an event the store holds, a restart
 //! hands no batch out twice, and a store that hangs stops the daemon.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +18,7 @@ use inletd::storage::{
     AppendOutcome, BatchAck, DlqEntry, NewEvent, Quarantined, QueueInfo, Storage, StorageError,
 };
 
-/// The in-memory store with two faults that a test can switch on.
+/// The in-memory store with faults that a test can switch on.
 #[derive(Default)]
 struct Faulty {
     inner: MemoryStorage,
@@ -142,23 +144,22 @@ fn config(extra: impl FnOnce(&mut Config)) -> Config {
     c
 }
 
-/// POSTs `body` to `path`; returns the status and the body.
+/// POSTs JSON `body` to `path` with the tests' shared client (blocking,
+/// so off the runtime); returns the status and the body.
 async fn post(addr: std::net::SocketAddr, path: &str, body: String) -> (u16, String) {
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        write!(
-            s,
-            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+        let answer = common::request(
+            addr,
+            "POST",
+            &path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        );
+        (
+            answer.status,
+            String::from_utf8_lossy(&answer.body).into_owned(),
         )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let status = out[9..12].parse().unwrap();
-        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-        (status, body)
     })
     .await
     .unwrap()
@@ -291,22 +292,15 @@ async fn a_store_that_hangs_stops_the_daemon_with_an_error() {
     .unwrap();
     store.hang_flush.store(true, Ordering::SeqCst);
     let addr = running.addr;
-    let answer = tokio::spawn(async move {
-        tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Write};
-            let body = event("hung");
-            let mut s = std::net::TcpStream::connect(addr).unwrap();
-            let _ = write!(
-                s,
-                "POST /webhook/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            out
-        })
-        .await
-        .unwrap()
+    // Answered only once the store returns (or never, in the binary).
+    let answer = tokio::task::spawn_blocking(move || {
+        common::try_request(
+            addr,
+            "POST",
+            "/webhook/events",
+            &[("Content-Type", "application/json")],
+            event("hung").as_bytes(),
+        )
     });
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(
