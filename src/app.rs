@@ -30,7 +30,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 use crate::config::{Config, Durability, LogFormat};
 use crate::http::{self, Api};
 use crate::pipeline::supervisor::{Supervisor, SupervisorMsg};
-use crate::pipeline::{Context, Live, Pipeline};
+use crate::pipeline::{Context, Live, Pipeline, blocking};
 use crate::storage::sled::{SledOptions, SledStorage};
 use crate::storage::{Storage, StorageError};
 
@@ -232,7 +232,7 @@ impl Running {
             _ = &mut self.supervisor_done => {
                 self.sweeper.abort();
                 self.http_done.abort();
-                let _ = self.pipeline.context.storage.flush();
+                let _ = blocking(&self.pipeline.context.storage, |s| s.flush()).await;
                 return Err(AppError::PipelineStopped("restart budget exhausted".into()));
             }
         }
@@ -273,14 +273,13 @@ impl Running {
             .supervisor
             .stop_and_wait(None, Some(Duration::from_secs(5)))
             .await;
-        let storage = context.storage.clone();
-        let flushed = tokio::task::spawn_blocking(move || storage.flush()).await;
+        let flushed = blocking(&context.storage, |s| s.flush()).await;
         let remaining = context.status.queue_depth();
         tracing::info!(
             caught_up,
             remaining,
             took_ms = started.elapsed().as_millis() as u64,
-            flushed = matches!(flushed, Ok(Ok(()))),
+            flushed = flushed.is_ok(),
             "drained; what remains stays in the queue"
         );
     }
@@ -343,9 +342,9 @@ async fn watchdog(context: Arc<Context>) {
         every.tick().await;
         // At most one probe at a time: a hung one is not joined by more.
         let running = probe.get_or_insert_with(|| {
-            let storage = context.storage.clone();
-            tokio::task::spawn_blocking(move || {
-                let _ = storage.queue_info();
+            let context = context.clone();
+            tokio::spawn(async move {
+                let _ = blocking(&context.storage, |s| s.queue_info()).await;
             })
         });
         match tokio::time::timeout(interval / 4, running).await {
@@ -392,28 +391,24 @@ async fn sweep_keys(context: Arc<Context>) {
     let mut every = tokio::time::interval(Duration::from_secs(60));
     loop {
         every.tick().await;
-        let storage = context.storage.clone();
         let stale = crate::event::now_ms() - crate::analytics::WINDOW_RETENTION_MINUTES * 60_000;
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || storage.prune_windows(stale)).await
-        {
+        if let Err(e) = blocking(&context.storage, move |s| s.prune_windows(stale)).await {
             tracing::warn!(error = %e, "pruning rolling-window buckets failed");
         }
         let before = crate::event::now_ms() - context.live().config.idempotency_ttl_ms();
         loop {
-            let storage = context.storage.clone();
-            match tokio::task::spawn_blocking(move || storage.sweep_keys(before, BATCH)).await {
-                Ok(Ok(n)) if n == BATCH => continue,
-                Ok(Ok(n)) => {
+            match blocking(&context.storage, move |s| s.sweep_keys(before, BATCH)).await {
+                Ok(n) if n == BATCH => continue,
+                Ok(n) => {
                     if n > 0 {
                         tracing::debug!(removed = n, "expired idempotency keys swept");
                     }
                     break;
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(error = %e, "sweeping idempotency keys failed");
                     break;
                 }
-                Err(_) => break,
             }
         }
     }

@@ -234,12 +234,10 @@ where
         ));
     }
     if config.max_queue_bytes > 0 {
-        // Unknown is not empty: the byte limit cannot be checked, so nothing is taken.
-        let bytes = api
-            .pipeline
-            .context
-            .storage
-            .queue_bytes()
+        // Unknown is not empty: the byte limit cannot be checked, so nothing
+        // is taken. Off the runtime: a store being reopened can take seconds.
+        let bytes = crate::pipeline::blocking(&api.pipeline.context.storage, |s| s.queue_bytes())
+            .await
             .map_err(|e| ingest_error(IngestError::Storage(e.to_string())))?;
         if bytes >= config.max_queue_bytes {
             return Err(service_unavailable(
@@ -588,14 +586,7 @@ async fn dlq_remove(api: Arc<Api>, ids: Option<Vec<u64>>) -> Result<Response, Re
 }
 
 async fn queue(api: Arc<Api>) -> Result<Response, Rejection> {
-    let storage = api.pipeline.context.storage.clone();
-    let info = tokio::task::spawn_blocking(move || {
-        Ok::<_, crate::storage::StorageError>((storage.queue_info()?, storage.dlq_len()?))
-    })
-    .await
-    .map_err(|e| internal(e.to_string()))?
-    .map_err(|e| internal(e.to_string()))?;
-    let (info, dlq) = info;
+    let (info, dlq) = query(&api, |s| Ok((s.queue_info()?, s.dlq_len()?))).await?;
     let oldest_age_ms = info.oldest_received_ms.map(|t| (now_ms() - t).max(0));
     Ok(warp::reply::json(&json!({
         "depth": info.depth,
@@ -609,17 +600,14 @@ async fn queue(api: Arc<Api>) -> Result<Response, Rejection> {
 }
 
 async fn summary(api: Arc<Api>) -> Result<Response, Rejection> {
-    let storage = api.pipeline.context.storage.clone();
-    let (counts, dlq, processed) = tokio::task::spawn_blocking(move || {
-        Ok::<_, crate::storage::StorageError>((
-            storage.counts()?,
-            storage.dlq_len()?,
-            analytics::latency_percentiles(storage.as_ref(), &[0.5, 0.99])?,
+    let (counts, dlq, processed) = query(&api, |s| {
+        Ok((
+            s.counts()?,
+            s.dlq_len()?,
+            analytics::latency_percentiles(s, &[0.5, 0.99])?,
         ))
     })
-    .await
-    .map_err(|e| internal(e.to_string()))?
-    .map_err(|e| internal(e.to_string()))?;
+    .await?;
     let mut latency = api.pipeline.latency().await.unwrap_or_default();
     // Receipt→processed from the on-disk histogram: it survives restarts.
     latency.p50 = processed[0];
@@ -643,7 +631,6 @@ async fn stats(
     api: Arc<Api>,
     q: HashMap<String, String>,
 ) -> Result<Response, Rejection> {
-    let storage = api.pipeline.context.storage.clone();
     let bad =
         |e: analytics::QueryError| -> Rejection { ApiError::param(e.param, &e.detail).into() };
     let today = analytics::day_of(now_ms());
@@ -671,12 +658,12 @@ async fn stats(
             analytics::check_range(from, to).map_err(bad)?;
             let limit = number("limit", 10, 1000)? as usize;
             let top = which == "top-events";
-            blocking(move || {
+            query(&api, move |s| {
                 let (f, t) = (analytics::format_day(from), analytics::format_day(to));
                 Ok(if top {
-                    json!({"from": f, "to": t, "events": analytics::top_events(storage.as_ref(), from, to, limit)?})
+                    json!({"from": f, "to": t, "events": analytics::top_events(s, from, to, limit)?})
                 } else {
-                    json!({"from": f, "to": t, "days": analytics::dau(storage.as_ref(), from, to)?})
+                    json!({"from": f, "to": t, "days": analytics::dau(s, from, to)?})
                 })
             })
             .await?
@@ -708,26 +695,26 @@ async fn stats(
             analytics::check_range(start, last_day.min(analytics::MAX_DAY))
                 .and_then(|()| analytics::check_range(start, last_day))
                 .map_err(|e| ApiError::param("start_date", &e.detail))?;
-            blocking(move || {
-                let cohorts = analytics::retention(storage.as_ref(), start, windows, days)?;
+            query(&api, move |s| {
+                let cohorts = analytics::retention(s, start, windows, days)?;
                 Ok(json!({"window_type": window_type, "cohorts": cohorts}))
             })
             .await?
         }
-        "windows" => {
-            blocking(move || Ok(json!(analytics::windows(storage.as_ref(), now_ms())?))).await?
-        }
+        "windows" => query(&api, |s| Ok(json!(analytics::windows(s, now_ms())?))).await?,
         _ => return Err(warp::reject::not_found()),
     };
     Ok(warp::reply::json(&answer).into_response())
 }
 
-/// Runs a storage query off the async threads.
-async fn blocking(
-    f: impl FnOnce() -> Result<serde_json::Value, crate::storage::StorageError> + Send + 'static,
-) -> Result<serde_json::Value, Rejection> {
-    tokio::task::spawn_blocking(f)
+/// Runs a storage query off the async threads ([`crate::pipeline::blocking`]).
+async fn query<T: Send + 'static>(
+    api: &Api,
+    call: impl FnOnce(&dyn crate::storage::Storage) -> Result<T, crate::storage::StorageError>
+    + Send
+    + 'static,
+) -> Result<T, Rejection> {
+    crate::pipeline::blocking(&api.pipeline.context.storage, call)
         .await
-        .map_err(|e| internal(e.to_string()))?
         .map_err(|e| internal(e.to_string()))
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::messages::{BatcherMsg, Observation, ProcessorMsg};
-use super::{Context, PROCESSOR};
+use super::{Context, PROCESSOR, blocking};
 
 /// The Batcher actor.
 pub struct Batcher;
@@ -54,7 +54,7 @@ impl Actor for Batcher {
         myself: ActorRef<Self::Msg>,
         context: Arguments,
     ) -> Result<State, ActorProcessingErr> {
-        let info = context.storage.queue_info()?;
+        let info = blocking(&context.storage, |s| s.queue_info()).await?;
         context.status.cursor.store(info.cursor, Ordering::Relaxed);
         context
             .status
@@ -75,7 +75,7 @@ impl Actor for Batcher {
             timer_armed: false,
             drain: None,
         };
-        schedule(&myself, &mut state, false)?;
+        schedule(&myself, &mut state, false).await?;
         Ok(state)
     }
 
@@ -104,20 +104,20 @@ impl Actor for Batcher {
                     .fetch_max(upto, Ordering::Relaxed);
             }
             BatcherMsg::Reset => {
-                let info = state.context.storage.queue_info()?;
+                let info = blocking(&state.context.storage, |s| s.queue_info()).await?;
                 state.next_from = info.cursor;
                 state.durable_upto = state.durable_upto.max(info.last_seq);
                 state.in_flight = None;
             }
             BatcherMsg::Drain(reply) => state.drain = Some(reply),
         }
-        schedule(&myself, state, timed_out)
+        schedule(&myself, state, timed_out).await
     }
 }
 
 /// Emits a batch if one is due, arms the timer if one is pending, and
 /// answers a drain once nothing is left.
-fn schedule(
+async fn schedule(
     myself: &ActorRef<BatcherMsg>,
     state: &mut State,
     timed_out: bool,
@@ -141,7 +141,7 @@ fn schedule(
         } else {
             full
         };
-        return emit(myself, state, batches.max(1) * batch_size);
+        return emit(myself, state, batches.max(1) * batch_size).await;
     }
     if !state.timer_armed {
         state.timer_armed = true;
@@ -152,7 +152,7 @@ fn schedule(
     Ok(())
 }
 
-fn emit(
+async fn emit(
     myself: &ActorRef<BatcherMsg>,
     state: &mut State,
     limit: usize,
@@ -165,7 +165,9 @@ fn emit(
         }
         return Ok(());
     };
-    let (mut records, damaged) = state.context.storage.read_after(state.next_from, limit)?;
+    let from = state.next_from;
+    let (mut records, damaged) =
+        blocking(&state.context.storage, move |s| s.read_after(from, limit)).await?;
     if !damaged.is_empty() {
         state.context.names.observe(Observation::Quarantined {
             count: damaged.len() as u64,

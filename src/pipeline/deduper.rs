@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{AppendRequest, BatcherMsg, DeduperMsg, IngestError, Observation, Verdict};
-use super::{BATCHER, Context};
+use super::{BATCHER, Context, blocking};
 use crate::config::Durability;
 use crate::event::now_ms;
 use crate::storage::{AppendOutcome, NewEvent};
@@ -105,31 +105,29 @@ async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
         "a group commit of {expected} events from {} requests",
         group.len()
     ));
-    let storage = context.storage.clone();
     let config = context.live().config.clone();
     let fsync = config.durability == Durability::Fsync;
     let ttl_ms = config.idempotency_ttl_ms();
-    let written = tokio::task::spawn_blocking(move || {
-        let outcomes = storage.append(&events, now_ms(), ttl_ms)?;
+    let written = blocking(&context.storage, move |s| {
+        let outcomes = s.append(&events, now_ms(), ttl_ms)?;
         if fsync {
-            storage.flush()?;
+            s.flush()?;
         }
-        Ok::<_, crate::storage::StorageError>(outcomes)
+        Ok(outcomes)
     })
     .await;
     let outcomes = match written {
         // One outcome per event, or no answer can be trusted: a 202 is
         // only ever sent for an event the store said it holds.
-        Ok(Ok(outcomes)) if outcomes.len() != expected => {
+        Ok(outcomes) if outcomes.len() != expected => {
             let error = format!(
                 "the store answered {} outcomes for {expected} events",
                 outcomes.len()
             );
             return fail(context, group, error);
         }
-        Ok(Ok(outcomes)) => outcomes,
-        Ok(Err(e)) => return fail(context, group, e.to_string()),
-        Err(e) => return fail(context, group, format!("storage task failed: {e}")),
+        Ok(outcomes) => outcomes,
+        Err(e) => return fail(context, group, e.to_string()),
     };
     context
         .status

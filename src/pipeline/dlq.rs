@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{BatcherMsg, DlqItem, DlqMsg, ReplayReport};
-use super::{BATCHER, Context};
-use crate::storage::StorageError;
+use super::{BATCHER, Context, blocking};
+use crate::storage::{Storage, StorageError};
 
 /// The DLQ actor.
 pub struct Dlq;
@@ -52,8 +52,8 @@ impl Actor for Dlq {
                 limit,
                 reply,
             } => {
-                let items = storage
-                    .dlq_list(after, limit)
+                let items = blocking(storage, move |s| s.dlq_list(after, limit))
+                    .await
                     .map(|v| {
                         v.into_iter()
                             .map(|(id, entry)| DlqItem { id, entry })
@@ -63,23 +63,44 @@ impl Actor for Dlq {
                 let _ = reply.send(items);
             }
             DlqMsg::Get { id, reply } => {
-                let item = storage
-                    .dlq_get(id)
+                let item = blocking(storage, move |s| s.dlq_get(id))
+                    .await
                     .map(|e| e.map(|entry| DlqItem { id, entry }))
                     .map_err(text);
                 let _ = reply.send(item);
             }
             DlqMsg::Replay { ids, limit, reply } => {
-                let _ = reply.send(replay(&state.context, ids, limit).map_err(text));
+                let report = blocking(storage, move |s| replay(s, ids, limit)).await;
+                if let Ok(report) = &report
+                    && report.report.replayed > 0
+                {
+                    tracing::info!(
+                        replayed = report.report.replayed,
+                        "DLQ entries replayed into the queue"
+                    );
+                    let context = &state.context;
+                    context
+                        .status
+                        .last_seq
+                        .fetch_max(report.last_seq, Ordering::Relaxed);
+                    context
+                        .names
+                        .cast(BATCHER, BatcherMsg::Appended(report.last_seq));
+                }
+                let _ = reply.send(report.map(|r| r.report).map_err(text));
             }
             DlqMsg::Remove { ids, reply } => {
                 // Flushed before the answer, like a replay: a removal that
                 // a power cut undid would bring the entries back.
-                let removed = match ids {
-                    Some(ids) => storage.dlq_remove(&ids),
-                    None => purge(&state.context),
-                }
-                .and_then(|n| storage.flush().map(|()| n));
+                let removed = blocking(storage, move |s| {
+                    let n = match ids {
+                        Some(ids) => s.dlq_remove(&ids)?,
+                        None => purge(s)?,
+                    };
+                    s.flush()?;
+                    Ok(n)
+                })
+                .await;
                 let _ = reply.send(removed.map_err(text));
             }
         }
@@ -87,12 +108,19 @@ impl Actor for Dlq {
     }
 }
 
+/// What a replay did: the answer, and the last seq it appended.
+struct Replayed {
+    report: ReplayReport,
+    last_seq: u64,
+}
+
+/// Moves up to `limit` entries (the given ones, or the oldest) back into
+/// the WAL and flushes.
 fn replay(
-    context: &Context,
+    storage: &dyn Storage,
     ids: Option<Vec<u64>>,
     limit: usize,
-) -> Result<ReplayReport, StorageError> {
-    let storage = &context.storage;
+) -> Result<Replayed, StorageError> {
     let ids = match ids {
         Some(ids) => ids.into_iter().take(limit).collect(),
         None => storage
@@ -103,28 +131,19 @@ fn replay(
     };
     let (moved, last_seq) = storage.dlq_replay(&ids)?;
     storage.flush()?;
-    if !moved.is_empty() {
-        tracing::info!(
-            replayed = moved.len(),
-            "DLQ entries replayed into the queue"
-        );
-        context
-            .status
-            .last_seq
-            .fetch_max(last_seq, Ordering::Relaxed);
-        context.names.cast(BATCHER, BatcherMsg::Appended(last_seq));
-    }
-    Ok(ReplayReport {
-        replayed: moved.len(),
-        remaining: storage.dlq_len()?,
+    Ok(Replayed {
+        report: ReplayReport {
+            replayed: moved.len(),
+            remaining: storage.dlq_len()?,
+        },
+        last_seq,
     })
 }
 
-fn purge(context: &Context) -> Result<usize, StorageError> {
+fn purge(storage: &dyn Storage) -> Result<usize, StorageError> {
     let mut removed = 0;
     loop {
-        let ids: Vec<u64> = context
-            .storage
+        let ids: Vec<u64> = storage
             .dlq_list(0, 1000)?
             .into_iter()
             .map(|(id, _)| id)
@@ -132,6 +151,6 @@ fn purge(context: &Context) -> Result<usize, StorageError> {
         if ids.is_empty() {
             return Ok(removed);
         }
-        removed += context.storage.dlq_remove(&ids)?;
+        removed += storage.dlq_remove(&ids)?;
     }
 }

@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use super::Context;
 use super::messages::{LatencySummary, MetricsMsg, Observation};
+use super::{Context, blocking};
 
 /// The Metrics actor.
 pub struct Metrics;
@@ -148,7 +148,8 @@ impl State {
         *self.counters.entry((metric, label)).or_default() += n;
     }
 
-    fn render(&self) -> String {
+    /// The exposition; `dlq` is the DLQ's size, read off the runtime.
+    fn render(&self, dlq: u64) -> String {
         let mut out = String::new();
         for (metric, help, labelled) in COUNTERS {
             let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
@@ -179,7 +180,6 @@ impl State {
             "Receipt to processed, per event.",
         );
         let status = &self.context.status;
-        let dlq = self.context.storage.dlq_len().unwrap_or(0);
         let gauges = [
             (
                 "inletd_queue_depth",
@@ -242,7 +242,10 @@ impl Actor for Metrics {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             MetricsMsg::Render(reply) => {
-                let _ = reply.send(state.render());
+                let dlq = blocking(&state.context.storage, |s| s.dlq_len())
+                    .await
+                    .unwrap_or(0);
+                let _ = reply.send(state.render(dlq));
             }
             MetricsMsg::Latency(reply) => {
                 let ms = |h: &Histogram, q| (h.quantile(q) * 1000.0 * 100.0).round() / 100.0;

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::ratelimit::TokenBucket;
 use crate::signature::Verifier;
 use crate::sinks::Sink;
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 use messages::{
     BatcherMsg, DlqItem, DlqMsg, IngestError, IngestRequest, IngestResult, MetricsMsg, Observation,
     ReceiverMsg, ReplayReport,
@@ -363,6 +363,20 @@ impl Pipeline {
 
 fn unavailable() -> String {
     "the DLQ actor is restarting; retry shortly".into()
+}
+
+/// Runs a storage call off the async worker threads (there are two): every
+/// storage call from an actor, the HTTP layer or a timer goes through here,
+/// so that a slow or hung store holds a blocking-pool thread, never the
+/// runtime.
+pub async fn blocking<T: Send + 'static>(
+    storage: &Arc<dyn Storage>,
+    call: impl FnOnce(&dyn Storage) -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    let storage = storage.clone();
+    tokio::task::spawn_blocking(move || call(storage.as_ref()))
+        .await
+        .map_err(|e| StorageError::Io(format!("storage task failed: {e}")))?
 }
 
 /// Error type shared by actors for unexpected failures (they crash the

@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{BatcherMsg, Observation, ProcessorMsg};
-use super::{BATCHER, Context};
+use super::{BATCHER, Context, blocking};
 use crate::analytics::Facts;
 use crate::config::Config;
 use crate::event::{Queued, now_ms};
@@ -258,7 +258,6 @@ fn dead_entry(
 async fn commit(context: &Arc<Context>, ack: BatchAck) -> Result<(), ActorProcessingErr> {
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=5 {
-        let storage = context.storage.clone();
         let what = format!(
             "acknowledging the batch up to seq {} ({} events)",
             ack.upto,
@@ -266,7 +265,7 @@ async fn commit(context: &Arc<Context>, ack: BatchAck) -> Result<(), ActorProces
         );
         let _writing = context.status.store_writes.begin(what);
         let ack = ack.clone();
-        match tokio::task::spawn_blocking(move || storage.commit_batch(&ack)).await? {
+        match blocking(&context.storage, move |s| s.commit_batch(&ack)).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < 5 => {
                 tracing::warn!(error = %e, attempt, "acknowledging the batch failed; retrying");
