@@ -1,6 +1,7 @@
 //! Power cuts: a FUSE filesystem (`powercut_fs`) holds every write no
 //! fsync made durable and drops them all on `power_cut()`. Needs root and
-//! /dev/fuse; a test that cannot mount fails, it never skips.
+//! /dev/fuse; a test that cannot mount fails saying why, and skips only
+//! when `INLETD_SKIP_PRIVILEGED=1` asks it to.
 
 mod common;
 mod powercut_fs;
@@ -30,16 +31,21 @@ struct Rig {
 }
 
 impl Rig {
-    /// Mounts a power-cut filesystem; panics (never skips) if it cannot.
-    fn new() -> Rig {
+    /// Mounts a power-cut filesystem. If it cannot, the test fails saying
+    /// why, unless `INLETD_SKIP_PRIVILEGED=1` asks to skip it (`None`).
+    fn new() -> Option<Rig> {
         let backing = tempfile::tempdir().expect("backing temp dir");
         let mountpoint = tempfile::tempdir().expect("mountpoint temp dir");
-        let fs = PowerCutFs::mount(backing.path(), mountpoint.path())
-            .unwrap_or_else(|error| panic!("{error}"));
-        Rig {
-            fs,
-            _backing: backing,
-            _mountpoint: mountpoint,
+        match PowerCutFs::mount(backing.path(), mountpoint.path()) {
+            Ok(fs) => Some(Rig {
+                fs,
+                _backing: backing,
+                _mountpoint: mountpoint,
+            }),
+            Err(error) => {
+                common::cannot_run_here(&error);
+                None
+            }
         }
     }
 
@@ -68,7 +74,7 @@ fn size(path: &Path) -> u64 {
 
 #[test]
 fn a_write_without_fsync_is_lost_and_one_with_fdatasync_survives() {
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else { return };
 
     let mut lost = File::create(rig.path("lost")).unwrap();
     lost.write_all(b"never synced").unwrap();
@@ -101,7 +107,7 @@ fn a_write_without_fsync_is_lost_and_one_with_fdatasync_survives() {
 
 #[test]
 fn reads_see_pending_writes_over_the_durable_bytes() {
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else { return };
     let path = rig.path("file");
     fs::write(&path, "0123456789").unwrap();
     File::open(&path).unwrap().sync_all().unwrap();
@@ -130,7 +136,7 @@ fn reads_see_pending_writes_over_the_durable_bytes() {
 
 #[test]
 fn fsync_on_another_handle_persists_the_writes_of_the_first() {
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else { return };
     let path = rig.path("file");
 
     let mut first = File::create(&path).unwrap();
@@ -156,7 +162,7 @@ fn fsync_on_another_handle_persists_the_writes_of_the_first() {
 
 #[test]
 fn a_rename_passes_through_and_pending_writes_follow_the_file() {
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else { return };
 
     // sled's snapshot dance: write, fsync, rename.
     let mut snapshot = File::create(rig.path("snap.generating")).unwrap();
@@ -189,7 +195,7 @@ fn a_rename_passes_through_and_pending_writes_follow_the_file() {
 
 #[test]
 fn metadata_passes_through_and_the_overlay_follows_it() {
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else { return };
 
     fs::create_dir(rig.path("blobs")).unwrap();
     let mut blob = OpenOptions::new()
@@ -262,7 +268,7 @@ fn metadata_passes_through_and_the_overlay_follows_it() {
 #[test]
 fn random_writes_truncates_fsyncs_and_cuts_match_a_model() {
     // The model: what the program sees, and what is on the disk.
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else { return };
     let path = rig.path("file");
     let file = OpenOptions::new()
         .read(true)
@@ -326,7 +332,7 @@ fn random_writes_truncates_fsyncs_and_cuts_match_a_model() {
 
 #[test]
 fn flock_is_kept_by_the_kernel() {
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else { return };
     let first = File::create(rig.path("db")).unwrap();
     let second = File::open(rig.path("db")).unwrap();
     first.try_lock().expect("the first exclusive flock");
@@ -424,7 +430,7 @@ fn sled_flush_then_a_crash_and_power_cut_is_recorded() {
     // The bug being fixed: sled's flush() ends in sync_file_range, which
     // persists nothing here (nor, on a real disk, the metadata a write
     // needs). Only records what happens.
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else { return };
     let dir = rig.fs.mountpoint().to_path_buf();
     run_sled_child(&dir, false);
     let report = rig.fs.power_cut();
@@ -436,7 +442,7 @@ fn sled_flush_then_a_crash_and_power_cut_is_recorded() {
 fn sled_flush_then_drop_then_a_power_cut_is_recorded() {
     // Dropping the last `Db` runs sled's shutdown, which fsyncs `db`; only
     // `conf` (never fsync'd by sled) is left pending. Only records.
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else { return };
     let dir = rig.fs.mountpoint().to_path_buf();
     let db = open_sled(&dir).expect("open sled on the mount");
     db.insert(b"key", b"value").unwrap();
@@ -456,7 +462,7 @@ fn sled_flush_then_drop_then_a_power_cut_is_recorded() {
 
 #[test]
 fn sled_survives_a_crash_and_power_cut_after_flush_and_fsync_of_db_and_conf() {
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else { return };
     let dir = rig.fs.mountpoint().to_path_buf();
     run_sled_child(&dir, true);
     let counters = rig.fs.counters();
@@ -545,6 +551,7 @@ enum Crash {
 /// data. Finally clients re-send what got no answer, then every
 /// acknowledged id, and the queue is processed.
 fn run_with_power_cuts(
+    rig: Rig,
     test: &str,
     extra: &str,
     cycles: usize,
@@ -553,7 +560,6 @@ fn run_with_power_cuts(
 ) -> Result<Run, Damaged> {
     let seed = seed(test, "POWERCUT_SEED");
     let mut rng = fastrand::Rng::with_seed(seed);
-    let rig = Rig::new();
     let dir = tempfile::tempdir().unwrap();
     let sink = dir.path().join("processed.jsonl");
     let data_dir = rig.path("data");
@@ -665,7 +671,9 @@ fn cycles() -> usize {
 fn power_cuts_lose_nothing_acknowledged_with_fsync() {
     let started = Instant::now();
     let cycles = cycles();
+    let Some(rig) = Rig::new() else { return };
     let run = run_with_power_cuts(
+        rig,
         "power_cuts_lose_nothing_acknowledged_with_fsync",
         "",
         cycles,
@@ -735,7 +743,9 @@ fn kill_9_in_interval_mode_loses_only_the_last_interval() {
 /// was answered within the window before a crash; the books balance.
 fn interval_mode_loses_only_the_last_interval(test: &str, crash: Crash) {
     let cycles = cycles();
+    let Some(rig) = Rig::new() else { return };
     let run = run_with_power_cuts(
+        rig,
         test,
         &format!("durability = \"interval\"\nflush_interval_ms = {INTERVAL_MS}"),
         cycles,
