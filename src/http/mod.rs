@@ -235,9 +235,12 @@ where
     }
     if config.max_queue_bytes > 0 {
         // Unknown is not empty: the byte limit cannot be checked, so nothing
-        // is taken. Off the runtime: a store being reopened can take seconds.
-        let bytes = crate::pipeline::blocking(&api.pipeline.context.storage, |s| s.queue_bytes())
-            .await
+        // is taken. An atomic read, fit for the request path.
+        let bytes = api
+            .pipeline
+            .context
+            .storage
+            .queue_bytes()
             .map_err(|e| ingest_error(IngestError::Storage(e.to_string())))?;
         if bytes >= config.max_queue_bytes {
             return Err(service_unavailable(

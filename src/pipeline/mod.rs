@@ -366,9 +366,9 @@ fn unavailable() -> String {
 }
 
 /// Runs a storage call off the async worker threads (there are two): every
-/// storage call from an actor, the HTTP layer or a timer goes through here,
-/// so that a slow or hung store holds a blocking-pool thread, never the
-/// runtime.
+/// storage call from an actor, the HTTP layer or a timer goes through here
+/// (but `Storage::queue_bytes`, an atomic read that never blocks), so that
+/// a slow or hung store holds a blocking-pool thread, never the runtime.
 pub async fn blocking<T: Send + 'static>(
     storage: &Arc<dyn Storage>,
     call: impl FnOnce(&dyn Storage) -> Result<T, StorageError> + Send + 'static,

@@ -262,8 +262,9 @@ pub trait Storage: KvRead + Send + Sync + 'static {
     /// Depth, bytes, cursor and last seq.
     fn queue_info(&self) -> Result<QueueInfo, StorageError>;
 
-    /// Encoded bytes waiting in the WAL; cheap enough for every request.
-    /// An error (the store is being reopened) is not "nothing waiting".
+    /// Encoded bytes waiting in the WAL; cheap enough for every request and
+    /// never blocks (it may be called on the async threads). An error (the
+    /// store is being reopened) is not "nothing waiting".
     fn queue_bytes(&self) -> Result<u64, StorageError>;
 
     /// Accepted-event counts by type, from the built-in counter.

@@ -1354,7 +1354,14 @@ impl Storage for SledStorage {
         self.with(|s| s.queue_info())
     }
     fn queue_bytes(&self) -> Result<u64, StorageError> {
-        self.with(|s| s.queue_bytes())
+        // On the request path: never waits on a reopen (`with` may run one).
+        let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+        match store.as_ref() {
+            Some(store) => store.queue_bytes(),
+            None => Err(StorageError::Io(
+                "the store is being reopened after an I/O error".into(),
+            )),
+        }
     }
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
         self.with(|s| s.counts())
