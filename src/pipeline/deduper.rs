@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{AppendRequest, BatcherMsg, DeduperMsg, IngestError, Observation, Verdict};
-use super::{BATCHER, Context, blocking};
+use super::{BATCHER, Context, StoreWriteKind, blocking};
 use crate::config::Durability;
 use crate::event::now_ms;
 use crate::storage::{AppendOutcome, NewEvent};
@@ -101,10 +101,13 @@ async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
         .flat_map(|r| std::mem::take(&mut r.events))
         .collect();
     let expected = events.len();
-    let _writing = context.status.store_writes.begin(format!(
-        "a group commit of {expected} events from {} requests",
-        group.len()
-    ));
+    let _writing = context
+        .status
+        .store_writes
+        .begin(StoreWriteKind::GroupCommit {
+            events: expected,
+            requests: group.len(),
+        });
     let config = context.live().config.clone();
     let fsync = config.durability == Durability::Fsync;
     let ttl_ms = config.idempotency_ttl_ms();

@@ -61,7 +61,36 @@ pub struct StoreWrites {
     /// The id of the next write.
     next: AtomicU64,
     /// Each write in flight: since when, and what it is.
-    in_flight: Mutex<HashMap<u64, (Instant, String)>>,
+    in_flight: Mutex<HashMap<u64, (Instant, StoreWriteKind)>>,
+}
+
+/// What a storage write in flight is; rendered only when one stalls, so
+/// that registering costs no allocation on the hot path.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreWriteKind {
+    /// The Deduper's append and flush of one group.
+    GroupCommit { events: usize, requests: usize },
+    /// The Processor's acknowledgement of a batch.
+    BatchAck { upto: u64, events: usize },
+}
+
+impl std::fmt::Display for StoreWriteKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreWriteKind::GroupCommit { events, requests } => {
+                write!(
+                    f,
+                    "a group commit of {events} events from {requests} requests"
+                )
+            }
+            StoreWriteKind::BatchAck { upto, events } => {
+                write!(
+                    f,
+                    "acknowledging the batch up to seq {upto} ({events} events)"
+                )
+            }
+        }
+    }
 }
 
 /// A storage write in flight; it leaves [`StoreWrites`] when dropped.
@@ -78,7 +107,7 @@ impl Drop for StoreWrite<'_> {
 
 impl StoreWrites {
     /// Registers a write until the returned guard drops.
-    pub fn begin(&self, what: String) -> StoreWrite<'_> {
+    pub fn begin(&self, what: StoreWriteKind) -> StoreWrite<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.lock().insert(id, (Instant::now(), what));
         StoreWrite { writes: self, id }
@@ -89,10 +118,10 @@ impl StoreWrites {
         self.lock()
             .values()
             .min_by_key(|(since, _)| *since)
-            .map(|(since, what)| (since.elapsed(), what.clone()))
+            .map(|(since, what)| (since.elapsed(), what.to_string()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, String)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, StoreWriteKind)>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{BatcherMsg, Observation, ProcessorMsg};
-use super::{BATCHER, Context, blocking};
+use super::{BATCHER, Context, StoreWriteKind, blocking};
 use crate::analytics::Facts;
 use crate::config::Config;
 use crate::event::{Queued, now_ms};
@@ -258,12 +258,10 @@ fn dead_entry(
 async fn commit(context: &Arc<Context>, ack: BatchAck) -> Result<(), ActorProcessingErr> {
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=5 {
-        let what = format!(
-            "acknowledging the batch up to seq {} ({} events)",
-            ack.upto,
-            ack.processed.len()
-        );
-        let _writing = context.status.store_writes.begin(what);
+        let _writing = context.status.store_writes.begin(StoreWriteKind::BatchAck {
+            upto: ack.upto,
+            events: ack.processed.len(),
+        });
         let ack = ack.clone();
         match blocking(&context.storage, move |s| s.commit_batch(&ack)).await {
             Ok(()) => return Ok(()),
