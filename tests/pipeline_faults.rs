@@ -11,7 +11,7 @@ use std::time::Duration;
 use inletd::analytics::KvRead;
 use inletd::config::Config;
 use inletd::event::Queued;
-use inletd::pipeline::METRICS;
+use inletd::pipeline::{BATCHER, METRICS};
 use inletd::sinks::{Delivery, Sink};
 use inletd::storage::memory::MemoryStorage;
 use inletd::storage::{
@@ -224,6 +224,21 @@ async fn an_unknown_queue_size_refuses_intake_under_a_byte_limit() {
 /// that holds no batch must not hand the running one out again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_metrics_restart_hands_no_batch_out_twice() {
+    restart_while_a_batch_is_out(METRICS).await;
+}
+
+/// The Batcher dies while the Processor holds a batch at a slow sink: the
+/// new Batcher waits for that batch instead of reading it again from the
+/// cursor, so the sink gets each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batcher_restart_hands_no_batch_out_twice() {
+    restart_while_a_batch_is_out(BATCHER).await;
+}
+
+/// Kills the child `role` while a batch is held at a slow sink, then
+/// checks that every event reached the sink once and the child was
+/// restarted.
+async fn restart_while_a_batch_is_out(role: &str) {
     let store = Arc::new(Faulty::default());
     let sink = Arc::new(SlowSink {
         hold: Duration::from_millis(400),
@@ -251,9 +266,9 @@ async fn a_metrics_restart_hands_no_batch_out_twice() {
     }
     assert_eq!(sink.deliveries.load(Ordering::SeqCst), 1, "a batch is out");
 
-    let metrics = running.pipeline.context.names.of(METRICS);
-    ractor::registry::where_is(metrics)
-        .expect("the Metrics actor is registered")
+    let name = running.pipeline.context.names.of(role);
+    ractor::registry::where_is(name)
+        .unwrap_or_else(|| panic!("the {role} actor is registered"))
         .kill();
     for _ in 0..300 {
         if store.queue_info().unwrap().depth == 0 {
@@ -270,8 +285,26 @@ async fn a_metrics_restart_hands_no_batch_out_twice() {
     assert_eq!(got, vec!["a", "b", "c"], "each event delivered once");
     let rendered = running.pipeline.render_metrics().await.unwrap_or_default();
     assert!(
-        rendered.contains("inletd_actor_restarts_total{actor=\"metrics\"} 1"),
-        "the Metrics actor was restarted:\n{rendered}"
+        rendered.contains(&format!(
+            "inletd_actor_restarts_total{{actor=\"{role}\"}} 1"
+        )),
+        "the {role} actor was restarted:\n{rendered}"
+    );
+    // Intake and processing go on after the restart.
+    assert_eq!(
+        post(running.addr, "/webhook/events", event("d")).await.0,
+        202
+    );
+    for _ in 0..300 {
+        if sink.got.lock().unwrap().len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        sink.got.lock().unwrap().len(),
+        4,
+        "the next event is processed"
     );
     running.stop().await;
 }

@@ -54,6 +54,10 @@ impl Actor for Batcher {
         myself: ActorRef<Self::Msg>,
         context: Arguments,
     ) -> Result<State, ActorProcessingErr> {
+        // Read before the cursor: a batch the Processor still holds (this
+        // is a restart) is waited for, not handed out again; one it has
+        // finished since is behind the cursor read next.
+        let held = context.status.processing.load(Ordering::SeqCst);
         let info = blocking(&context.storage, |s| s.queue_info()).await?;
         context.status.cursor.store(info.cursor, Ordering::Relaxed);
         context
@@ -67,11 +71,12 @@ impl Actor for Batcher {
                 "replaying the queue from the ack cursor"
             );
         }
+        let in_flight = (held > info.cursor).then_some(held);
         let mut state = State {
             context,
-            next_from: info.cursor,
+            next_from: info.cursor.max(held),
             durable_upto: info.last_seq,
-            in_flight: None,
+            in_flight,
             timer_armed: false,
             drain: None,
         };

@@ -46,6 +46,10 @@ pub struct Status {
     pub last_seq: AtomicU64,
     /// The ack cursor.
     pub cursor: AtomicU64,
+    /// The last seq of the batch the Processor holds, 0 while it holds
+    /// none: a restarted Batcher waits for that batch to be acknowledged
+    /// instead of handing it out a second time.
+    pub processing: AtomicU64,
     /// Intake requests past the draining check and not yet answered: the
     /// drain waits for them before it processes the WAL.
     intake_in_flight: AtomicUsize,

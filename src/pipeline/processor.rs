@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -61,6 +62,9 @@ impl Actor for Processor {
         _myself: ActorRef<Self::Msg>,
         context: Arguments,
     ) -> Result<State, ActorProcessingErr> {
+        // A batch the failed Processor held is lost with it: the Batcher
+        // is told to read it again (supervisor), not to wait for it.
+        context.status.processing.store(0, Ordering::SeqCst);
         Ok(State {
             context,
             breakers: HashMap::new(),
@@ -76,6 +80,7 @@ impl Actor for Processor {
         let ProcessorMsg::Process { records, upto } = message;
         let started = Instant::now();
         let context = state.context.clone();
+        context.status.processing.store(upto, Ordering::SeqCst);
         let live = context.live();
         let config = &live.config;
         let ctx = &context;
@@ -203,6 +208,9 @@ impl Actor for Processor {
         }
 
         commit(&context, ack.clone()).await?;
+        // Cleared after the commit: a Batcher that reads 0 then reads a
+        // cursor past this batch.
+        context.status.processing.store(0, Ordering::SeqCst);
 
         let done_ms = now_ms();
         let latencies: Vec<f64> = records
