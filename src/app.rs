@@ -273,7 +273,7 @@ impl Running {
             .supervisor
             .stop_and_wait(None, Some(Duration::from_secs(5)))
             .await;
-        let flushed = blocking(&context.storage, |s| s.flush()).await;
+        let flushed = blocking(&context.storage, |s| s.close()).await;
         let remaining = context.status.queue_depth();
         tracing::info!(
             caught_up,

@@ -13,7 +13,7 @@
 //! |---------------|---------------------------------------|---------------------------------------|
 //! | `wal`         | last seq of the segment (u64 BE)      | a segment: up to ~96 KiB of one group commit's records ([`encode_segment`]) |
 //! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys, front-coded ([`encode_key_list`]): the durable idempotency index |
-//! | `meta`        | `cursor`, `format_version`, `dlq_last`, `queue_bytes` | u64 BE                |
+//! | `meta`        | `cursor`, `format_version`, `dlq_last`, `dlq_len`, `queue_bytes` | u64 BE     |
 //! | `counts`      | event type                            | u64 BE                                |
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |
 //! | `aggregates`  | see [`crate::analytics`]              | counts, user days, cohorts, windows   |
@@ -77,7 +77,16 @@
 //! 6. **The byte gauge is exact.** `queue_bytes` is the sum, over the
 //!    records above the cursor, of each record's size as its own envelope
 //!    ([`encode_record`]); a segment's header lists those sizes, so an ack
-//!    subtracts them without decoding the records.
+//!    subtracts them without decoding the records. The DLQ's length is
+//!    kept in `meta` the same way (sled's `len` walks the tree).
+//! 7. **Less is never silent.** sled recovers a damaged log by dropping
+//!    everything from the damage on, without an error. The mark
+//!    (`mark.rs`, a file beside sled's) records the last durable seq while
+//!    running and a summary at a clean stop; a start that finds less says
+//!    so. Seqs above the cursor are contiguous in the WAL, so a page lost
+//!    in the middle shows as a gap, reported when it is read, unless it
+//!    was set aside in `quarantine` (a damaged segment, or the tail a
+//!    reopen after a failed write found missing).
 //!
 //! ## Flushing
 //!
@@ -100,6 +109,7 @@
 //! drops every unsynced write at a simulated power cut.
 
 mod index;
+pub mod mark;
 pub mod memory;
 pub mod sled;
 
@@ -247,6 +257,13 @@ pub trait Storage: KvRead + Send + Sync + 'static {
 
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StorageError>;
+
+    /// The clean stop: flushes, and records what the store holds so that
+    /// the next start can tell if it comes back with less (`mark`). A
+    /// later write is still allowed; it withdraws that record.
+    fn close(&self) -> Result<(), StorageError> {
+        self.flush()
+    }
 
     /// Up to `limit` records with seq greater than `after`, in order.
     /// Records that do not decode are quarantined and reported, not returned.
