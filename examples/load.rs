@@ -107,7 +107,7 @@ struct Args {
     /// Worker threads of the load generator's runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Print requests/s and the server's queue depth every second.
+    /// Print requests/s, the server's queue depth, CPU per event and RSS every second.
     #[arg(long)]
     progress: bool,
     /// A name copied into the JSON line.
@@ -690,14 +690,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     _ => None,
                 };
                 last_ticks = ticks;
+                let rss_mib = pid
+                    .and_then(|p| status_kib(p, "VmRSS:"))
+                    .map(|k| k as f64 / 1024.0);
                 eprintln!(
-                    "t={t:5.1}s events/s={eps:>8} queue_depth={} cpu_us_per_event={}",
+                    "t={t:5.1}s events/s={eps:>8} queue_depth={} cpu_us_per_event={} rss_mib={}",
                     depth.map_or("?".to_owned(), |d| d.to_string()),
-                    cpu_us.map_or("?".to_owned(), |c| format!("{c:.1}"))
+                    cpu_us.map_or("?".to_owned(), |c| format!("{c:.1}")),
+                    rss_mib.map_or("?".to_owned(), |r| format!("{r:.1}"))
                 );
                 lines.push(
                     json!({"t": t.round(), "events_per_s": eps, "queue_depth": depth,
-                    "cpu_us_per_event": cpu_us}),
+                    "cpu_us_per_event": cpu_us, "rss_mib": rss_mib}),
                 );
             }
             lines
