@@ -9,6 +9,8 @@
 //! * `idempotency_lookup`: `Storage::append` of a group whose every key is
 //!   already stored (all duplicates: the lookups, no record written), on a
 //!   real sled store in a temp dir, at 1 and 100 keys per group; no flush;
+//! * `facts`: `Facts::of` of one stored record (what analytics reads of
+//!   its body), once per processed event;
 //! * `analytics_apply`: `analytics::apply` of a batch of 100 `Facts` into a
 //!   `BTreeMap`-backed `KvWrite` (the aggregate arithmetic without sled).
 //!
@@ -107,6 +109,14 @@ fn parsing(c: &mut Criterion) {
     g.finish();
 }
 
+fn facts(c: &mut Criterion) {
+    let mut g = c.benchmark_group("facts");
+    g.throughput(Throughput::Elements(1));
+    let rec = record(42);
+    g.bench_function("of", |b| b.iter(|| Facts::of(black_box(&rec), NOW_MS)));
+    g.finish();
+}
+
 fn idempotency(c: &mut Criterion) {
     let mut g = c.benchmark_group("idempotency_lookup");
     g.sample_size(30);
@@ -197,5 +207,12 @@ fn analytics_apply(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, records, parsing, idempotency, analytics_apply);
+criterion_group!(
+    benches,
+    records,
+    parsing,
+    facts,
+    idempotency,
+    analytics_apply
+);
 criterion_main!(benches);

@@ -33,9 +33,11 @@
 //! written for events of the last hour and are pruned after
 //! [`WINDOW_RETENTION_MINUTES`].
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use serde::Serialize;
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::{Date, Duration as TimeDuration, Month};
 
@@ -98,23 +100,136 @@ pub struct Facts {
 impl Facts {
     /// Extracts the facts of a stored event processed at `processed_at_ms`.
     pub fn of(record: &WalRecord, processed_at_ms: i64) -> Facts {
-        let body: Value = serde_json::from_str(&record.body).unwrap_or(Value::Null);
-        let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
-        let page = (record.event_type == "page_view")
-            .then(|| {
-                ["properties", "metadata"]
-                    .iter()
-                    .find_map(|f| body.get(f).and_then(|o| o.get("page")).and_then(text))
-            })
-            .flatten();
+        // The fields analytics reads, without building the whole body as
+        // JSON values; a body this does not read (a key with escapes, a
+        // field twice) goes the general way, with the same rule.
+        let (user_id, session_id, page) = match serde_json::from_str::<Fields>(&record.body) {
+            Ok(f) => (
+                f.user_id.0.map(Cow::into_owned),
+                f.session_id.0.map(Cow::into_owned),
+                f.properties.0.or(f.metadata.0).map(Cow::into_owned),
+            ),
+            Err(_) => fields_of_value(&record.body),
+        };
         Facts {
             event_type: record.event_type.clone(),
             occurred_at_ms: record.occurred_at_ms,
-            user_id: body.get("user_id").and_then(text),
-            session_id: body.get("session_id").and_then(text),
-            page,
+            user_id,
+            session_id,
+            page: page.filter(|_| record.event_type == "page_view"),
             latency_ms: (processed_at_ms - record.received_at_ms).max(0),
         }
+    }
+}
+
+/// `user_id`, `session_id` and the page (`properties.page`, else
+/// `metadata.page`) of a body, through `serde_json::Value`: each counts
+/// only as a non-empty string.
+fn fields_of_value(body: &str) -> (Option<String>, Option<String>, Option<String>) {
+    let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+    let page = ["properties", "metadata"]
+        .iter()
+        .find_map(|f| body.get(f).and_then(|o| o.get("page")).and_then(text));
+    (
+        body.get("user_id").and_then(text),
+        body.get("session_id").and_then(text),
+        page,
+    )
+}
+
+/// The body's fields that analytics reads; every other field is skipped
+/// without being built.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    user_id: Text<'a>,
+    #[serde(borrow, default)]
+    session_id: Text<'a>,
+    #[serde(borrow, default)]
+    properties: Page<'a>,
+    #[serde(borrow, default)]
+    metadata: Page<'a>,
+}
+
+/// A non-empty string, or nothing for any other value (skipped unbuilt).
+#[derive(Default)]
+struct Text<'a>(Option<Cow<'a, str>>);
+
+/// The `page` text of an object, or nothing for any other value.
+#[derive(Default)]
+struct Page<'a>(Option<Cow<'a, str>>);
+
+/// Visits one JSON value: a string is kept when not empty; anything else
+/// is read through and dropped. With `page_of`, an object's `page` is
+/// kept instead.
+struct TextVisitor {
+    page_of: bool,
+}
+
+impl<'de> Visitor<'de> for TextVisitor {
+    type Value = Option<Cow<'de, str>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok((!self.page_of && !v.is_empty()).then_some(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok((!self.page_of && !v.is_empty()).then(|| Cow::Owned(v.to_owned())))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut page = None;
+        while let Some(key) = map.next_key::<&'de str>()? {
+            if self.page_of && key == "page" {
+                page = map.next_value_seed(TextSeed)?;
+            } else {
+                map.next_value::<de::IgnoredAny>()?;
+            }
+        }
+        Ok(page)
+    }
+}
+
+/// Reads one value as [`Text`] inside a map.
+struct TextSeed;
+
+impl<'de> de::DeserializeSeed<'de> for TextSeed {
+    type Value = Option<Cow<'de, str>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(TextVisitor { page_of: false })
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TextVisitor { page_of: false }).map(Text)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Page<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TextVisitor { page_of: true }).map(Page)
     }
 }
 
@@ -599,6 +714,42 @@ pub fn latency_percentiles(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The direct read of a body's fields agrees with the general one
+    /// (`serde_json::Value`) on every shape, the awkward ones included.
+    #[test]
+    fn facts_read_directly_match_the_general_reading() {
+        let bodies = [
+            r#"{"event_id":"e","event_type":"page_view","user_id":"u1","session_id":"s1","properties":{"page":"/a","n":[1,{"x":2}]}}"#,
+            r#"{"user_id":"","session_id":null,"metadata":{"page":"/m"}}"#,
+            r#"{"user_id":42,"session_id":{"a":1},"properties":{"page":7},"metadata":{"page":"/m"}}"#,
+            r#"{"user_id":"caf\u00e9 \"q\"","properties":{"pa\u0067e":"/escaped-key"}}"#,
+            r#"{"user_id":"first","user_id":"second"}"#,
+            r#"{"properties":"not an object","metadata":[1,2]}"#,
+            r#"{"properties":{"page":""},"metadata":{"page":"/fallback"}}"#,
+            r#""a string""#,
+            r#"not json"#,
+            r#"{}"#,
+        ];
+        for body in bodies {
+            let record = WalRecord {
+                source: "s".into(),
+                key: "k".into(),
+                event_type: "page_view".into(),
+                received_at_ms: 0,
+                occurred_at_ms: 0,
+                only_sink: None,
+                body: body.into(),
+            };
+            let facts = Facts::of(&record, 0);
+            let (user_id, session_id, page) = fields_of_value(body);
+            assert_eq!(
+                (facts.user_id, facts.session_id, facts.page),
+                (user_id, session_id, page),
+                "{body}"
+            );
+        }
+    }
 
     #[test]
     fn days_round_trip_and_bad_dates_name_the_parameter() {
