@@ -7,6 +7,7 @@
 #   kill -9 under load     CRASH_CYCLES       (CI 20, here 200; 1 in 10 during start-up)
 #   SIGTERM under load     SIGTERM_CYCLES     (CI 1, here 20)
 #   power cut, fsync       POWERCUT_CYCLES    (CI 10, here 50)
+#   kill -9, interval      POWERCUT_CYCLES    (CI 10, here 20): the loss window
 #   corruption matrix      CORRUPTION_TRIALS  (CI 20, here 100)
 #   full disk              one run (a 4 MiB tmpfs filled to the brim)
 #   soak                   SOAK_MINUTES at half the measured maximum rate
@@ -21,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-steps="${CHAOS_STEPS:-kill9 sigterm powercut corruption diskfull soak}"
+steps="${CHAOS_STEPS:-kill9 sigterm powercut interval corruption diskfull soak}"
 soak_minutes="${SOAK_MINUTES:-15}"
 out=target/chaos
 mkdir -p "$out"
@@ -63,6 +64,9 @@ for step in $steps; do
     powercut)
         run_test powercut powercut power_cuts_lose_nothing_acknowledged_with_fsync \
             "^after .* power cuts" POWERCUT_CYCLES=50 ;;
+    interval)
+        run_test interval powercut kill_9_in_interval_mode_loses_only_the_last_interval \
+            "^interval mode" POWERCUT_CYCLES=20 ;;
     corruption)
         run_test corruption corruption \
             a_damaged_stopped_store_is_either_refused_by_name_or_read_in_full_or_reported \

@@ -222,6 +222,9 @@ fn sigterm_under_load_drains_and_exits_zero() {
         eventually(Duration::from_secs(10), "some events accepted", || {
             ledger.lock().unwrap().accepted.len() >= before + 50
         });
+        // Under load for a while: the drain has a partial batch and
+        // whatever the clients keep posting to deal with.
+        std::thread::sleep(Duration::from_millis(rng.u64(100..=1000)));
 
         load.closing.store(true, Ordering::SeqCst);
         let signalled = Instant::now();
