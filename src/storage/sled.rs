@@ -556,17 +556,23 @@ impl Store {
         Ok(store)
     }
 
-    /// What the store holds, read from sled, for the mark.
-    fn summary(&self) -> Result<Summary, StorageError> {
+    /// The highest seq the store holds (invariant 4): the last WAL
+    /// segment's key, or `cursor` once the queue is empty.
+    fn highest_seq(&self, cursor: u64) -> Result<u64, StorageError> {
         let last_wal = self
             .wal
             .last()
             .map_err(io)?
             .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
             .map_or(0, u64::from_be_bytes);
+        Ok(last_wal.max(cursor))
+    }
+
+    /// What the store holds, read from sled, for the mark.
+    fn summary(&self) -> Result<Summary, StorageError> {
         let cursor = self.cursor()?;
         Ok(Summary {
-            last_seq: last_wal.max(cursor),
+            last_seq: self.highest_seq(cursor)?,
             cursor,
             queue_bytes: u64_of(self.meta.get(QUEUE_BYTES).map_err(io)?),
             groups: self.idempotency.lock().groups.len() as u64,
@@ -673,16 +679,10 @@ impl Store {
                 }
             }
         }
-        let last_wal = self
-            .wal
-            .last()
-            .map_err(io)?
-            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes);
-        let cursor = u64_of(self.meta.get(CURSOR).map_err(io)?);
-        self.last_seq.store(last_wal.max(cursor), Ordering::SeqCst);
-        self.committed.store(last_wal.max(cursor), Ordering::SeqCst);
-        self.durable.store(last_wal.max(cursor), Ordering::SeqCst);
+        let last_seq = self.highest_seq(self.cursor()?)?;
+        self.last_seq.store(last_seq, Ordering::SeqCst);
+        self.committed.store(last_seq, Ordering::SeqCst);
+        self.durable.store(last_seq, Ordering::SeqCst);
         let bytes = u64_of(self.meta.get(QUEUE_BYTES).map_err(io)?);
         self.queue_bytes.store(bytes, Ordering::SeqCst);
         let dlq_len = match self.meta.get(DLQ_LEN).map_err(io)? {
