@@ -116,12 +116,17 @@ fn a_failing_sink_parks_events_in_the_dlq_and_replay_delivers_them() {
     assert_eq!(d.get("/stats/summary").json()["total_events"], 2);
 
     healthy.store(true, Ordering::SeqCst);
-    let r = d.request(
-        "POST",
-        "/admin/dlq/replay",
-        &[("Content-Type", "application/json")],
-        b"",
-    );
+    // The README's own recovery command, `curl -X POST …/admin/dlq/replay`:
+    // no body, not even a Content-Length.
+    let r = {
+        let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+        let head = format!(
+            "POST /admin/dlq/replay HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            d.addr
+        );
+        std::io::Write::write_all(&mut s, head.as_bytes()).unwrap();
+        common::read_response(&mut s).unwrap()
+    };
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(r.json(), json!({"replayed": 2, "remaining": 0}));
     eventually(Duration::from_secs(10), "replayed events delivered", || {

@@ -424,3 +424,29 @@ fn a_queue_over_its_byte_limit_sheds_load_with_503() {
     assert!(queue["bytes"].as_u64().unwrap() >= 1000, "{queue}");
     assert!(accepted >= 2, "{accepted}");
 }
+
+/// A client used the wrong method: the 405 says which ones the path takes
+/// (`Allow`), so that the client can tell a wrong method from a wrong path.
+#[test]
+fn a_wrong_method_is_told_the_allowed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "");
+    for (method, path, allow) in [
+        ("GET", "/webhook/events", "POST"),
+        ("PUT", "/webhook/default/batch", "POST"),
+        ("POST", "/health", "GET"),
+        ("POST", "/stats/dau", "GET"),
+        ("GET", "/admin/dlq/replay", "POST"),
+        ("PUT", "/admin/dlq", "GET, DELETE"),
+        ("POST", "/admin/dlq/7", "GET, DELETE"),
+    ] {
+        let r = d.request(method, path, &[], b"");
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.text());
+        assert_eq!(r.json()["error"], "method_not_allowed");
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+    }
+    // A path that does not exist is a 404, with no Allow.
+    let r = d.request("PUT", "/nope", &[], b"");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("allow"), None);
+}

@@ -18,7 +18,7 @@ use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use warp::filters::BoxedFilter;
-use warp::http::{HeaderMap, StatusCode};
+use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -120,8 +120,7 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(with_api.clone())
         .and(warp::query::<ReplayQuery>())
-        .and(warp::body::content_length_limit(1 << 20))
-        .and(warp::body::bytes())
+        .and(optional_body(1 << 20))
         .and_then(dlq_replay);
     let dlq_delete = warp::path!("dlq" / u64)
         .and(warp::delete())
@@ -149,7 +148,7 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
             .unify(),
     );
 
-    single_default
+    let routes = single_default
         .or(batch_default)
         .unify()
         .or(single_source)
@@ -169,8 +168,51 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .or(admin_routes)
         .unify()
         .recover(error::recover)
-        .unify()
+        .unify();
+    // A 405 says which methods the path takes (RFC 9110 requires `Allow`).
+    warp::path::full()
+        .and(routes)
+        .map(|path: warp::path::FullPath, mut response: Response| {
+            if response.status() == StatusCode::METHOD_NOT_ALLOWED
+                && let Some(allow) = allowed_methods(path.as_str())
+            {
+                response
+                    .headers_mut()
+                    .insert(warp::http::header::ALLOW, HeaderValue::from_static(allow));
+            }
+            response
+        })
         .boxed()
+}
+
+/// The methods a path takes, for the `Allow` header of a 405.
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    Some(match parts.as_slice() {
+        ["webhook", "events" | "batch"] | ["events"] | ["webhook", _, "events" | "batch"] => "POST",
+        ["health"] | ["ready"] | ["metrics"] | ["stats", _] | ["admin", "queue"] => "GET",
+        ["admin", "dlq", "replay"] => "POST",
+        ["admin", "dlq"] | ["admin", "dlq", _] => "GET, DELETE",
+        _ => return None,
+    })
+}
+
+/// A body of at most `limit` bytes, or none at all: a request with
+/// neither `Content-Length` nor `Transfer-Encoding` (`curl -X POST URL`)
+/// has an empty body, where warp's limit would answer 411.
+fn optional_body(limit: u64) -> BoxedFilter<(Bytes,)> {
+    let none = warp::header::optional::<String>("content-length")
+        .and(warp::header::optional::<String>("transfer-encoding"))
+        .and_then(
+            |length: Option<String>, encoding: Option<String>| async move {
+                match (length, encoding) {
+                    (None, None) => Ok(Bytes::new()),
+                    _ => Err(warp::reject()),
+                }
+            },
+        );
+    let some = warp::body::content_length_limit(limit).and(warp::body::bytes());
+    none.or(some).unify().boxed()
 }
 
 fn service_unavailable(kind: &'static str, detail: &str, retry: u64) -> Rejection {
