@@ -71,6 +71,10 @@ apt_install() {
 for pair in rpm:rpm strip:binutils man:man-db curl:curl gzip:gzip; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || apt_install "${pair#*:}"
 done
+# What the .deb depends on (dpkg -i installs no dependencies; apt would).
+for pkg in adduser procps; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || apt_install "$pkg"
+done
 for tool in cargo-deb cargo-generate-rpm; do
     if ! command -v "$tool" >/dev/null 2>&1; then
         echo "   cargo install $tool --locked (a few minutes)"
@@ -103,6 +107,8 @@ ok "$deb ($(du -h "$deb" | cut -f1)), $rpmfile ($(du -h "$rpmfile" | cut -f1))"
 
 # Files (not directories) the .deb ships, as absolute paths, sorted.
 dpkg-deb --fsys-tarfile "$deb" | tar -t | grep -v '/$' | sed 's|^\./|/|' | sort >"$workdir/deb-files"
+check "the .deb depends on procps (ExecReload's kill) and adduser (the maintainer scripts)" \
+    sh -c "dpkg-deb -f '$deb' Depends | grep -q procps && dpkg-deb -f '$deb' Depends | grep -q adduser"
 
 step "dpkg -i"
 dpkg -i "$deb" >"$workdir/dpkg-i.log" 2>&1 || {
@@ -132,7 +138,7 @@ check "/etc/inletd/inletd.toml is a registered conffile" \
 check "the unit is enabled (multi-user.target.wants)" \
     test -L /etc/systemd/system/multi-user.target.wants/inletd.service
 for line in 'Type=notify' 'ExecStartPre=/usr/bin/inletd --config /etc/inletd/inletd.toml check-config' \
-    'ExecReload=/bin/kill -HUP $MAINPID' 'User=inletd' 'StateDirectory=inletd' 'KillMode=mixed'; do
+    'ExecReload=/usr/bin/kill -HUP $MAINPID' 'User=inletd' 'StateDirectory=inletd' 'KillMode=mixed'; do
     check "unit has $line" grep -qxF "$line" /usr/lib/systemd/system/inletd.service
 done
 if command -v systemd-analyze >/dev/null 2>&1; then
@@ -163,6 +169,10 @@ export INLETD_BIND=127.0.0.1:$port
 base=http://127.0.0.1:$port
 check "check-config passes as inletd (the unit's ExecStartPre)" \
     sh -c "cd / && ${as_inletd[*]} /usr/bin/inletd --config /etc/inletd/inletd.toml check-config >/dev/null 2>&1"
+# What the packaged config's comments tell the operator to run after an
+# edit: with no --config it checks the installed file, and says so.
+check "check-config without --config checks /etc/inletd/inletd.toml and says so" \
+    sh -c "cd / && /usr/bin/inletd check-config 2>&1 >/dev/null | grep -qF '(/etc/inletd/inletd.toml)'"
 (cd / && exec "${as_inletd[@]}" /usr/bin/inletd --config /etc/inletd/inletd.toml run) >"$log" 2>&1 &
 pid=$!
 echo "$pid" >"$pidfile"

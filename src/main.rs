@@ -32,13 +32,19 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         return Ok(0);
     }
     let config = cli.config()?;
+    let config_file = cli.config_file().map(|f| f.display().to_string());
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
             print!(
                 "{}",
                 toml::to_string(&config).context("printing the config")?
             );
-            eprintln!("inletd: configuration is valid");
+            match config_file {
+                Some(file) => eprintln!("inletd: configuration is valid ({file})"),
+                None => eprintln!(
+                    "inletd: configuration is valid (no file: the defaults and INLETD_* variables)"
+                ),
+            }
             Ok(0)
         }
         Command::Run => {

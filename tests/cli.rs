@@ -418,3 +418,24 @@ fn import_waits_out_a_busy_daemon_and_splits_a_batch_that_is_too_large() {
     assert!(run.stderr.contains("503"), "the wait is reported: {run:?}");
     assert_eq!(*sizes.lock().unwrap(), vec![5, 5, 2, 3, 1, 2]);
 }
+
+/// The operator checked a config file: the answer names the file it
+/// checked, and with no file says that only the defaults and the
+/// environment were read.
+#[test]
+fn check_config_says_which_file_it_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mine.toml");
+    std::fs::write(&path, "batch_size = 7\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_inletd"))
+        .args(["--config", path.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("configuration is valid ({})", path.display())),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("batch_size = 7"));
+}

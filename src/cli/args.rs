@@ -35,8 +35,8 @@ sending the config's admin_token where one is set.",
     after_help = "\
 Every setting has a default, so no file is needed; precedence is flags, then
 INLETD_<KEY> environment variables, then the --config file. Client
-subcommands read /etc/inletd/inletd.toml when no --config is given and that
-file is readable. SIGHUP reloads the configuration; SIGTERM drains and exits."
+subcommands and check-config read /etc/inletd/inletd.toml when no --config
+is given and that file is readable. SIGHUP reloads the configuration; SIGTERM drains and exits."
 )]
 pub struct Cli {
     /// TOML configuration file (every key has a default; none is needed).
@@ -94,9 +94,25 @@ impl Command {
 }
 
 impl Cli {
-    /// Loads the configuration: the `--config` file (for a client subcommand
-    /// without one, the packaged config when it is readable), the
-    /// environment, then `--bind` and `--data-dir`.
+    /// The configuration file read: `--config`, else (for a client
+    /// subcommand or `check-config`) the packaged config when it is
+    /// readable, else none (defaults and the environment only).
+    pub fn config_file(&self) -> Option<&Path> {
+        let packaged = Path::new(PACKAGED_CONFIG);
+        let reads_packaged = match &self.command {
+            Some(Command::CheckConfig) => true,
+            Some(c) => c.is_client(),
+            None => false,
+        };
+        match &self.config {
+            Some(file) => Some(file.as_path()),
+            None if reads_packaged && std::fs::File::open(packaged).is_ok() => Some(packaged),
+            None => None,
+        }
+    }
+
+    /// Loads the configuration: [`Cli::config_file`], the environment, then
+    /// `--bind` and `--data-dir`.
     pub fn config(&self) -> Result<Config, ConfigError> {
         let mut overrides = Vec::new();
         if let Some(b) = &self.bind {
@@ -105,17 +121,7 @@ impl Cli {
         if let Some(d) = &self.data_dir {
             overrides.push(("data_dir", d.display().to_string()));
         }
-        let packaged = Path::new(PACKAGED_CONFIG);
-        let file = match &self.config {
-            Some(file) => Some(file.as_path()),
-            None if self.command.as_ref().is_some_and(Command::is_client)
-                && std::fs::File::open(packaged).is_ok() =>
-            {
-                Some(packaged)
-            }
-            None => None,
-        };
-        Config::load(file, &overrides)
+        Config::load(self.config_file(), &overrides)
     }
 }
 
