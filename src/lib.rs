@@ -16,6 +16,7 @@
 //! | [`event`]    | events, their validation, the WAL record |
 //! | [`storage`]  | the `Storage` trait, its design (layout, invariants, flushing), sled and memory stores |
 //! | [`pipeline`] | the supervised actors and their messages |
+//! | [`process`]  | the standard `process_*` metrics (from `/proc`) and `inletd_build_info` |
 //! | [`sinks`]    | forwarding sinks (HTTP, file) |
 //! | [`http`]     | warp routes, thin handlers, the error type, the accept loop |
 //! | [`app`]      | start-up wiring and the shutdown sequence |
@@ -30,6 +31,7 @@ pub mod config;
 pub mod event;
 pub mod http;
 pub mod pipeline;
+pub mod process;
 pub mod ratelimit;
 pub mod shutdown;
 pub mod signature;

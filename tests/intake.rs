@@ -450,3 +450,51 @@ fn a_wrong_method_is_told_the_allowed_ones() {
     assert_eq!(r.status, 404);
     assert_eq!(r.header("allow"), None);
 }
+
+/// An operator points a standard Prometheus dashboard at inletd: the
+/// `process_*` figures every client library exports are there, for the
+/// daemon's own process, and `inletd_build_info` names the version.
+#[test]
+fn metrics_carry_the_standard_process_figures_and_the_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "");
+    let metrics = d.get("/metrics").text();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    // The daemon's RSS, as the kernel counts it for its PID.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let rss = value("process_resident_memory_bytes");
+    assert!(
+        rss > rss_kib * 1024.0 / 2.0 && rss < rss_kib * 1024.0 * 2.0,
+        "{rss} against {rss_kib} KiB"
+    );
+    assert!(value("process_open_fds") >= 3.0);
+    assert!(value("process_max_fds") >= value("process_open_fds"));
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = value("process_start_time_seconds");
+    assert!(
+        started <= now + 1.0 && started > now - 120.0,
+        "{started} vs {now}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "inletd_build_info{{version=\"{}\",storage_format=\"3\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
+}

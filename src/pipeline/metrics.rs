@@ -204,6 +204,8 @@ impl State {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         }
+        crate::process::ProcessFigures::read().render(&mut out);
+        crate::process::render_build_info(&mut out);
         out
     }
 }
