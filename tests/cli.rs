@@ -187,6 +187,49 @@ fn a_jsonl_import_reports_the_line_that_is_not_json_and_a_clean_one_exits_0() {
     assert_eq!(summary["by_type"]["user_signup"], 2);
 }
 
+/// A user pipes an export straight in (`… | inletd import -`): standard
+/// input is read as JSON lines, the report names it, and the events are
+/// counted like a file's.
+#[test]
+fn import_dash_reads_standard_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "");
+    let config = daemon.config_path.display().to_string();
+    let url = format!("http://{}", daemon.addr);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_inletd"))
+        .args(["--config", &config, "import", "-", "--url", &url])
+        .env_remove("INLETD_CONFIG")
+        .env_remove("INLETD_BIND")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run inletd import -");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            concat!(
+                "{\"event_id\":\"s-1\",\"event_type\":\"user_signup\"}\n",
+                "{\"event_id\":\"s-2\",\"event_type\":\"page_view\"}\n",
+                "not json\n",
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("imported standard input: 2 accepted, 0 duplicates, 1 rejected"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("line 3: not JSON"), "{stdout}");
+    daemon.wait_processed(Duration::from_secs(10));
+    assert_eq!(daemon.get("/stats/summary").json()["total_events"], 2);
+}
+
 /// An operator points `stats` at the daemon through the config and
 /// `--bind` (no `--url`): `--json` prints exactly what /stats/summary
 /// says, and the table lists every type with its count, most first.

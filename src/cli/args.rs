@@ -76,7 +76,7 @@ names every bad key and exits 1. The systemd unit runs it before each start.")]
     Stats(stats::Args),
     /// List, show, replay or purge a running daemon's dead-letter queue.
     Dlq(dlq::Args),
-    /// Send seed 000's sample traffic (basic, idempotency, burst, batch) to a running daemon.
+    /// Send sample traffic (basic, idempotency, burst, batch) to a running daemon.
     Demo(demo::Args),
     /// Write the man pages and shell completions into a directory (for packaging).
     #[command(hide = true)]

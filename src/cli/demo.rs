@@ -1,4 +1,4 @@
-//! `inletd demo SCENARIO`: seed 000's four test scenarios against a running
+//! `inletd demo SCENARIO`: four sample-traffic scenarios against a running
 //! daemon, each printing what was accepted and what was a duplicate.
 //!
 //! Event ids carry a run id (time and randomness), so a demo run twice
@@ -21,7 +21,7 @@ const BURST_EVENTS: usize = 200;
 const BATCH_EVENTS: usize = 20;
 /// Sends of the same event in the `idempotency` scenario.
 const IDEMPOTENCY_SENDS: usize = 3;
-/// Event types the demos cycle through (seed 000's signup, subscription, usage and more).
+/// Event types the demos cycle through (signup, subscription, usage and more).
 const EVENT_TYPES: [&str; 5] = [
     "user_signup",
     "subscription_created",
@@ -46,7 +46,7 @@ pub struct Args {
     pub daemon: DaemonArgs,
 }
 
-/// Seed 000's scenarios.
+/// The sample-traffic scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     /// Three events of different types (signup, subscription, usage), one request each.
@@ -339,7 +339,7 @@ async fn send_one(client: &Client, event: &Value) -> Result<Verdict, ClientError
     })
 }
 
-/// A seed-000-shaped event: id, type, user, time now, metadata.
+/// A sample event: id, type, user, time now, metadata.
 fn sample_event(event_id: &str, event_type: &str, n: usize) -> Value {
     let mut event = json!({
         "event_id": event_id,

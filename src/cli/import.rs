@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, IsTerminal as _, Write as _};
+use std::io::{self, BufRead, BufReader, IsTerminal as _, Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ const DEFAULT_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(60);
 /// `{"events":[` + `]}` around the events of a batch body.
 const ENVELOPE_BYTES: usize = 13;
-/// The CSV columns, as in seed 001's import format.
+/// The CSV columns of an import file.
 const CSV_COLUMNS: [&str; 5] = [
     "event_id",
     "occurred_at",
@@ -52,7 +52,8 @@ rejected (each is named with its line number and why); 2 the import could not
 run (file unreadable, daemon unreachable or refusing the batches).
 Importing the same file again is safe: what was taken comes back as duplicates.")]
 pub struct Args {
-    /// The file to import: CSV (seed 001's format) or JSON lines.
+    /// The file to import: CSV (the header below) or JSON lines; `-` reads
+    /// standard input (JSON lines unless --format csv).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
     /// Send to this configured source (POST /webhook/NAME/batch) instead of
@@ -76,7 +77,7 @@ pub struct Args {
 /// The formats `import` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// Comma-separated values with seed 001's header.
+    /// Comma-separated values with the header event_id,occurred_at,user_id,event_type,properties_json.
     Csv,
     /// One JSON event object per line.
     Jsonl,
@@ -104,7 +105,7 @@ pub enum ImportError {
         /// The I/O error.
         error: io::Error,
     },
-    /// The CSV header is not seed 001's.
+    /// The CSV header lacks a required column or has an unknown one.
     #[error("{path}: {reason}")]
     Header {
         /// The file.
@@ -158,11 +159,11 @@ pub struct Report {
 
 impl Report {
     /// Prints the report: a summary line, then each rejected line.
-    pub fn write(&self, out: &mut impl io::Write, file: &Path) -> io::Result<()> {
+    pub fn write(&self, out: &mut impl io::Write, input: &str) -> io::Result<()> {
         writeln!(
             out,
             "imported {}: {} accepted, {} duplicates, {} rejected ({} records read)",
-            file.display(),
+            input,
             self.accepted,
             self.duplicates,
             self.rejected.len(),
@@ -187,14 +188,18 @@ pub async fn run(config: &Config, args: &Args) -> Result<Outcome, ImportError> {
         None => "/webhook/batch".to_owned(),
     };
     let format = args.format.unwrap_or_else(|| Format::of_path(&args.file));
-    let display = args.file.display().to_string();
-    let read_error = |error| ImportError::Read {
-        path: display.clone(),
-        error,
+    let (input, size, display): (Input, Option<u64>, String) = if args.file.as_os_str() == "-" {
+        (Box::new(io::stdin()), None, "standard input".to_owned())
+    } else {
+        let display = args.file.display().to_string();
+        let file = File::open(&args.file).map_err(|error| ImportError::Read {
+            path: display.clone(),
+            error,
+        })?;
+        let size = file.metadata().ok().map(|m| m.len());
+        (Box::new(file), size, display)
     };
-    let file = File::open(&args.file).map_err(read_error)?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut records = Records::open(file, format, &display)?;
+    let mut records = Records::open(input, format, &display)?;
     let progress = progress_bar(size);
     let mut importer = Importer {
         client: &client,
@@ -212,7 +217,7 @@ pub async fn run(config: &Config, args: &Args) -> Result<Outcome, ImportError> {
     let mut out = io::stdout().lock();
     if let Err(e) = result {
         if report.sent > 0 {
-            let _ = report.write(&mut out, &args.file);
+            let _ = report.write(&mut out, &display);
             let _ = writeln!(
                 out,
                 "import stopped early, after {} events were sent; running it again is safe \
@@ -223,7 +228,7 @@ pub async fn run(config: &Config, args: &Args) -> Result<Outcome, ImportError> {
         return Err(e);
     }
     report
-        .write(&mut out, &args.file)
+        .write(&mut out, &display)
         .map_err(ImportError::Output)?;
     Ok(if report.rejected.is_empty() {
         Outcome::Clean
@@ -241,20 +246,28 @@ fn valid_source(name: &str) -> bool {
 }
 
 /// A bar on stderr over the file's bytes; hidden when stderr is not a terminal.
-fn progress_bar(size: u64) -> ProgressBar {
+fn progress_bar(size: Option<u64>) -> ProgressBar {
     let target = if io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()
     } else {
         ProgressDrawTarget::hidden()
     };
-    let bar = ProgressBar::with_draw_target(Some(size), target);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} {elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {msg}",
-    ) {
+    let bar = ProgressBar::with_draw_target(size, target);
+    // A bar of its own width leaves room for the figures at 80 columns; a
+    // stream of unknown length (stdin) shows what was read and how fast.
+    let template = if size.is_some() {
+        "{elapsed_precise} [{bar:24}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}"
+    } else {
+        "{spinner} {elapsed_precise} {bytes} read, {bytes_per_sec} {msg}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
 }
+
+/// What `import` reads: a file, or standard input.
+type Input = Box<dyn Read + Send>;
 
 /// One record of the file: its (first) line and the event or why it is bad.
 type Record = (u64, Result<Value, String>);
@@ -268,11 +281,11 @@ enum Records {
 }
 
 impl Records {
-    fn open(file: File, format: Format, path: &str) -> Result<Records, ImportError> {
+    fn open(input: Input, format: Format, path: &str) -> Result<Records, ImportError> {
         Ok(match format {
-            Format::Csv => Records::Csv(CsvRecords::open(file, path)?),
+            Format::Csv => Records::Csv(CsvRecords::open(input, path)?),
             Format::Jsonl => Records::Jsonl(JsonlRecords {
-                reader: BufReader::new(file),
+                reader: BufReader::new(input),
                 line: 0,
                 bytes: 0,
                 buf: Vec::new(),
@@ -298,10 +311,10 @@ impl Records {
     }
 }
 
-/// A CSV file in seed 001's format.
+/// A CSV import file.
 struct CsvRecords {
     /// The csv reader (it tracks line numbers, quoted newlines included).
-    reader: csv::Reader<File>,
+    reader: csv::Reader<Input>,
     /// For each column of the file, the CSV_COLUMNS name it holds.
     columns: Vec<&'static str>,
     /// Reused record buffer.
@@ -311,11 +324,11 @@ struct CsvRecords {
 }
 
 impl CsvRecords {
-    fn open(file: File, path: &str) -> Result<CsvRecords, ImportError> {
+    fn open(input: Input, path: &str) -> Result<CsvRecords, ImportError> {
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .flexible(false)
-            .from_reader(file);
+            .from_reader(input);
         let header = |reason: String| ImportError::Header {
             path: path.to_owned(),
             reason,
@@ -419,8 +432,8 @@ fn csv_event(columns: &[&'static str], record: &csv::ByteRecord) -> Result<Value
 
 /// A JSON-lines file.
 struct JsonlRecords {
-    /// The buffered file.
-    reader: BufReader<File>,
+    /// The buffered input.
+    reader: BufReader<Input>,
     /// The number of the last line read (1-based).
     line: u64,
     /// Bytes read so far.

@@ -22,7 +22,7 @@
 //! ## Why packed records (format 3)
 //!
 //! sled pays per key written, whatever the batching: 7–17 µs an insert on
-//! this class of machine (`../shared/DEPENDENCIES.md`), against about 3 µs
+//! this class of machine (random 40-byte keys, measured alone), against about 3 µs
 //! an event for a packed record. Format 1 wrote three keys per event,
 //! format 2 one (the idempotency key). Format 3 writes none per event: a
 //! group commit writes its records as WAL segments (split so that no value
