@@ -63,9 +63,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             ran
         }
         Command::Import(args) => client(async {
-            cli::import::run(&config, &args)
-                .await
-                .with_context(|| format!("import {}", args.file.display()))
+            // Its errors name the input themselves.
+            cli::import::run(&config, &args).await.context("import")
         }),
         Command::Stats(args) => {
             client(async { cli::stats::run(&config, &args).await.context("stats") })

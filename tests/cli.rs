@@ -366,6 +366,17 @@ fn an_unreachable_daemon_or_a_missing_file_exits_2() {
     let run = inletd(&["import", &missing, "--url", &url]);
     assert_eq!(run.code, 2, "{run:?}");
     assert!(run.stderr.contains("cannot read"), "{run:?}");
+    assert_eq!(
+        run.stderr.matches(&missing).count(),
+        1,
+        "named once: {run:?}"
+    );
+    // An empty CSV file is called empty, not a header without event_id.
+    let empty = write(dir.path(), "empty.csv", "");
+    let run = inletd(&["import", &empty, "--url", &url]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("the file is empty"), "{run:?}");
+    assert_eq!(run.stderr.matches(&empty).count(), 1, "named once: {run:?}");
 }
 
 /// A stand-in daemon that answers each batch request per `script` (given

@@ -379,6 +379,12 @@ impl CsvRecords {
 /// Maps the header's names to CSV_COLUMNS; refuses unknown or repeated
 /// names (a typo would silently drop a field) and a missing id or type.
 fn csv_columns(headers: &csv::ByteRecord) -> Result<Vec<&'static str>, String> {
+    if headers.is_empty() {
+        return Err(format!(
+            "the file is empty; a CSV import starts with the header {}",
+            CSV_COLUMNS.join(",")
+        ));
+    }
     let mut columns = Vec::with_capacity(headers.len());
     for (i, raw) in headers.iter().enumerate() {
         let mut name = String::from_utf8_lossy(raw).trim().to_owned();
