@@ -107,6 +107,11 @@ ok "$deb ($(du -h "$deb" | cut -f1)), $rpmfile ($(du -h "$rpmfile" | cut -f1))"
 
 # Files (not directories) the .deb ships, as absolute paths, sorted.
 dpkg-deb --fsys-tarfile "$deb" | tar -t | grep -v '/$' | sed 's|^\./|/|' | sort >"$workdir/deb-files"
+# lintian: no error, no warning (what is meant is overridden, with the reason,
+# in packaging/debian/lintian-overrides).
+command -v lintian >/dev/null 2>&1 || apt_install lintian
+check "lintian finds no error or warning in the .deb" \
+    sh -c "lintian --fail-on error,warning '$deb' >'$workdir/lintian.log' 2>&1 || { cat '$workdir/lintian.log' >&2; false; }"
 check "the .deb depends on procps (ExecReload's kill) and adduser (the maintainer scripts)" \
     sh -c "dpkg-deb -f '$deb' Depends | grep -q procps && dpkg-deb -f '$deb' Depends | grep -q adduser"
 
@@ -246,9 +251,11 @@ check "the unit's enablement link is gone" test ! -e /etc/systemd/system/multi-u
 step "the .rpm"
 rpm -qlp "$rpmfile" 2>/dev/null | sort >"$workdir/rpm-files"
 # The same files, but zsh's directory differs by distribution and Debian
-# packages carry a copyright file.
+# packages carry a copyright file, a changelog and lintian's overrides.
 sed -e 's|/usr/share/zsh/vendor-completions/|/usr/share/zsh/site-functions/|' \
-    -e '\|^/usr/share/doc/inletd/copyright$|d' "$workdir/deb-files" | sort >"$workdir/deb-files-as-rpm"
+    -e '\|^/usr/share/doc/inletd/copyright$|d' \
+    -e '\|^/usr/share/doc/inletd/changelog.Debian.gz$|d' \
+    -e '\|^/usr/share/lintian/overrides/inletd$|d' "$workdir/deb-files" | sort >"$workdir/deb-files-as-rpm"
 if ! diff -u "$workdir/deb-files-as-rpm" "$workdir/rpm-files"; then
     fail "rpm -qlp lists other files than the .deb (diff above: - deb, + rpm)"
 fi
