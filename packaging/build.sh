@@ -11,12 +11,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-for tool in cargo-deb cargo-generate-rpm gzip strip; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "packaging/build.sh: $tool is missing (cargo install $tool --locked, or apt-get install binutils gzip)" >&2
-        exit 1
-    fi
+# Every missing tool at once, each with how to get it.
+missing=()
+for pair in "cargo-deb:cargo install cargo-deb --locked" \
+    "cargo-generate-rpm:cargo install cargo-generate-rpm --locked" \
+    "gzip:apt-get install gzip" "strip:apt-get install binutils"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair%%:*} (${pair#*:})")
 done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "packaging/build.sh: missing tools:" >&2
+    printf '  %s\n' "${missing[@]}" >&2
+    exit 1
+fi
 
 target_dir=${CARGO_TARGET_DIR:-target}
 bin="$target_dir/release/inletd"
