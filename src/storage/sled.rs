@@ -753,7 +753,13 @@ impl Store {
     fn rebuild_index(&self) -> Result<(), StorageError> {
         let started = Instant::now();
         let mut idem = self.idempotency.lock();
-        *idem = Idempotency::new();
+        // Same fingerprints as before (a test's colliding function too).
+        *idem = Idempotency {
+            index: KeyIndex::for_rebuild(),
+            hasher: idem.hasher.clone(),
+            fingerprint: idem.fingerprint,
+            ..Idempotency::new()
+        };
         for item in self.expiry.iter() {
             let (k, v) = item.map_err(io)?;
             let Some(group) = Group::from_entry_key(&k) else {
@@ -771,6 +777,7 @@ impl Store {
                 }
             }
         }
+        idem.index.rebuilt();
         tracing::info!(
             keys = idem.index.len(),
             groups = idem.groups.len(),
@@ -1795,6 +1802,14 @@ mod tests {
             })
             .expect("the store opens again once sled has let go of it");
         collide(&store);
+        // The rebuild kept the colliding function: all 7 keys share a slot tag.
+        let mut out = Vec::new();
+        store
+            .idempotency
+            .lock()
+            .index
+            .candidates(0x4242_4242_0000_0001, &mut out);
+        assert_eq!(out.len(), 7, "{out:?}");
         let again: Vec<NewEvent> = ["a4", "b1", "c0"].map(event).to_vec();
         assert_eq!(
             store.append(&again, 30, ttl).unwrap(),
