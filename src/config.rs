@@ -2,7 +2,7 @@
 //! `INLETD_<KEY>` environment variables, then by command-line flags. This is
 //! the one place that reads files and the environment for settings.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -333,9 +333,31 @@ impl Config {
         env: &[(String, String)],
         overrides: &[(&str, String)],
     ) -> Result<Config, ConfigError> {
+        // Every syntax error at once, each with its line and column.
+        let (document, syntax) = toml::de::DeTable::parse_recoverable(file_text);
+        if !syntax.is_empty() {
+            return Err(ConfigError::Invalid(
+                syntax
+                    .iter()
+                    .map(|e| match e.span() {
+                        Some(span) => {
+                            format!("{}: {}", position(file_text, span.start), e.message())
+                        }
+                        None => e.message().to_owned(),
+                    })
+                    .collect(),
+            ));
+        }
+        // Where each setting came from, to name it in a problem.
+        let mut origin: BTreeMap<String, String> = document
+            .get_ref()
+            .iter()
+            .map(|(k, _)| (k.get_ref().to_string(), position(file_text, k.span().start)))
+            .collect();
         let mut table: toml::Table =
             toml::from_str(file_text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         let scalar_keys = scalar_keys();
+        let mut problems = Vec::new();
         for (name, value) in env {
             let Some(key) = name.strip_prefix("INLETD_") else {
                 continue;
@@ -345,19 +367,60 @@ impl Config {
                 continue;
             }
             if !scalar_keys.contains(key.as_str()) {
-                return Err(ConfigError::Invalid(vec![format!(
-                    "environment variable {name}: no such setting `{key}`"
-                )]));
+                problems.push(format!(
+                    "environment variable {name}: no such setting `{key}`{}",
+                    did_you_mean(&key, &scalar_keys)
+                ));
+                continue;
             }
-            table.insert(key, scalar_value(value));
+            table.insert(key.clone(), scalar_value(value));
+            origin.insert(key, format!("environment variable {name}"));
         }
         for (key, value) in overrides {
             table.insert((*key).to_owned(), scalar_value(value));
+            origin.insert((*key).to_owned(), format!("--{}", key.replace('_', "-")));
+        }
+        // Each setting on its own (every other one has a default), so that
+        // every unknown or mistyped one is named, not only the first; the
+        // rest are then checked together, with those left at their defaults.
+        let known = top_level_keys();
+        let place = |key: &str| origin.get(key).map_or(String::new(), |p| format!("{p}: "));
+        let mut wrong = Vec::new();
+        for (key, value) in &table {
+            if !known.contains(key.as_str()) {
+                problems.push(format!(
+                    "{}unknown setting `{key}`{}",
+                    place(key),
+                    did_you_mean(key, &known)
+                ));
+                wrong.push(key.clone());
+                continue;
+            }
+            let mut alone = toml::Table::new();
+            alone.insert(key.clone(), value.clone());
+            if let Err(e) = alone.try_into::<Config>() {
+                problems.push(format!("{}{key}: {}", place(key), e.message().trim()));
+                wrong.push(key.clone());
+            }
+        }
+        for key in &wrong {
+            table.remove(key);
         }
         let config: Config = table
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
-        config.validate()?;
+        if let Err(ConfigError::Invalid(bad)) = config.validate() {
+            // "sinks[0].url: …" names the setting `sinks`: say where it is.
+            problems.extend(bad.into_iter().map(|b| {
+                let key = b.split([':', '[', '.']).next().unwrap_or("");
+                format!("{}{b}", place(key))
+            }));
+        }
+        if !problems.is_empty() {
+            // In the file's order; the environment's and the flags' after.
+            problems.sort_by_key(|p| line_of(p));
+            return Err(ConfigError::Invalid(problems));
+        }
         Ok(config)
     }
 
@@ -549,6 +612,74 @@ fn scalar_keys() -> BTreeSet<String> {
     }
 }
 
+/// Every top-level setting, scalars and tables alike.
+fn top_level_keys() -> BTreeSet<String> {
+    toml::Table::try_from(Config::default())
+        .map(|t| t.into_iter().map(|(k, _)| k).collect())
+        .unwrap_or_default()
+}
+
+/// The line a problem names (`line L, …`), for sorting; others last.
+fn line_of(problem: &str) -> (usize, usize) {
+    let mut numbers = problem
+        .strip_prefix("line ")
+        .map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .filter(|n| !n.is_empty())
+                .take(2)
+                .filter_map(|n| n.parse().ok())
+                .collect::<Vec<usize>>()
+        })
+        .unwrap_or_default()
+        .into_iter();
+    (
+        numbers.next().unwrap_or(usize::MAX),
+        numbers.next().unwrap_or(0),
+    )
+}
+
+/// `line L, column C` of byte `at` in `text` (both from 1).
+fn position(text: &str, at: usize) -> String {
+    // A span always starts on a character; should one not, take the one it is in.
+    let at = (0..=at.min(text.len()))
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}")
+}
+
+/// `; did you mean `x`?` for the known name nearest to `name` (at most two
+/// edits away), else nothing.
+fn did_you_mean(name: &str, known: &BTreeSet<String>) -> String {
+    known
+        .iter()
+        .map(|k| (edit_distance(name, k), k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map_or(String::new(), |(_, k)| format!("; did you mean `{k}`?"))
+}
+
+/// Levenshtein distance between two short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(above + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 /// Text from the environment or a flag as a TOML value: numbers and
 /// booleans as such, anything else as a string.
 fn scalar_value(text: &str) -> toml::Value {
@@ -566,6 +697,26 @@ fn scalar_value(text: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_and_suggestions() {
+        let text = "a = 1\n\u{e9}t\u{e9} = 2\n";
+        assert_eq!(position(text, 0), "line 1, column 1");
+        assert_eq!(position(text, 6), "line 2, column 1");
+        // Inside the two-byte é: the character it is in.
+        assert_eq!(position(text, 7), "line 2, column 1");
+        assert_eq!(position(text, 999), "line 3, column 1");
+        assert_eq!(edit_distance("bathc_size", "batch_size"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
+        let known: BTreeSet<String> = ["batch_size", "bind"].map(String::from).into();
+        assert_eq!(
+            did_you_mean("batch_siz", &known),
+            "; did you mean `batch_size`?"
+        );
+        assert_eq!(did_you_mean("zzzzzz", &known), "");
+        assert_eq!(line_of("line 12, column 3: x"), (12, 3));
+        assert_eq!(line_of("environment variable X: y"), (usize::MAX, 0));
+    }
 
     #[test]
     fn no_file_gives_the_defaults() {

@@ -493,3 +493,67 @@ fn check_config_says_which_file_it_checked() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("batch_size = 7"));
 }
+
+/// An operator's edit left six problems in the config: check-config names
+/// every one in one run, each with its line and column, in the file's
+/// order, and suggests the setting a typo meant.
+#[test]
+fn check_config_names_every_problem_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "bad.toml",
+        concat!(
+            "bind = \"not an address\"\n",
+            "bathc_size = 100\n",
+            "batch_timeout_ms = \"fast\"\n",
+            "max_retries = 1000\n",
+            "durability = \"sometimes\"\n",
+            "\n",
+            "[[sinks]]\n",
+            "name = \"dash\"\n",
+            "type = \"http\"\n",
+            "url = \"ftp://x\"\n",
+        ),
+    );
+    let run = inletd(&["--config", &path, "check-config"]);
+    assert_ne!(run.code, 0, "{run:?}");
+    let problems: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .collect();
+    let expected = [
+        ("line 1, column 1: bind:", "not an address like"),
+        (
+            "line 2, column 1: unknown setting `bathc_size`",
+            "did you mean `batch_size`?",
+        ),
+        ("line 3, column 1: batch_timeout_ms:", "invalid type"),
+        ("line 4, column 1: max_retries:", "out of range"),
+        ("line 5, column 1: durability:", "sometimes"),
+        ("line 7, column 3: sinks[0].url:", "plain http:// URL"),
+    ];
+    assert_eq!(problems.len(), expected.len(), "{}", run.stderr);
+    for (problem, (starts, has)) in problems.iter().zip(expected) {
+        assert!(
+            problem.starts_with(starts) && problem.contains(has),
+            "{problem}"
+        );
+    }
+
+    // A file that is not TOML: every syntax error, with its position.
+    let broken = write(
+        dir.path(),
+        "broken.toml",
+        "batch_size = 5\nsinks = [\nbind = \"x\n",
+    );
+    let run = inletd(&["--config", &broken, "check-config"]);
+    assert_ne!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("line 3, column 6: unexpected `=` in array"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("panicked"), "{run:?}");
+}

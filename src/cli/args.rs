@@ -68,7 +68,10 @@ drain_timeout_secs, then the process exits 0. A second signal exits at once
     /// Load and validate the configuration; print it; exit non-zero if bad.
     #[command(after_help = "\
 Prints the effective configuration as TOML (secrets masked) and exits 0, or
-names every bad key and exits 1. The systemd unit runs it before each start.")]
+lists every problem (with its line and column in the file, or the variable or
+flag that set it) and exits 1. Without --config it checks
+/etc/inletd/inletd.toml when that file is readable, and says which file it
+checked. The systemd unit runs it before each start.")]
     CheckConfig,
     /// Import events from a CSV or JSON-lines file into a running daemon.
     Import(import::Args),
