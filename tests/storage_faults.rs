@@ -251,6 +251,11 @@ fn restarts_after_kill_9_and_a_clean_stop_report_nothing_missing() {
         "clean restart:\n{}",
         d.log_text()
     );
+    assert!(
+        d.get("/metrics")
+            .text()
+            .contains("inletd_store_missing_reports_total 0")
+    );
     assert!(d.terminate(Duration::from_secs(10)).success());
 }
 
@@ -284,5 +289,11 @@ fn a_store_that_lost_the_end_of_its_log_says_acknowledged_events_are_missing() {
     assert!(line.contains("last_seq 50 → "), "{line}");
     assert!(line.contains("inletd.mark"), "{line}");
     assert!(!text.contains("panicked"), "{text}");
+    // An alert can watch it.
+    let metrics = d.get("/metrics").text();
+    assert!(
+        metrics.contains("inletd_store_missing_reports_total 1"),
+        "{metrics}"
+    );
     post_events(&d, 1000..1001);
 }

@@ -149,7 +149,7 @@ impl State {
     }
 
     /// The exposition; `dlq` is the DLQ's size, read off the runtime.
-    fn render(&self, dlq: u64) -> String {
+    fn render(&self, dlq: u64, missing: u64) -> String {
         let mut out = String::new();
         for (metric, help, labelled) in COUNTERS {
             let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
@@ -204,6 +204,12 @@ impl State {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP inletd_store_missing_reports_total Times the store was found holding less than it had acknowledged (logged as: acknowledged events are missing).\n\
+             # TYPE inletd_store_missing_reports_total counter\n\
+             inletd_store_missing_reports_total {missing}"
+        );
         crate::process::ProcessFigures::read().render(&mut out);
         crate::process::render_build_info(&mut out);
         out
@@ -244,10 +250,12 @@ impl Actor for Metrics {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             MetricsMsg::Render(reply) => {
-                let dlq = blocking(&state.context.storage, |s| s.dlq_len())
-                    .await
-                    .unwrap_or(0);
-                let _ = reply.send(state.render(dlq));
+                let (dlq, missing) = blocking(&state.context.storage, |s| {
+                    Ok((s.dlq_len()?, s.missing_reports()))
+                })
+                .await
+                .unwrap_or((0, 0));
+                let _ = reply.send(state.render(dlq, missing));
             }
             MetricsMsg::Latency(reply) => {
                 let ms = |h: &Histogram, q| (h.quantile(q) * 1000.0 * 100.0).round() / 100.0;

@@ -306,6 +306,13 @@ pub trait Storage: KvRead + Send + Sync + 'static {
     /// Number of DLQ entries.
     fn dlq_len(&self) -> Result<u64, StorageError>;
 
+    /// Times this store was found holding less than it had acknowledged,
+    /// since the process started: at open (the mark) or in the WAL (a
+    /// gap). Each was logged as "acknowledged events are missing".
+    fn missing_reports(&self) -> u64 {
+        0
+    }
+
     /// Moves DLQ entries back into the WAL, each addressed to its own sink
     /// only, in one transaction. Returns the ids moved and the last seq.
     fn dlq_replay(&self, ids: &[u64]) -> Result<(Vec<u64>, u64), StorageError>;

@@ -90,6 +90,8 @@ struct Store {
     clean: AtomicBool,
     /// What the mark on disk says; held while one is written.
     marking: parking_lot::Mutex<Marking>,
+    /// Reports of missing events (the mark's check, WAL gaps).
+    missing_reports: AtomicU64,
     /// Serialises the writers: seqs (append, DLQ replay), the byte gauge
     /// (ack, quarantine) and keys (sweep) each have one writer at a time.
     /// Fair, so that acks get their turn between group commits under
@@ -545,6 +547,7 @@ impl Store {
             checked: false,
             clean: AtomicBool::new(false),
             marking: parking_lot::Mutex::new(Marking::default()),
+            missing_reports: AtomicU64::new(0),
             write_lock: FairMutex::new(()),
             queue_bytes: AtomicU64::new(0),
             dlq_len: AtomicU64::new(0),
@@ -599,6 +602,7 @@ impl Store {
             }
         };
         if !missing.is_empty() {
+            self.missing_reports.fetch_add(1, Ordering::SeqCst);
             tracing::error!(
                 mark = %path.display(),
                 store = %self.dir.join("db").display(),
@@ -943,6 +947,7 @@ impl Store {
         Ok(gaps
             .into_iter()
             .map(|(from, to)| {
+                self.missing_reports.fetch_add(1, Ordering::SeqCst);
                 let position = format!("wal seqs {from}..={to}");
                 tracing::error!(%position, count = to - from + 1, store = %self.dir.display(),
                     "acknowledged events are missing: {reason}");
@@ -1583,6 +1588,9 @@ impl SledStorage {
         let last_seq = slot
             .as_ref()
             .map_or(0, |s| s.last_seq.load(Ordering::SeqCst));
+        let reports = slot
+            .as_ref()
+            .map_or(0, |s| s.missing_reports.load(Ordering::SeqCst));
         // Wait for calls still holding the old database, then close it.
         if let Some(old) = slot.take() {
             for _ in 0..100 {
@@ -1596,6 +1604,7 @@ impl SledStorage {
         for attempt in 0..20 {
             match Store::open(&self.dir, &self.options) {
                 Ok(store) => {
+                    store.missing_reports.fetch_add(reports, Ordering::SeqCst);
                     let recovered = store.last_seq.fetch_max(last_seq, Ordering::SeqCst);
                     if recovered < last_seq {
                         // With durability = "fsync" their requests were
@@ -1699,6 +1708,10 @@ impl Storage for SledStorage {
     }
     fn dlq_len(&self) -> Result<u64, StorageError> {
         self.with(|s| s.dlq_len())
+    }
+    fn missing_reports(&self) -> u64 {
+        let store = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
+        store.map_or(0, |s| s.missing_reports.load(Ordering::SeqCst))
     }
     fn dlq_replay(&self, ids: &[u64]) -> Result<(Vec<u64>, u64), StorageError> {
         self.with(|s| s.dlq_replay(ids))
@@ -1863,5 +1876,6 @@ mod tests {
         // From past the first gap, only the second one.
         let (_, damaged) = store.read_after(4, 100).unwrap();
         assert_eq!(damaged.len(), 1, "{damaged:?}");
+        assert_eq!(store.missing_reports.load(Ordering::SeqCst), 3);
     }
 }
