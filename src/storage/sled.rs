@@ -1710,8 +1710,10 @@ impl Storage for SledStorage {
         self.with(|s| s.dlq_len())
     }
     fn missing_reports(&self) -> u64 {
-        let store = self.store.read().unwrap_or_else(|p| p.into_inner()).clone();
-        store.map_or(0, |s| s.missing_reports.load(Ordering::SeqCst))
+        let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+        store
+            .as_ref()
+            .map_or(0, |s| s.missing_reports.load(Ordering::SeqCst))
     }
     fn dlq_replay(&self, ids: &[u64]) -> Result<(Vec<u64>, u64), StorageError> {
         self.with(|s| s.dlq_replay(ids))
