@@ -271,3 +271,82 @@ fn a_failed_micro_batch_parks_the_rest_of_its_hand_over_without_more_retries() {
         "max_retries = 3: one first try and three retries, for the first micro-batch only"
     );
 }
+
+/// An operator watches a sink go down and come back in `/stats/summary`:
+/// `retrying` after a failed batch, `open` once the breaker isolates it
+/// (and `inletd_sink_circuit_open` says 1), `ok` once a probe succeeds;
+/// `/stats/rate` counts every event accepted and processed meanwhile.
+#[test]
+fn the_summary_follows_a_sink_through_its_circuit_breaker() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let h = healthy.clone();
+    let sink = SinkServer::start(Box::new(
+        move |_| {
+            if h.load(Ordering::SeqCst) { 200 } else { 500 }
+        },
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &format!(
+            "breaker_failures = 2\nbreaker_cooldown_ms = 300\n{}",
+            http_sink(&sink.url()).replace("max_retries = 3", "max_retries = 0")
+        ),
+    );
+    let sink_state = |d: &Daemon| d.get("/stats/summary").json()["sinks"][0].clone();
+    assert_eq!(sink_state(&d)["state"], "ok", "configured, not yet tried");
+    assert_eq!(sink_state(&d)["name"], "dashboard");
+
+    let post = |i: usize| {
+        let r = d.post_json(
+            "/webhook/events",
+            &json!({"event_id": format!("e{i}"), "event_type": "signup"}),
+        );
+        assert_eq!(r.status, 202);
+        d.wait_processed(Duration::from_secs(10));
+    };
+    post(0);
+    let state = sink_state(&d);
+    assert_eq!(state["state"], "retrying", "{state}");
+    assert_eq!(state["consecutive_failures"], 1, "{state}");
+    assert!(
+        state["last_error"].as_str().unwrap().contains("500"),
+        "{state}"
+    );
+    post(1);
+    let state = sink_state(&d);
+    assert_eq!(state["state"], "open", "{state}");
+    assert!(state["open_until_ms"].as_i64().is_some(), "{state}");
+    let metrics = d.get("/metrics").text();
+    assert!(
+        metrics.contains("inletd_sink_circuit_open{sink=\"dashboard\"} 1"),
+        "{metrics}"
+    );
+
+    healthy.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(400));
+    post(2);
+    let state = sink_state(&d);
+    assert_eq!(state["state"], "ok", "{state}");
+    assert_eq!(state["last_error"], json!(null), "{state}");
+    let metrics = d.get("/metrics").text();
+    assert!(
+        metrics.contains("inletd_sink_circuit_open{sink=\"dashboard\"} 0"),
+        "{metrics}"
+    );
+
+    // Every whole second is counted once the second is over.
+    eventually(Duration::from_secs(3), "the rate to count 3 events", || {
+        let rate = d.get("/stats/rate").json();
+        let sum = |k: &str| {
+            rate[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_u64().unwrap())
+                .sum::<u64>()
+        };
+        assert_eq!(rate["accepted"].as_array().unwrap().len(), 300, "{rate}");
+        sum("accepted") == 3 && sum("processed") == 3
+    });
+}

@@ -1,5 +1,6 @@
 //! `inletd stats`: the daemon's `/stats/summary` as a readable table
-//! (totals, events by type, queue, DLQ, latency), or the JSON as it came.
+//! (totals, events by type, queue, DLQ, latency, sinks), or the JSON as it
+//! came.
 
 use std::io::{self, Write as _};
 
@@ -15,7 +16,8 @@ use crate::config::Config;
 The table shows: total events processed, events by type (most first), queue
 depth (accepted, not yet processed), DLQ size, and latency percentiles in ms:
 receipt → processed (from the on-disk histogram) and receipt → answer (since
-the daemon started). Exit status: 0 printed; 2 the daemon could not be asked.")]
+the daemon started), and each sink's state: ok, retrying (its last batch failed)
+or circuit open (isolated until the time shown). Exit status: 0 printed; 2 the daemon could not be asked.")]
 pub struct Args {
     /// Print the daemon's /stats/summary JSON as it came (for scripts and jq).
     #[arg(long)]
@@ -84,6 +86,10 @@ pub fn render(summary: &Value) -> String {
     for (name, value) in rows {
         text.push_str(&format!("{name:<15} {value}\n"));
     }
+    for sink in summary["sinks"].as_array().into_iter().flatten() {
+        let name = format!("sink {}", sink["name"].as_str().unwrap_or("?"));
+        text.push_str(&format!("{name:<15} {}\n", sink_state(sink)));
+    }
     let mut by_type: Vec<(&str, u64)> = summary["by_type"]
         .as_object()
         .map(|m| {
@@ -122,6 +128,22 @@ pub fn render(summary: &Value) -> String {
     text
 }
 
+/// A sink's state in words: `ok`, or what is wrong and since how many
+/// batches.
+fn sink_state(sink: &Value) -> String {
+    let failures = sink["consecutive_failures"].as_u64().unwrap_or(0);
+    let error = sink["last_error"].as_str().unwrap_or("no error given");
+    match (sink["state"].as_str(), sink["open_until_ms"].as_i64()) {
+        (Some("ok"), _) => "ok".to_owned(),
+        (Some("open"), Some(until)) => format!(
+            "circuit open until {} after {failures} failed batches: {error}",
+            crate::event::format_ms(until)
+        ),
+        (Some(state), _) => format!("{state} after {failures} failed batches: {error}"),
+        (None, _) => "-".to_owned(),
+    }
+}
+
 /// A number as the daemon sent it (whole numbers without decimals), or `-`.
 fn number(value: &Value, unit: &str) -> String {
     if let Some(n) = value.as_u64() {
@@ -147,6 +169,7 @@ mod tests {
         });
         let text = render(&summary);
         assert!(text.contains("total events    6\n"), "{text}");
+        assert!(!text.contains("sink"), "no sinks, no sink lines: {text}");
         assert!(text.contains("processed p50   250 ms\n"), "{text}");
         assert!(text.contains("answered p50    1.5 ms\n"), "{text}");
         let order: Vec<&str> = text
@@ -156,6 +179,25 @@ mod tests {
             .filter_map(|l| l.split_whitespace().next())
             .collect();
         assert_eq!(order, ["page_view", "a", "b", "signup"]);
+    }
+
+    #[test]
+    fn each_sink_says_its_state() {
+        let summary = serde_json::json!({"sinks": [
+            {"name": "archive", "state": "ok", "consecutive_failures": 0,
+             "last_error": null, "open_until_ms": null},
+            {"name": "dashboard", "state": "open", "consecutive_failures": 5,
+             "last_error": "POST http://x/ answered 500", "open_until_ms": 1_765_879_230_000_i64},
+        ]});
+        let text = render(&summary);
+        assert!(text.contains("sink archive    ok\n"), "{text}");
+        assert!(
+            text.contains(
+                "sink dashboard  circuit open until 2025-12-16T10:00:30Z after 5 failed batches: \
+                 POST http://x/ answered 500\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

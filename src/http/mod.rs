@@ -26,7 +26,7 @@ use crate::analytics;
 use crate::event::BodyError;
 use crate::event::now_ms;
 use crate::pipeline::Pipeline;
-use crate::pipeline::messages::{IngestError, IngestRequest, Shape, Verdict};
+use crate::pipeline::messages::{IngestError, IngestRequest, Shape, SinkHealth, Verdict};
 use crate::signature::{Scheme, SignedHeaders, constant_time_eq};
 use error::ApiError;
 
@@ -653,10 +653,27 @@ async fn summary(api: Arc<Api>) -> Result<Response, Rejection> {
         ))
     })
     .await?;
-    let mut latency = api.pipeline.latency().await.unwrap_or_default();
+    let live = api.pipeline.live_figures().await.unwrap_or_default();
+    let mut latency = live.latency;
     // Receipt→processed from the on-disk histogram: it survives restarts.
     latency.p50 = processed[0];
     latency.p99 = processed[1];
+    // Every configured sink, in config order; one that has not reported
+    // yet (or whose name is new since a reload) has nothing against it.
+    let sinks: Vec<SinkHealth> = api
+        .pipeline
+        .context
+        .live()
+        .sinks
+        .iter()
+        .map(|sink| {
+            live.sinks
+                .iter()
+                .find(|h| h.name == sink.name())
+                .cloned()
+                .unwrap_or_else(|| SinkHealth::ok(sink.name()))
+        })
+        .collect();
     let total: u64 = counts.iter().map(|(_, n)| n).sum();
     let by_type: serde_json::Map<String, serde_json::Value> =
         counts.into_iter().map(|(t, n)| (t, n.into())).collect();
@@ -666,11 +683,13 @@ async fn summary(api: Arc<Api>) -> Result<Response, Rejection> {
         "queue_depth": api.pipeline.context.status.queue_depth(),
         "dlq_size": dlq,
         "latency_ms": latency,
+        "sinks": sinks,
     }))
     .into_response())
 }
 
-/// `/stats/dau`, `/stats/top-events`, `/stats/retention`, `/stats/windows`.
+/// `/stats/dau`, `/stats/top-events`, `/stats/retention`, `/stats/windows`,
+/// `/stats/rate`.
 async fn stats(
     which: String,
     api: Arc<Api>,
@@ -747,6 +766,22 @@ async fn stats(
             .await?
         }
         "windows" => query(&api, |s| Ok(json!(analytics::windows(s, now_ms())?))).await?,
+        "rate" => {
+            let rate = api
+                .pipeline
+                .live_figures()
+                .await
+                .ok_or_else(|| {
+                    service_unavailable("unavailable", "the metrics actor is restarting", 1)
+                })?
+                .rate;
+            json!({
+                "interval_secs": 1,
+                "end_ms": rate.end_ms,
+                "accepted": rate.accepted,
+                "processed": rate.processed,
+            })
+        }
         _ => return Err(warp::reject::not_found()),
     };
     Ok(warp::reply::json(&answer).into_response())

@@ -177,8 +177,10 @@ pub enum Observation {
         failed: u64,
         latencies: Vec<f64>,
     },
-    /// A sink delivery attempt failed and will be retried.
-    Retry { sink: String },
+    /// A sink delivery attempt failed with `error` and will be retried.
+    Retry { sink: String, error: String },
+    /// Where a sink's circuit breaker stands after a batch.
+    Sink(SinkHealth),
     /// Events parked in the DLQ for a sink.
     DeadLettered { sink: String, count: u64 },
     /// Events a sink took.
@@ -193,9 +195,77 @@ pub enum Observation {
 pub enum MetricsMsg {
     Observe(Observation),
     Render(RpcReplyPort<String>),
-    /// Latency percentiles for `/stats/summary`.
-    Latency(RpcReplyPort<LatencySummary>),
+    /// Latency, sink health and the intake rate, for `/stats/*` and the
+    /// dashboard.
+    Live(RpcReplyPort<LiveFigures>),
 }
+
+/// What the Metrics actor knows that the store does not: figures since
+/// start.
+#[derive(Debug, Clone, Default)]
+pub struct LiveFigures {
+    /// Latency percentiles.
+    pub latency: LatencySummary,
+    /// Every sink that reported since start, by name.
+    pub sinks: Vec<SinkHealth>,
+    /// Events accepted and processed per second, recent seconds.
+    pub rate: RateSeries,
+}
+
+/// A sink's health as its circuit breaker sees it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SinkHealth {
+    /// The sink's configured name.
+    pub name: String,
+    /// What an operator should read first.
+    pub state: SinkState,
+    /// Batches in a row that failed (0 when ok).
+    pub consecutive_failures: u32,
+    /// The last error the sink gave, kept while it is not ok.
+    pub last_error: Option<String>,
+    /// While the circuit is open: when it lets a probe through (ms since epoch).
+    pub open_until_ms: Option<i64>,
+}
+
+impl SinkHealth {
+    /// A sink with nothing against it: configured, and not yet failed.
+    pub fn ok(name: &str) -> Self {
+        SinkHealth {
+            name: name.to_owned(),
+            state: SinkState::Ok,
+            consecutive_failures: 0,
+            last_error: None,
+            open_until_ms: None,
+        }
+    }
+}
+
+/// A sink's state, in the words of `/stats/summary`.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkState {
+    /// Its last batch was delivered (or none was sent yet).
+    Ok,
+    /// Deliveries are failing and being tried again.
+    Retrying,
+    /// The circuit breaker isolates it: batches go to the DLQ untried.
+    Open,
+}
+
+/// Events per second over the last [`RATE_SECONDS`] whole seconds, oldest
+/// first: the dashboard's intake chart.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RateSeries {
+    /// The end of the last second counted (ms since epoch).
+    pub end_ms: i64,
+    /// Events accepted (written to the queue) in each second.
+    pub accepted: Vec<u64>,
+    /// Events processed (their batch committed) in each second.
+    pub processed: Vec<u64>,
+}
+
+/// How many seconds [`RateSeries`] covers: five minutes.
+pub const RATE_SECONDS: usize = 300;
 
 /// Latency percentiles in milliseconds, estimated from the histograms.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]

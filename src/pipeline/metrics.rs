@@ -9,8 +9,12 @@ use std::sync::atomic::Ordering;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use super::messages::{LatencySummary, MetricsMsg, Observation};
+use super::messages::{
+    LatencySummary, LiveFigures, MetricsMsg, Observation, RATE_SECONDS, RateSeries, SinkHealth,
+    SinkState,
+};
 use super::{Context, blocking};
+use crate::event::now_ms;
 
 /// The Metrics actor.
 pub struct Metrics;
@@ -82,6 +86,75 @@ pub struct State {
     ack_latency: Histogram,
     /// receipt→processed, per event.
     process_latency: Histogram,
+    /// Each sink's breaker state, as the Processor last reported it.
+    sinks: BTreeMap<String, SinkHealth>,
+    /// Events accepted and processed per second: the dashboard's chart.
+    rate: Rate,
+}
+
+/// Per-second counts in a ring: slot `s % len` holds unix second `s`, for
+/// the [`RATE_SECONDS`] seconds before `newest` and `newest` itself (the
+/// second in progress, not reported until it is whole).
+#[derive(Debug)]
+struct Rate {
+    /// The unix second of the newest slot.
+    newest: i64,
+    /// Events accepted, per slot.
+    accepted: Vec<u64>,
+    /// Events processed, per slot.
+    processed: Vec<u64>,
+}
+
+impl Default for Rate {
+    fn default() -> Self {
+        Rate {
+            newest: 0,
+            accepted: vec![0; RATE_SECONDS + 1],
+            processed: vec![0; RATE_SECONDS + 1],
+        }
+    }
+}
+
+impl Rate {
+    fn slot(second: i64) -> usize {
+        second.rem_euclid(RATE_SECONDS as i64 + 1) as usize
+    }
+
+    /// Moves the ring on to `second`, emptying the slots it passes.
+    fn advance(&mut self, second: i64) {
+        let steps = (second - self.newest).clamp(0, RATE_SECONDS as i64 + 1);
+        for s in second - steps + 1..=second {
+            self.accepted[Self::slot(s)] = 0;
+            self.processed[Self::slot(s)] = 0;
+        }
+        self.newest = self.newest.max(second);
+    }
+
+    /// Counts events at `at_ms` (a time the ring has passed is dropped).
+    fn add(&mut self, at_ms: i64, accepted: u64, processed: u64) {
+        let second = at_ms.div_euclid(1000);
+        self.advance(second);
+        if second <= self.newest - RATE_SECONDS as i64 {
+            return;
+        }
+        self.accepted[Self::slot(second)] += accepted;
+        self.processed[Self::slot(second)] += processed;
+    }
+
+    /// The whole seconds before `now_ms`, oldest first.
+    fn series(&mut self, now_ms: i64) -> RateSeries {
+        let now = now_ms.div_euclid(1000);
+        self.advance(now);
+        let seconds = now - RATE_SECONDS as i64..now;
+        RateSeries {
+            end_ms: now * 1000,
+            accepted: seconds
+                .clone()
+                .map(|s| self.accepted[Self::slot(s)])
+                .collect(),
+            processed: seconds.map(|s| self.processed[Self::slot(s)]).collect(),
+        }
+    }
 }
 
 /// The Metrics actor starts from the pipeline context.
@@ -204,6 +277,15 @@ impl State {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         }
+        let open = "inletd_sink_circuit_open";
+        let _ = writeln!(
+            out,
+            "# HELP {open} 1 while a sink's circuit breaker isolates it, by sink.\n# TYPE {open} gauge"
+        );
+        for (name, health) in &self.sinks {
+            let value = u8::from(health.state == SinkState::Open);
+            let _ = writeln!(out, "{open}{{{}}} {value}", label("sink", name));
+        }
         let _ = writeln!(
             out,
             "# HELP inletd_store_missing_reports_total Times the store was found holding less than it had acknowledged (logged as: acknowledged events are missing).\n\
@@ -239,6 +321,8 @@ impl Actor for Metrics {
             counters: BTreeMap::new(),
             ack_latency: Histogram::default(),
             process_latency: Histogram::default(),
+            sinks: BTreeMap::new(),
+            rate: Rate::default(),
         })
     }
 
@@ -257,13 +341,17 @@ impl Actor for Metrics {
                 .unwrap_or((0, 0));
                 let _ = reply.send(state.render(dlq, missing));
             }
-            MetricsMsg::Latency(reply) => {
+            MetricsMsg::Live(reply) => {
                 let ms = |h: &Histogram, q| (h.quantile(q) * 1000.0 * 100.0).round() / 100.0;
-                let _ = reply.send(LatencySummary {
-                    p50: ms(&state.process_latency, 0.5),
-                    p99: ms(&state.process_latency, 0.99),
-                    ack_p50: ms(&state.ack_latency, 0.5),
-                    ack_p99: ms(&state.ack_latency, 0.99),
+                let _ = reply.send(LiveFigures {
+                    latency: LatencySummary {
+                        p50: ms(&state.process_latency, 0.5),
+                        p99: ms(&state.process_latency, 0.99),
+                        ack_p50: ms(&state.ack_latency, 0.5),
+                        ack_p99: ms(&state.ack_latency, 0.99),
+                    },
+                    sinks: state.sinks.values().cloned().collect(),
+                    rate: state.rate.series(now_ms()),
                 });
             }
             MetricsMsg::Observe(o) => match o {
@@ -275,6 +363,7 @@ impl Actor for Metrics {
                     state.add("inletd_events_accepted_total", String::new(), accepted);
                     state.add("inletd_events_duplicate_total", String::new(), duplicates);
                     state.ack_latency.observe(seconds);
+                    state.rate.add(now_ms(), accepted, 0);
                 }
                 Observation::Rejected { reason, count } => {
                     state.add("inletd_rejected_total", label("reason", reason), count)
@@ -287,12 +376,24 @@ impl Actor for Metrics {
                     state.add("inletd_batches_total", String::new(), 1);
                     state.add("inletd_events_processed_total", String::new(), events);
                     state.add("inletd_events_failed_total", String::new(), failed);
+                    state.rate.add(now_ms(), 0, events);
                     for l in latencies {
                         state.process_latency.observe(l);
                     }
                 }
-                Observation::Retry { sink } => {
-                    state.add("inletd_sink_retries_total", label("sink", &sink), 1)
+                Observation::Retry { sink, error } => {
+                    state.add("inletd_sink_retries_total", label("sink", &sink), 1);
+                    let health = state
+                        .sinks
+                        .entry(sink)
+                        .or_insert_with_key(|name| SinkHealth::ok(name));
+                    if health.state != SinkState::Open {
+                        health.state = SinkState::Retrying;
+                    }
+                    health.last_error = Some(error);
+                }
+                Observation::Sink(health) => {
+                    state.sinks.insert(health.name.clone(), health);
                 }
                 Observation::DeadLettered { sink, count } => {
                     state.add("inletd_dlq_events_total", label("sink", &sink), count)
@@ -332,5 +433,42 @@ mod tests {
         assert!(p50 > 0.0025 && p50 <= 0.005, "{p50}");
         assert!(h.quantile(0.99) > 1.0 && h.quantile(0.99) <= 2.5);
         assert_eq!(Histogram::default().quantile(0.5), 0.0);
+    }
+
+    #[test]
+    fn the_rate_reports_whole_seconds_and_forgets_old_ones() {
+        let mut rate = Rate::default();
+        let t0 = 1_700_000_000_000;
+        rate.add(t0, 5, 0);
+        rate.add(t0 + 999, 2, 3);
+        rate.add(t0 + 2_000, 1, 0);
+        // The second in progress is not reported yet.
+        let series = rate.series(t0 + 2_500);
+        assert_eq!(series.accepted.len(), RATE_SECONDS);
+        assert_eq!(series.end_ms, t0 + 2_000);
+        assert_eq!(&series.accepted[RATE_SECONDS - 2..], &[7, 0]);
+        assert_eq!(&series.processed[RATE_SECONDS - 2..], &[3, 0]);
+        let series = rate.series(t0 + 3_000);
+        assert_eq!(&series.accepted[RATE_SECONDS - 3..], &[7, 0, 1]);
+        // Five minutes on, the first second has left the window; a late
+        // count for it is dropped rather than counted as a new second.
+        let later = t0 + 1_000 * RATE_SECONDS as i64;
+        rate.add(t0, 9, 0);
+        let series = rate.series(later + 1_000);
+        assert_eq!(
+            series.accepted.iter().sum::<u64>(),
+            1,
+            "{:?}",
+            series.accepted
+        );
+        rate.add(t0, 9, 0);
+        assert_eq!(rate.series(later + 1_000).accepted.iter().sum::<u64>(), 1);
+        // After a long pause the ring is empty, not stale.
+        assert!(
+            rate.series(later + 3_600_000)
+                .accepted
+                .iter()
+                .all(|n| *n == 0)
+        );
     }
 }

@@ -333,9 +333,9 @@ impl Pipeline {
         ask(&self.context.names, METRICS, MetricsMsg::Render).await
     }
 
-    /// Latency percentiles.
-    pub async fn latency(&self) -> Option<messages::LatencySummary> {
-        ask(&self.context.names, METRICS, MetricsMsg::Latency).await
+    /// Latency percentiles, sink health and the intake rate since start.
+    pub async fn live_figures(&self) -> Option<messages::LiveFigures> {
+        ask(&self.context.names, METRICS, MetricsMsg::Live).await
     }
 
     /// Lists DLQ entries after `after`.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use super::messages::{BatcherMsg, Observation, ProcessorMsg};
+use super::messages::{BatcherMsg, Observation, ProcessorMsg, SinkHealth, SinkState};
 use super::{BATCHER, Context, StoreWriteKind, blocking};
 use crate::analytics::Facts;
 use crate::config::Config;
@@ -41,6 +41,29 @@ struct Breaker {
     consecutive_failures: u32,
     /// While set and in the future, the sink is skipped.
     open_until: Option<Instant>,
+    /// The error of the last failed batch, for `/stats/summary`.
+    last_error: Option<String>,
+}
+
+impl Breaker {
+    /// How `/stats/summary` and the dashboard show this breaker.
+    fn health(&self, sink: &str) -> SinkHealth {
+        let open_until_ms = self.open_until.map(|until| {
+            let left = until.saturating_duration_since(Instant::now());
+            now_ms() + left.as_millis() as i64
+        });
+        SinkHealth {
+            name: sink.to_owned(),
+            state: match (open_until_ms, self.consecutive_failures) {
+                (Some(_), _) => SinkState::Open,
+                (None, 0) => SinkState::Ok,
+                (None, _) => SinkState::Retrying,
+            },
+            consecutive_failures: self.consecutive_failures,
+            last_error: self.last_error.clone(),
+            open_until_ms,
+        }
+    }
 }
 
 /// How one sink's delivery of one batch ended.
@@ -186,6 +209,7 @@ impl Actor for Processor {
                     }
                     tracing::warn!(sink = sink.name(), events = events.len(), attempts = f.attempts,
                         error = %f.error, "delivery failed; events parked in the DLQ");
+                    breaker.last_error = Some(f.error.clone());
                     context.names.observe(Observation::DeadLettered {
                         sink: sink.name().to_owned(),
                         count: events.len() as u64,
@@ -204,6 +228,14 @@ impl Actor for Processor {
                         ));
                     }
                 }
+            }
+        }
+
+        for sink in &live.sinks {
+            if let Some(breaker) = state.breakers.get(sink.name()) {
+                context
+                    .names
+                    .observe(Observation::Sink(breaker.health(sink.name())));
             }
         }
 
@@ -338,6 +370,7 @@ async fn deliver(
         }
         context.names.observe(Observation::Retry {
             sink: sink.name().to_owned(),
+            error: error.clone(),
         });
         let delay = retry_after
             .map(|d| d.min(Duration::from_millis(config.retry_max_ms)))
