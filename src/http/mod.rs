@@ -4,6 +4,7 @@
 //! codes. Errors are [`error::ApiError`], turned into responses by one
 //! `recover()`.
 
+pub mod dashboard;
 pub mod error;
 pub mod server;
 
@@ -167,6 +168,8 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .unify()
         .or(admin_routes)
         .unify()
+        .or(dashboard::routes())
+        .unify()
         .recover(error::recover)
         .unify();
     // A 405 says which methods the path takes (RFC 9110 requires `Allow`).
@@ -190,6 +193,7 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     Some(match parts.as_slice() {
         ["webhook", "events" | "batch"] | ["events"] | ["webhook", _, "events" | "batch"] => "POST",
+        [""] | ["dashboard.js" | "dashboard.css"] => "GET, HEAD",
         ["health"] | ["ready"] | ["metrics"] | ["stats", _] | ["admin", "queue"] => "GET",
         ["admin", "dlq", "replay"] => "POST",
         ["admin", "dlq"] | ["admin", "dlq", _] => "GET, DELETE",

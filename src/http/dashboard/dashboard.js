@@ -1,0 +1,426 @@
+// The inletd dashboard: polls the daemon's own /stats/* and /admin/*
+// endpoints every 2 s and draws what they answer. It computes no figure of
+// its own: every number on the page is one an endpoint sent. Text from the
+// daemon (event types, pages, errors) goes in with textContent only.
+"use strict";
+(() => {
+  const POLL_MS = 2000;
+  const HIDDEN_POLL_MS = 10000;
+  const TIMEOUT_MS = 5000;
+  const TOKEN_KEY = "inletd.token";
+  const SVG = "http://www.w3.org/2000/svg";
+
+  const $ = (id) => document.getElementById(id);
+  const fmt = (n) => (n == null ? "–" : Number(n).toLocaleString("en-US"));
+  const millis = (x) => {
+    if (x == null) return "–";
+    if (x < 10) return x.toFixed(2) + " ms";
+    if (x < 1000) return x.toFixed(1) + " ms";
+    return (x / 1000).toFixed(2) + " s";
+  };
+  const age = (ms) => {
+    if (ms == null) return "none";
+    if (ms < 1000) return ms + " ms";
+    if (ms < 120000) return (ms / 1000).toFixed(1) + " s";
+    if (ms < 7200000) return Math.round(ms / 60000) + " min";
+    return (ms / 3600000).toFixed(1) + " h";
+  };
+  const isoDay = (d) => d.toISOString().slice(0, 10);
+  const daysAgo = (n) => isoDay(new Date(Date.now() - n * 86400000));
+  const clock = (ms) => new Date(ms).toLocaleTimeString();
+
+  function el(tag, text, cls) {
+    const e = document.createElement(tag);
+    if (text != null) e.textContent = text;
+    if (cls) e.className = cls;
+    return e;
+  }
+  function svg(tag, attrs, text) {
+    const e = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text != null) e.textContent = text;
+    return e;
+  }
+
+  // ---- talking to the daemon ------------------------------------------
+
+  class HttpError extends Error {
+    constructor(status, body) {
+      super((body && (body.detail || body.error)) || "HTTP " + status);
+      this.status = status;
+    }
+  }
+
+  let token = sessionStorage.getItem(TOKEN_KEY) || "";
+
+  async function call(path, method = "GET", body) {
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), TIMEOUT_MS);
+    const headers = {};
+    if (token) headers.Authorization = "Bearer " + token;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    try {
+      const r = await fetch(path, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal: ctl.signal,
+        cache: "no-store",
+      });
+      let data = null;
+      try {
+        data = await r.json();
+      } catch (_) {
+        data = null;
+      }
+      if (!r.ok && !(path === "/ready" && data && data.status)) throw new HttpError(r.status, data);
+      return data;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  // ---- what each answer draws -----------------------------------------
+
+  function showReady(ready) {
+    const state = $("state");
+    state.textContent = ready.status;
+    state.className = "pill " + ready.status;
+    if (ready.status === "draining") {
+      banner("inletd is draining (shutting down); this page reconnects when it is back.");
+    } else if (ready.status === "storage_failed") {
+      banner("inletd's store failed a commit: intake answers 503 until one succeeds. See the daemon's log.");
+    } else {
+      banner(null);
+    }
+  }
+
+  function banner(text) {
+    const b = $("banner");
+    b.hidden = !text;
+    b.textContent = text || "";
+  }
+
+  function showSummary(s) {
+    $("total-events").textContent = fmt(s.total_events);
+    $("queue-depth").textContent = fmt(s.queue_depth);
+    $("dlq-size").textContent = fmt(s.dlq_size);
+    const l = s.latency_ms || {};
+    $("ack-p50").textContent = millis(l.ack_p50);
+    $("ack-p99").textContent = millis(l.ack_p99);
+    $("proc-p50").textContent = millis(l.p50);
+    $("proc-p99").textContent = millis(l.p99);
+    const body = $("sinks");
+    body.replaceChildren();
+    const sinks = s.sinks || [];
+    $("no-sinks").hidden = sinks.length > 0;
+    $("sinks-table").hidden = sinks.length === 0;
+    for (const sink of sinks) {
+      const tr = el("tr");
+      tr.dataset.sink = sink.name;
+      tr.append(el("td", sink.name));
+      let state = sink.state === "open" ? "circuit open" : sink.state;
+      if (sink.open_until_ms) state += " until " + clock(sink.open_until_ms);
+      tr.append(el("td", state, "state state-" + sink.state));
+      tr.append(el("td", fmt(sink.consecutive_failures), "num"));
+      tr.append(el("td", sink.last_error || "", "error"));
+      body.append(tr);
+    }
+  }
+
+  function showRate(r) {
+    const accepted = r.accepted || [];
+    $("rate-now").textContent = fmt(accepted.length ? accepted[accepted.length - 1] : 0);
+    lineChart($("rate-chart"), [
+      { values: accepted, cls: "accepted" },
+      { values: r.processed || [], cls: "processed" },
+    ], ["−5 min", "now"]);
+  }
+
+  function showWindows(w) {
+    $("active-users").textContent = fmt(w.active_users_5m);
+    $("active-sessions").textContent = fmt(w.active_sessions_5m);
+    $("page-views").textContent = fmt(w.page_views_15m);
+    const body = $("top-pages");
+    body.replaceChildren();
+    for (const p of w.top_pages_15m || []) {
+      const tr = el("tr");
+      tr.append(el("td", p.page), el("td", fmt(p.views), "num"));
+      body.append(tr);
+    }
+  }
+
+  function showDau(d) {
+    const days = d.days || [];
+    $("dau-today").textContent = fmt(days.length ? days[days.length - 1].users : 0);
+    const chart = $("dau-chart");
+    const [W, H] = fit(chart);
+    const left = 36, bottom = 18, top = 8;
+    const max = Math.max(1, ...days.map((x) => x.users));
+    const step = (W - left) / Math.max(1, days.length);
+    chart.append(svg("line", { x1: left, y1: H - bottom, x2: W, y2: H - bottom, class: "axis" }));
+    chart.append(svg("text", { x: 0, y: top + 8 }, fmt(max)));
+    chart.append(svg("text", { x: 0, y: H - bottom }, "0"));
+    days.forEach((x, i) => {
+      const h = ((H - bottom - top) * x.users) / max;
+      const bar = svg("rect", {
+        x: left + i * step + 1,
+        y: H - bottom - h,
+        width: Math.max(1, step - 2),
+        height: h,
+        "data-date": x.date,
+        "data-users": x.users,
+      });
+      bar.append(svg("title", {}, x.date + ": " + fmt(x.users) + " users"));
+      chart.append(bar);
+    });
+    if (days.length) {
+      chart.append(svg("text", { x: left, y: H - 4 }, days[0].date));
+      chart.append(svg("text", { x: W, y: H - 4, "text-anchor": "end" }, days[days.length - 1].date));
+    }
+  }
+
+  function showTopEvents(t) {
+    const body = $("top-events");
+    body.replaceChildren();
+    const events = t.events || [];
+    const max = Math.max(1, ...events.map((e) => e.count));
+    for (const e of events) {
+      const tr = el("tr");
+      const name = el("td", e.event_type, "type");
+      const bar = el("span", null, "bar");
+      bar.style.width = (100 * e.count) / max + "%";
+      name.append(bar);
+      tr.append(name, el("td", fmt(e.count), "count"));
+      body.append(tr);
+    }
+  }
+
+  function retentionPath() {
+    return $("retention-type").value === "weekly"
+      ? "/stats/retention?window_type=weekly&windows=8&start_date=" + daysAgo(55)
+      : "/stats/retention?window_type=daily&windows=7&start_date=" + daysAgo(6);
+  }
+
+  function showRetention(r) {
+    const table = $("retention");
+    table.replaceChildren();
+    const cohorts = r.cohorts || [];
+    const unit = r.window_type === "weekly" ? "week " : "day ";
+    const head = el("tr");
+    head.append(el("th", "cohort"), el("th", "users"));
+    for (let k = 0; k < cohorts.length; k++) head.append(el("th", unit + k));
+    const thead = el("thead");
+    thead.append(head);
+    const tbody = el("tbody");
+    for (const c of cohorts) {
+      const tr = el("tr");
+      tr.append(el("th", c.cohort), el("td", fmt(c.size)));
+      for (let k = 0; k < cohorts.length; k++) {
+        if (k >= c.retained.length) {
+          tr.append(el("td"));
+          continue;
+        }
+        const n = c.retained[k];
+        const share = c.size ? n / c.size : 0;
+        const td = el("td", c.size ? Math.round(share * 100) + "%" : "–");
+        td.title = fmt(n) + " of " + fmt(c.size) + " users";
+        td.dataset.users = n;
+        td.style.backgroundColor = "rgba(var(--heat), " + (0.06 + 0.8 * share).toFixed(3) + ")";
+        if (share > 0.5) td.className = "hot";
+        tr.append(td);
+      }
+      tbody.append(tr);
+    }
+    table.append(thead, tbody);
+  }
+
+  function showQueue(q) {
+    $("queue-age").textContent = age(q.oldest_age_ms);
+  }
+
+  function showDlq(list) {
+    const body = $("dlq-table");
+    body.replaceChildren();
+    const entries = list.entries || [];
+    $("dlq-replay-all").disabled = entries.length === 0;
+    for (const e of entries) {
+      const tr = el("tr");
+      tr.dataset.id = e.id;
+      const replay = el("button", "Replay");
+      replay.type = "button";
+      replay.className = "replay";
+      replay.addEventListener("click", () => act(() => call("/admin/dlq/replay", "POST", { ids: [e.id] })));
+      const remove = el("button", "Delete");
+      remove.type = "button";
+      remove.className = "delete";
+      remove.addEventListener("click", () => {
+        if (confirm("Delete DLQ entry " + e.id + "? Its event will not be delivered to " + e.sink + ".")) {
+          act(() => call("/admin/dlq/" + e.id, "DELETE"));
+        }
+      });
+      const actions = el("td");
+      actions.append(replay, " ", remove);
+      tr.append(
+        el("td", String(e.id)),
+        el("td", e.sink),
+        el("td", e.record.event_type),
+        el("td", e.record.key),
+        el("td", fmt(e.attempts), "num"),
+        el("td", clock(e.last_failed_ms)),
+        el("td", e.error, "error"),
+        actions,
+      );
+      body.append(tr);
+    }
+  }
+
+  // Empties a chart and sizes its drawing to its box, so that text is
+  // drawn at its own size whatever the width; answers [width, height].
+  function fit(chart) {
+    chart.replaceChildren();
+    const W = Math.max(200, Math.round(chart.clientWidth || 600));
+    const H = Math.max(100, Math.round(chart.clientHeight || 180));
+    chart.setAttribute("viewBox", "0 0 " + W + " " + H);
+    return [W, H];
+  }
+
+  function lineChart(chart, series, labels) {
+    const [W, H] = fit(chart);
+    const left = 36, bottom = 18, top = 8;
+    const max = Math.max(1, ...series.flatMap((s) => s.values));
+    chart.append(svg("line", { x1: left, y1: H - bottom, x2: W, y2: H - bottom, class: "axis" }));
+    chart.append(svg("text", { x: 0, y: top + 8 }, fmt(max)));
+    chart.append(svg("text", { x: 0, y: H - bottom }, "0"));
+    chart.append(svg("text", { x: left, y: H - 4 }, labels[0]));
+    chart.append(svg("text", { x: W, y: H - 4, "text-anchor": "end" }, labels[1]));
+    for (const s of series) {
+      const n = s.values.length;
+      if (n < 2) continue;
+      const points = s.values.map((v, i) => {
+        const x = left + ((W - left) * i) / (n - 1);
+        const y = H - bottom - ((H - bottom - top) * v) / max;
+        return x.toFixed(1) + "," + y.toFixed(1);
+      });
+      chart.append(svg("polyline", { points: points.join(" "), class: s.cls }));
+    }
+  }
+
+  // ---- the poll loop ----------------------------------------------------
+
+  const views = [
+    ["/ready", showReady],
+    ["/stats/summary", showSummary],
+    ["/stats/rate", showRate],
+    ["/stats/windows", showWindows],
+    ["/stats/dau", showDau],
+    ["/stats/top-events?limit=10", showTopEvents],
+    [retentionPath, showRetention],
+    ["/admin/queue", showQueue],
+    ["/admin/dlq?limit=50", showDlq],
+  ];
+
+  let timer = null;
+  let running = false;
+  let again = false;
+
+  async function poll() {
+    const results = await Promise.allSettled(
+      views.map(([path]) => call(typeof path === "function" ? path() : path)),
+    );
+    let down = false;
+    let unauthorized = [];
+    let adminForbidden = false;
+    results.forEach((r, i) => {
+      const [path, show] = views[i];
+      if (r.status === "fulfilled") {
+        show(r.value);
+        return;
+      }
+      const err = r.reason;
+      if (!(err instanceof HttpError)) {
+        down = true;
+      } else if (err.status === 401) {
+        unauthorized.push(typeof path === "string" && path.startsWith("/admin") ? "admin" : "stats");
+      } else if (err.status === 403) {
+        adminForbidden = true;
+      }
+    });
+    document.querySelector("main").classList.toggle("stale", down);
+    if (down) {
+      $("state").textContent = "not answering";
+      $("state").className = "pill down";
+      banner("inletd is not answering (restarting or stopped); this page keeps trying every 2 s.");
+    } else {
+      $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    }
+    showTokenForm(unauthorized);
+    $("dlq-note").textContent = adminForbidden
+      ? "The admin API answers loopback callers only: set admin_token in the config to use it from here."
+      : unauthorized.includes("admin")
+        ? "The admin API wants admin_token: enter it above."
+        : $("dlq-note").dataset.report || "";
+  }
+
+  function showTokenForm(unauthorized) {
+    const form = $("token-form");
+    form.hidden = unauthorized.length === 0;
+    if (form.hidden) return;
+    const what = unauthorized.includes("stats") ? "Its statistics and admin API ask" : "Its admin API asks";
+    $("token-label").textContent = (token ? "That token was refused. " : "") + what + " for a token.";
+  }
+
+  async function loop() {
+    clearTimeout(timer);
+    if (running) {
+      again = true;
+      return;
+    }
+    running = true;
+    try {
+      await poll();
+    } finally {
+      running = false;
+      if (again) {
+        again = false;
+        loop();
+      } else {
+        timer = setTimeout(loop, document.hidden ? HIDDEN_POLL_MS : POLL_MS);
+      }
+    }
+  }
+
+  async function act(request) {
+    const note = $("dlq-note");
+    try {
+      const report = await request();
+      note.dataset.report =
+        report && report.replayed != null
+          ? "Replayed " + fmt(report.replayed) + "; " + fmt(report.remaining) + " still parked."
+          : report && report.removed != null
+            ? "Deleted " + fmt(report.removed) + "."
+            : "";
+    } catch (err) {
+      note.dataset.report = "Failed: " + err.message;
+    }
+    note.textContent = note.dataset.report;
+    loop();
+  }
+
+  $("dlq-replay-all").addEventListener("click", () =>
+    act(() => call("/admin/dlq/replay?limit=1000", "POST")),
+  );
+  $("retention-type").addEventListener("change", loop);
+  $("token-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    token = $("token-input").value.trim();
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    $("token-input").value = "";
+    loop();
+  });
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) loop();
+  });
+  loop();
+})();
