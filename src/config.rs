@@ -85,6 +85,10 @@ pub struct Config {
     /// Bearer token for /admin; empty: admin answers loopback callers only.
     #[serde(serialize_with = "masked")]
     pub admin_token: String,
+    /// Bearer token for /stats (the admin token also works); empty: /stats
+    /// answers anyone who can reach `bind`.
+    #[serde(serialize_with = "masked")]
+    pub stats_token: String,
     /// Log format: text or json.
     pub log_format: LogFormat,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `inletd=debug`.
@@ -210,6 +214,7 @@ impl Default for Config {
             max_queue_events: 10_000_000,
             max_queue_bytes: 0,
             admin_token: String::new(),
+            stats_token: String::new(),
             log_format: LogFormat::Auto,
             log_level: "info".into(),
             cache_capacity_mb: 64,

@@ -360,3 +360,51 @@ fn the_dashboard_fits_a_phone_and_reconnects_after_a_restart() {
             && number(b, "#total-events") == Some(13)
     });
 }
+
+/// With `stats_token` set, the page shows no figures until it is given the
+/// token; given it, the figures appear and the token is kept for the tab.
+#[test]
+fn the_dashboard_asks_for_the_stats_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "stats_token = \"figures-only\"");
+    post_batch(&daemon, &known_events());
+    common::eventually(Duration::from_secs(30), "the events processed", || {
+        daemon
+            .get("/metrics")
+            .text()
+            .contains("inletd_events_processed_total 12")
+    });
+
+    let Some(browser) = Browser::start(1280, 1000) else {
+        return;
+    };
+    browser.open(&format!("http://{}/", daemon.addr));
+    browser.wait_for(PAGE, "the page to ask for a token", |b| {
+        b.visible("#token-form")
+            && b.text("#token-label")
+                .is_some_and(|t| t.contains("stats_token"))
+    });
+    assert_eq!(browser.text("#total-events").as_deref(), Some("–"));
+
+    browser.type_into("#token-input", "wrong");
+    browser.click("#token-save");
+    browser.wait_for(PAGE, "the wrong token refused", |b| {
+        b.text("#token-label")
+            .is_some_and(|t| t.starts_with("That token was refused"))
+    });
+    assert_eq!(browser.text("#total-events").as_deref(), Some("–"));
+
+    browser.type_into("#token-input", "figures-only");
+    browser.click("#token-save");
+    browser.wait_for(PAGE, "the figures shown", |b| {
+        number(b, "#total-events") == Some(12)
+    });
+    assert!(
+        !browser.visible("#token-form"),
+        "loopback: admin needs no token"
+    );
+    assert_eq!(
+        browser.run("return sessionStorage.getItem('inletd.token');", &[]),
+        "figures-only"
+    );
+}

@@ -326,6 +326,74 @@ fn the_admin_api_wants_its_token() {
     assert_eq!(ok.json()["depth"], 0);
 }
 
+/// With `stats_token` set, the analytics want it (or the admin token):
+/// 401 without, 200 with either, for every `/stats` endpoint; intake and
+/// `/health` stay open, and `inletd stats` sends the token from the config.
+#[test]
+fn the_stats_want_the_stats_token_or_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        "stats_token = \"figures\"\nadmin_token = \"s3cret\"",
+    );
+    assert_eq!(
+        d.post_json("/webhook/events", &event("e1", "t")).status,
+        202
+    );
+    assert_eq!(d.get("/health").status, 200);
+    let paths = [
+        "/stats/summary",
+        "/stats/dau",
+        "/stats/top-events",
+        "/stats/retention?start_date=2025-12-01",
+        "/stats/windows",
+        "/stats/rate",
+    ];
+    for path in paths {
+        let none = d.get(path);
+        assert_eq!(
+            (none.status, none.json()["error"].clone()),
+            (401, json!("unauthorized")),
+            "{path}"
+        );
+        let wrong = d.request("GET", path, &[("Authorization", "Bearer nope")], b"");
+        assert_eq!(wrong.status, 401, "{path}");
+        for token in ["figures", "s3cret"] {
+            let bearer = format!("Bearer {token}");
+            let ok = d.request("GET", path, &[("Authorization", &bearer)], b"");
+            assert_eq!(ok.status, 200, "{path} with {token}: {}", ok.text());
+        }
+    }
+    // The stats token opens nothing else.
+    let admin = d.request(
+        "GET",
+        "/admin/queue",
+        &[("Authorization", "Bearer figures")],
+        b"",
+    );
+    assert_eq!(admin.status, 401);
+
+    // The CLI sends a token from its config: with the stats token alone,
+    // `inletd stats` answers.
+    let cli_dir = dir.path().join("cli");
+    std::fs::create_dir_all(&cli_dir).unwrap();
+    let cli_config = common::write_config(
+        &cli_dir,
+        &format!("bind = \"{}\"\nstats_token = \"figures\"", d.addr),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_inletd"))
+        .args(["--config", cli_config.to_str().unwrap(), "stats", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary["total_events"].is_u64(), "{summary}");
+}
+
 /// A bad configuration is refused at start, naming the key, exit non-zero.
 #[test]
 fn a_bad_config_is_refused_naming_the_key() {

@@ -122,6 +122,11 @@ const KEYS: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "stats_token",
+        "Bearer token for /stats/* and the dashboard's figures (admin_token also works); empty: open.",
+        false,
+    ),
+    (
         "log_format",
         "auto (JSON under systemd, text at a terminal), text or json.",
         true,

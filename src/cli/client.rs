@@ -75,7 +75,8 @@ pub enum ClientError {
 pub struct Client {
     /// `http://host:port` (plus any path prefix from `--url`), no trailing slash.
     base: String,
-    /// `Authorization` value when the config has an `admin_token`.
+    /// `Authorization` value: the config's `admin_token`, else its
+    /// `stats_token` (which opens `/stats` only), else none.
     auth: Option<HeaderValue>,
     /// Pooled HTTP/1.1 connections (the burst demo shares them).
     http: HyperClient<HttpConnector, Full<Bytes>>,
@@ -133,17 +134,23 @@ impl Client {
             Some(url) => base_from_url(url)?,
             None => base_from_bind(&config.bind)?,
         };
-        let auth =
-            if config.admin_token.is_empty() {
-                None
-            } else {
-                let value = HeaderValue::from_str(&format!("Bearer {}", config.admin_token))
-                    .map_err(|_| ClientError::BadAddress {
+        let token = [
+            ("admin_token", &config.admin_token),
+            ("stats_token", &config.stats_token),
+        ]
+        .into_iter()
+        .find(|(_, token)| !token.is_empty());
+        let auth = match token {
+            None => None,
+            Some((name, token)) => Some(
+                HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                    ClientError::BadAddress {
                         address: base.clone(),
-                        reason: "admin_token holds characters that cannot go in a header".into(),
-                    })?;
-                Some(value)
-            };
+                        reason: format!("{name} holds characters that cannot go in a header"),
+                    }
+                })?,
+            ),
+        };
         Ok(Client {
             base,
             auth,
@@ -351,6 +358,16 @@ mod tests {
             Some("Bearer s3cret")
         );
         assert!(Client::new(&Config::default(), None).is_ok_and(|c| c.auth.is_none()));
+        // Only a stats token: `inletd stats` still gets in.
+        let config = Config {
+            stats_token: "figures".into(),
+            ..Config::default()
+        };
+        let client = Client::new(&config, None).expect("client");
+        assert_eq!(
+            client.auth.as_ref().and_then(|v| v.to_str().ok()),
+            Some("Bearer figures")
+        );
     }
 
     #[test]

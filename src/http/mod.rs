@@ -90,14 +90,21 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(with_api.clone())
         .and_then(metrics);
 
+    let stats_access = with_api
+        .clone()
+        .and(warp::header::optional::<String>("authorization"))
+        .and_then(authorize_stats)
+        .untuple_one();
     let summary = warp::path!("stats" / "summary")
         .and(warp::get())
+        .and(stats_access.clone())
         .and(with_api.clone())
         .and_then(summary);
     let stats = warp::path("stats")
         .and(warp::path::param::<String>())
         .and(warp::path::end())
         .and(warp::get())
+        .and(stats_access)
         .and(with_api.clone())
         .and(warp::query::<HashMap<String, String>>())
         .and_then(stats);
@@ -510,6 +517,37 @@ async fn metrics(api: Arc<Api>) -> Result<Response, Rejection> {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header ("" without one).
+fn bearer(authorization: Option<&str>) -> &str {
+    authorization
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+/// Analytics access: open when `stats_token` is empty, else that token or
+/// the admin token.
+async fn authorize_stats(api: Arc<Api>, authorization: Option<String>) -> Result<(), Rejection> {
+    let live = api.pipeline.context.live();
+    let config = &live.config;
+    if config.stats_token.is_empty() {
+        return Ok(());
+    }
+    let given = bearer(authorization.as_deref()).as_bytes();
+    let admin = &config.admin_token;
+    if constant_time_eq(given, config.stats_token.as_bytes())
+        || (!admin.is_empty() && constant_time_eq(given, admin.as_bytes()))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer <stats_token> (or the admin_token)",
+        )
+        .into())
+    }
+}
+
 /// Admin access: the bearer token when one is set, else loopback callers only.
 async fn authorize(
     api: Arc<Api>,
@@ -529,10 +567,7 @@ async fn authorize(
             .into()),
         };
     }
-    let given = authorization
-        .as_deref()
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given = bearer(authorization.as_deref());
     if constant_time_eq(given.as_bytes(), token.as_bytes()) {
         Ok(())
     } else {

@@ -366,8 +366,16 @@
     const form = $("token-form");
     form.hidden = unauthorized.length === 0;
     if (form.hidden) return;
-    const what = unauthorized.includes("stats") ? "Its statistics and admin API ask" : "Its admin API asks";
-    $("token-label").textContent = (token ? "That token was refused. " : "") + what + " for a token.";
+    let text;
+    if (unauthorized.includes("stats")) {
+      text = (token ? "That token was refused. " : "") +
+        "This daemon's figures ask for its stats_token or admin_token.";
+    } else {
+      text = token
+        ? "That token opens the figures, not the admin API (DLQ, queue): enter admin_token for those."
+        : "The admin API (DLQ, queue) asks for admin_token.";
+    }
+    $("token-label").textContent = text;
   }
 
   async function loop() {
