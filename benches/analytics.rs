@@ -37,6 +37,7 @@ fn load(store: &dyn Storage, events: u64) {
                     session_id: None,
                     page: None,
                     latency_ms: rng.i64(1..500),
+                    sums: Vec::new(),
                 };
                 (seq + i + 1, Some(facts))
             })
@@ -76,7 +77,10 @@ fn queries(c: &mut Criterion) {
         b.iter(|| analytics::dau(store.as_ref(), from, to).unwrap())
     });
     g.bench_function("top_events_30_days", |b| {
-        b.iter(|| analytics::top_events(store.as_ref(), from, to, 10).unwrap())
+        b.iter(|| {
+            analytics::top_events(store.as_ref(), from, to, 10, None, analytics::RankBy::Count)
+                .unwrap()
+        })
     });
     g.bench_function("retention_daily_7", |b| {
         b.iter(|| analytics::retention(store.as_ref(), from, 7, 1).unwrap())

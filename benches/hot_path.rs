@@ -113,7 +113,7 @@ fn facts(c: &mut Criterion) {
     let mut g = c.benchmark_group("facts");
     g.throughput(Throughput::Elements(1));
     let rec = record(42);
-    g.bench_function("of", |b| b.iter(|| Facts::of(black_box(&rec), NOW_MS)));
+    g.bench_function("of", |b| b.iter(|| Facts::of(black_box(&rec), NOW_MS, &[])));
     g.finish();
 }
 
@@ -194,6 +194,7 @@ fn analytics_apply(c: &mut Criterion) {
                 session_id: Some(format!("sess_{}", i % 20)),
                 page: (event_type == "page_view").then(|| format!("/page/{}", rng.u32(0..10))),
                 latency_ms: rng.i64(1..500),
+                sums: Vec::new(),
             }
         })
         .collect();

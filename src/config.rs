@@ -44,6 +44,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// At most this many `sum_fields`.
+pub const MAX_SUM_FIELDS: usize = 16;
+
 /// Everything the daemon can be told. Every key has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -108,6 +111,9 @@ pub struct Config {
     /// before the daemon logs what hung and exits non-zero, for systemd to
     /// restart it: a store that stopped answering is never waited on forever.
     pub store_stall_secs: u64,
+    /// Numeric fields (dotted paths such as `properties.amount`) summed per
+    /// day and event type, for `/stats/trends?sum=` and top events by sum.
+    pub sum_fields: Vec<String>,
     /// Named sources with their own idempotency scope and rate limit.
     pub sources: Vec<SourceConfig>,
     /// Where processed batches are forwarded.
@@ -223,6 +229,7 @@ impl Default for Config {
             store_stall_secs: 30,
             request_timeout_secs: 30,
             max_connections: 1024,
+            sum_fields: Vec::new(),
             sources: Vec::new(),
             sinks: Vec::new(),
             warnings: Vec::new(),
@@ -496,6 +503,22 @@ impl Config {
                 "log_level: `{}` is not a log filter: {e}",
                 self.log_level
             ));
+        }
+        let mut fields = BTreeSet::new();
+        if self.sum_fields.len() > MAX_SUM_FIELDS {
+            bad.push(format!(
+                "sum_fields: at most {MAX_SUM_FIELDS} fields (each costs a key per day and type)"
+            ));
+        }
+        for (i, field) in self.sum_fields.iter().enumerate() {
+            if field.is_empty() || field.len() > 256 || field.split('.').any(str::is_empty) {
+                bad.push(format!(
+                    "sum_fields[{i}]: `{field}` must be a dotted path like properties.amount"
+                ));
+            }
+            if !fields.insert(field.as_str()) {
+                bad.push(format!("sum_fields[{i}]: `{field}` is given twice"));
+            }
         }
         let mut names = BTreeSet::new();
         for (i, s) in self.sources.iter().enumerate() {

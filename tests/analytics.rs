@@ -163,6 +163,73 @@ fn rolling_windows_count_recent_activity() {
     );
 }
 
+/// Seed 002's revenue view: `sum_fields` names the amount; trends by week
+/// count events, distinct users and the sum per Monday-started week (the
+/// range widened to whole weeks), skipping amounts that are not numbers;
+/// top events rank by the sum.
+#[test]
+fn trends_sum_an_amount_per_week_and_rank_types_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "sum_fields = [\"properties.amount\"]");
+    let sale = |id: &str, kind: &str, user: &str, at: &str, amount: Value| {
+        let mut e = ev(id, kind, Some(user), at);
+        e["properties"] = json!({ "amount": amount });
+        e
+    };
+    let events = vec![
+        // Week of Monday 2024-01-01.
+        sale("1", "booking", "ann", "2024-01-01T10:00:00Z", json!(19.99)),
+        sale("2", "booking", "bob", "2024-01-07T23:59:59Z", json!(5)),
+        sale("3", "refund", "ann", "2024-01-03T10:00:00Z", json!(-4.5)),
+        sale(
+            "4",
+            "booking",
+            "ann",
+            "2024-01-02T10:00:00Z",
+            json!("12.00"),
+        ),
+        // Week of Monday 2024-01-08.
+        sale("5", "booking", "cid", "2024-01-08T00:00:00Z", json!(100.01)),
+        ev("6", "booking", Some("cid"), "2024-01-09T00:00:00Z"),
+    ];
+    let r = d.post_json("/webhook/batch", &json!({ "events": events }));
+    assert_eq!(r.json()["accepted"], 6, "{}", r.text());
+    d.wait_processed(Duration::from_secs(10));
+
+    let t = d
+        .get("/stats/trends?from=2024-01-03&to=2024-01-09&interval=week&event_type=booking&sum=properties.amount")
+        .json();
+    assert_eq!(
+        t,
+        json!({
+            "interval": "week", "from": "2024-01-01", "to": "2024-01-14",
+            "event_type": "booking", "sum": "properties.amount",
+            "series": [
+                {"period": "2024-01-01", "count": 3, "users": 2, "sum": 24.99, "skipped": 1},
+                {"period": "2024-01-08", "count": 2, "users": 1, "sum": 100.01, "skipped": 1},
+            ],
+            "skipped": 2,
+        })
+    );
+    let months = d
+        .get("/stats/trends?from=2024-01-01&to=2024-01-31&interval=month")
+        .json();
+    assert_eq!(
+        months["series"],
+        json!([{"period": "2024-01-01", "count": 6, "users": 3, "sum": null, "skipped": null}])
+    );
+    let top = d
+        .get("/stats/top-events?from=2024-01-01&to=2024-01-31&by=sum&sum=properties.amount")
+        .json();
+    assert_eq!(
+        top["events"],
+        json!([
+            {"event_type": "booking", "count": 5, "sum": 125.0},
+            {"event_type": "refund", "count": 1, "sum": -4.5},
+        ])
+    );
+}
+
 /// Bad parameters answer 400 naming the parameter; ranges are capped.
 #[test]
 fn bad_stats_parameters_are_named() {
@@ -189,6 +256,13 @@ fn bad_stats_parameters_are_named() {
             "/stats/retention?start_date=2024-01-01&window_type=hourly",
             "window_type",
         ),
+        ("/stats/trends?interval=fortnight", "interval"),
+        ("/stats/trends?from=2020-01-01&to=2024-01-01", "to"),
+        ("/stats/trends?event_type=", "event_type"),
+        // Only the config's sum_fields are summed.
+        ("/stats/trends?sum=properties.amount", "sum"),
+        ("/stats/top-events?by=sum", "sum"),
+        ("/stats/top-events?by=size", "by"),
     ] {
         let r = d.get(path);
         assert_eq!(r.status, 400, "{path}");

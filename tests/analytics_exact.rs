@@ -155,8 +155,15 @@ struct Sent {
     kind: String,
     user: Option<String>,
     at_ms: i64,
+    /// `properties.amount` in cents, when it is a number.
+    amount: Option<i64>,
     body: Value,
 }
+
+/// The field the daemon is told to sum (`sum_fields`).
+const AMOUNT: &str = "properties.amount";
+/// The config every test here starts the daemon with.
+const CONFIG: &str = "sum_fields = [\"properties.amount\"]";
 
 /// What to generate.
 struct Shape {
@@ -258,11 +265,34 @@ fn generate(rng: &mut fastrand::Rng, shape: &Shape) -> Vec<Sent> {
                 let holder = if rng.bool() { "properties" } else { "metadata" };
                 body[holder] = json!({"page": format!("/p/{}", rng.u32(0..30))});
             }
+            // Revenue on carts and purchases: decimals, whole numbers,
+            // refunds below zero, and some that are not numbers at all.
+            let mut amount = None;
+            if kind == "purchase" || kind == "add_to_cart" {
+                let cents = rng.i64(-5_000..50_000);
+                let value = match rng.u32(0..10) {
+                    0 => None,
+                    1 => Some(json!(format!("{}.50", cents / 100))),
+                    2 => Some(Value::Null),
+                    3 | 4 => {
+                        amount = Some(cents / 100 * 100);
+                        Some(json!(cents / 100))
+                    }
+                    _ => {
+                        amount = Some(cents);
+                        Some(json!(cents as f64 / 100.0))
+                    }
+                };
+                if let Some(value) = value {
+                    body["properties"] = json!({ "amount": value });
+                }
+            }
             Sent {
                 id,
                 kind,
                 user,
                 at_ms,
+                amount,
                 body,
             }
         })
@@ -280,7 +310,20 @@ struct Model {
     users_per_day: BTreeMap<i64, HashSet<String>>,
     first_ms: HashMap<String, i64>,
     active_days: HashMap<String, BTreeSet<i64>>,
+    /// Per day and type: the users, the amount in cents, events with one.
+    day_type: BTreeMap<i64, BTreeMap<String, DayType>>,
 }
+
+/// One type on one day.
+#[derive(Default)]
+struct DayType {
+    users: HashSet<String>,
+    cents: i64,
+    with_amount: u64,
+}
+
+/// A trend period: first day, events, users, cents summed, skipped.
+type Period = (String, u64, u64, i64, u64);
 
 impl Model {
     fn of(events: &[Sent]) -> Model {
@@ -293,6 +336,7 @@ impl Model {
             users_per_day: BTreeMap::new(),
             first_ms: HashMap::new(),
             active_days: HashMap::new(),
+            day_type: BTreeMap::new(),
         };
         for e in events {
             let day = day_of(e.at_ms);
@@ -303,7 +347,18 @@ impl Model {
                 .or_default()
                 .entry(e.kind.clone())
                 .or_default() += 1;
+            let cell = m
+                .day_type
+                .entry(day)
+                .or_default()
+                .entry(e.kind.clone())
+                .or_default();
+            if let Some(cents) = e.amount {
+                cell.cents += cents;
+                cell.with_amount += 1;
+            }
             if let Some(u) = &e.user {
+                cell.users.insert(u.clone());
                 m.users_per_day.entry(day).or_default().insert(u.clone());
                 let first = m.first_ms.entry(u.clone()).or_insert(e.at_ms);
                 *first = (*first).min(e.at_ms);
@@ -334,6 +389,85 @@ impl Model {
         rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         rows.truncate(limit);
         rows
+    }
+
+    /// Event types by the cents summed over `from..=to`, most first (ties
+    /// by name), with their counts.
+    fn top_by_amount(&self, from: i64, to: i64) -> Vec<(String, u64, i64)> {
+        let mut totals: BTreeMap<&str, (u64, i64)> = BTreeMap::new();
+        for (day, types) in self.per_day_type.range(from..=to) {
+            for (t, n) in types {
+                let total = totals.entry(t).or_default();
+                total.0 += n;
+                total.1 += self.day_type[day][t].cents;
+            }
+        }
+        let mut rows: Vec<(String, u64, i64)> = totals
+            .into_iter()
+            .map(|(t, (n, cents))| (t.to_owned(), n, cents))
+            .collect();
+        rows.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+        rows
+    }
+
+    /// Whole periods (`day`, `week` from Monday, `month` from the 1st)
+    /// covering `from..=to`: each with its events, distinct users, cents
+    /// and events without a numeric amount, of `kind` or of every type.
+    fn trends(&self, from: i64, to: i64, interval: &str, kind: Option<&str>) -> Vec<Period> {
+        let start_of = |day: i64| match interval {
+            "day" => day,
+            // 1970-01-05 (day 4) was a Monday.
+            "week" => day - (day - 4).rem_euclid(7),
+            _ => {
+                let (y, m, _) = civil_from_days(day);
+                days_from_civil(y, m, 1)
+            }
+        };
+        let next = |start: i64| match interval {
+            "day" => start + 1,
+            "week" => start + 7,
+            _ => {
+                let (y, m, _) = civil_from_days(start);
+                if m == 12 {
+                    days_from_civil(y + 1, 1, 1)
+                } else {
+                    days_from_civil(y, m + 1, 1)
+                }
+            }
+        };
+        let mut out = Vec::new();
+        let mut start = start_of(from);
+        while start <= to {
+            let end = next(start);
+            let (mut count, mut cents, mut with_amount) = (0, 0, 0);
+            let mut users: HashSet<&String> = HashSet::new();
+            for (_, types) in self.day_type.range(start..end) {
+                for (t, cell) in types {
+                    if kind.is_some_and(|k| k != t) {
+                        continue;
+                    }
+                    cents += cell.cents;
+                    with_amount += cell.with_amount;
+                    users.extend(cell.users.iter());
+                }
+            }
+            for (_, types) in self.per_day_type.range(start..end) {
+                for (t, n) in types {
+                    if kind.is_none_or(|k| k == t) {
+                        count += n;
+                    }
+                }
+            }
+            out.push((
+                date(start),
+                count,
+                users.len() as u64,
+                cents,
+                count - with_amount,
+            ));
+            start = end;
+        }
+        out
     }
 
     /// Cohort `i` = users whose earliest event falls in window `i`;
@@ -420,6 +554,74 @@ fn top_events_of(d: &Daemon, from: i64, to: i64, limit: usize) -> Vec<(String, u
             (t.to_owned(), n)
         })
         .collect()
+}
+
+/// A sum as the daemon answered it, in cents.
+fn cents(value: &Value) -> i64 {
+    let x = value.as_f64().unwrap_or_else(|| panic!("a sum: {value}"));
+    (x * 100.0).round() as i64
+}
+
+fn top_by_amount_of(d: &Daemon, from: i64, to: i64) -> Vec<(String, u64, i64)> {
+    let path = format!(
+        "/stats/top-events?from={}&to={}&limit=1000&by=sum&sum={AMOUNT}",
+        date(from),
+        date(to)
+    );
+    let r = stats(d, &path);
+    r["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{path}: no events: {r}"))
+        .iter()
+        .map(|row| {
+            let t = row["event_type"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{row}"));
+            let n = row["count"].as_u64().unwrap_or_else(|| panic!("{row}"));
+            (t.to_owned(), n, cents(&row["sum"]))
+        })
+        .collect()
+}
+
+fn trends_of(d: &Daemon, from: i64, to: i64, interval: &str, kind: Option<&str>) -> Vec<Period> {
+    let mut path = format!(
+        "/stats/trends?from={}&to={}&interval={interval}&sum={AMOUNT}",
+        date(from),
+        date(to)
+    );
+    if let Some(kind) = kind {
+        path.push_str(&format!("&event_type={kind}"));
+    }
+    let r = stats(d, &path);
+    assert_eq!(
+        (&r["interval"], &r["sum"], &r["event_type"]),
+        (&json!(interval), &json!(AMOUNT), &json!(kind)),
+        "{path}"
+    );
+    let series: Vec<Period> = r["series"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{path}: no series: {r}"))
+        .iter()
+        .map(|p| {
+            let number = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} of {p}"));
+            let period = p["period"].as_str().unwrap_or_else(|| panic!("{p}"));
+            (
+                period.to_owned(),
+                number("count"),
+                number("users"),
+                cents(&p["sum"]),
+                number("skipped"),
+            )
+        })
+        .collect();
+    let skipped: u64 = series.iter().map(|p| p.4).sum();
+    assert_eq!(r["skipped"], skipped, "{path}: the total of the periods");
+    assert_eq!(
+        r["from"],
+        json!(series[0].0),
+        "{path}: from is the first period's start"
+    );
+    series
 }
 
 fn retention_of(d: &Daemon, start: i64, windows: i64, kind: &str) -> Vec<(String, u64, Vec<u64>)> {
@@ -539,6 +741,37 @@ fn assert_answers_match(d: &Daemon, model: &Model, first_day: i64, days: i64) {
             &model.retention(start, windows, window_days),
         );
     }
+    for (interval, kind, trend_from, trend_to) in [
+        ("day", None, from, to),
+        ("day", Some("purchase"), first_day + 3, first_day + 12),
+        // A range that starts mid-week and mid-month: whole periods.
+        ("week", None, first_day + 2, last_day),
+        ("week", Some("add_to_cart"), from, to),
+        ("week", Some("page_view"), first_day, first_day + 20),
+        ("month", None, from, to),
+        ("month", Some("purchase"), first_day + 1, last_day),
+    ] {
+        same_rows(
+            &format!(
+                "trends by {interval} of {} from {} to {}",
+                kind.unwrap_or("every type"),
+                date(trend_from),
+                date(trend_to)
+            ),
+            &trends_of(d, trend_from, trend_to, interval, kind),
+            &model.trends(trend_from, trend_to, interval, kind),
+        );
+    }
+    same_rows(
+        "top events by amount over the whole range",
+        &top_by_amount_of(d, from, to),
+        &model.top_by_amount(from, to),
+    );
+    same_rows(
+        "top events by amount over days 10..=19",
+        &top_by_amount_of(d, sub_from, sub_to),
+        &model.top_by_amount(sub_from, sub_to),
+    );
     let (total, by_type) = summary_of(d);
     let want_by_type: Vec<(String, u64)> =
         model.by_type.iter().map(|(t, n)| (t.clone(), *n)).collect();
@@ -612,7 +845,7 @@ fn answers_match_a_recomputation_over_a_large_out_of_order_data_set() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), "");
+    let d = Daemon::start(dir.path(), CONFIG);
     let (mut accepted, mut duplicates) = (0, 0);
     for (i, batch) in batches.iter().enumerate() {
         let r = d.post_json("/webhook/batch", &json!({ "events": batch }));
@@ -784,7 +1017,7 @@ fn answers_stay_exact_across_kill_9_during_intake() {
     });
 
     let dir = tempfile::tempdir().unwrap();
-    let config = common::write_config(dir.path(), "batch_size = 10");
+    let config = common::write_config(dir.path(), &format!("batch_size = 10\n{CONFIG}"));
     let mut interrupted = 0;
     for round in 0..5 {
         let mut d = Daemon::start_with(dir.path(), &config, &[]);

@@ -418,7 +418,7 @@ impl Harness {
                         .record
                         .only_sink
                         .is_none()
-                        .then(|| Facts::of(&q.record, now));
+                        .then(|| Facts::of(&q.record, now, &[]));
                     (q.seq, facts)
                 })
                 .collect(),
@@ -534,7 +534,7 @@ fn ack_all(s: &dyn Storage, dead_seq: Option<u64>, now: i64) -> BatchAck {
         upto,
         processed: records
             .iter()
-            .map(|q| (q.seq, Some(Facts::of(&q.record, now))))
+            .map(|q| (q.seq, Some(Facts::of(&q.record, now, &[]))))
             .collect(),
         now_ms: now,
         dead: records

@@ -26,10 +26,16 @@
 //! | `m` minute ‖ `u`/`s` ‖ id             | —     | a user / session seen in that minute |
 //! | `p` minute ‖ page                     | u64   | page views of a page in that minute |
 //! | `L` bucket                            | u64   | receipt→processed latency histogram |
+//! | `A` day ‖ type ‖ user                 | —     | the user had an event of that type that day (trends' users) |
+//! | `S` day ‖ type ‖ field                | i128 ‖ u64 | sum of a `sum_fields` field in millionths, and how many events had a number there |
 //!
 //! day = days since 1970-01-01 (i32 BE, offset so that order is kept),
 //! hour and minute likewise (i64 BE, offset); a user id is length-prefixed
-//! (u16 BE) so that no id is a prefix of another. Minute entries are only
+//! (u16 BE) so that no id is a prefix of another; so is the type in `A`
+//! and `S` keys. Sums are fixed-point (millionths, i128), so that they are
+//! exact and do not depend on the order events are added in. `A` and `S`
+//! were added after the others: a store counts them from the version that
+//! wrote them on. Minute entries are only
 //! written for events of the last hour and are pruned after
 //! [`WINDOW_RETENTION_MINUTES`].
 
@@ -42,6 +48,9 @@ use serde_json::Value;
 use time::{Date, Duration as TimeDuration, Month};
 
 use crate::event::WalRecord;
+
+mod trends;
+pub use trends::{Interval, Trend, TrendPeriod, trends};
 
 /// Minute buckets older than this are pruned (the longest window is 15 min).
 pub const WINDOW_RETENTION_MINUTES: i64 = 60;
@@ -95,11 +104,15 @@ pub struct Facts {
     pub page: Option<String>,
     /// Receipt→processed latency in ms.
     pub latency_ms: i64,
+    /// Each configured `sum_fields` path, with the event's number there in
+    /// millionths (`None`: missing or not a number).
+    pub sums: Vec<(String, Option<i128>)>,
 }
 
 impl Facts {
-    /// Extracts the facts of a stored event processed at `processed_at_ms`.
-    pub fn of(record: &WalRecord, processed_at_ms: i64) -> Facts {
+    /// Extracts the facts of a stored event processed at `processed_at_ms`,
+    /// with the values of `sum_fields` (dotted paths; none costs nothing).
+    pub fn of(record: &WalRecord, processed_at_ms: i64, sum_fields: &[String]) -> Facts {
         // The fields analytics reads, without building the whole body as
         // JSON values; a body this does not read (a key with escapes, a
         // field twice) goes the general way, with the same rule.
@@ -118,8 +131,47 @@ impl Facts {
             session_id,
             page: page.filter(|_| record.event_type == "page_view"),
             latency_ms: (processed_at_ms - record.received_at_ms).max(0),
+            sums: sums_of(&record.body, sum_fields),
         }
     }
+}
+
+/// The numbers at `fields` (dotted paths) of a body, in millionths.
+fn sums_of(body: &str, fields: &[String]) -> Vec<(String, Option<i128>)> {
+    if fields.is_empty() {
+        return Vec::new();
+    }
+    let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    fields
+        .iter()
+        .map(|field| {
+            let value = field
+                .split('.')
+                .try_fold(&body, |v, part| v.get(part))
+                .and_then(millionths);
+            (field.clone(), value)
+        })
+        .collect()
+}
+
+/// A JSON number in millionths: exact for integers and for decimals of up
+/// to six places; `None` for anything else or a number out of range.
+pub fn millionths(value: &Value) -> Option<i128> {
+    let n = value.as_number()?;
+    if let Some(i) = n.as_i64() {
+        return Some(i128::from(i) * 1_000_000);
+    }
+    if let Some(u) = n.as_u64() {
+        return Some(i128::from(u) * 1_000_000);
+    }
+    let x = n.as_f64()? * 1e6;
+    (x.is_finite() && x.abs() < 1e30).then(|| x.round() as i128)
+}
+
+/// Millionths as the number they stand for.
+pub fn from_millionths(m: i128) -> f64 {
+    // Whole and fraction apart, so that 19.99 prints as 19.99.
+    (m / 1_000_000) as f64 + (m % 1_000_000) as f64 / 1e6
 }
 
 /// `user_id`, `session_id` and the page (`properties.page`, else
@@ -288,6 +340,29 @@ fn read_u64(v: Option<Vec<u8>>) -> u64 {
         .map_or(0, u64::from_be_bytes)
 }
 
+/// An `S` value: the sum (millionths) and how many events had a number.
+fn read_sum(v: Option<Vec<u8>>) -> (i128, u64) {
+    let Some(v) = v.filter(|v| v.len() == 24) else {
+        return (0, 0);
+    };
+    let mut sum = [0u8; 16];
+    let mut present = [0u8; 8];
+    sum.copy_from_slice(&v[..16]);
+    present.copy_from_slice(&v[16..]);
+    (i128::from_be_bytes(sum), u64::from_be_bytes(present))
+}
+
+fn sum_value(sum: i128, present: u64) -> Vec<u8> {
+    [&sum.to_be_bytes()[..], &present.to_be_bytes()].concat()
+}
+
+/// Splits a length-prefixed part off the front of `bytes`: (part, rest).
+fn split_part(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
+    let rest = bytes.get(2..)?;
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
 fn add<K: KvWrite>(kv: &mut K, k: &[u8], n: u64) -> Result<(), K::Error> {
     let now = read_u64(kv.get(k)?);
     kv.put(k, &(now + n).to_be_bytes())
@@ -303,6 +378,7 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
     let mut per_type_day: HashMap<(i32, &str), u64> = HashMap::new();
     let mut per_type_hour: HashMap<(i64, &str), u64> = HashMap::new();
     let mut page_minutes: HashMap<(i64, &str), u64> = HashMap::new();
+    let mut sums: HashMap<(i32, &str, &str), (i128, u64)> = HashMap::new();
     let mut latency = [0u64; LATENCY_BUCKETS_MS.len()];
     let recent_from = now_ms - WINDOW_RETENTION_MINUTES * MS_PER_MINUTE;
     for f in facts {
@@ -313,6 +389,15 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
         *per_type_hour
             .entry((f.occurred_at_ms.div_euclid(MS_PER_HOUR), t))
             .or_default() += 1;
+        for (field, value) in &f.sums {
+            if let Some(value) = value {
+                let sum = sums
+                    .entry((day_of(f.occurred_at_ms), t, field.as_str()))
+                    .or_default();
+                sum.0 += value;
+                sum.1 += 1;
+            }
+        }
         let bucket = LATENCY_BUCKETS_MS
             .iter()
             .position(|b| f.latency_ms as f64 <= *b)
@@ -340,11 +425,17 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
             add(kv, &key(&[b"L", &[bucket as u8]]), *n)?;
         }
     }
+    for ((day, t, field), (sum, present)) in sums {
+        let k = key(&[b"S", &day_key(day), &user_part(t), field.as_bytes()]);
+        let (old_sum, old_present) = read_sum(kv.get(&k)?);
+        kv.put(&k, &sum_value(old_sum + sum, old_present + present))?;
+    }
     // The sets: each distinct entity of the batch is read once and written
     // only when it is new, so a processed event costs a sled key only for a
     // new user, user-day, or user or session in a minute.
     let mut minute_members: BTreeSet<(i64, u8, Vec<u8>)> = BTreeSet::new();
     let mut user_days: BTreeSet<(Vec<u8>, i32)> = BTreeSet::new();
+    let mut user_type_days: BTreeSet<(i32, Vec<u8>, Vec<u8>)> = BTreeSet::new();
     let mut earliest: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
     for f in facts {
         let recent = f.occurred_at_ms >= recent_from;
@@ -358,6 +449,11 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
             minute_members.insert((minute, b'u', user.clone()));
         }
         user_days.insert((user.clone(), day_of(f.occurred_at_ms)));
+        user_type_days.insert((
+            day_of(f.occurred_at_ms),
+            user_part(&f.event_type),
+            user.clone(),
+        ));
         earliest
             .entry(user)
             .and_modify(|t| *t = (*t).min(f.occurred_at_ms))
@@ -379,6 +475,12 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
     }
     for (day, n) in new_dau {
         add(kv, &key(&[b"D", &day_key(day)]), n)?;
+    }
+    for (day, event_type, user) in &user_type_days {
+        let active = key(&[b"A", &day_key(*day), event_type, user]);
+        if kv.get(&active)?.is_none() {
+            kv.put(&active, &[])?;
+        }
     }
     for (user, at) in &earliest {
         let (at, day) = (*at, day_of(*at));
@@ -514,14 +616,29 @@ pub struct TypeCount {
     pub event_type: String,
     /// Events of it in the range.
     pub count: u64,
+    /// With `sum=FIELD`: the sum of that field over them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sum: Option<f64>,
 }
 
-/// Event types by count in `from..=to`, most first (ties by name).
+/// How `/stats/top-events` ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankBy {
+    /// By the number of events.
+    Count,
+    /// By the sum of the `sum` field.
+    Sum,
+}
+
+/// Event types in `from..=to`, most first by `by` (ties by name); with
+/// `sum`, each with the sum of that field.
 pub fn top_events(
     kv: &dyn KvRead,
     from: i32,
     to: i32,
     limit: usize,
+    sum: Option<&str>,
+    by: RankBy,
 ) -> Result<Vec<TypeCount>, crate::storage::StorageError> {
     let mut totals: BTreeMap<String, u64> = BTreeMap::new();
     kv.scan(
@@ -533,17 +650,82 @@ pub fn top_events(
             true
         },
     )?;
-    let mut rows: Vec<TypeCount> = totals
+    let mut sums: HashMap<String, i128> = HashMap::new();
+    if let Some(field) = sum {
+        scan_sums(kv, from, to, &mut |entry| {
+            if entry.field == field.as_bytes() {
+                *sums
+                    .entry(String::from_utf8_lossy(entry.event_type).into_owned())
+                    .or_default() += entry.sum;
+            }
+        })?;
+    }
+    let mut rows: Vec<(TypeCount, i128)> = totals
         .into_iter()
-        .map(|(event_type, count)| TypeCount { event_type, count })
+        .map(|(event_type, count)| {
+            let total = sums.get(&event_type).copied().unwrap_or(0);
+            let row = TypeCount {
+                sum: sum.map(|_| from_millionths(total)),
+                event_type,
+                count,
+            };
+            (row, total)
+        })
         .collect();
-    rows.sort_by(|a, b| {
-        b.count
-            .cmp(&a.count)
-            .then_with(|| a.event_type.cmp(&b.event_type))
+    rows.sort_by(|(a, a_sum), (b, b_sum)| {
+        let first = match by {
+            RankBy::Count => b.count.cmp(&a.count),
+            RankBy::Sum => b_sum.cmp(a_sum),
+        };
+        first.then_with(|| a.event_type.cmp(&b.event_type))
     });
+    let mut rows: Vec<TypeCount> = rows.into_iter().map(|(row, _)| row).collect();
     rows.truncate(limit);
     Ok(rows)
+}
+
+/// One `S` entry: a field's sum over one type's events of one day.
+struct DaySum<'a> {
+    /// The day.
+    day: i32,
+    /// The event type.
+    event_type: &'a [u8],
+    /// The field (a `sum_fields` path).
+    field: &'a [u8],
+    /// The sum, in millionths.
+    sum: i128,
+    /// Events that had a number there.
+    present: u64,
+}
+
+/// Calls `f` for every `S` entry of `from..=to`.
+fn scan_sums(
+    kv: &dyn KvRead,
+    from: i32,
+    to: i32,
+    f: &mut dyn FnMut(DaySum),
+) -> Result<(), crate::storage::StorageError> {
+    kv.scan(
+        &key(&[b"S", &day_key(from)]),
+        &key(&[b"S", &day_key(to.saturating_add(1))]),
+        &mut |k, v| {
+            let day = k
+                .get(1..5)
+                .and_then(|d| <[u8; 4]>::try_from(d).ok())
+                .map(|d| (u32::from_be_bytes(d) ^ 0x8000_0000) as i32);
+            if let (Some(day), Some((event_type, field))) = (day, k.get(5..).and_then(split_part)) {
+                let (sum, present) = read_sum(Some(v.to_vec()));
+                f(DaySum {
+                    day,
+                    event_type,
+                    field,
+                    sum,
+                    present,
+                });
+            }
+            true
+        },
+    )
 }
 
 /// One cohort of `/stats/retention`.
@@ -741,7 +923,7 @@ mod tests {
                 only_sink: None,
                 body: body.into(),
             };
-            let facts = Facts::of(&record, 0);
+            let facts = Facts::of(&record, 0, &[]);
             let (user_id, session_id, page) = fields_of_value(body);
             assert_eq!(
                 (facts.user_id, facts.session_id, facts.page),

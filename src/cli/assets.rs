@@ -295,6 +295,12 @@ fn main_page(cmd: &clap::Command) -> String {
         r.item(&format!("{key} = {default}"), &format!("{what}{restart}"));
     }
     r.item(
+        "sum_fields = []",
+        "Numeric fields, as dotted paths (properties.amount), summed per day and event type for \
+         GET /stats/trends?sum= and /stats/top-events?by=sum; at most 16. Sums count from when a \
+         field is added.",
+    );
+    r.item(
         "[[sources]]",
         "name, verify (none, standard-webhooks, github, stripe), secret or secret_file, \
          rate_limit_per_sec: POST /webhook/NAME/events and /webhook/NAME/batch with their own \
@@ -310,8 +316,9 @@ fn main_page(cmd: &clap::Command) -> String {
     r.para(
         "POST /webhook/events and /webhook/batch (or /webhook/SOURCE/…) take events (202 once on \
          disk, 200 for a duplicate); GET /health, /ready, /metrics (Prometheus); GET /stats/summary, \
-         /stats/dau, /stats/top-events, /stats/retention, /stats/windows; GET /admin/queue; \
-         GET, POST replay and DELETE /admin/dlq (what inletd dlq uses).",
+         /stats/dau, /stats/top-events, /stats/retention, /stats/windows, /stats/trends, \
+         /stats/rate; GET / (the live dashboard); GET /admin/queue; GET, POST replay and \
+         DELETE /admin/dlq (what inletd dlq uses).",
     );
 
     r.section("FILES");

@@ -727,8 +727,8 @@ async fn summary(api: Arc<Api>) -> Result<Response, Rejection> {
     .into_response())
 }
 
-/// `/stats/dau`, `/stats/top-events`, `/stats/retention`, `/stats/windows`,
-/// `/stats/rate`.
+/// `/stats/dau`, `/stats/top-events`, `/stats/trends`, `/stats/retention`,
+/// `/stats/windows`, `/stats/rate`.
 async fn stats(
     which: String,
     api: Arc<Api>,
@@ -754,22 +754,90 @@ async fn stats(
             },
         }
     };
+    // `sum=FIELD`: one of the config's `sum_fields` (only those are summed).
+    let sum_field = || -> Result<Option<String>, Rejection> {
+        let Some(field) = q.get("sum") else {
+            return Ok(None);
+        };
+        let live = api.pipeline.context.live();
+        if live.config.sum_fields.iter().any(|f| f == field) {
+            Ok(Some(field.clone()))
+        } else {
+            Err(ApiError::param(
+                "sum",
+                &format!(
+                    "`{field}` is not summed: add it to sum_fields in the config \
+                     (sums count from then on)"
+                ),
+            )
+            .into())
+        }
+    };
     let answer = match which.as_str() {
-        "dau" | "top-events" => {
+        "dau" | "top-events" | "trends" => {
             let to = day("to", today)?;
             let from = day("from", to - 29)?;
             analytics::check_range(from, to).map_err(bad)?;
-            let limit = number("limit", 10, 1000)? as usize;
-            let top = which == "top-events";
-            query(&api, move |s| {
-                let (f, t) = (analytics::format_day(from), analytics::format_day(to));
-                Ok(if top {
-                    json!({"from": f, "to": t, "events": analytics::top_events(s, from, to, limit)?})
-                } else {
-                    json!({"from": f, "to": t, "days": analytics::dau(s, from, to)?})
-                })
-            })
-            .await?
+            let (f, t) = (analytics::format_day(from), analytics::format_day(to));
+            match which.as_str() {
+                "dau" => {
+                    query(&api, move |s| {
+                        Ok(json!({"from": f, "to": t, "days": analytics::dau(s, from, to)?}))
+                    })
+                    .await?
+                }
+                "top-events" => {
+                    let limit = number("limit", 10, 1000)? as usize;
+                    let sum = sum_field()?;
+                    let by = match q.get("by").map(String::as_str) {
+                        None | Some("count") => analytics::RankBy::Count,
+                        Some("sum") if sum.is_some() => analytics::RankBy::Sum,
+                        Some("sum") => {
+                            return Err(ApiError::param("sum", "is required with by=sum").into());
+                        }
+                        Some(other) => {
+                            return Err(ApiError::param(
+                                "by",
+                                &format!("`{other}` must be count or sum"),
+                            )
+                            .into());
+                        }
+                    };
+                    query(&api, move |s| {
+                        let events = analytics::top_events(s, from, to, limit, sum.as_deref(), by)?;
+                        Ok(json!({"from": f, "to": t, "events": events}))
+                    })
+                    .await?
+                }
+                _ => {
+                    let interval =
+                        analytics::Interval::parse(q.get("interval").map_or("day", String::as_str))
+                            .map_err(bad)?;
+                    let event_type = match q.get("event_type") {
+                        Some(t) if t.is_empty() || t.chars().count() > 128 => {
+                            return Err(ApiError::param(
+                                "event_type",
+                                "must be 1 to 128 characters",
+                            )
+                            .into());
+                        }
+                        other => other.cloned(),
+                    };
+                    let sum = sum_field()?;
+                    query(&api, move |s| {
+                        let trend = analytics::trends(
+                            s,
+                            from,
+                            to,
+                            interval,
+                            event_type.as_deref(),
+                            sum.as_deref(),
+                        )?;
+                        Ok(json!(trend))
+                    })
+                    .await?
+                }
+            }
         }
         "retention" => {
             let start = match q.get("start_date") {

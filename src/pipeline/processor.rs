@@ -155,7 +155,7 @@ impl Actor for Processor {
                         .record
                         .only_sink
                         .is_none()
-                        .then(|| Facts::of(&q.record, now));
+                        .then(|| Facts::of(&q.record, now, &config.sum_fields));
                     (q.seq, facts)
                 })
                 .collect(),

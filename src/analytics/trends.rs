@@ -1,0 +1,246 @@
+//! `/stats/trends`: events, distinct users and the sum of a field per day,
+//! week or month, read from the `T`, `A` and `S` aggregates (module docs
+//! of [`super`]).
+//!
+//! Periods are whole: a range is widened to the first day of the period
+//! that holds `from` and the last day of the one that holds `to`, and the
+//! answer says so in its `from` and `to`. A period is named by its first
+//! day; weeks start on Monday, months on the 1st.
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+use time::{Date, Duration, Month};
+
+use super::{
+    KvRead, QueryError, day_key, format_day, from_millionths, key, query_error, read_u64,
+    scan_sums, split_part,
+};
+use crate::storage::StorageError;
+
+/// How long a trend's periods are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interval {
+    /// One UTC day.
+    Day,
+    /// Monday to Sunday.
+    Week,
+    /// A calendar month.
+    Month,
+}
+
+impl Interval {
+    /// `day`, `week` or `month`, as the `interval` parameter.
+    pub fn parse(text: &str) -> Result<Interval, QueryError> {
+        match text {
+            "day" => Ok(Interval::Day),
+            "week" => Ok(Interval::Week),
+            "month" => Ok(Interval::Month),
+            other => Err(query_error(
+                "interval",
+                format!("`{other}` must be day, week or month"),
+            )),
+        }
+    }
+
+    /// The first day of the period that holds `day`.
+    fn start(self, day: i32) -> i32 {
+        match self {
+            Interval::Day => day,
+            // Day 0, 1970-01-01, was a Thursday: three days after a Monday.
+            Interval::Week => day - (day + 3).rem_euclid(7),
+            Interval::Month => date_of(day).map_or(day, |d| day - (i32::from(d.day()) - 1)),
+        }
+    }
+
+    /// The first day of the period after the one that starts on `start`.
+    fn next(self, start: i32) -> i32 {
+        match self {
+            Interval::Day => start + 1,
+            Interval::Week => start + 7,
+            Interval::Month => {
+                let next = date_of(start).and_then(|d| {
+                    match d.month() {
+                        Month::December => {
+                            Date::from_calendar_date(d.year() + 1, Month::January, 1)
+                        }
+                        m => Date::from_calendar_date(d.year(), m.next(), 1),
+                    }
+                    .ok()
+                });
+                // Past year 9999 there is no next month: end the series.
+                next.map_or(i32::MAX, day_of_date)
+            }
+        }
+    }
+}
+
+fn epoch() -> Date {
+    Date::from_calendar_date(1970, Month::January, 1).unwrap_or(Date::MIN)
+}
+
+fn date_of(day: i32) -> Option<Date> {
+    epoch().checked_add(Duration::days(i64::from(day)))
+}
+
+fn day_of_date(date: Date) -> i32 {
+    (date - epoch()).whole_days() as i32
+}
+
+/// The answer of `/stats/trends`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Trend {
+    /// `day`, `week` or `month`.
+    pub interval: Interval,
+    /// The first day of the first period.
+    pub from: String,
+    /// The last day of the last period.
+    pub to: String,
+    /// Only events of this type, when given.
+    pub event_type: Option<String>,
+    /// The field summed, when asked.
+    pub sum: Option<String>,
+    /// One entry per period, oldest first.
+    pub series: Vec<TrendPeriod>,
+    /// With `sum`: events whose field was missing or not a number.
+    pub skipped: Option<u64>,
+}
+
+/// One period of a trend.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrendPeriod {
+    /// Its first day, `YYYY-MM-DD`.
+    pub period: String,
+    /// Events in it.
+    pub count: u64,
+    /// Distinct users with an event in it.
+    pub users: u64,
+    /// With `sum`: the sum of the field over its events.
+    pub sum: Option<f64>,
+    /// With `sum`: its events whose field was missing or not a number.
+    pub skipped: Option<u64>,
+}
+
+/// Counts, distinct users and (with `sum`, a `sum_fields` path) sums per
+/// period of `interval` over `from..=to` widened to whole periods, of
+/// every event or of `event_type` only.
+pub fn trends(
+    kv: &dyn KvRead,
+    from: i32,
+    to: i32,
+    interval: Interval,
+    event_type: Option<&str>,
+    sum: Option<&str>,
+) -> Result<Trend, StorageError> {
+    let mut periods: Vec<(i32, i32)> = Vec::new();
+    let mut start = interval.start(from);
+    while start <= to {
+        let next = interval.next(start);
+        periods.push((start, next.saturating_sub(1)));
+        start = next;
+    }
+    let (first, last) = match (periods.first(), periods.last()) {
+        (Some(f), Some(l)) => (f.0, l.1),
+        _ => (from, to),
+    };
+    let index = |day: i32| {
+        periods
+            .partition_point(|(start, _)| *start <= day)
+            .checked_sub(1)
+    };
+    let wanted = |t: &[u8]| event_type.is_none_or(|want| want.as_bytes() == t);
+
+    let mut counts = vec![0u64; periods.len()];
+    kv.scan(
+        &key(&[b"T", &day_key(first)]),
+        &key(&[b"T", &day_key(last.saturating_add(1))]),
+        &mut |k, v| {
+            if let (Some(day), Some(t)) = (day_in(k), k.get(5..))
+                && wanted(t)
+                && let Some(i) = index(day)
+            {
+                counts[i] += read_u64(Some(v.to_vec()));
+            }
+            true
+        },
+    )?;
+
+    let mut sums = vec![(0i128, 0u64); periods.len()];
+    if let Some(field) = sum {
+        scan_sums(kv, first, last, &mut |entry| {
+            if entry.field == field.as_bytes()
+                && wanted(entry.event_type)
+                && let Some(i) = index(entry.day)
+            {
+                sums[i].0 += entry.sum;
+                sums[i].1 += entry.present;
+            }
+        })?;
+    }
+
+    let mut series = Vec::with_capacity(periods.len());
+    for (i, (start, end)) in periods.iter().enumerate() {
+        let mut users: HashSet<Vec<u8>> = HashSet::new();
+        kv.scan(
+            &key(&[b"A", &day_key(*start)]),
+            &key(&[b"A", &day_key(end.saturating_add(1))]),
+            &mut |k, _| {
+                if let Some((t, user)) = k.get(5..).and_then(split_part)
+                    && wanted(t)
+                {
+                    users.insert(user.to_vec());
+                }
+                true
+            },
+        )?;
+        series.push(TrendPeriod {
+            period: format_day(*start),
+            count: counts[i],
+            users: users.len() as u64,
+            sum: sum.map(|_| from_millionths(sums[i].0)),
+            skipped: sum.map(|_| counts[i].saturating_sub(sums[i].1)),
+        });
+    }
+    let skipped = sum.map(|_| series.iter().filter_map(|p| p.skipped).sum());
+    Ok(Trend {
+        interval,
+        from: format_day(first),
+        to: format_day(last),
+        event_type: event_type.map(str::to_owned),
+        sum: sum.map(str::to_owned),
+        series,
+        skipped,
+    })
+}
+
+/// The day of a `T` key.
+fn day_in(k: &[u8]) -> Option<i32> {
+    let bytes = <[u8; 4]>::try_from(k.get(1..5)?).ok()?;
+    Some((u32::from_be_bytes(bytes) ^ 0x8000_0000) as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analytics::parse_day;
+
+    fn day(text: &str) -> i32 {
+        parse_day("from", text).expect("a date")
+    }
+
+    #[test]
+    fn periods_start_on_their_first_day() {
+        // 2025-12-17 is a Wednesday.
+        assert_eq!(Interval::Week.start(day("2025-12-17")), day("2025-12-15"));
+        assert_eq!(Interval::Week.start(day("2025-12-15")), day("2025-12-15"));
+        assert_eq!(Interval::Week.start(day("2025-12-21")), day("2025-12-15"));
+        assert_eq!(Interval::Week.start(day("1969-12-31")), day("1969-12-29"));
+        assert_eq!(Interval::Month.start(day("2024-02-29")), day("2024-02-01"));
+        assert_eq!(Interval::Month.next(day("2024-02-01")), day("2024-03-01"));
+        assert_eq!(Interval::Month.next(day("2025-12-01")), day("2026-01-01"));
+        assert_eq!(Interval::Day.next(day("2025-12-31")), day("2026-01-01"));
+        assert_eq!(Interval::Month.next(day("9999-12-01")), i32::MAX);
+        assert_eq!(Interval::parse("fortnight").unwrap_err().param, "interval");
+    }
+}
