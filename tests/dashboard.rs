@@ -320,7 +320,7 @@ fn the_dashboard_fits_a_phone_and_reconnects_after_a_restart() {
     post_batch(&daemon, &known_events());
     wait_for_summary(&daemon, 12, 0);
 
-    let Some(browser) = Browser::start(390, 844) else {
+    let Some(browser) = Browser::phone(390, 844) else {
         return;
     };
     browser.open(&format!("http://{}/", daemon.addr));
@@ -331,6 +331,7 @@ fn the_dashboard_fits_a_phone_and_reconnects_after_a_restart() {
         "return [document.documentElement.scrollWidth, window.innerWidth];",
         &[],
     );
+    assert_eq!(widths[1], 390, "a phone's width");
     assert!(
         widths[0].as_u64() <= widths[1].as_u64(),
         "the page is wider than the window: {widths}"

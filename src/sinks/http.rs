@@ -20,6 +20,10 @@ pub struct HttpSink {
     name: String,
     /// Target (validated as http:// by the config).
     url: String,
+    /// The target as errors name it: without a user, password or query,
+    /// which may hold credentials, since errors reach the DLQ, the logs
+    /// and `/stats/summary`.
+    shown: String,
     /// Per-request deadline; a timeout is retryable.
     timeout: Duration,
     /// Pooled HTTP/1.1 client.
@@ -32,6 +36,7 @@ impl HttpSink {
         HttpSink {
             name: name.to_owned(),
             url: url.to_owned(),
+            shown: shown_url(url),
             timeout,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
@@ -49,16 +54,16 @@ impl HttpSink {
             .header(CONTENT_TYPE, "application/json")
             .header("Idempotency-Key", batch_key(events))
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| SinkError::Permanent(format!("bad request for {}: {e}", self.url)))?;
+            .map_err(|e| SinkError::Permanent(format!("bad request for {}: {e}", self.shown)))?;
         let response = tokio::time::timeout(self.timeout, self.client.request(request))
             .await
             .map_err(|_| {
                 retry(format!(
                     "POST {} timed out after {:?}",
-                    self.url, self.timeout
+                    self.shown, self.timeout
                 ))
             })?
-            .map_err(|e| retry(format!("POST {} failed: {e}", self.url)))?;
+            .map_err(|e| retry(format!("POST {} failed: {e}", self.shown)))?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -69,7 +74,7 @@ impl HttpSink {
         if status.is_success() {
             return Ok(());
         }
-        let message = format!("POST {} answered {status}", self.url);
+        let message = format!("POST {} answered {status}", self.shown);
         if retryable(status) {
             Err(SinkError::Retryable {
                 message,
@@ -78,6 +83,22 @@ impl HttpSink {
         } else {
             Err(SinkError::Permanent(message))
         }
+    }
+}
+
+/// `url` without its user, password and query (`http://host:port/path`).
+fn shown_url(url: &str) -> String {
+    match url.parse::<hyper::Uri>() {
+        Ok(uri) => {
+            let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+            format!(
+                "{}://{}{port}{}",
+                uri.scheme_str().unwrap_or("http"),
+                uri.host().unwrap_or("?"),
+                uri.path()
+            )
+        }
+        Err(_) => "the configured URL".to_owned(),
     }
 }
 
@@ -126,5 +147,14 @@ mod tests {
             Some(Duration::from_secs(3))
         );
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+    }
+
+    #[test]
+    fn errors_name_the_url_without_its_credentials() {
+        assert_eq!(
+            shown_url("http://user:hunter2@hooks.example:8080/in?api_key=abc"),
+            "http://hooks.example:8080/in"
+        );
+        assert_eq!(shown_url("http://127.0.0.1/x"), "http://127.0.0.1/x");
     }
 }

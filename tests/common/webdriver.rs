@@ -45,6 +45,16 @@ impl Browser {
     /// saying what to install, when Chromium or chromedriver is missing,
     /// unless `INLETD_SKIP_BROWSER=1` asks to skip (then `None`).
     pub fn start(width: u32, height: u32) -> Option<Browser> {
+        Browser::launch(width, height, false)
+    }
+
+    /// The same, as a phone's screen: headless Chromium keeps a desktop
+    /// window at least 500 px wide, so a phone is emulated.
+    pub fn phone(width: u32, height: u32) -> Option<Browser> {
+        Browser::launch(width, height, true)
+    }
+
+    fn launch(width: u32, height: u32, phone: bool) -> Option<Browser> {
         let (Some(driver), Some(chromium)) = (
             which("chromedriver"),
             which("chromium").or_else(|| which("chromium-browser")),
@@ -93,9 +103,15 @@ impl Browser {
             format!("--window-size={width},{height}"),
             format!("--user-data-dir={}", profile.path().display()),
         ];
+        let mut options = json!({"binary": chromium, "args": args});
+        if phone {
+            options["mobileEmulation"] = json!({"deviceMetrics": {
+                "width": width, "height": height, "pixelRatio": 1.0, "touch": true,
+            }});
+        }
         let capabilities = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
-            "goog:chromeOptions": {"binary": chromium, "args": args},
+            "goog:chromeOptions": options,
         }}});
         let answer = match call(addr, "POST", "/session", Some(&capabilities)) {
             Ok(answer) => answer,

@@ -8,6 +8,7 @@
   const HIDDEN_POLL_MS = 10000;
   const TIMEOUT_MS = 5000;
   const TOKEN_KEY = "inletd.token";
+  const DLQ_ROWS = 50;
   const SVG = "http://www.w3.org/2000/svg";
 
   const $ = (id) => document.getElementById(id);
@@ -26,7 +27,6 @@
     return (ms / 3600000).toFixed(1) + " h";
   };
   const isoDay = (d) => d.toISOString().slice(0, 10);
-  const daysAgo = (n) => isoDay(new Date(Date.now() - n * 86400000));
   const clock = (ms) => new Date(ms).toLocaleTimeString();
 
   function el(tag, text, cls) {
@@ -52,6 +52,8 @@
   }
 
   let token = sessionStorage.getItem(TOKEN_KEY) || "";
+  // The DLQ's size from /stats/summary, to say how much of it is listed.
+  let dlqTotal = 0;
 
   async function call(path, method = "GET", body) {
     const ctl = new AbortController();
@@ -108,13 +110,16 @@
     const l = s.latency_ms || {};
     $("ack-p50").textContent = millis(l.ack_p50);
     $("ack-p99").textContent = millis(l.ack_p99);
-    $("proc-p50").textContent = millis(l.p50);
-    $("proc-p99").textContent = millis(l.p99);
-    const body = $("sinks");
-    body.replaceChildren();
+    // Receipt→processed comes from the store's histogram: a bucket's
+    // upper bound, so "at most".
+    $("proc-p50").textContent = l.p50 ? "≤ " + millis(l.p50) : millis(l.p50);
+    $("proc-p99").textContent = l.p99 ? "≤ " + millis(l.p99) : millis(l.p99);
     const sinks = s.sinks || [];
     $("no-sinks").hidden = sinks.length > 0;
     $("sinks-table").hidden = sinks.length === 0;
+    dlqTotal = s.dlq_size;
+    const body = $("sinks");
+    if (!changed(body, sinks)) return;
     for (const sink of sinks) {
       const tr = el("tr");
       tr.dataset.sink = sink.name;
@@ -151,6 +156,10 @@
   }
 
   function showDau(d) {
+    if (d.to && d.to !== today) {
+      retentionDue = true;
+      today = d.to;
+    }
     const days = d.days || [];
     $("dau-today").textContent = fmt(days.length ? days[days.length - 1].users : 0);
     const chart = $("dau-chart");
@@ -196,10 +205,16 @@
     }
   }
 
+  // The daemon's today (UTC), from /stats/dau's `to`: the browser's
+  // clock may be off, or on the other side of midnight.
+  let today = null;
+
   function retentionPath() {
+    const end = today ? Date.parse(today + "T00:00:00Z") : Date.now();
+    const start = (days) => isoDay(new Date(end - days * 86400000));
     return $("retention-type").value === "weekly"
-      ? "/stats/retention?window_type=weekly&windows=8&start_date=" + daysAgo(55)
-      : "/stats/retention?window_type=daily&windows=7&start_date=" + daysAgo(6);
+      ? "/stats/retention?window_type=weekly&windows=8&start_date=" + start(55)
+      : "/stats/retention?window_type=daily&windows=7&start_date=" + start(6);
   }
 
   function showRetention(r) {
@@ -226,8 +241,8 @@
         const td = el("td", c.size ? Math.round(share * 100) + "%" : "–");
         td.title = fmt(n) + " of " + fmt(c.size) + " users";
         td.dataset.users = n;
-        td.style.backgroundColor = "rgba(var(--heat), " + (0.06 + 0.8 * share).toFixed(3) + ")";
-        if (share > 0.5) td.className = "hot";
+        // At most 45% colour, so that the text stays readable on it.
+        td.style.backgroundColor = "rgba(var(--heat), " + (0.05 + 0.4 * share).toFixed(3) + ")";
         tr.append(td);
       }
       tbody.append(tr);
@@ -240,10 +255,14 @@
   }
 
   function showDlq(list) {
-    const body = $("dlq-table");
-    body.replaceChildren();
     const entries = list.entries || [];
     $("dlq-replay-all").disabled = entries.length === 0;
+    $("dlq-shown").textContent =
+      entries.length && dlqTotal > entries.length
+        ? "The oldest " + fmt(entries.length) + " of " + fmt(dlqTotal) + " entries."
+        : "";
+    const body = $("dlq-table");
+    if (!changed(body, entries)) return;
     for (const e of entries) {
       const tr = el("tr");
       tr.dataset.id = e.id;
@@ -267,7 +286,7 @@
         el("td", e.record.event_type),
         el("td", e.record.key),
         el("td", fmt(e.attempts), "num"),
-        el("td", clock(e.last_failed_ms)),
+        el("td", new Date(e.last_failed_ms).toLocaleString()),
         el("td", e.error, "error"),
         actions,
       );
@@ -283,6 +302,27 @@
     const H = Math.max(100, Math.round(chart.clientHeight || 180));
     chart.setAttribute("viewBox", "0 0 " + W + " " + H);
     return [W, H];
+  }
+
+  // Whether `rows` differ from what `body` shows; when they do, empties
+  // it for them. Tables are rebuilt only then, so that focus, a selection
+  // or a click on a button is not lost to a redraw every 2 s.
+  function changed(body, rows) {
+    const signature = JSON.stringify(rows);
+    if (body.dataset.signature === signature) return false;
+    body.dataset.signature = signature;
+    body.replaceChildren();
+    return true;
+  }
+
+  // The admin parts when the admin API refuses: nothing old left to click.
+  function clearAdmin() {
+    const body = $("dlq-table");
+    delete body.dataset.signature;
+    body.replaceChildren();
+    $("dlq-replay-all").disabled = true;
+    $("dlq-shown").textContent = "";
+    $("queue-age").textContent = "–";
   }
 
   function lineChart(chart, series, labels) {
@@ -308,44 +348,63 @@
 
   // ---- the poll loop ----------------------------------------------------
 
+  // [path, what draws it, whether it is admin, how often (every n-th poll)]:
+  // the retention triangle costs the daemon most, and moves slowest.
+  const RETENTION_EVERY = 15;
   const views = [
-    ["/ready", showReady],
-    ["/stats/summary", showSummary],
-    ["/stats/rate", showRate],
-    ["/stats/windows", showWindows],
-    ["/stats/dau", showDau],
-    ["/stats/top-events?limit=10", showTopEvents],
-    [retentionPath, showRetention],
-    ["/admin/queue", showQueue],
-    ["/admin/dlq?limit=50", showDlq],
+    ["/ready", showReady, false, 1],
+    ["/stats/summary", showSummary, false, 1],
+    ["/stats/rate", showRate, false, 1],
+    ["/stats/windows", showWindows, false, 1],
+    ["/stats/dau", showDau, false, 1],
+    ["/stats/top-events?limit=10", showTopEvents, false, 1],
+    [retentionPath, showRetention, false, RETENTION_EVERY],
+    ["/admin/queue", showQueue, true, 1],
+    ["/admin/dlq?limit=" + DLQ_ROWS, showDlq, true, 1],
   ];
 
   let timer = null;
   let running = false;
   let again = false;
+  let polls = 0;
+  let retentionDue = true;
 
   async function poll() {
+    const due = views.filter(([path, , , every]) =>
+      every === 1 || polls % every === 0 || (path === retentionPath && retentionDue),
+    );
+    polls += 1;
     const results = await Promise.allSettled(
-      views.map(([path]) => call(typeof path === "function" ? path() : path)),
+      due.map(([path]) => call(typeof path === "function" ? path() : path)),
     );
     let down = false;
-    let unauthorized = [];
+    const unauthorized = [];
     let adminForbidden = false;
+    let adminRefused = false;
     results.forEach((r, i) => {
-      const [path, show] = views[i];
+      const [path, show, admin] = due[i];
       if (r.status === "fulfilled") {
-        show(r.value);
+        if (path === retentionPath) retentionDue = false;
+        try {
+          show(r.value);
+        } catch (err) {
+          // One odd answer must not stop the page: the rest still draws.
+          console.error("drawing " + path + ": " + err);
+        }
         return;
       }
       const err = r.reason;
       if (!(err instanceof HttpError)) {
         down = true;
       } else if (err.status === 401) {
-        unauthorized.push(typeof path === "string" && path.startsWith("/admin") ? "admin" : "stats");
+        unauthorized.push(admin ? "admin" : "stats");
+        adminRefused ||= admin;
       } else if (err.status === 403) {
         adminForbidden = true;
+        adminRefused = true;
       }
     });
+    if (adminRefused) clearAdmin();
     document.querySelector("main").classList.toggle("stale", down);
     if (down) {
       $("state").textContent = "not answering";
@@ -418,7 +477,10 @@
   $("dlq-replay-all").addEventListener("click", () =>
     act(() => call("/admin/dlq/replay?limit=1000", "POST")),
   );
-  $("retention-type").addEventListener("change", loop);
+  $("retention-type").addEventListener("change", () => {
+    retentionDue = true;
+    loop();
+  });
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     token = $("token-input").value.trim();
