@@ -38,6 +38,7 @@ fn load(store: &dyn Storage, events: u64) {
                     page: None,
                     latency_ms: rng.i64(1..500),
                     sums: Vec::new(),
+                    windows: Vec::new(),
                 };
                 (seq + i + 1, Some(facts))
             })

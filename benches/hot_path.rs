@@ -23,7 +23,7 @@ use std::convert::Infallible;
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use inletd::analytics::{self, Facts, KvWrite};
+use inletd::analytics::{self, Facts, KvWrite, Wanted};
 use inletd::event::{WalRecord, parse_batch, parse_single};
 use inletd::storage::sled::{SledOptions, SledStorage};
 use inletd::storage::{
@@ -113,7 +113,9 @@ fn facts(c: &mut Criterion) {
     let mut g = c.benchmark_group("facts");
     g.throughput(Throughput::Elements(1));
     let rec = record(42);
-    g.bench_function("of", |b| b.iter(|| Facts::of(black_box(&rec), NOW_MS, &[])));
+    g.bench_function("of", |b| {
+        b.iter(|| Facts::of(black_box(&rec), NOW_MS, Wanted::default()))
+    });
     g.finish();
 }
 
@@ -195,15 +197,21 @@ fn analytics_apply(c: &mut Criterion) {
                 page: (event_type == "page_view").then(|| format!("/page/{}", rng.u32(0..10))),
                 latency_ms: rng.i64(1..500),
                 sums: Vec::new(),
+                windows: Vec::new(),
             }
         })
         .collect();
     // Steady state: the same users and days already have aggregates.
     let mut kv = MapKv::default();
-    analytics::apply(&mut kv, &facts, NOW_MS).unwrap();
+    analytics::apply(&mut kv, &facts, NOW_MS, 1).unwrap();
     g.throughput(Throughput::Elements(facts.len() as u64));
+    // Each batch its own seq, as in the daemon (it names trends' records).
+    let mut batch = 1;
     g.bench_function("batch_100", |b| {
-        b.iter(|| analytics::apply(&mut kv, black_box(&facts), NOW_MS).unwrap())
+        b.iter(|| {
+            batch += 1;
+            analytics::apply(&mut kv, black_box(&facts), NOW_MS, batch).unwrap()
+        })
     });
     g.finish();
 }

@@ -44,8 +44,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// At most this many `sum_fields`.
+/// At most this many `sum_fields`, and this many `[[windows]]`.
 pub const MAX_SUM_FIELDS: usize = 16;
+
+/// The longest user-defined window, in minutes: a day.
+pub const MAX_WINDOW_MINUTES: u32 = 1440;
+
+/// Whether `path` is a dotted path (`properties.amount`): non-empty parts.
+fn valid_path(path: &str) -> bool {
+    !path.is_empty() && path.len() <= 256 && !path.split('.').any(str::is_empty)
+}
 
 /// Everything the daemon can be told. Every key has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +122,8 @@ pub struct Config {
     /// Numeric fields (dotted paths such as `properties.amount`) summed per
     /// day and event type, for `/stats/trends?sum=` and top events by sum.
     pub sum_fields: Vec<String>,
+    /// User-defined rolling windows, for `GET /stats/windows/{name}`.
+    pub windows: Vec<WindowConfig>,
     /// Named sources with their own idempotency scope and rate limit.
     pub sources: Vec<SourceConfig>,
     /// Where processed batches are forwarded.
@@ -175,6 +185,26 @@ pub enum SinkKind {
     File,
 }
 
+/// A user-defined rolling window (`[[windows]]`): events of the last
+/// `minutes`, grouped by a field, counted and optionally summed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// Its name, in `GET /stats/windows/{name}`.
+    pub name: String,
+    /// How far back from now it reaches, in minutes (1 to 1440).
+    pub minutes: u32,
+    /// Only events of these types; empty: every type.
+    #[serde(default)]
+    pub event_types: Vec<String>,
+    /// The dotted path whose value names an event's group; events without
+    /// one (or with an object or array there) are not counted.
+    pub group_by: String,
+    /// A dotted path summed per group; groups are then ranked by the sum.
+    #[serde(default)]
+    pub sum: Option<String>,
+}
+
 /// A forwarding sink.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,6 +260,7 @@ impl Default for Config {
             request_timeout_secs: 30,
             max_connections: 1024,
             sum_fields: Vec::new(),
+            windows: Vec::new(),
             sources: Vec::new(),
             sinks: Vec::new(),
             warnings: Vec::new(),
@@ -511,13 +542,55 @@ impl Config {
             ));
         }
         for (i, field) in self.sum_fields.iter().enumerate() {
-            if field.is_empty() || field.len() > 256 || field.split('.').any(str::is_empty) {
+            if !valid_path(field) {
                 bad.push(format!(
                     "sum_fields[{i}]: `{field}` must be a dotted path like properties.amount"
                 ));
             }
             if !fields.insert(field.as_str()) {
                 bad.push(format!("sum_fields[{i}]: `{field}` is given twice"));
+            }
+        }
+        if self.windows.len() > MAX_SUM_FIELDS {
+            bad.push(format!("windows: at most {MAX_SUM_FIELDS} windows"));
+        }
+        let mut names = BTreeSet::new();
+        for (i, w) in self.windows.iter().enumerate() {
+            if !valid_name(&w.name) {
+                bad.push(format!(
+                    "windows[{i}].name: `{}` must be 1-64 of a-z, 0-9, - and _",
+                    w.name
+                ));
+            }
+            if !names.insert(w.name.as_str()) {
+                bad.push(format!("windows[{i}].name: `{}` is given twice", w.name));
+            }
+            if !(1..=MAX_WINDOW_MINUTES).contains(&w.minutes) {
+                bad.push(format!(
+                    "windows[{i}].minutes: {} is out of range (1..={MAX_WINDOW_MINUTES})",
+                    w.minutes
+                ));
+            }
+            if !valid_path(&w.group_by) {
+                bad.push(format!(
+                    "windows[{i}].group_by: `{}` must be a dotted path like properties.content_id",
+                    w.group_by
+                ));
+            }
+            if let Some(sum) = &w.sum
+                && !valid_path(sum)
+            {
+                bad.push(format!(
+                    "windows[{i}].sum: `{sum}` must be a dotted path like properties.duration_ms"
+                ));
+            }
+            if w.event_types
+                .iter()
+                .any(|t| t.is_empty() || t.chars().count() > 128)
+            {
+                bad.push(format!(
+                    "windows[{i}].event_types: each must be 1 to 128 characters"
+                ));
             }
         }
         let mut names = BTreeSet::new();

@@ -275,3 +275,149 @@ fn bad_stats_parameters_are_named() {
     }
     assert_eq!(d.get("/stats/nope").status, 404);
 }
+
+/// RFC 3339 text `seconds` before now.
+fn ago(seconds: i64) -> String {
+    let t = time::OffsetDateTime::now_utc() - time::Duration::seconds(seconds);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .expect("a time formats")
+}
+
+/// Seed 004's engagement view: a `[[windows]]` window of plays and pauses
+/// over the last 10 minutes, grouped by content and ranked by summed
+/// duration; another counts clicks per button over 5 minutes. Events of
+/// other types, without a group, or older than the window are not
+/// counted; the answers are the same after a kill -9 and a restart.
+#[test]
+fn custom_windows_rank_groups_by_sum_or_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_config(
+        dir.path(),
+        "[[windows]]\nname = \"engagement_10m\"\nminutes = 10\nevent_types = [\"play\", \"pause\"]\n\
+         group_by = \"properties.content_id\"\nsum = \"properties.duration_ms\"\n\
+         [[windows]]\nname = \"clicks_5m\"\nminutes = 5\ngroup_by = \"properties.button\"\n",
+    );
+    let mut d = Daemon::start_with(dir.path(), &config, &[]);
+    let event = |id: &str, kind: &str, seconds_ago: i64, properties: Value| {
+        json!({"event_id": id, "event_type": kind, "occurred_at": ago(seconds_ago),
+               "properties": properties})
+    };
+    let events = vec![
+        event(
+            "1",
+            "play",
+            60,
+            json!({"content_id": "c1", "duration_ms": 1000}),
+        ),
+        event(
+            "2",
+            "pause",
+            120,
+            json!({"content_id": "c1", "duration_ms": 500}),
+        ),
+        event(
+            "3",
+            "play",
+            180,
+            json!({"content_id": "c2", "duration_ms": 3000}),
+        ),
+        event(
+            "4",
+            "play",
+            30,
+            json!({"content_id": "c3", "duration_ms": 200}),
+        ),
+        // A number as the group; a duration that is not a number adds 0.
+        event(
+            "5",
+            "play",
+            30,
+            json!({"content_id": 42, "duration_ms": "long"}),
+        ),
+        // Older than the window, another type, no group: not counted.
+        event(
+            "6",
+            "play",
+            15 * 60,
+            json!({"content_id": "c1", "duration_ms": 9999}),
+        ),
+        event(
+            "7",
+            "view",
+            60,
+            json!({"content_id": "c1", "duration_ms": 9999}),
+        ),
+        event("8", "play", 60, json!({"duration_ms": 9999})),
+        event("9", "click", 60, json!({"button": "buy"})),
+        event("10", "click", 90, json!({"button": "buy"})),
+        event("11", "click", 60, json!({"button": "help"})),
+        event("12", "click", 6 * 60 + 30, json!({"button": "old"})),
+    ];
+    let r = d.post_json("/webhook/batch", &json!({ "events": events }));
+    assert_eq!(r.json()["accepted"], 12, "{}", r.text());
+    d.wait_processed(Duration::from_secs(10));
+
+    let engagement = json!({"name": "engagement_10m", "minutes": 10, "groups": [
+        {"key": "c2", "count": 1, "sum": 3000.0},
+        {"key": "c1", "count": 2, "sum": 1500.0},
+        {"key": "c3", "count": 1, "sum": 200.0},
+        {"key": "42", "count": 1, "sum": 0.0},
+    ]});
+    let clicks = json!({"name": "clicks_5m", "minutes": 5, "groups": [
+        {"key": "buy", "count": 2, "sum": null},
+        {"key": "help", "count": 1, "sum": null},
+    ]});
+    let check = |d: &Daemon| {
+        assert_eq!(d.get("/stats/windows/engagement_10m").json(), engagement);
+        assert_eq!(d.get("/stats/windows/clicks_5m").json(), clicks);
+        let top2 = d.get("/stats/windows/engagement_10m?limit=2").json();
+        assert_eq!(top2["groups"].as_array().unwrap().len(), 2, "{top2}");
+        let all = d.get("/stats/windows").json();
+        assert_eq!(
+            all["custom"],
+            json!(["engagement_10m", "clicks_5m"]),
+            "{all}"
+        );
+    };
+    check(&d);
+
+    let missing = d.get("/stats/windows/nope");
+    assert_eq!(
+        (missing.status, missing.json()["error"].clone()),
+        (404, json!("unknown_window"))
+    );
+    let bad = d.get("/stats/windows/clicks_5m?limit=0");
+    assert_eq!(
+        (bad.status, bad.json()["field"].clone()),
+        (400, json!("limit"))
+    );
+
+    d.kill9();
+    let d = Daemon::start_with(dir.path(), &config, &[]);
+    // A batch whose ack the kill cut off is processed again, once.
+    d.wait_processed(Duration::from_secs(10));
+    check(&d);
+}
+
+/// A window that cannot work is refused at start, naming it.
+#[test]
+fn a_bad_window_is_refused_naming_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_config(
+        dir.path(),
+        "[[windows]]\nname = \"Bad Name\"\nminutes = 0\ngroup_by = \"properties..id\"\n",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_inletd"))
+        .args(["--config", path.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "windows[0].name",
+        "windows[0].minutes",
+        "windows[0].group_by",
+    ] {
+        assert!(err.contains(key), "{key} in: {err}");
+    }
+}

@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use inletd::analytics::{Facts, WINDOW_RETENTION_MINUTES};
+use inletd::analytics::{Facts, WINDOW_RETENTION_MINUTES, Wanted};
 use inletd::event::{Queued, WalRecord};
 use inletd::storage::memory::MemoryStorage;
 use inletd::storage::sled::{SledOptions, SledStorage};
@@ -418,7 +418,7 @@ impl Harness {
                         .record
                         .only_sink
                         .is_none()
-                        .then(|| Facts::of(&q.record, now, &[]));
+                        .then(|| Facts::of(&q.record, now, Wanted::default()));
                     (q.seq, facts)
                 })
                 .collect(),
@@ -534,7 +534,7 @@ fn ack_all(s: &dyn Storage, dead_seq: Option<u64>, now: i64) -> BatchAck {
         upto,
         processed: records
             .iter()
-            .map(|q| (q.seq, Some(Facts::of(&q.record, now, &[]))))
+            .map(|q| (q.seq, Some(Facts::of(&q.record, now, Wanted::default()))))
             .collect(),
         now_ms: now,
         dead: records

@@ -26,16 +26,22 @@
 //! | `m` minute ‖ `u`/`s` ‖ id             | —     | a user / session seen in that minute |
 //! | `p` minute ‖ page                     | u64   | page views of a page in that minute |
 //! | `L` bucket                            | u64   | receipt→processed latency histogram |
-//! | `A` day ‖ type ‖ user                 | —     | the user had an event of that type that day (trends' users) |
+//! | `A` day ‖ type ‖ batch                | users | the users with an event of that type that day, in one batch (trends' users) |
 //! | `S` day ‖ type ‖ field                | i128 ‖ u64 | sum of a `sum_fields` field in millionths, and how many events had a number there |
+//! | `W` minute ‖ window ‖ group           | i128 ‖ u64 | a `[[windows]]` window's sum (millionths) and events of a group in that minute |
 //!
 //! day = days since 1970-01-01 (i32 BE, offset so that order is kept),
 //! hour and minute likewise (i64 BE, offset); a user id is length-prefixed
 //! (u16 BE) so that no id is a prefix of another; so is the type in `A`
-//! and `S` keys. Sums are fixed-point (millionths, i128), so that they are
+//! and `S` keys. An `A` value is its users one after another, each
+//! length-prefixed; a user is in it once, but may be in several batches'
+//! records of a day: a query unions them. One record per day and type per
+//! batch, rather than a key per new user, type and day, is what keeps
+//! trends' users from costing a sled insert per event. Sums are fixed-point (millionths, i128), so that they are
 //! exact and do not depend on the order events are added in. `A` and `S`
 //! were added after the others: a store counts them from the version that
-//! wrote them on. Minute entries are only
+//! wrote them on. `W` entries are written for events of the last day and
+//! pruned after [`MAX_WINDOW_MINUTES`]. Minute entries are only
 //! written for events of the last hour and are pruned after
 //! [`WINDOW_RETENTION_MINUTES`].
 
@@ -47,6 +53,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::{Date, Duration as TimeDuration, Month};
 
+use crate::config::{Config, MAX_WINDOW_MINUTES, WindowConfig};
 use crate::event::WalRecord;
 
 mod trends;
@@ -107,12 +114,46 @@ pub struct Facts {
     /// Each configured `sum_fields` path, with the event's number there in
     /// millionths (`None`: missing or not a number).
     pub sums: Vec<(String, Option<i128>)>,
+    /// The `[[windows]]` this event counts in: recent enough, of a type
+    /// the window takes, with a group.
+    pub windows: Vec<WindowFact>,
+}
+
+/// An event's place in one user-defined window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowFact {
+    /// The window's name.
+    pub window: String,
+    /// The event's group: the `group_by` value as text.
+    pub group: String,
+    /// The `sum` field's number in millionths (`None`: none, or missing).
+    pub sum: Option<i128>,
+}
+
+/// What the configuration asks analytics to read of each event beyond
+/// the built-in facts. Asking for nothing costs nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wanted<'a> {
+    /// `sum_fields`.
+    pub sum_fields: &'a [String],
+    /// `[[windows]]`.
+    pub windows: &'a [WindowConfig],
+}
+
+impl<'a> Wanted<'a> {
+    /// What `config` asks for.
+    pub fn of(config: &'a Config) -> Self {
+        Wanted {
+            sum_fields: &config.sum_fields,
+            windows: &config.windows,
+        }
+    }
 }
 
 impl Facts {
     /// Extracts the facts of a stored event processed at `processed_at_ms`,
-    /// with the values of `sum_fields` (dotted paths; none costs nothing).
-    pub fn of(record: &WalRecord, processed_at_ms: i64, sum_fields: &[String]) -> Facts {
+    /// with what the configuration `wanted` of it.
+    pub fn of(record: &WalRecord, processed_at_ms: i64, wanted: Wanted) -> Facts {
         // The fields analytics reads, without building the whole body as
         // JSON values; a body this does not read (a key with escapes, a
         // field twice) goes the general way, with the same rule.
@@ -131,27 +172,65 @@ impl Facts {
             session_id,
             page: page.filter(|_| record.event_type == "page_view"),
             latency_ms: (processed_at_ms - record.received_at_ms).max(0),
-            sums: sums_of(&record.body, sum_fields),
+            sums: Vec::new(),
+            windows: Vec::new(),
         }
+        .with_wanted(record, processed_at_ms, wanted)
+    }
+
+    /// Adds the sums and window places `wanted` (one parse of the body,
+    /// only when something is wanted).
+    fn with_wanted(mut self, record: &WalRecord, processed_at_ms: i64, wanted: Wanted) -> Facts {
+        let windows: Vec<&WindowConfig> = wanted
+            .windows
+            .iter()
+            .filter(|w| {
+                record.occurred_at_ms > processed_at_ms - i64::from(w.minutes) * MS_PER_MINUTE
+                    && (w.event_types.is_empty() || w.event_types.contains(&record.event_type))
+            })
+            .collect();
+        if wanted.sum_fields.is_empty() && windows.is_empty() {
+            return self;
+        }
+        let body: Value = serde_json::from_str(&record.body).unwrap_or(Value::Null);
+        let at = |path: &str| path.split('.').try_fold(&body, |v, part| v.get(part));
+        self.sums = wanted
+            .sum_fields
+            .iter()
+            .map(|field| (field.clone(), at(field).and_then(millionths)))
+            .collect();
+        self.windows = windows
+            .into_iter()
+            .filter_map(|w| {
+                let group = match at(&w.group_by)? {
+                    Value::String(s) if !s.is_empty() => s.clone(),
+                    v @ (Value::Number(_) | Value::Bool(_)) => v.to_string(),
+                    _ => return None,
+                };
+                Some(WindowFact {
+                    window: w.name.clone(),
+                    group: truncate(group, MAX_GROUP_BYTES),
+                    sum: w.sum.as_deref().and_then(at).and_then(millionths),
+                })
+            })
+            .collect();
+        self
     }
 }
 
-/// The numbers at `fields` (dotted paths) of a body, in millionths.
-fn sums_of(body: &str, fields: &[String]) -> Vec<(String, Option<i128>)> {
-    if fields.is_empty() {
-        return Vec::new();
+/// A window group's name is kept to this many bytes.
+const MAX_GROUP_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
     }
-    let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-    fields
-        .iter()
-        .map(|field| {
-            let value = field
-                .split('.')
-                .try_fold(&body, |v, part| v.get(part))
-                .and_then(millionths);
-            (field.clone(), value)
-        })
-        .collect()
+    text
 }
 
 /// A JSON number in millionths: exact for integers and for decimals of up
@@ -369,16 +448,23 @@ fn add<K: KvWrite>(kv: &mut K, k: &[u8], n: u64) -> Result<(), K::Error> {
 }
 
 /// Applies a batch of processed events to the aggregates. `now_ms` decides
-/// which events are recent enough for the rolling-window buckets. The batch
-/// is aggregated in memory first: a counter is written once per batch, and
-/// a set member (user-day, first seen, cohort, a minute's users and
-/// sessions) only when it is new.
-pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(), K::Error> {
+/// which events are recent enough for the rolling-window buckets; `batch`
+/// (the batch's last seq) names its `A` records. The batch is aggregated
+/// in memory first: a counter is written once per batch, and a set member
+/// (user-day, first seen, cohort, a minute's users and sessions) only when
+/// it is new.
+pub fn apply<K: KvWrite>(
+    kv: &mut K,
+    facts: &[Facts],
+    now_ms: i64,
+    batch: u64,
+) -> Result<(), K::Error> {
     // Sum what can be summed before touching the store: one write per key.
     let mut per_type_day: HashMap<(i32, &str), u64> = HashMap::new();
     let mut per_type_hour: HashMap<(i64, &str), u64> = HashMap::new();
     let mut page_minutes: HashMap<(i64, &str), u64> = HashMap::new();
     let mut sums: HashMap<(i32, &str, &str), (i128, u64)> = HashMap::new();
+    let mut window_minutes: HashMap<(i64, &str, &str), (i128, u64)> = HashMap::new();
     let mut latency = [0u64; LATENCY_BUCKETS_MS.len()];
     let recent_from = now_ms - WINDOW_RETENTION_MINUTES * MS_PER_MINUTE;
     for f in facts {
@@ -389,6 +475,17 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
         *per_type_hour
             .entry((f.occurred_at_ms.div_euclid(MS_PER_HOUR), t))
             .or_default() += 1;
+        for w in &f.windows {
+            let cell = window_minutes
+                .entry((
+                    f.occurred_at_ms.div_euclid(MS_PER_MINUTE),
+                    w.window.as_str(),
+                    w.group.as_str(),
+                ))
+                .or_default();
+            cell.0 += w.sum.unwrap_or(0);
+            cell.1 += 1;
+        }
         for (field, value) in &f.sums {
             if let Some(value) = value {
                 let sum = sums
@@ -425,6 +522,11 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
             add(kv, &key(&[b"L", &[bucket as u8]]), *n)?;
         }
     }
+    for ((minute, window, group), (sum, count)) in window_minutes {
+        let k = key(&[b"W", &i64_key(minute), &user_part(window), group.as_bytes()]);
+        let (old_sum, old_count) = read_sum(kv.get(&k)?);
+        kv.put(&k, &sum_value(old_sum + sum, old_count + count))?;
+    }
     for ((day, t, field), (sum, present)) in sums {
         let k = key(&[b"S", &day_key(day), &user_part(t), field.as_bytes()]);
         let (old_sum, old_present) = read_sum(kv.get(&k)?);
@@ -435,7 +537,7 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
     // new user, user-day, or user or session in a minute.
     let mut minute_members: BTreeSet<(i64, u8, Vec<u8>)> = BTreeSet::new();
     let mut user_days: BTreeSet<(Vec<u8>, i32)> = BTreeSet::new();
-    let mut user_type_days: BTreeSet<(i32, Vec<u8>, Vec<u8>)> = BTreeSet::new();
+    let mut type_day_users: BTreeMap<(i32, Vec<u8>), BTreeSet<Vec<u8>>> = BTreeMap::new();
     let mut earliest: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
     for f in facts {
         let recent = f.occurred_at_ms >= recent_from;
@@ -449,11 +551,10 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
             minute_members.insert((minute, b'u', user.clone()));
         }
         user_days.insert((user.clone(), day_of(f.occurred_at_ms)));
-        user_type_days.insert((
-            day_of(f.occurred_at_ms),
-            user_part(&f.event_type),
-            user.clone(),
-        ));
+        type_day_users
+            .entry((day_of(f.occurred_at_ms), user_part(&f.event_type)))
+            .or_default()
+            .insert(user.clone());
         earliest
             .entry(user)
             .and_modify(|t| *t = (*t).min(f.occurred_at_ms))
@@ -476,11 +577,15 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
     for (day, n) in new_dau {
         add(kv, &key(&[b"D", &day_key(day)]), n)?;
     }
-    for (day, event_type, user) in &user_type_days {
-        let active = key(&[b"A", &day_key(*day), event_type, user]);
-        if kv.get(&active)?.is_none() {
-            kv.put(&active, &[])?;
+    for ((day, event_type), users) in &type_day_users {
+        let k = key(&[b"A", &day_key(*day), event_type, &batch.to_be_bytes()]);
+        // A record of this batch already there (never, as batches commit
+        // once) is kept and added to, not replaced.
+        let mut record = kv.get(&k)?.unwrap_or_default();
+        for user in users {
+            record.extend_from_slice(user);
         }
+        kv.put(&k, &record)?;
     }
     for (user, at) in &earliest {
         let (at, day) = (*at, day_of(*at));
@@ -507,13 +612,80 @@ pub fn apply<K: KvWrite>(kv: &mut K, facts: &[Facts], now_ms: i64) -> Result<(),
     Ok(())
 }
 
-/// The key range of rolling-window buckets older than `before_ms`, for pruning.
-pub fn stale_window_ranges(before_ms: i64) -> [(Vec<u8>, Vec<u8>); 2] {
+/// The key ranges of rolling-window buckets older than `before_ms` (the
+/// fixed windows'), and of user-defined windows' buckets that no window
+/// reaches any more (a day and an hour before it), for pruning.
+pub fn stale_window_ranges(before_ms: i64) -> [(Vec<u8>, Vec<u8>); 3] {
     let end = i64_key(before_ms.div_euclid(MS_PER_MINUTE));
+    let custom_end = i64_key(
+        before_ms.div_euclid(MS_PER_MINUTE)
+            - i64::from(MAX_WINDOW_MINUTES)
+            - WINDOW_RETENTION_MINUTES,
+    );
     [
         (b"m".to_vec(), key(&[b"m", &end])),
         (b"p".to_vec(), key(&[b"p", &end])),
+        (b"W".to_vec(), key(&[b"W", &custom_end])),
     ]
+}
+
+/// One group of `/stats/windows/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WindowGroup {
+    /// The group: the `group_by` value.
+    pub key: String,
+    /// Its events in the window.
+    pub count: u64,
+    /// The sum of the window's `sum` field over them (null without one).
+    pub sum: Option<f64>,
+}
+
+/// The groups of the user-defined window `window` ending at `now_ms`: the
+/// current minute and the `window.minutes − 1` before it, by event time;
+/// ranked by the sum when the window has one, else by count (ties by key).
+pub fn custom_window(
+    kv: &dyn KvRead,
+    window: &WindowConfig,
+    now_ms: i64,
+    limit: usize,
+) -> Result<Vec<WindowGroup>, crate::storage::StorageError> {
+    let now_minute = now_ms.div_euclid(MS_PER_MINUTE);
+    let first = now_minute - i64::from(window.minutes) + 1;
+    let name = user_part(&window.name);
+    let mut groups: BTreeMap<Vec<u8>, (i128, u64)> = BTreeMap::new();
+    kv.scan(
+        &key(&[b"W", &i64_key(first)]),
+        &key(&[b"W", &i64_key(now_minute + 1)]),
+        &mut |k, v| {
+            if let Some(rest) = k.get(9..)
+                && let Some(group) = rest.strip_prefix(name.as_slice())
+            {
+                let (sum, count) = read_sum(Some(v.to_vec()));
+                let cell = groups.entry(group.to_vec()).or_default();
+                cell.0 += sum;
+                cell.1 += count;
+            }
+            true
+        },
+    )?;
+    let mut rows: Vec<(Vec<u8>, i128, u64)> = groups
+        .into_iter()
+        .map(|(group, (sum, count))| (group, sum, count))
+        .collect();
+    let by_sum = window.sum.is_some();
+    rows.sort_by(|a, b| {
+        let first = if by_sum { b.1.cmp(&a.1) } else { b.2.cmp(&a.2) };
+        first.then_with(|| a.0.cmp(&b.0))
+    });
+    Ok(rows
+        .into_iter()
+        .take(limit)
+        .map(|(group, sum, count)| WindowGroup {
+            key: String::from_utf8_lossy(&group).into_owned(),
+            count,
+            sum: by_sum.then(|| from_millionths(sum)),
+        })
+        .collect())
 }
 
 /// A bad query parameter: answered 400 naming it.
@@ -923,7 +1095,7 @@ mod tests {
                 only_sink: None,
                 body: body.into(),
             };
-            let facts = Facts::of(&record, 0, &[]);
+            let facts = Facts::of(&record, 0, Wanted::default());
             let (user_id, session_id, page) = fields_of_value(body);
             assert_eq!(
                 (facts.user_id, facts.session_id, facts.page),

@@ -185,11 +185,15 @@ pub fn trends(
         kv.scan(
             &key(&[b"A", &day_key(*start)]),
             &key(&[b"A", &day_key(end.saturating_add(1))]),
-            &mut |k, _| {
-                if let Some((t, user)) = k.get(5..).and_then(split_part)
+            &mut |k, record| {
+                if let Some((t, _batch)) = k.get(5..).and_then(split_part)
                     && wanted(t)
                 {
-                    users.insert(user.to_vec());
+                    let mut rest = record;
+                    while let Some((user, more)) = split_part(rest) {
+                        users.insert(user.to_vec());
+                        rest = more;
+                    }
                 }
                 true
             },

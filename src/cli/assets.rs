@@ -301,6 +301,12 @@ fn main_page(cmd: &clap::Command) -> String {
          field is added.",
     );
     r.item(
+        "[[windows]]",
+        "name, minutes (1 to 1440), event_types (optional), group_by (a dotted path), sum \
+         (optional dotted path): a rolling window ending now, GET /stats/windows/NAME ranks its \
+         groups by count, or by the sum.",
+    );
+    r.item(
         "[[sources]]",
         "name, verify (none, standard-webhooks, github, stripe), secret or secret_file, \
          rate_limit_per_sec: POST /webhook/NAME/events and /webhook/NAME/batch with their own \

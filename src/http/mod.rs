@@ -100,6 +100,12 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(stats_access.clone())
         .and(with_api.clone())
         .and_then(summary);
+    let custom_window = warp::path!("stats" / "windows" / String)
+        .and(warp::get())
+        .and(stats_access.clone())
+        .and(with_api.clone())
+        .and(warp::query::<HashMap<String, String>>())
+        .and_then(custom_window);
     let stats = warp::path("stats")
         .and(warp::path::param::<String>())
         .and(warp::path::end())
@@ -171,6 +177,8 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .unify()
         .or(summary)
         .unify()
+        .or(custom_window)
+        .unify()
         .or(stats)
         .unify()
         .or(admin_routes)
@@ -201,7 +209,8 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
     Some(match parts.as_slice() {
         ["webhook", "events" | "batch"] | ["events"] | ["webhook", _, "events" | "batch"] => "POST",
         [""] | ["dashboard.js" | "dashboard.css"] => "GET, HEAD",
-        ["health"] | ["ready"] | ["metrics"] | ["stats", _] | ["admin", "queue"] => "GET",
+        ["health"] | ["ready"] | ["metrics"] | ["stats", _] | ["stats", "windows", _] => "GET",
+        ["admin", "queue"] => "GET",
         ["admin", "dlq", "replay"] => "POST",
         ["admin", "dlq"] | ["admin", "dlq", _] => "GET, DELETE",
         _ => return None,
@@ -872,7 +881,23 @@ async fn stats(
             })
             .await?
         }
-        "windows" => query(&api, |s| Ok(json!(analytics::windows(s, now_ms())?))).await?,
+        "windows" => {
+            let custom: Vec<String> = api
+                .pipeline
+                .context
+                .live()
+                .config
+                .windows
+                .iter()
+                .map(|w| w.name.clone())
+                .collect();
+            query(&api, move |s| {
+                let mut answer = json!(analytics::windows(s, now_ms())?);
+                answer["custom"] = json!(custom);
+                Ok(answer)
+            })
+            .await?
+        }
         "rate" => {
             let rate = api
                 .pipeline
@@ -891,6 +916,42 @@ async fn stats(
         }
         _ => return Err(warp::reject::not_found()),
     };
+    Ok(warp::reply::json(&answer).into_response())
+}
+
+/// `/stats/windows/{name}`: a `[[windows]]` window's groups, ranked.
+async fn custom_window(
+    name: String,
+    api: Arc<Api>,
+    q: HashMap<String, String>,
+) -> Result<Response, Rejection> {
+    let live = api.pipeline.context.live();
+    let Some(window) = live.config.windows.iter().find(|w| w.name == name).cloned() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_window",
+            format!("no window named `{name}` is configured ([[windows]])"),
+        )
+        .into());
+    };
+    let limit = match q.get("limit") {
+        None => 10,
+        Some(t) => match t.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::param(
+                    "limit",
+                    &format!("`{t}` must be a whole number from 1 to 1000"),
+                )
+                .into());
+            }
+        },
+    };
+    let answer = query(&api, move |s| {
+        let groups = analytics::custom_window(s, &window, now_ms(), limit)?;
+        Ok(json!({"name": window.name, "minutes": window.minutes, "groups": groups}))
+    })
+    .await?;
     Ok(warp::reply::json(&answer).into_response())
 }
 

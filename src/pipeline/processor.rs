@@ -14,7 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{BatcherMsg, Observation, ProcessorMsg, SinkHealth, SinkState};
 use super::{BATCHER, Context, StoreWriteKind, blocking};
-use crate::analytics::Facts;
+use crate::analytics::{Facts, Wanted};
 use crate::config::Config;
 use crate::event::{Queued, now_ms};
 use crate::sinks::{Sink, SinkError};
@@ -155,7 +155,7 @@ impl Actor for Processor {
                         .record
                         .only_sink
                         .is_none()
-                        .then(|| Facts::of(&q.record, now, &config.sum_fields));
+                        .then(|| Facts::of(&q.record, now, Wanted::of(config)));
                     (q.seq, facts)
                 })
                 .collect(),

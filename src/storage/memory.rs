@@ -161,7 +161,7 @@ impl Storage for MemoryStorage {
                 facts.push(f.clone());
             }
         }
-        let Ok(()) = analytics::apply(&mut MapTx(&mut g.aggregates), &facts, ack.now_ms);
+        let Ok(()) = analytics::apply(&mut MapTx(&mut g.aggregates), &facts, ack.now_ms, ack.upto);
         for (seq, entry) in &ack.dead {
             if *seq <= cursor {
                 continue;

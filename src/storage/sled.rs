@@ -1240,7 +1240,7 @@ impl Storage for Store {
                     wal.remove(key)?;
                 }
                 let bytes = u64_of(meta.get(QUEUE_BYTES)?).saturating_sub(freed);
-                analytics::apply(&mut TxKv(aggregates), &facts, ack.now_ms)?;
+                analytics::apply(&mut TxKv(aggregates), &facts, ack.now_ms, ack.upto)?;
                 for (t, n) in &added {
                     let now = u64_of(counts.get(t.as_bytes())?);
                     counts.insert(t.as_bytes(), &(now + n).to_be_bytes())?;
