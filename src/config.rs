@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -124,6 +125,10 @@ pub struct Config {
     pub sum_fields: Vec<String>,
     /// User-defined rolling windows, for `GET /stats/windows/{name}`.
     pub windows: Vec<WindowConfig>,
+    /// Tables whose columns processed events gain (`enriched.<name>`).
+    pub enrichment: Vec<EnrichmentConfig>,
+    /// Fields computed on each processed event, after enrichment.
+    pub derive: Vec<DeriveConfig>,
     /// Named sources with their own idempotency scope and rate limit.
     pub sources: Vec<SourceConfig>,
     /// Where processed batches are forwarded.
@@ -205,6 +210,77 @@ pub struct WindowConfig {
     pub sum: Option<String>,
 }
 
+/// An enrichment table (`[[enrichment]]`): each processed event whose
+/// `match` value is a key of the table gains `enriched.<name>.<column>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichmentConfig {
+    /// Its name: the events gain `enriched.<name>`.
+    pub name: String,
+    /// A CSV file with a header row, one row per key; read at start and on
+    /// SIGHUP.
+    pub file: PathBuf,
+    /// The column that holds the keys.
+    pub key_column: String,
+    /// The dotted path of the event's value looked up in the table.
+    #[serde(rename = "match")]
+    pub r#match: String,
+    /// The table's rows, read from `file` when the config is loaded.
+    #[serde(skip)]
+    pub rows: Arc<crate::transform::Table>,
+}
+
+/// A derived field (`[[derive]]`): one step over two operands, each a
+/// dotted path or a number; null when an operand is missing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeriveConfig {
+    /// Where the result goes (a dotted path; objects on the way are made).
+    pub field: String,
+    /// `[a, b]`: a / b.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub divide: Option<[Operand; 2]>,
+    /// `[a, b]`: a × b.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiply: Option<[Operand; 2]>,
+    /// `[a, b]`: a + b.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub add: Option<[Operand; 2]>,
+    /// `[a, b]`: a − b.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subtract: Option<[Operand; 2]>,
+}
+
+impl DeriveConfig {
+    /// The one step given: its name and operands (`None` when not exactly
+    /// one is given, which validation refuses).
+    pub fn operation(&self) -> Option<(&'static str, &[Operand; 2])> {
+        let given: Vec<(&'static str, &[Operand; 2])> = [
+            ("divide", &self.divide),
+            ("multiply", &self.multiply),
+            ("add", &self.add),
+            ("subtract", &self.subtract),
+        ]
+        .into_iter()
+        .filter_map(|(name, op)| op.as_ref().map(|o| (name, o)))
+        .collect();
+        match given.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+}
+
+/// An operand of a derived field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Operand {
+    /// A literal number.
+    Number(f64),
+    /// The number at a dotted path of the event.
+    Field(String),
+}
+
 /// A forwarding sink.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -261,6 +337,8 @@ impl Default for Config {
             max_connections: 1024,
             sum_fields: Vec::new(),
             windows: Vec::new(),
+            enrichment: Vec::new(),
+            derive: Vec::new(),
             sources: Vec::new(),
             sinks: Vec::new(),
             warnings: Vec::new(),
@@ -287,6 +365,7 @@ impl Config {
         let mut config = Self::from_parts(&text, &env, overrides)?;
         config.read_secret_files()?;
         config.validate()?;
+        crate::transform::load_tables(&mut config.enrichment).map_err(ConfigError::Invalid)?;
         config.origin = Origin {
             file: file.map(Path::to_owned),
             overrides: overrides
@@ -591,6 +670,53 @@ impl Config {
                 bad.push(format!(
                     "windows[{i}].event_types: each must be 1 to 128 characters"
                 ));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, e) in self.enrichment.iter().enumerate() {
+            if !valid_name(&e.name) {
+                bad.push(format!(
+                    "enrichment[{i}].name: `{}` must be 1-64 of a-z, 0-9, - and _",
+                    e.name
+                ));
+            }
+            if !names.insert(e.name.as_str()) {
+                bad.push(format!("enrichment[{i}].name: `{}` is given twice", e.name));
+            }
+            if e.key_column.is_empty() {
+                bad.push(format!("enrichment[{i}].key_column: must not be empty"));
+            }
+            if !valid_path(&e.r#match) {
+                bad.push(format!(
+                    "enrichment[{i}].match: `{}` must be a dotted path like properties.content_id",
+                    e.r#match
+                ));
+            }
+        }
+        for (i, d) in self.derive.iter().enumerate() {
+            if !valid_path(&d.field) {
+                bad.push(format!(
+                    "derive[{i}].field: `{}` must be a dotted path like derived.engagement_seconds",
+                    d.field
+                ));
+            }
+            match d.operation() {
+                None => bad.push(format!(
+                    "derive[{i}]: give exactly one of divide, multiply, add, subtract"
+                )),
+                Some((name, operands)) => {
+                    for operand in operands {
+                        match operand {
+                            Operand::Field(path) if !valid_path(path) => bad.push(format!(
+                                "derive[{i}].{name}: `{path}` must be a dotted path or a number"
+                            )),
+                            Operand::Number(x) if !x.is_finite() => bad.push(format!(
+                                "derive[{i}].{name}: operands must be finite numbers"
+                            )),
+                            _ => {}
+                        }
+                    }
+                }
             }
         }
         let mut names = BTreeSet::new();

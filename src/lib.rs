@@ -37,3 +37,4 @@ pub mod shutdown;
 pub mod signature;
 pub mod sinks;
 pub mod storage;
+pub mod transform;

@@ -307,6 +307,17 @@ fn main_page(cmd: &clap::Command) -> String {
          groups by count, or by the sum.",
     );
     r.item(
+        "[[enrichment]]",
+        "name, file (a CSV with a header row), key_column, match (a dotted path): each processed \
+         event whose match value is a key gains enriched.NAME.COLUMN. Read at start and on SIGHUP.",
+    );
+    r.item(
+        "[[derive]]",
+        "field (a dotted path) and one of divide, multiply, add, subtract = [a, b], each a dotted \
+         path or a number: computed on each processed event after enrichment; null when an \
+         operand is missing.",
+    );
+    r.item(
         "[[sources]]",
         "name, verify (none, standard-webhooks, github, stripe), secret or secret_file, \
          rate_limit_per_sec: POST /webhook/NAME/events and /webhook/NAME/batch with their own \

@@ -1,4 +1,5 @@
-//! Processor: delivers each batch to every sink concurrently (retries with
+//! Processor: adds enrichment and derived fields to each event
+//! ([`crate::transform`]), delivers each batch to every sink concurrently (retries with
 //! exponential backoff and jitter, honouring Retry-After; a circuit breaker
 //! isolates a sink that keeps failing), then commits the batch: WAL entries
 //! removed, built-in counters added, failures parked in the DLQ and the
@@ -100,13 +101,22 @@ impl Actor for Processor {
         message: Self::Msg,
         state: &mut State,
     ) -> Result<(), ActorProcessingErr> {
-        let ProcessorMsg::Process { records, upto } = message;
+        let ProcessorMsg::Process { mut records, upto } = message;
         let started = Instant::now();
         let context = state.context.clone();
         context.status.processing.store(upto, Ordering::SeqCst);
         let live = context.live();
         let config = &live.config;
         let ctx = &context;
+        // Enrichment and derived fields: the sinks, the analytics and the
+        // DLQ all see the event with them.
+        for q in &mut records {
+            if let Some(body) =
+                crate::transform::apply(&q.record.body, &config.enrichment, &config.derive)
+            {
+                q.record.body = body;
+            }
+        }
 
         // Each sink gets the micro-batches in order, one at a time; once one
         // fails (after its retries), the rest go to the DLQ with the same error
