@@ -3,7 +3,8 @@
 //! Each test generates a data set from a seeded RNG, sends it to the real
 //! binary out of time order, and recomputes every answer here in plain Rust
 //! over the events it sent (distinct users per UTC day, counts per type,
-//! cohorts by each user's earliest event). Nothing of inletd's analytics
+//! cohorts by each user's earliest event, trends and sums per day, week
+//! and month, rolling windows over enriched events). Nothing of inletd's analytics
 //! code is used for the expected values; dates are formatted and parsed by
 //! hand, too.
 //!
@@ -980,6 +981,44 @@ fn send_round(
         )
 }
 
+/// Sends every batch of `outbox` to the daemon of `config`, killing it
+/// (SIGKILL) `kills` times 100–500 ms after each start, then once more
+/// without a kill until every batch has its 202; answers the last daemon,
+/// its queue processed, and how many requests the kills interrupted.
+fn deliver_through_kills(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    outbox: &Arc<Outbox>,
+    kills: usize,
+    rng: &mut fastrand::Rng,
+) -> (Daemon, usize) {
+    let mut interrupted = 0;
+    for round in 0..kills {
+        let mut d = Daemon::start_with(dir, config, &[]);
+        let after = Duration::from_millis(rng.u64(100..=500));
+        let tally = send_round(&mut d, outbox, Some(after), rng);
+        interrupted += tally.interrupted;
+        eprintln!(
+            "analytics_exact: round {round}: killed after {after:?} with {:?} events \
+             unprocessed; {} batches settled, {} interrupted, {} left",
+            tally.depth_at_kill,
+            tally.settled,
+            tally.interrupted,
+            outbox.pending.lock().unwrap().len()
+        );
+    }
+    let mut d = Daemon::start_with(dir, config, &[]);
+    let tally = send_round(&mut d, outbox, None, rng);
+    assert_eq!(
+        outbox.pending.lock().unwrap().len(),
+        0,
+        "the last daemon took every batch ({tally:?}); log:\n{}",
+        d.log_text()
+    );
+    d.wait_processed(Duration::from_secs(30));
+    (d, interrupted)
+}
+
 /// A user sends 3,000 events of ~200 users (out of time order) from four
 /// client threads in batches of 50, while the daemon is killed with
 /// SIGKILL five times, 100–500 ms after each start, during intake and
@@ -1018,30 +1057,7 @@ fn answers_stay_exact_across_kill_9_during_intake() {
 
     let dir = tempfile::tempdir().unwrap();
     let config = common::write_config(dir.path(), &format!("batch_size = 10\n{CONFIG}"));
-    let mut interrupted = 0;
-    for round in 0..5 {
-        let mut d = Daemon::start_with(dir.path(), &config, &[]);
-        let after = Duration::from_millis(rng.u64(100..=500));
-        let tally = send_round(&mut d, &outbox, Some(after), &mut rng);
-        interrupted += tally.interrupted;
-        eprintln!(
-            "analytics_exact: round {round}: killed after {after:?} with {:?} events \
-             unprocessed; {} batches settled, {} interrupted, {} left",
-            tally.depth_at_kill,
-            tally.settled,
-            tally.interrupted,
-            outbox.pending.lock().unwrap().len()
-        );
-    }
-    let mut d = Daemon::start_with(dir.path(), &config, &[]);
-    let tally = send_round(&mut d, &outbox, None, &mut rng);
-    assert_eq!(
-        outbox.pending.lock().unwrap().len(),
-        0,
-        "the last daemon took every batch ({tally:?}); log:\n{}",
-        d.log_text()
-    );
-    d.wait_processed(Duration::from_secs(30));
+    let (d, interrupted) = deliver_through_kills(dir.path(), &config, &outbox, 5, &mut rng);
 
     let answers: Vec<(u64, u64)> = outbox
         .answers
@@ -1065,4 +1081,138 @@ fn answers_stay_exact_across_kill_9_during_intake() {
         "analytics_exact: {interrupted} batches interrupted by kill -9, {duplicates} events \
          re-sent after their commit"
     );
+}
+
+/// A video service sends 2,000 plays, pauses and clicks of the last eight
+/// minutes on 40 pieces of content (half of them in its content table),
+/// from four client threads, while the daemon is killed three times. Each
+/// event is enriched from the table and gains its seconds watched; two
+/// windows read them: seconds watched per content over plays and pauses
+/// (a type filter, ranked by the sum), and events per content category,
+/// a column of the table (no filter, ranked by count). Both equal the
+/// recomputation over the distinct events.
+#[test]
+fn windows_over_enriched_events_stay_exact_across_kill_9() {
+    let (seed, _report) = seed();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The content table: c0..c19 with a category; c20..c39 are unknown.
+    let category = |c: usize| format!("cat-{}", c % 3);
+    let mut table = String::from("id,category,length_seconds\n");
+    for c in 0..20 {
+        table.push_str(&format!("c{c},{},{}\n", category(c), rng.u32(60..3600)));
+    }
+    let content = dir.path().join("content.csv");
+    std::fs::write(&content, table).unwrap();
+
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    struct Play {
+        kind: &'static str,
+        content: usize,
+        duration_ms: Option<i64>,
+    }
+    let mut plays = Vec::new();
+    let bodies_of: Vec<Value> = (0..2_000)
+        .map(|i| {
+            let kind = match rng.u32(0..10) {
+                0..=5 => "play",
+                6 | 7 => "pause",
+                _ => "click",
+            };
+            let c = rng.usize(0..40);
+            let duration_ms = (rng.u32(0..10) != 0).then(|| rng.i64(0..600_000));
+            let at = now_ms - rng.i64(0..8 * 60_000);
+            let mut properties = json!({"content_id": format!("c{c}")});
+            if let Some(ms) = duration_ms {
+                properties["duration_ms"] = json!(ms);
+            }
+            plays.push(Play {
+                kind,
+                content: c,
+                duration_ms,
+            });
+            json!({"event_id": format!("w-{i:05}"), "event_type": kind,
+                   "occurred_at": rfc3339(&mut rng, at), "properties": properties})
+        })
+        .collect();
+    const BATCH: usize = 50;
+    let bodies: Vec<Vec<u8>> = bodies_of
+        .chunks(BATCH)
+        .map(|c| json!({ "events": c }).to_string().into_bytes())
+        .collect();
+    let outbox = Arc::new(Outbox {
+        pending: Mutex::new((0..bodies.len()).collect()),
+        answers: Mutex::new(vec![None; bodies.len()]),
+        bodies,
+    });
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "batch_size = 10\n\
+             [[enrichment]]\nname = \"content\"\nfile = \"{}\"\nkey_column = \"id\"\n\
+             match = \"properties.content_id\"\n\
+             [[derive]]\nfield = \"derived.seconds\"\ndivide = [\"properties.duration_ms\", 1000]\n\
+             [[windows]]\nname = \"watched\"\nminutes = 10\nevent_types = [\"play\", \"pause\"]\n\
+             group_by = \"properties.content_id\"\nsum = \"derived.seconds\"\n\
+             [[windows]]\nname = \"by_category\"\nminutes = 10\n\
+             group_by = \"enriched.content.category\"\n",
+            content.display()
+        ),
+    );
+    let (d, interrupted) = deliver_through_kills(dir.path(), &config, &outbox, 3, &mut rng);
+
+    // The recomputation: (key, count, ms watched), ranked as the daemon ranks.
+    let mut watched: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    let mut categories: BTreeMap<String, u64> = BTreeMap::new();
+    for p in &plays {
+        if p.kind != "click" {
+            let cell = watched.entry(format!("c{}", p.content)).or_default();
+            cell.0 += 1;
+            cell.1 += p.duration_ms.unwrap_or(0);
+        }
+        if p.content < 20 {
+            *categories.entry(category(p.content)).or_default() += 1;
+        }
+    }
+    let mut want_watched: Vec<(String, u64, i64)> =
+        watched.into_iter().map(|(k, (n, ms))| (k, n, ms)).collect();
+    want_watched.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+    let mut want_categories: Vec<(String, u64)> = categories.into_iter().collect();
+    want_categories.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+
+    let groups = |name: &str| {
+        let r = stats(&d, &format!("/stats/windows/{name}?limit=1000"));
+        r["groups"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: {r}"))
+            .clone()
+    };
+    let got_watched: Vec<(String, u64, i64)> = groups("watched")
+        .iter()
+        .map(|g| {
+            let seconds = g["sum"].as_f64().unwrap_or_else(|| panic!("{g}"));
+            (
+                g["key"].as_str().unwrap_or_default().to_owned(),
+                g["count"].as_u64().unwrap_or_default(),
+                (seconds * 1000.0).round() as i64,
+            )
+        })
+        .collect();
+    let got_categories: Vec<(String, u64)> = groups("by_category")
+        .iter()
+        .map(|g| {
+            assert_eq!(g["sum"], Value::Null, "no sum configured: {g}");
+            (
+                g["key"].as_str().unwrap_or_default().to_owned(),
+                g["count"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    same_rows("seconds watched per content", &got_watched, &want_watched);
+    same_rows("events per category", &got_categories, &want_categories);
+    eprintln!("analytics_exact: windows: {interrupted} batches interrupted by kill -9");
 }
