@@ -536,13 +536,10 @@ fn dau_of(d: &Daemon, from: i64, to: i64) -> Vec<(String, u64)> {
         .collect()
 }
 
-fn top_events_of(d: &Daemon, from: i64, to: i64, limit: usize) -> Vec<(String, u64)> {
-    let path = format!(
-        "/stats/top-events?from={}&to={}&limit={limit}",
-        date(from),
-        date(to)
-    );
-    let r = stats(d, &path);
+/// The rows of a `/stats/top-events` answer, each as (type, count) and
+/// the row itself.
+fn top_rows(d: &Daemon, path: &str) -> Vec<(String, u64, Value)> {
+    let r = stats(d, path);
     r["events"]
         .as_array()
         .unwrap_or_else(|| panic!("{path}: no events: {r}"))
@@ -552,8 +549,20 @@ fn top_events_of(d: &Daemon, from: i64, to: i64, limit: usize) -> Vec<(String, u
                 .as_str()
                 .unwrap_or_else(|| panic!("{row}"));
             let n = row["count"].as_u64().unwrap_or_else(|| panic!("{row}"));
-            (t.to_owned(), n)
+            (t.to_owned(), n, row.clone())
         })
+        .collect()
+}
+
+fn top_events_of(d: &Daemon, from: i64, to: i64, limit: usize) -> Vec<(String, u64)> {
+    let path = format!(
+        "/stats/top-events?from={}&to={}&limit={limit}",
+        date(from),
+        date(to)
+    );
+    top_rows(d, &path)
+        .into_iter()
+        .map(|(t, n, _)| (t, n))
         .collect()
 }
 
@@ -569,18 +578,9 @@ fn top_by_amount_of(d: &Daemon, from: i64, to: i64) -> Vec<(String, u64, i64)> {
         date(from),
         date(to)
     );
-    let r = stats(d, &path);
-    r["events"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{path}: no events: {r}"))
-        .iter()
-        .map(|row| {
-            let t = row["event_type"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{row}"));
-            let n = row["count"].as_u64().unwrap_or_else(|| panic!("{row}"));
-            (t.to_owned(), n, cents(&row["sum"]))
-        })
+    top_rows(d, &path)
+        .into_iter()
+        .map(|(t, n, row)| (t, n, cents(&row["sum"])))
         .collect()
 }
 
