@@ -126,6 +126,8 @@ fn the_dashboard_shows_what_stats_says_and_replays_the_dlq() {
         dir.path(),
         &format!(
             "admin_token = \"{TOKEN}\"\nmax_retries = 0\nbreaker_failures = 1000\n\
+             [[windows]]\nname = \"refunds_10m\"\nminutes = 10\nevent_types = [\"refund\"]\n\
+             group_by = \"user_id\"\n\
              [[sinks]]\nname = \"dashboard\"\ntype = \"http\"\nurl = \"{}\"\ntimeout_ms = 2000\n",
             sink.url()
         ),
@@ -228,6 +230,15 @@ fn the_dashboard_shows_what_stats_says_and_replays_the_dlq() {
             .iter()
             .any(|r| r[0] == "refund" && r[1] == "5")
     });
+    // The configured window shows them too, as /stats/windows/refunds_10m.
+    browser.wait_for(PAGE, "eve's 5 refunds in the custom window", |b| {
+        rows(b, "#custom-windows [data-window='refunds_10m'] tbody tr") == json!([["eve", "5"]])
+    });
+    let window = daemon.get("/stats/windows/refunds_10m").json();
+    assert_eq!(
+        window["groups"],
+        json!([{"key": "eve", "count": 5, "sum": null}])
+    );
     assert_eq!(
         browser.run("return window.inletdTestMark;", &[]),
         "no reload"

@@ -142,7 +142,51 @@
     ], ["−5 min", "now"]);
   }
 
+  // The user-defined windows /stats/windows lists, each from its own
+  // endpoint, in one card.
+  async function showCustomWindows(names) {
+    $("custom-card").hidden = names.length === 0;
+    const answers = await Promise.all(
+      names.map((name) =>
+        call("/stats/windows/" + encodeURIComponent(name) + "?limit=10").catch(() => null),
+      ),
+    );
+    const shown = answers.filter((a) => a);
+    const box = $("custom-windows");
+    if (!changed(box, shown)) return;
+    for (const w of shown) {
+      const part = el("div", null, "custom");
+      part.dataset.window = w.name;
+      part.append(el("h3", w.name + " · last " + w.minutes + " min"));
+      const hasSum = w.groups.some((g) => g.sum != null);
+      const table = el("table", null, "plain");
+      const head = el("tr");
+      head.append(el("th", "group"), el("th", "events", "num"));
+      if (hasSum) head.append(el("th", "sum", "num"));
+      const thead = el("thead");
+      thead.append(head);
+      const tbody = el("tbody");
+      for (const g of w.groups) {
+        const tr = el("tr");
+        tr.append(el("td", g.key), el("td", fmt(g.count), "num"));
+        if (hasSum) tr.append(el("td", fmt(g.sum), "num"));
+        tbody.append(tr);
+      }
+      if (w.groups.length === 0) {
+        const tr = el("tr");
+        const td = el("td", "nothing in the window", "muted");
+        td.colSpan = hasSum ? 3 : 2;
+        tr.append(td);
+        tbody.append(tr);
+      }
+      table.append(thead, tbody);
+      part.append(table);
+      box.append(part);
+    }
+  }
+
   function showWindows(w) {
+    showCustomWindows(w.custom || []);
     $("active-users").textContent = fmt(w.active_users_5m);
     $("active-sessions").textContent = fmt(w.active_sessions_5m);
     $("page-views").textContent = fmt(w.page_views_15m);
