@@ -384,8 +384,9 @@ async fn watch_store_writes(context: Arc<Context>) -> AppError {
     }
 }
 
-/// Once a minute: removes expired idempotency keys and prunes the
-/// rolling-window buckets that no window reaches any more.
+/// Once a minute: removes expired idempotency keys, prunes the
+/// rolling-window buckets that no window reaches any more, and merges the
+/// trends' user records of the days just over.
 async fn sweep_keys(context: Arc<Context>) {
     const BATCH: usize = 10_000;
     let mut every = tokio::time::interval(Duration::from_secs(60));
@@ -394,6 +395,16 @@ async fn sweep_keys(context: Arc<Context>) {
         let stale = crate::event::now_ms() - crate::analytics::WINDOW_RETENTION_MINUTES * 60_000;
         if let Err(e) = blocking(&context.storage, move |s| s.prune_windows(stale)).await {
             tracing::warn!(error = %e, "pruning rolling-window buckets failed");
+        }
+        // The last three days before today, whose batches are over (an
+        // event for an older day, rare, keeps its own record).
+        let today = crate::analytics::day_of(crate::event::now_ms());
+        if let Err(e) = blocking(&context.storage, move |s| {
+            s.merge_user_records(today - 3, today - 1)
+        })
+        .await
+        {
+            tracing::warn!(error = %e, "merging trends' user records failed");
         }
         let before = crate::event::now_ms() - context.live().config.idempotency_ttl_ms();
         loop {

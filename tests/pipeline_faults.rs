@@ -88,6 +88,9 @@ impl Storage for Faulty {
     fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
         self.inner.prune_windows(before_ms)
     }
+    fn merge_user_records(&self, from_day: i32, to_day: i32) -> Result<usize, StorageError> {
+        self.inner.merge_user_records(from_day, to_day)
+    }
     fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
         self.inner.sweep_keys(before_ms, limit)
     }

@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use inletd::analytics::{Facts, WINDOW_RETENTION_MINUTES, Wanted};
+use inletd::analytics::{self, Facts, WINDOW_RETENTION_MINUTES, Wanted};
 use inletd::event::{Queued, WalRecord};
 use inletd::storage::memory::MemoryStorage;
 use inletd::storage::sled::{SledOptions, SledStorage};
@@ -759,4 +759,82 @@ fn a_format_1_store_is_converted_and_its_keys_kept() {
             first_seen_ms: 1600
         }]
     ));
+}
+
+/// Trends' user records: one per day and type per batch until the sweeper
+/// merges a finished day's into one. On sled and on the model alike, the
+/// merge leaves one record per day and type, each user once, and every
+/// trends answer as it was; a second merge finds nothing to do.
+#[test]
+fn merging_trends_user_records_changes_no_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled = open(&dir);
+    let model = MemoryStorage::new();
+    let day0 = T0.div_euclid(DAY_MS) - 3;
+    for store in [&sled as &dyn Storage, &model] {
+        // Five batches over three days, users and types overlapping.
+        let mut n = 0;
+        for batch in 0..5 {
+            let mut group = Vec::new();
+            for i in 0..12 {
+                n += 1;
+                let day = day0 + (i % 3);
+                let mut e = event(&format!("e{n}"), TYPES[(batch + i as usize) % 3], 0);
+                e.record.occurred_at_ms = day * DAY_MS + 1_000 * i;
+                e.record.body =
+                    json!({"event_id": format!("e{n}"), "user_id": format!("u{}", (n * 7) % 5)})
+                        .to_string();
+                group.push(e);
+            }
+            store.append(&group, T0, TTL_MS).unwrap();
+            store.commit_batch(&ack_all(store, None, T0)).unwrap();
+        }
+        let trends = |s: &dyn Storage| {
+            [
+                analytics::Interval::Day,
+                analytics::Interval::Week,
+                analytics::Interval::Month,
+            ]
+            .map(|interval| {
+                TYPES
+                    .iter()
+                    .map(|t| Some(*t))
+                    .chain([None])
+                    .map(|t| analytics::trends(s, day0 as i32, day0 as i32 + 2, interval, t, None))
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap()
+            })
+        };
+        let records = |s: &dyn Storage| {
+            let (from, to) = analytics::user_record_range(day0 as i32, day0 as i32 + 2);
+            let mut keys = Vec::new();
+            s.scan(&from, &to, &mut |k, _| {
+                keys.push(k.to_vec());
+                true
+            })
+            .unwrap();
+            keys.len()
+        };
+        let before = trends(store);
+        assert!(
+            before[0][3].series.iter().all(|p| p.users > 0),
+            "{:?}",
+            before[0][3]
+        );
+        let records_before = records(store);
+        let merged = store
+            .merge_user_records(day0 as i32, day0 as i32 + 2)
+            .unwrap();
+        // Three days, three types: nine records left.
+        assert_eq!(records(store), 9);
+        assert_eq!(merged, records_before - 9);
+        assert_eq!(trends(store), before);
+        assert_eq!(
+            store
+                .merge_user_records(day0 as i32, day0 as i32 + 2)
+                .unwrap(),
+            0
+        );
+    }
+    assert_eq!(aggregates(&sled), aggregates(&model));
 }

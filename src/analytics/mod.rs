@@ -37,7 +37,9 @@
 //! length-prefixed; a user is in it once, but may be in several batches'
 //! records of a day: a query unions them. One record per day and type per
 //! batch, rather than a key per new user, type and day, is what keeps
-//! trends' users from costing a sled insert per event. Sums are fixed-point (millionths, i128), so that they are
+//! trends' users from costing a sled insert per event. Once a day is over,
+//! the sweeper merges its records into one per type ([`merge_user_records`]),
+//! so that a user is kept once per day and type, not once per batch. Sums are fixed-point (millionths, i128), so that they are
 //! exact and do not depend on the order events are added in. `A` and `S`
 //! were added after the others: a store counts them from the version that
 //! wrote them on. `W` entries are written for events of the last day and
@@ -627,6 +629,73 @@ pub fn stale_window_ranges(before_ms: i64) -> [(Vec<u8>, Vec<u8>); 3] {
         (b"p".to_vec(), key(&[b"p", &end])),
         (b"W".to_vec(), key(&[b"W", &custom_end])),
     ]
+}
+
+/// The `A` keys of the days `from..=to`: trends' user records.
+pub fn user_record_range(from: i32, to: i32) -> (Vec<u8>, Vec<u8>) {
+    (
+        key(&[b"A", &day_key(from)]),
+        key(&[b"A", &day_key(to.saturating_add(1))]),
+    )
+}
+
+/// One merge of trends' user records: the records of one day and type
+/// become one, under the first record's key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserMerge {
+    /// The keys merged away.
+    pub remove: Vec<Vec<u8>>,
+    /// The key kept.
+    pub key: Vec<u8>,
+    /// The merged record: each user of the day and type once.
+    pub record: Vec<u8>,
+}
+
+/// Plans the merge of the `A` records given (in key order, as a scan of
+/// [`user_record_range`] gives them): one merge per day and type that has
+/// more than one record.
+pub fn merge_user_records(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<UserMerge> {
+    let mut merges = Vec::new();
+    // A key is `A` ‖ day ‖ type ‖ batch (8 bytes): records of one day and
+    // type share all but the batch, and are next to each other.
+    let prefix = |k: &[u8]| {
+        k.get(..k.len().saturating_sub(8))
+            .unwrap_or_default()
+            .to_vec()
+    };
+    let mut start = 0;
+    while start < records.len() {
+        let group = prefix(&records[start].0);
+        let end = records[start..]
+            .iter()
+            .position(|(k, _)| prefix(k) != group)
+            .map_or(records.len(), |n| start + n);
+        if end - start > 1 {
+            let mut users: BTreeSet<&[u8]> = BTreeSet::new();
+            let mut record = Vec::new();
+            for (_, value) in &records[start..end] {
+                let mut rest = value.as_slice();
+                while let Some((_, more)) = split_part(rest) {
+                    // The user with its length prefix, as stored.
+                    let whole = &rest[..rest.len() - more.len()];
+                    if users.insert(whole) {
+                        record.extend_from_slice(whole);
+                    }
+                    rest = more;
+                }
+            }
+            merges.push(UserMerge {
+                remove: records[start + 1..end]
+                    .iter()
+                    .map(|(k, _)| k.clone())
+                    .collect(),
+                key: records[start].0.clone(),
+                record,
+            });
+        }
+        start = end;
+    }
+    merges
 }
 
 /// One group of `/stats/windows/{name}`.

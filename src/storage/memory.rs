@@ -199,6 +199,25 @@ impl Storage for MemoryStorage {
             .collect())
     }
 
+    fn merge_user_records(&self, from_day: i32, to_day: i32) -> Result<usize, StorageError> {
+        let mut g = self.lock();
+        let (from, to) = analytics::user_record_range(from_day, to_day);
+        let records: Vec<(Vec<u8>, Vec<u8>)> = g
+            .aggregates
+            .range(from..to)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut removed = 0;
+        for merge in analytics::merge_user_records(&records) {
+            for k in &merge.remove {
+                g.aggregates.remove(k);
+            }
+            removed += merge.remove.len();
+            g.aggregates.insert(merge.key, merge.record);
+        }
+        Ok(removed)
+    }
+
     fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
         let mut g = self.lock();
         let mut removed = 0;

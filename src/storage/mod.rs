@@ -290,6 +290,11 @@ pub trait Storage: KvRead + Send + Sync + 'static {
     /// Removes rolling-window buckets of events older than `before_ms`.
     fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError>;
 
+    /// Merges trends' user records of the days `from_day..=to_day` into one
+    /// per day and type ([`crate::analytics::merge_user_records`]), each
+    /// merge in one transaction; answers how many records were merged away.
+    fn merge_user_records(&self, from_day: i32, to_day: i32) -> Result<usize, StorageError>;
+
     /// Removes idempotency keys first seen before `before_ms`; at most
     /// `limit` per call. Returns how many were removed.
     fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError>;

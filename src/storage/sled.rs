@@ -1305,6 +1305,32 @@ impl Storage for Store {
             .collect()
     }
 
+    fn merge_user_records(&self, from_day: i32, to_day: i32) -> Result<usize, StorageError> {
+        let (from, to) = analytics::user_record_range(from_day, to_day);
+        let records = self
+            .aggregates
+            .range(from..to)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io)?;
+        let mut removed = 0;
+        for merge in analytics::merge_user_records(&records) {
+            // The records merged are never written again (a batch commits
+            // once), so no commit can race this one.
+            self.aggregates
+                .transaction(|tx| {
+                    for k in &merge.remove {
+                        tx.remove(k.as_slice())?;
+                    }
+                    tx.insert(merge.key.as_slice(), merge.record.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<StorageError>>(())
+                })
+                .map_err(tx_err)?;
+            removed += merge.remove.len();
+        }
+        Ok(removed)
+    }
+
     fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
         let mut removed = 0;
         for (from, to) in analytics::stale_window_ranges(before_ms) {
@@ -1693,6 +1719,9 @@ impl Storage for SledStorage {
     }
     fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
         self.with(|s| s.prune_windows(before_ms))
+    }
+    fn merge_user_records(&self, from_day: i32, to_day: i32) -> Result<usize, StorageError> {
+        self.with(|s| s.merge_user_records(from_day, to_day))
     }
     fn sweep_keys(&self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
         self.with(|s| s.sweep_keys(before_ms, limit))
