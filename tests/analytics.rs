@@ -208,7 +208,7 @@ fn trends_sum_an_amount_per_week_and_rank_types_by_it() {
                 {"period": "2024-01-01", "count": 3, "users": 2, "sum": 24.99, "skipped": 1},
                 {"period": "2024-01-08", "count": 2, "users": 1, "sum": 100.01, "skipped": 1},
             ],
-            "skipped": 2,
+            "skipped": 2, "summable": ["properties.amount"],
         })
     );
     let months = d

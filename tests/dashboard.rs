@@ -170,6 +170,31 @@ fn the_dashboard_shows_what_stats_says_and_replays_the_dlq() {
     assert_eq!(days[29]["users"], 3, "ann, bob and cy today: {dau}");
     assert_eq!(number(&browser, "#dau-today"), Some(3));
 
+    // The trends card: by day over the same 30 days, newest first; then
+    // for one event type, chosen on the page.
+    let trend_rows = |path: &str| -> Value {
+        let t = daemon.get(path).json();
+        let rows: Vec<Value> = t["series"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{t}"))
+            .iter()
+            .rev()
+            .map(|p| json!([p["period"], p["count"].to_string(), p["users"].to_string()]))
+            .collect();
+        json!(rows)
+    };
+    let by_day = trend_rows("/stats/trends?interval=day");
+    assert_eq!(by_day.as_array().unwrap().len(), 30);
+    browser.wait_for(PAGE, "the trends table as /stats/trends says", |b| {
+        rows(b, "#trends tr") == by_day
+    });
+    browser.click("#trend-type option[value='purchase']");
+    let purchases = trend_rows("/stats/trends?interval=day&event_type=purchase");
+    assert_ne!(purchases, by_day);
+    browser.wait_for(PAGE, "the trends of purchases", |b| {
+        rows(b, "#trends tr") == purchases
+    });
+
     let summary = daemon.get("/stats/summary").json();
     assert_eq!(number(&browser, "#dlq-size"), Some(12));
     assert_eq!(summary["sinks"][0]["state"], "retrying", "{summary}");

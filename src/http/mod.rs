@@ -833,6 +833,8 @@ async fn stats(
                         other => other.cloned(),
                     };
                     let sum = sum_field()?;
+                    // What `sum` may name, so that a caller can find out.
+                    let summable = api.pipeline.context.live().config.sum_fields.clone();
                     query(&api, move |s| {
                         let trend = analytics::trends(
                             s,
@@ -842,7 +844,9 @@ async fn stats(
                             event_type.as_deref(),
                             sum.as_deref(),
                         )?;
-                        Ok(json!(trend))
+                        let mut answer = json!(trend);
+                        answer["summable"] = json!(summable);
+                        Ok(answer)
                     })
                     .await?
                 }

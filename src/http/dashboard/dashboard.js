@@ -202,6 +202,7 @@
   function showDau(d) {
     if (d.to && d.to !== today) {
       retentionDue = true;
+      trendsDue = true;
       today = d.to;
     }
     const days = d.days || [];
@@ -234,6 +235,7 @@
   }
 
   function showTopEvents(t) {
+    offer($("trend-type"), (t.events || []).map((e) => e.event_type).sort());
     const body = $("top-events");
     body.replaceChildren();
     const events = t.events || [];
@@ -292,6 +294,67 @@
       tbody.append(tr);
     }
     table.append(thead, tbody);
+  }
+
+  function trendsPath() {
+    const interval = $("trend-interval").value;
+    const back = { day: 29, week: 83, month: 365 }[interval];
+    const end = today ? Date.parse(today + "T00:00:00Z") : Date.now();
+    let path =
+      "/stats/trends?interval=" + interval +
+      "&from=" + isoDay(new Date(end - back * 86400000)) +
+      "&to=" + isoDay(new Date(end));
+    const type = $("trend-type").value;
+    if (type) path += "&event_type=" + encodeURIComponent(type);
+    const sum = $("trend-sum").value;
+    if (sum) path += "&sum=" + encodeURIComponent(sum);
+    return path;
+  }
+
+  // Fills a <select> with `values` (after its first option), keeping the
+  // choice made.
+  function offer(select, values) {
+    const keep = select.value;
+    const have = [...select.options].slice(1).map((o) => o.value);
+    if (JSON.stringify(have) === JSON.stringify(values)) return;
+    while (select.options.length > 1) select.remove(1);
+    for (const v of values) select.append(new Option(v, v));
+    select.value = values.includes(keep) ? keep : "";
+  }
+
+  function showTrends(t) {
+    const summable = t.summable || [];
+    $("trend-sum").hidden = summable.length === 0;
+    offer($("trend-sum"), summable);
+    const series = t.series || [];
+    const withSum = t.sum != null;
+    $("trend-sum-head").hidden = !withSum;
+    const chart = $("trend-chart");
+    const [W, H] = fit(chart);
+    const left = 36, bottom = 18, top = 8;
+    const max = Math.max(1, ...series.map((p) => p.count));
+    const step = (W - left) / Math.max(1, series.length);
+    chart.append(svg("line", { x1: left, y1: H - bottom, x2: W, y2: H - bottom, class: "axis" }));
+    chart.append(svg("text", { x: 0, y: top + 8 }, fmt(max)));
+    chart.append(svg("text", { x: 0, y: H - bottom }, "0"));
+    series.forEach((p, i) => {
+      const h = ((H - bottom - top) * p.count) / max;
+      const bar = svg("rect", { x: left + i * step + 1, y: H - bottom - h, width: Math.max(1, step - 2), height: h });
+      bar.append(svg("title", {}, p.period + ": " + fmt(p.count) + " events, " + fmt(p.users) + " users"));
+      chart.append(bar);
+    });
+    if (series.length) {
+      chart.append(svg("text", { x: left, y: H - 4 }, series[0].period));
+      chart.append(svg("text", { x: W, y: H - 4, "text-anchor": "end" }, series[series.length - 1].period));
+    }
+    const body = $("trends");
+    if (!changed(body, series)) return;
+    for (const p of [...series].reverse()) {
+      const tr = el("tr");
+      tr.append(el("td", p.period), el("td", fmt(p.count), "num"), el("td", fmt(p.users), "num"));
+      if (withSum) tr.append(el("td", fmt(p.sum), "num"));
+      body.append(tr);
+    }
   }
 
   function showQueue(q) {
@@ -403,6 +466,7 @@
     ["/stats/dau", showDau, false, 1],
     ["/stats/top-events?limit=10", showTopEvents, false, 1],
     [retentionPath, showRetention, false, RETENTION_EVERY],
+    [trendsPath, showTrends, false, RETENTION_EVERY],
     ["/admin/queue", showQueue, true, 1],
     ["/admin/dlq?limit=" + DLQ_ROWS, showDlq, true, 1],
   ];
@@ -412,10 +476,12 @@
   let again = false;
   let polls = 0;
   let retentionDue = true;
+  let trendsDue = true;
 
   async function poll() {
     const due = views.filter(([path, , , every]) =>
-      every === 1 || polls % every === 0 || (path === retentionPath && retentionDue),
+      every === 1 || polls % every === 0 || (path === retentionPath && retentionDue) ||
+        (path === trendsPath && trendsDue),
     );
     polls += 1;
     const results = await Promise.allSettled(
@@ -429,6 +495,7 @@
       const [path, show, admin] = due[i];
       if (r.status === "fulfilled") {
         if (path === retentionPath) retentionDue = false;
+        if (path === trendsPath) trendsDue = false;
         try {
           show(r.value);
         } catch (err) {
@@ -525,6 +592,12 @@
     retentionDue = true;
     loop();
   });
+  for (const id of ["trend-interval", "trend-type", "trend-sum"]) {
+    $(id).addEventListener("change", () => {
+      trendsDue = true;
+      loop();
+    });
+  }
   $("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     token = $("token-input").value.trim();
