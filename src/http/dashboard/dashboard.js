@@ -207,31 +207,14 @@
     }
     const days = d.days || [];
     $("dau-today").textContent = fmt(days.length ? days[days.length - 1].users : 0);
-    const chart = $("dau-chart");
-    const [W, H] = fit(chart);
-    const left = 36, bottom = 18, top = 8;
-    const max = Math.max(1, ...days.map((x) => x.users));
-    const step = (W - left) / Math.max(1, days.length);
-    chart.append(svg("line", { x1: left, y1: H - bottom, x2: W, y2: H - bottom, class: "axis" }));
-    chart.append(svg("text", { x: 0, y: top + 8 }, fmt(max)));
-    chart.append(svg("text", { x: 0, y: H - bottom }, "0"));
-    days.forEach((x, i) => {
-      const h = ((H - bottom - top) * x.users) / max;
-      const bar = svg("rect", {
-        x: left + i * step + 1,
-        y: H - bottom - h,
-        width: Math.max(1, step - 2),
-        height: h,
-        "data-date": x.date,
-        "data-users": x.users,
-      });
-      bar.append(svg("title", {}, x.date + ": " + fmt(x.users) + " users"));
-      chart.append(bar);
-    });
-    if (days.length) {
-      chart.append(svg("text", { x: left, y: H - 4 }, days[0].date));
-      chart.append(svg("text", { x: W, y: H - 4, "text-anchor": "end" }, days[days.length - 1].date));
-    }
+    barChart(
+      $("dau-chart"),
+      days.map((x) => ({
+        label: x.date,
+        value: x.users,
+        title: x.date + ": " + fmt(x.users) + " users",
+      })),
+    );
   }
 
   function showTopEvents(t) {
@@ -329,24 +312,14 @@
     const series = t.series || [];
     const withSum = t.sum != null;
     $("trend-sum-head").hidden = !withSum;
-    const chart = $("trend-chart");
-    const [W, H] = fit(chart);
-    const left = 36, bottom = 18, top = 8;
-    const max = Math.max(1, ...series.map((p) => p.count));
-    const step = (W - left) / Math.max(1, series.length);
-    chart.append(svg("line", { x1: left, y1: H - bottom, x2: W, y2: H - bottom, class: "axis" }));
-    chart.append(svg("text", { x: 0, y: top + 8 }, fmt(max)));
-    chart.append(svg("text", { x: 0, y: H - bottom }, "0"));
-    series.forEach((p, i) => {
-      const h = ((H - bottom - top) * p.count) / max;
-      const bar = svg("rect", { x: left + i * step + 1, y: H - bottom - h, width: Math.max(1, step - 2), height: h });
-      bar.append(svg("title", {}, p.period + ": " + fmt(p.count) + " events, " + fmt(p.users) + " users"));
-      chart.append(bar);
-    });
-    if (series.length) {
-      chart.append(svg("text", { x: left, y: H - 4 }, series[0].period));
-      chart.append(svg("text", { x: W, y: H - 4, "text-anchor": "end" }, series[series.length - 1].period));
-    }
+    barChart(
+      $("trend-chart"),
+      series.map((p) => ({
+        label: p.period,
+        value: p.count,
+        title: p.period + ": " + fmt(p.count) + " events, " + fmt(p.users) + " users",
+      })),
+    );
     const body = $("trends");
     if (!changed(body, series)) return;
     for (const p of [...series].reverse()) {
@@ -432,21 +405,48 @@
     $("queue-age").textContent = "–";
   }
 
-  function lineChart(chart, series, labels) {
+  // The frame every chart shares: the axis, the top and zero of the
+  // scale, and the first and last labels; answers where to draw.
+  function frame(chart, max, first, last) {
     const [W, H] = fit(chart);
-    const left = 36, bottom = 18, top = 8;
+    const area = { left: 36, right: W, top: 8, bottom: H - 18 };
+    chart.append(svg("line", { x1: area.left, y1: area.bottom, x2: W, y2: area.bottom, class: "axis" }));
+    chart.append(svg("text", { x: 0, y: area.top + 8 }, fmt(max)));
+    chart.append(svg("text", { x: 0, y: area.bottom }, "0"));
+    if (first != null) chart.append(svg("text", { x: area.left, y: H - 4 }, first));
+    if (last != null) chart.append(svg("text", { x: W, y: H - 4, "text-anchor": "end" }, last));
+    return area;
+  }
+
+  // A bar per item, `value` high, with `title` as its tooltip.
+  function barChart(chart, items) {
+    const max = Math.max(1, ...items.map((x) => x.value));
+    const n = items.length;
+    const a = frame(chart, max, n ? items[0].label : null, n ? items[n - 1].label : null);
+    const step = (a.right - a.left) / Math.max(1, n);
+    items.forEach((x, i) => {
+      const h = ((a.bottom - a.top) * x.value) / max;
+      const bar = svg("rect", {
+        x: a.left + i * step + 1,
+        y: a.bottom - h,
+        width: Math.max(1, step - 2),
+        height: h,
+      });
+      bar.append(svg("title", {}, x.title));
+      chart.append(bar);
+    });
+  }
+
+  // A line per series of values, evenly spaced.
+  function lineChart(chart, series, labels) {
     const max = Math.max(1, ...series.flatMap((s) => s.values));
-    chart.append(svg("line", { x1: left, y1: H - bottom, x2: W, y2: H - bottom, class: "axis" }));
-    chart.append(svg("text", { x: 0, y: top + 8 }, fmt(max)));
-    chart.append(svg("text", { x: 0, y: H - bottom }, "0"));
-    chart.append(svg("text", { x: left, y: H - 4 }, labels[0]));
-    chart.append(svg("text", { x: W, y: H - 4, "text-anchor": "end" }, labels[1]));
+    const a = frame(chart, max, labels[0], labels[1]);
     for (const s of series) {
       const n = s.values.length;
       if (n < 2) continue;
       const points = s.values.map((v, i) => {
-        const x = left + ((W - left) * i) / (n - 1);
-        const y = H - bottom - ((H - bottom - top) * v) / max;
+        const x = a.left + ((a.right - a.left) * i) / (n - 1);
+        const y = a.bottom - ((a.bottom - a.top) * v) / max;
         return x.toFixed(1) + "," + y.toFixed(1);
       });
       chart.append(svg("polyline", { points: points.join(" "), class: s.cls }));
