@@ -48,6 +48,18 @@ pub enum LogFormat {
 /// At most this many `sum_fields`, and this many `[[windows]]`.
 pub const MAX_SUM_FIELDS: usize = 16;
 
+/// Top-level fields a derived field may not write: the ones inletd reads
+/// of each event, and enrichment's own.
+const RESERVED_FIELDS: [&str; 7] = [
+    "event_id",
+    "event_type",
+    "user_id",
+    "session_id",
+    "timestamp",
+    "occurred_at",
+    "enriched",
+];
+
 /// The longest user-defined window, in minutes: a day.
 pub const MAX_WINDOW_MINUTES: u32 = 1440;
 
@@ -694,6 +706,14 @@ impl Config {
             }
         }
         for (i, d) in self.derive.iter().enumerate() {
+            let top = d.field.split('.').next().unwrap_or_default();
+            if RESERVED_FIELDS.contains(&top) {
+                bad.push(format!(
+                    "derive[{i}].field: `{}` would change the event's `{top}`, which inletd reads; \
+                     put derived fields under another name, such as derived.",
+                    d.field
+                ));
+            }
             if !valid_path(&d.field) {
                 bad.push(format!(
                     "derive[{i}].field: `{}` must be a dotted path like derived.engagement_seconds",
@@ -924,6 +944,19 @@ fn scalar_value(text: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_derived_field_may_not_write_what_inletd_reads() {
+        for field in ["user_id", "event_type.x", "enriched.content.type"] {
+            let text = format!("[[derive]]\nfield = \"{field}\"\nadd = [1, 2]\n");
+            let Err(ConfigError::Invalid(problems)) = Config::from_parts(&text, &[], &[]) else {
+                panic!("{field} was taken");
+            };
+            assert!(problems[0].contains("derive[0].field"), "{problems:?}");
+        }
+        let text = "[[derive]]\nfield = \"derived.x\"\nadd = [\"properties.a\", 2]\n";
+        assert!(Config::from_parts(text, &[], &[]).is_ok());
+    }
 
     #[test]
     fn positions_and_suggestions() {

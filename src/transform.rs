@@ -68,15 +68,32 @@ pub fn load_table(path: &Path, key_column: &str) -> Result<Table, String> {
     Ok(table)
 }
 
-/// A CSV cell as JSON: a number when it reads as one, else text.
+/// A CSV cell as JSON: a number when it is written as one plainly (`300`,
+/// `-4`, `12.5`, `0.25`), else text, so that `00501`, `+15551234` or a
+/// 20-digit id stay as written.
 fn cell_value(cell: &str) -> Value {
-    if let Ok(i) = cell.parse::<i64>() {
-        return Value::from(i);
+    let digits = cell.strip_prefix('-').unwrap_or(cell);
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let plain = !whole.is_empty()
+        && whole.bytes().all(|b| b.is_ascii_digit())
+        && (whole == "0" || !whole.starts_with('0'))
+        && fraction.bytes().all(|b| b.is_ascii_digit())
+        // A dot has digits after it.
+        && (fraction.is_empty() != digits.contains('.'));
+    if plain {
+        if fraction.is_empty()
+            && let Ok(i) = cell.parse::<i64>()
+        {
+            return Value::from(i);
+        }
+        if !fraction.is_empty()
+            && let Ok(x) = cell.parse::<f64>()
+            && x.is_finite()
+        {
+            return Value::from(x);
+        }
     }
-    match cell.parse::<f64>() {
-        Ok(x) if x.is_finite() => Value::from(x),
-        _ => Value::from(cell),
-    }
+    Value::from(cell)
 }
 
 /// Adds the configured enrichment and derived fields to an event body
@@ -96,15 +113,30 @@ pub fn apply(
     }
     for table in enrichment {
         let key = match get(&event, &table.r#match) {
-            Some(Value::String(s)) => s.clone(),
-            Some(v @ Value::Number(_)) => v.to_string(),
-            _ => continue,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(v @ Value::Number(_)) => Some(v.to_string()),
+            _ => None,
         };
-        let Some(row) = table.rows.get(&key) else {
-            continue;
-        };
-        let path = format!("enriched.{}", table.name);
-        set(&mut event, &path, Value::Object(row.clone()));
+        let row = key.and_then(|k| table.rows.get(&k));
+        // `enriched` is inletd's: what a sender put there is replaced, and
+        // a table without a match leaves nothing under its name.
+        if !event["enriched"].is_object() {
+            event["enriched"] = Value::Object(Map::new());
+        }
+        let enriched = &mut event["enriched"];
+        match row {
+            Some(row) => enriched[table.name.as_str()] = Value::Object(row.clone()),
+            None => {
+                if let Some(object) = enriched.as_object_mut() {
+                    object.remove(&table.name);
+                }
+            }
+        }
+    }
+    if event["enriched"].as_object().is_some_and(Map::is_empty)
+        && let Some(object) = event.as_object_mut()
+    {
+        object.remove("enriched");
     }
     for d in derive {
         let value = d
@@ -151,9 +183,9 @@ fn compute(op: &str, a: Option<f64>, b: Option<f64>) -> Value {
     }
 }
 
-/// Sets the value at a dotted path, making the objects on the way; a path
-/// through something that is not an object is left alone (the event's own
-/// data is never overwritten by a step).
+/// Sets the value at a dotted path, making the objects on the way. A path
+/// through a value that is not an object is left alone: the event's own
+/// data on the way is not replaced (the field itself is).
 fn set(event: &mut Value, path: &str, value: Value) {
     let mut at = event;
     let mut parts = path.split('.').peekable();
@@ -190,6 +222,7 @@ pub fn load_tables(enrichment: &mut [EnrichmentConfig]) -> Result<(), Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::EnrichmentConfig;
 
     fn table(dir: &Path, text: &str) -> Result<Table, String> {
         let path = dir.join("t.csv");
@@ -220,6 +253,58 @@ mod tests {
         assert!(short.starts_with("line 3:"), "{short}");
         let no_key = table(dir.path(), "name,x\na,1\n").unwrap_err();
         assert!(no_key.contains("no column `id`"), "{no_key}");
+    }
+
+    #[test]
+    fn cells_become_numbers_only_when_written_plainly_as_one() {
+        for (cell, value) in [
+            ("300", serde_json::json!(300)),
+            ("-4", serde_json::json!(-4)),
+            ("12.5", serde_json::json!(12.5)),
+            ("0.25", serde_json::json!(0.25)),
+            ("00501", serde_json::json!("00501")),
+            ("+15551234", serde_json::json!("+15551234")),
+            (
+                "12345678901234567890",
+                serde_json::json!("12345678901234567890"),
+            ),
+            ("1e5", serde_json::json!("1e5")),
+            ("12.", serde_json::json!("12.")),
+            (".5", serde_json::json!(".5")),
+            ("NaN", serde_json::json!("NaN")),
+        ] {
+            assert_eq!(cell_value(cell), value, "{cell}");
+        }
+    }
+
+    #[test]
+    fn a_sender_cannot_fake_or_block_enrichment() {
+        let table = EnrichmentConfig {
+            name: "content".into(),
+            file: "unused".into(),
+            key_column: "id".into(),
+            r#match: "properties.content_id".into(),
+            rows: Arc::new(
+                [("c1".to_owned(), serde_json::json!({"type": "video"}))]
+                    .into_iter()
+                    .map(|(k, v)| (k, v.as_object().cloned().unwrap_or_default()))
+                    .collect(),
+            ),
+        };
+        let enrich = |body: serde_json::Value| -> serde_json::Value {
+            let text = apply(&body.to_string(), std::slice::from_ref(&table), &[]).unwrap();
+            serde_json::from_str(&text).unwrap()
+        };
+        let faked = enrich(serde_json::json!({
+            "properties": {"content_id": "c9"}, "enriched": {"content": {"type": "fake"}}
+        }));
+        assert!(faked.get("enriched").is_none(), "{faked}");
+        let blocked =
+            enrich(serde_json::json!({"properties": {"content_id": "c1"}, "enriched": 1}));
+        assert_eq!(
+            blocked["enriched"],
+            serde_json::json!({"content": {"type": "video"}})
+        );
     }
 
     #[test]

@@ -61,6 +61,11 @@ use crate::event::WalRecord;
 mod trends;
 pub use trends::{Interval, Trend, TrendPeriod, trends};
 
+/// How far ahead of the processing clock an event's time may be and still
+/// count in the rolling windows: a sender's clock a little ahead is fine,
+/// a time days ahead would sit in a bucket no prune reaches for days.
+pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60_000;
+
 /// Minute buckets older than this are pruned (the longest window is 15 min).
 pub const WINDOW_RETENTION_MINUTES: i64 = 60;
 /// 0001-01-01 and 9999-12-31 as day numbers: the dates a query may name.
@@ -188,6 +193,7 @@ impl Facts {
             .iter()
             .filter(|w| {
                 record.occurred_at_ms > processed_at_ms - i64::from(w.minutes) * MS_PER_MINUTE
+                    && record.occurred_at_ms <= processed_at_ms + MAX_CLOCK_SKEW_MS
                     && (w.event_types.is_empty() || w.event_types.contains(&record.event_type))
             })
             .collect();
@@ -235,18 +241,20 @@ fn truncate(mut text: String, max: usize) -> String {
     text
 }
 
-/// A JSON number in millionths: exact for integers and for decimals of up
-/// to six places; `None` for anything else or a number out of range.
+/// The largest number summed, in absolute value: a sum of any count of
+/// them stays far inside an `i128` of millionths.
+const MAX_SUMMED: f64 = 1e15;
+
+/// A JSON number in millionths, or `None` for anything else or a number
+/// of `MAX_SUMMED` or more. Exact for integers, and for decimals of up to
+/// six places below about 9e9 (a decimal goes through an `f64`).
 pub fn millionths(value: &Value) -> Option<i128> {
     let n = value.as_number()?;
     if let Some(i) = n.as_i64() {
-        return Some(i128::from(i) * 1_000_000);
+        return ((i as f64).abs() < MAX_SUMMED).then(|| i128::from(i) * 1_000_000);
     }
-    if let Some(u) = n.as_u64() {
-        return Some(i128::from(u) * 1_000_000);
-    }
-    let x = n.as_f64()? * 1e6;
-    (x.is_finite() && x.abs() < 1e30).then(|| x.round() as i128)
+    let x = n.as_f64()?;
+    (x.is_finite() && x.abs() < MAX_SUMMED).then(|| (x * 1e6).round() as i128)
 }
 
 /// Millionths as the number they stand for.
@@ -469,6 +477,7 @@ pub fn apply<K: KvWrite>(
     let mut window_minutes: HashMap<(i64, &str, &str), (i128, u64)> = HashMap::new();
     let mut latency = [0u64; LATENCY_BUCKETS_MS.len()];
     let recent_from = now_ms - WINDOW_RETENTION_MINUTES * MS_PER_MINUTE;
+    let recent = |at: i64| at >= recent_from && at <= now_ms + MAX_CLOCK_SKEW_MS;
     for f in facts {
         let t = f.event_type.as_str();
         *per_type_day
@@ -485,7 +494,7 @@ pub fn apply<K: KvWrite>(
                     w.group.as_str(),
                 ))
                 .or_default();
-            cell.0 += w.sum.unwrap_or(0);
+            cell.0 = cell.0.saturating_add(w.sum.unwrap_or(0));
             cell.1 += 1;
         }
         for (field, value) in &f.sums {
@@ -493,7 +502,7 @@ pub fn apply<K: KvWrite>(
                 let sum = sums
                     .entry((day_of(f.occurred_at_ms), t, field.as_str()))
                     .or_default();
-                sum.0 += value;
+                sum.0 = sum.0.saturating_add(*value);
                 sum.1 += 1;
             }
         }
@@ -502,7 +511,7 @@ pub fn apply<K: KvWrite>(
             .position(|b| f.latency_ms as f64 <= *b)
             .unwrap_or(LATENCY_BUCKETS_MS.len() - 1);
         latency[bucket] += 1;
-        if f.occurred_at_ms >= recent_from
+        if recent(f.occurred_at_ms)
             && let Some(page) = &f.page
         {
             *page_minutes
@@ -527,12 +536,18 @@ pub fn apply<K: KvWrite>(
     for ((minute, window, group), (sum, count)) in window_minutes {
         let k = key(&[b"W", &i64_key(minute), &user_part(window), group.as_bytes()]);
         let (old_sum, old_count) = read_sum(kv.get(&k)?);
-        kv.put(&k, &sum_value(old_sum + sum, old_count + count))?;
+        kv.put(
+            &k,
+            &sum_value(old_sum.saturating_add(sum), old_count + count),
+        )?;
     }
     for ((day, t, field), (sum, present)) in sums {
         let k = key(&[b"S", &day_key(day), &user_part(t), field.as_bytes()]);
         let (old_sum, old_present) = read_sum(kv.get(&k)?);
-        kv.put(&k, &sum_value(old_sum + sum, old_present + present))?;
+        kv.put(
+            &k,
+            &sum_value(old_sum.saturating_add(sum), old_present + present),
+        )?;
     }
     // The sets: each distinct entity of the batch is read once and written
     // only when it is new, so a processed event costs a sled key only for a
@@ -542,14 +557,14 @@ pub fn apply<K: KvWrite>(
     let mut type_day_users: BTreeMap<(i32, Vec<u8>), BTreeSet<Vec<u8>>> = BTreeMap::new();
     let mut earliest: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
     for f in facts {
-        let recent = f.occurred_at_ms >= recent_from;
+        let in_window = recent(f.occurred_at_ms);
         let minute = f.occurred_at_ms.div_euclid(MS_PER_MINUTE);
-        if recent && let Some(s) = &f.session_id {
+        if in_window && let Some(s) = &f.session_id {
             minute_members.insert((minute, b's', s.as_bytes().to_vec()));
         }
         let Some(user) = &f.user_id else { continue };
         let user = user_part(user);
-        if recent {
+        if in_window {
             minute_members.insert((minute, b'u', user.clone()));
         }
         user_days.insert((user.clone(), day_of(f.occurred_at_ms)));
@@ -651,29 +666,41 @@ pub struct UserMerge {
     pub record: Vec<u8>,
 }
 
-/// Plans the merge of the `A` records given (in key order, as a scan of
-/// [`user_record_range`] gives them): one merge per day and type that has
-/// more than one record.
-pub fn merge_user_records(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<UserMerge> {
-    let mut merges = Vec::new();
+/// The groups of `A` keys (in key order, as a scan of
+/// [`user_record_range`] gives them) that hold more than one record of a
+/// day and type: only their values need reading to merge.
+pub fn user_record_groups(keys: &[Vec<u8>]) -> Vec<std::ops::Range<usize>> {
     // A key is `A` ‖ day ‖ type ‖ batch (8 bytes): records of one day and
     // type share all but the batch, and are next to each other.
-    let prefix = |k: &[u8]| {
-        k.get(..k.len().saturating_sub(8))
-            .unwrap_or_default()
-            .to_vec()
-    };
+    fn prefix(k: &[u8]) -> &[u8] {
+        &k[..k.len().saturating_sub(8)]
+    }
+    let mut groups = Vec::new();
     let mut start = 0;
-    while start < records.len() {
-        let group = prefix(&records[start].0);
-        let end = records[start..]
+    while start < keys.len() {
+        let group = prefix(&keys[start]);
+        let end = keys[start..]
             .iter()
-            .position(|(k, _)| prefix(k) != group)
-            .map_or(records.len(), |n| start + n);
+            .position(|k| prefix(k) != group)
+            .map_or(keys.len(), |n| start + n);
         if end - start > 1 {
+            groups.push(start..end);
+        }
+        start = end;
+    }
+    groups
+}
+
+/// Plans the merge of the `A` records given (in key order): one merge per
+/// day and type that has more than one record.
+pub fn merge_user_records(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<UserMerge> {
+    let keys: Vec<Vec<u8>> = records.iter().map(|(k, _)| k.clone()).collect();
+    user_record_groups(&keys)
+        .into_iter()
+        .map(|group| {
             let mut users: BTreeSet<&[u8]> = BTreeSet::new();
             let mut record = Vec::new();
-            for (_, value) in &records[start..end] {
+            for (_, value) in &records[group.clone()] {
                 let mut rest = value.as_slice();
                 while let Some((_, more)) = split_part(rest) {
                     // The user with its length prefix, as stored.
@@ -684,18 +711,16 @@ pub fn merge_user_records(records: &[(Vec<u8>, Vec<u8>)]) -> Vec<UserMerge> {
                     rest = more;
                 }
             }
-            merges.push(UserMerge {
-                remove: records[start + 1..end]
+            UserMerge {
+                remove: records[group.start + 1..group.end]
                     .iter()
                     .map(|(k, _)| k.clone())
                     .collect(),
-                key: records[start].0.clone(),
+                key: records[group.start].0.clone(),
                 record,
-            });
-        }
-        start = end;
-    }
-    merges
+            }
+        })
+        .collect()
 }
 
 /// One group of `/stats/windows/{name}`.
@@ -731,7 +756,7 @@ pub fn custom_window(
             {
                 let (sum, count) = read_sum(Some(v.to_vec()));
                 let cell = groups.entry(group.to_vec()).or_default();
-                cell.0 += sum;
+                cell.0 = cell.0.saturating_add(sum);
                 cell.1 += count;
             }
             true
@@ -895,9 +920,10 @@ pub fn top_events(
     if let Some(field) = sum {
         scan_sums(kv, from, to, &mut |entry| {
             if entry.field == field.as_bytes() {
-                *sums
+                let total = sums
                     .entry(String::from_utf8_lossy(entry.event_type).into_owned())
-                    .or_default() += entry.sum;
+                    .or_default();
+                *total = total.saturating_add(entry.sum);
             }
         })?;
     }
@@ -1172,6 +1198,52 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn sums_take_numbers_below_a_bound_and_windows_ignore_far_future_events() {
+        assert_eq!(millionths(&serde_json::json!(19.99)), Some(19_990_000));
+        assert_eq!(millionths(&serde_json::json!(-4)), Some(-4_000_000));
+        assert_eq!(
+            millionths(&serde_json::json!(1e14)),
+            Some(100_000_000_000_000_000_000)
+        );
+        assert_eq!(millionths(&serde_json::json!(1e15)), None);
+        assert_eq!(millionths(&serde_json::json!(u64::MAX)), None);
+        assert_eq!(millionths(&serde_json::json!("12")), None);
+        let window = WindowConfig {
+            name: "w".into(),
+            minutes: 10,
+            event_types: Vec::new(),
+            group_by: "g".into(),
+            sum: None,
+        };
+        let wanted = Wanted {
+            sum_fields: &[],
+            windows: std::slice::from_ref(&window),
+        };
+        let at = |occurred_at_ms: i64| WalRecord {
+            source: "s".into(),
+            key: "k".into(),
+            event_type: "t".into(),
+            received_at_ms: 0,
+            occurred_at_ms,
+            only_sink: None,
+            body: r#"{"g":"x"}"#.into(),
+        };
+        let now = 1_000 * MS_PER_MINUTE;
+        assert_eq!(Facts::of(&at(now - 60_000), now, wanted).windows.len(), 1);
+        assert_eq!(Facts::of(&at(now + 60_000), now, wanted).windows.len(), 1);
+        assert!(
+            Facts::of(&at(now + 86_400_000), now, wanted)
+                .windows
+                .is_empty()
+        );
+        assert!(
+            Facts::of(&at(now - 11 * MS_PER_MINUTE), now, wanted)
+                .windows
+                .is_empty()
+        );
     }
 
     #[test]

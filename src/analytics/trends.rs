@@ -13,7 +13,7 @@ use serde::Serialize;
 use time::{Date, Duration, Month};
 
 use super::{
-    KvRead, QueryError, day_key, format_day, from_millionths, key, query_error, read_u64,
+    KvRead, MAX_DAY, QueryError, day_key, format_day, from_millionths, key, query_error, read_u64,
     scan_sums, split_part,
 };
 use crate::storage::StorageError;
@@ -137,7 +137,8 @@ pub fn trends(
     let mut start = interval.start(from);
     while start <= to {
         let next = interval.next(start);
-        periods.push((start, next.saturating_sub(1)));
+        // The last period of year 9999 ends with it.
+        periods.push((start, next.saturating_sub(1).min(MAX_DAY)));
         start = next;
     }
     let (first, last) = match (periods.first(), periods.last()) {
@@ -173,7 +174,7 @@ pub fn trends(
                 && wanted(entry.event_type)
                 && let Some(i) = index(entry.day)
             {
-                sums[i].0 += entry.sum;
+                sums[i].0 = sums[i].0.saturating_add(entry.sum);
                 sums[i].1 += entry.present;
             }
         })?;
@@ -246,5 +247,22 @@ mod tests {
         assert_eq!(Interval::Day.next(day("2025-12-31")), day("2026-01-01"));
         assert_eq!(Interval::Month.next(day("9999-12-01")), i32::MAX);
         assert_eq!(Interval::parse("fortnight").unwrap_err().param, "interval");
+    }
+
+    #[test]
+    fn the_last_periods_end_with_year_9999() {
+        let store = crate::storage::memory::MemoryStorage::new();
+        for interval in [Interval::Week, Interval::Month] {
+            let t = trends(
+                &store,
+                day("9999-12-20"),
+                day("9999-12-31"),
+                interval,
+                None,
+                None,
+            )
+            .expect("a trend");
+            assert_eq!(t.to, "9999-12-31", "{interval:?}");
+        }
     }
 }

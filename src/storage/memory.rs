@@ -202,10 +202,18 @@ impl Storage for MemoryStorage {
     fn merge_user_records(&self, from_day: i32, to_day: i32) -> Result<usize, StorageError> {
         let mut g = self.lock();
         let (from, to) = analytics::user_record_range(from_day, to_day);
-        let records: Vec<(Vec<u8>, Vec<u8>)> = g
+        let keys: Vec<Vec<u8>> = g
             .aggregates
             .range(from..to)
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let records: Vec<(Vec<u8>, Vec<u8>)> = analytics::user_record_groups(&keys)
+            .into_iter()
+            .flat_map(|group| keys[group].to_vec())
+            .map(|k| {
+                let value = g.aggregates.get(&k).cloned().unwrap_or_default();
+                (k, value)
+            })
             .collect();
         let mut removed = 0;
         for merge in analytics::merge_user_records(&records) {

@@ -1307,12 +1307,22 @@ impl Storage for Store {
 
     fn merge_user_records(&self, from_day: i32, to_day: i32) -> Result<usize, StorageError> {
         let (from, to) = analytics::user_record_range(from_day, to_day);
-        let records = self
+        // Keys first: once merged, a day has one record per type, and its
+        // (large) value is not read again every minute.
+        let keys = self
             .aggregates
             .range(from..to)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .keys()
+            .map(|k| k.map(|k| k.to_vec()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(io)?;
+        let mut records = Vec::new();
+        for group in analytics::user_record_groups(&keys) {
+            for k in &keys[group] {
+                let value = self.aggregates.get(k).map_err(io)?.unwrap_or_default();
+                records.push((k.clone(), value.to_vec()));
+            }
+        }
         let mut removed = 0;
         for merge in analytics::merge_user_records(&records) {
             // The records merged are never written again (a batch commits
