@@ -815,16 +815,26 @@ pub fn parse_day(param: &'static str, text: &str) -> Result<i32, QueryError> {
     let d: u8 = d.parse().map_err(|_| bad())?;
     let month = Month::try_from(m).map_err(|_| bad())?;
     let date = Date::from_calendar_date(y, month, d).map_err(|_| bad())?;
-    Ok(
-        (date - Date::from_calendar_date(1970, Month::January, 1).map_err(|_| bad())?).whole_days()
-            as i32,
-    )
+    Ok(day_of_date(date))
+}
+
+fn epoch() -> Date {
+    Date::from_calendar_date(1970, Month::January, 1).unwrap_or(Date::MIN)
+}
+
+/// The date of a day number (`None` outside the calendar `time` knows).
+fn date_of(day: i32) -> Option<Date> {
+    epoch().checked_add(TimeDuration::days(i64::from(day)))
+}
+
+/// The day number of a date.
+fn day_of_date(date: Date) -> i32 {
+    (date - epoch()).whole_days() as i32
 }
 
 /// A day number as `YYYY-MM-DD`.
 pub fn format_day(day: i32) -> String {
-    let epoch = Date::from_calendar_date(1970, Month::January, 1).unwrap_or(Date::MIN);
-    match epoch.checked_add(TimeDuration::days(i64::from(day))) {
+    match date_of(day) {
         Some(d) => format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day()),
         None => day.to_string(),
     }

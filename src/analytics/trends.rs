@@ -10,11 +10,11 @@
 use std::collections::HashSet;
 
 use serde::Serialize;
-use time::{Date, Duration, Month};
+use time::{Date, Month};
 
 use super::{
-    KvRead, MAX_DAY, QueryError, day_key, format_day, from_millionths, key, query_error, read_u64,
-    scan_sums, split_part,
+    KvRead, MAX_DAY, QueryError, date_of, day_key, day_of_date, format_day, from_millionths, key,
+    query_error, read_u64, scan_sums, split_part,
 };
 use crate::storage::StorageError;
 
@@ -74,18 +74,6 @@ impl Interval {
             }
         }
     }
-}
-
-fn epoch() -> Date {
-    Date::from_calendar_date(1970, Month::January, 1).unwrap_or(Date::MIN)
-}
-
-fn date_of(day: i32) -> Option<Date> {
-    epoch().checked_add(Duration::days(i64::from(day)))
-}
-
-fn day_of_date(date: Date) -> i32 {
-    (date - epoch()).whole_days() as i32
 }
 
 /// The answer of `/stats/trends`.

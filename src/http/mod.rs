@@ -750,19 +750,7 @@ async fn stats(
         q.get(name)
             .map_or(Ok(default), |t| analytics::parse_day(name, t).map_err(bad))
     };
-    let number = |name: &'static str, default: u64, max: u64| -> Result<u64, Rejection> {
-        match q.get(name) {
-            None => Ok(default),
-            Some(t) => match t.parse::<u64>() {
-                Ok(n) if (1..=max).contains(&n) => Ok(n),
-                _ => Err(ApiError::param(
-                    name,
-                    &format!("`{t}` must be a whole number from 1 to {max}"),
-                )
-                .into()),
-            },
-        }
-    };
+    let number = |name, default, max| whole_number(&q, name, default, max);
     // `sum=FIELD`: one of the config's `sum_fields` (only those are summed).
     let sum_field = || -> Result<Option<String>, Rejection> {
         let Some(field) = q.get("sum") else {
@@ -923,6 +911,27 @@ async fn stats(
     Ok(warp::reply::json(&answer).into_response())
 }
 
+/// The query parameter `name` as a whole number from 1 to `max`
+/// (`default` when absent), else 400 naming it.
+fn whole_number(
+    q: &HashMap<String, String>,
+    name: &'static str,
+    default: u64,
+    max: u64,
+) -> Result<u64, Rejection> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(t) => match t.parse::<u64>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::param(
+                name,
+                &format!("`{t}` must be a whole number from 1 to {max}"),
+            )
+            .into()),
+        },
+    }
+}
+
 /// `/stats/windows/{name}`: a `[[windows]]` window's groups, ranked.
 async fn custom_window(
     name: String,
@@ -938,19 +947,7 @@ async fn custom_window(
         )
         .into());
     };
-    let limit = match q.get("limit") {
-        None => 10,
-        Some(t) => match t.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::param(
-                    "limit",
-                    &format!("`{t}` must be a whole number from 1 to 1000"),
-                )
-                .into());
-            }
-        },
-    };
+    let limit = whole_number(&q, "limit", 10, 1000)? as usize;
     let answer = query(&api, move |s| {
         let groups = analytics::custom_window(s, &window, now_ms(), limit)?;
         Ok(json!({"name": window.name, "minutes": window.minutes, "groups": groups}))
