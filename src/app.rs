@@ -27,8 +27,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
-use crate::config::{Config, Durability, LogFormat};
+use crate::config::{Config, Durability, LogFormat, redacted_redis_url};
 use crate::http::{self, Api};
+use crate::mirror::Mirror;
 use crate::pipeline::supervisor::{Supervisor, SupervisorMsg};
 use crate::pipeline::{Context, Live, Pipeline, blocking};
 use crate::storage::sled::{SledOptions, SledStorage};
@@ -45,6 +46,8 @@ pub enum AppError {
     Bind { addr: String, reason: String },
     #[error("the actor pipeline did not start: {0}")]
     Spawn(String),
+    #[error(transparent)]
+    Redis(#[from] crate::mirror::MirrorError),
     #[error("the actor pipeline stopped: {0}")]
     PipelineStopped(String),
     #[error(
@@ -67,8 +70,9 @@ pub struct Running {
     stop_http: oneshot::Sender<()>,
     /// Completes when every connection has finished.
     http_done: JoinHandle<()>,
-    /// The idempotency-key sweeper.
-    sweeper: JoinHandle<()>,
+    /// Timers: the idempotency-key sweeper, and the Redis mirror's round
+    /// when Redis is on.
+    background: Vec<JoinHandle<()>>,
 }
 
 /// Changes the log filter of the running process (SIGHUP).
@@ -164,7 +168,15 @@ pub async fn start(
     let live = Live::new(config, sinks);
     let config = live.config.clone();
     let sink_count = live.sinks.len();
-    let context = Arc::new(Context::new(live, storage));
+    let mirror = if config.redis.enabled() {
+        let mirror = Mirror::connect(&config.redis)?;
+        tracing::info!(url = %redacted_redis_url(&config.redis.url), instance = mirror.instance(),
+            "sharing idempotency keys and figures through redis");
+        Some(mirror)
+    } else {
+        None
+    };
+    let context = Arc::new(Context::new(live, storage).with_mirror(mirror.clone()));
     let (supervisor, supervisor_done) = Actor::spawn(None, Supervisor, context.clone())
         .await
         .map_err(|e| AppError::Spawn(e.to_string()))?;
@@ -202,7 +214,10 @@ pub async fn start(
             let _ = stopped.await;
         },
     ));
-    let sweeper = tokio::spawn(sweep_keys(context.clone()));
+    let mut background = vec![tokio::spawn(sweep_keys(context.clone()))];
+    if let Some(mirror) = mirror {
+        background.push(tokio::spawn(mirror_rounds(context.clone(), mirror)));
+    }
     tracing::info!(%addr, data_dir = %config.data_dir.display(), durability = ?config.durability,
         sinks = sink_count, "inletd is accepting events");
     Ok(Running {
@@ -212,7 +227,7 @@ pub async fn start(
         supervisor_done,
         stop_http,
         http_done,
-        sweeper,
+        background,
     })
 }
 
@@ -225,12 +240,12 @@ impl Running {
             stalled = watch_store_writes(self.pipeline.context.clone()) => {
                 // No drain: it would wait on the same store. What was
                 // answered 202 is on disk; the rest was never answered.
-                self.sweeper.abort();
+                abort_all(&self.background);
                 self.http_done.abort();
                 return Err(stalled);
             }
             _ = &mut self.supervisor_done => {
-                self.sweeper.abort();
+                abort_all(&self.background);
                 self.http_done.abort();
                 let _ = blocking(&self.pipeline.context.storage, |s| s.flush()).await;
                 return Err(AppError::PipelineStopped("restart budget exhausted".into()));
@@ -268,11 +283,15 @@ impl Running {
         if tokio::time::timeout(left, self.http_done).await.is_err() {
             tracing::warn!("connections still open at the drain deadline");
         }
-        self.sweeper.abort();
+        abort_all(&self.background);
         let _ = self
             .supervisor
             .stop_and_wait(None, Some(Duration::from_secs(5)))
             .await;
+        // The deployment's totals get this instance's last figures.
+        if let Some(mirror) = &context.mirror {
+            mirror_round(context, mirror).await;
+        }
         let flushed = blocking(&context.storage, |s| s.close()).await;
         let remaining = context.status.queue_depth();
         tracing::info!(
@@ -387,6 +406,37 @@ async fn watch_store_writes(context: Arc<Context>) -> AppError {
 /// Once a minute: removes expired idempotency keys, prunes the
 /// rolling-window buckets that no window reaches any more, and merges the
 /// trends' user records of the days just over.
+fn abort_all(tasks: &[JoinHandle<()>]) {
+    for task in tasks {
+        task.abort();
+    }
+}
+
+/// Every `publish_interval_ms`: the Redis mirror's round (module docs of
+/// [`crate::mirror`]).
+async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
+    let period = Duration::from_millis(context.live().config.redis.publish_interval_ms);
+    let mut every = tokio::time::interval(period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        mirror_round(&context, &mirror).await;
+    }
+}
+
+/// Probes Redis if it was down, writes the key backlog, publishes this
+/// instance's processed counts.
+async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
+    match blocking(&context.storage, |s| s.counts()).await {
+        Ok(counts) => {
+            mirror
+                .maintain(&counts, context.live().config.idempotency_ttl_ms())
+                .await
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the counts to publish to redis failed"),
+    }
+}
+
 async fn sweep_keys(context: Arc<Context>) {
     const BATCH: usize = 10_000;
     let mut every = tokio::time::interval(Duration::from_secs(60));

@@ -145,6 +145,9 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     /// Where processed batches are forwarded.
     pub sinks: Vec<SinkConfig>,
+    /// Redis, shared by the instances of one deployment (off while its
+    /// `url` is empty).
+    pub redis: RedisConfig,
     /// Things worth a warning found while loading (e.g. a secret file
     /// readable by others); logged at start.
     #[serde(skip)]
@@ -192,6 +195,89 @@ impl SourceConfig {
     }
 }
 
+/// `[redis]`: the Redis that the instances of one deployment share, for
+/// idempotency keys and deployment-wide figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db` or `rediss://` (TLS); empty:
+    /// Redis is off and the instance stands alone.
+    #[serde(serialize_with = "masked_url")]
+    pub url: String,
+    /// Put before every key inletd writes, so deployments can share a Redis.
+    pub key_prefix: String,
+    /// This instance's name, unique in the deployment; empty: the host name.
+    pub instance: String,
+    /// Longest wait for one Redis call; past it intake goes on without Redis.
+    pub timeout_ms: u64,
+    /// How long a key claimed by a group commit that has not answered yet
+    /// holds off other instances (a crash before the commit frees it then).
+    pub claim_lease_ms: u64,
+    /// How often this instance publishes its figures and retries a Redis
+    /// that was unreachable.
+    pub publish_interval_ms: u64,
+    /// Keys accepted while Redis was unreachable, kept to be written to it
+    /// once it is back; past this the oldest are dropped (and counted).
+    pub backlog_max_keys: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            key_prefix: "inletd:".into(),
+            instance: String::new(),
+            timeout_ms: 250,
+            claim_lease_ms: 30_000,
+            publish_interval_ms: 1000,
+            backlog_max_keys: 200_000,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Redis is on.
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+
+    /// The instance name: `instance`, else the host name.
+    pub fn instance_name(&self) -> String {
+        if !self.instance.is_empty() {
+            return self.instance.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "inletd".to_owned())
+    }
+}
+
+/// A Redis URL with its password shown as `***`.
+pub fn redacted_redis_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(at)) if at > scheme.len() + 3 => {
+            let userinfo = &rest[..at - scheme.len() - 3];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***{}", &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn masked_url<S: serde::Serializer>(value: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redacted_redis_url(value))
+}
+
+fn valid_redis_url(url: &str) -> bool {
+    (url.starts_with("redis://") || url.starts_with("rediss://"))
+        && url.split_once("://").is_some_and(|(_, rest)| {
+            let host = rest.rsplit('@').next().unwrap_or_default();
+            !host.is_empty() && !host.starts_with('/')
+        })
+}
+
 /// Kinds of sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -200,6 +286,9 @@ pub enum SinkKind {
     Http,
     /// Append one JSON event per line to `path`.
     File,
+    /// XADD each event to the Redis stream `stream`.
+    #[serde(rename = "redis-stream")]
+    RedisStream,
 }
 
 /// A user-defined rolling window (`[[windows]]`): events of the last
@@ -311,6 +400,14 @@ pub struct SinkConfig {
     /// Output file (`file` only).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// The stream events are added to (`redis-stream` only; its Redis is
+    /// `url`, else `[redis] url`).
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// Trim the stream to about this many entries (`redis-stream` only);
+    /// absent: never trimmed.
+    #[serde(default)]
+    pub maxlen: Option<u64>,
 }
 
 fn default_sink_timeout() -> u64 {
@@ -353,6 +450,7 @@ impl Default for Config {
             derive: Vec::new(),
             sources: Vec::new(),
             sinks: Vec::new(),
+            redis: RedisConfig::default(),
             warnings: Vec::new(),
             origin: Origin::default(),
         }
@@ -567,7 +665,8 @@ impl Config {
                 self.bind
             ));
         }
-        let ranges: [(&str, u64, u64, u64); 18] = [
+        let redis = &self.redis;
+        let ranges: [(&str, u64, u64, u64); 22] = [
             ("flush_interval_ms", self.flush_interval_ms, 1, 60_000),
             ("batch_size", self.batch_size as u64, 1, 100_000),
             ("batch_timeout_ms", self.batch_timeout_ms, 1, 3_600_000),
@@ -611,6 +710,20 @@ impl Config {
                 10_000,
             ),
             ("store_stall_secs", self.store_stall_secs, 1, 3600),
+            ("redis.timeout_ms", redis.timeout_ms, 1, 60_000),
+            ("redis.claim_lease_ms", redis.claim_lease_ms, 100, 3_600_000),
+            (
+                "redis.publish_interval_ms",
+                redis.publish_interval_ms,
+                10,
+                3_600_000,
+            ),
+            (
+                "redis.backlog_max_keys",
+                redis.backlog_max_keys as u64,
+                0,
+                100_000_000,
+            ),
         ];
         for (key, value, min, max) in ranges {
             if value < min || value > max {
@@ -783,6 +896,27 @@ impl Config {
                 bad.push(format!("sinks[{i}].name: `{}` is given twice", s.name));
             }
             match s.kind {
+                SinkKind::RedisStream => {
+                    match &s.url {
+                        Some(u) if valid_redis_url(u) => {}
+                        Some(u) => bad.push(format!(
+                            "sinks[{i}].url: `{}` must be a redis:// or rediss:// URL",
+                            redacted_redis_url(u)
+                        )),
+                        None if self.redis.enabled() => {}
+                        None => bad.push(format!(
+                            "sinks[{i}].url: required for type = \"redis-stream\" unless [redis] url is set"
+                        )),
+                    }
+                    if s.stream.as_deref().is_none_or(str::is_empty) {
+                        bad.push(format!(
+                            "sinks[{i}].stream: required for type = \"redis-stream\""
+                        ));
+                    }
+                    if s.maxlen == Some(0) {
+                        bad.push(format!("sinks[{i}].maxlen: must be at least 1"));
+                    }
+                }
                 SinkKind::Http => match &s.url {
                     Some(u) if u.starts_with("http://") && u.parse::<hyper::Uri>().is_ok() => {}
                     Some(u) => bad.push(format!(
@@ -799,6 +933,15 @@ impl Config {
             if s.timeout_ms == 0 {
                 bad.push(format!("sinks[{i}].timeout_ms: must be at least 1"));
             }
+        }
+        if redis.enabled() && !valid_redis_url(&redis.url) {
+            bad.push(format!(
+                "redis.url: `{}` must be a redis:// or rediss:// URL with a host",
+                redacted_redis_url(&redis.url)
+            ));
+        }
+        if redis.key_prefix.len() > 64 {
+            bad.push("redis.key_prefix: at most 64 bytes".to_owned());
         }
         if bad.is_empty() {
             Ok(())
@@ -981,6 +1124,50 @@ mod tests {
     #[test]
     fn no_file_gives_the_defaults() {
         assert_eq!(Config::from_parts("", &[], &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn redis_settings_are_checked_and_the_password_never_shown() {
+        let bad = Config::from_parts(
+            "[redis]\nurl = \"http://x\"\ntimeout_ms = 0\n\n[[sinks]]\nname = \"out\"\ntype = \"redis-stream\"\n",
+            &[],
+            &[],
+        );
+        let Err(ConfigError::Invalid(problems)) = bad else {
+            panic!("accepted: {bad:?}");
+        };
+        let text = problems.join("\n");
+        for expected in [
+            "redis.url: `http://x` must be a redis:// or rediss:// URL",
+            "redis.timeout_ms: 0 is out of range",
+            "sinks[0].stream: required",
+        ] {
+            assert!(text.contains(expected), "{expected} not in:\n{text}");
+        }
+        let alone = Config::from_parts(
+            "[[sinks]]\nname = \"out\"\ntype = \"redis-stream\"\nstream = \"s\"\n",
+            &[],
+            &[],
+        );
+        assert!(
+            format!("{alone:?}").contains("unless [redis] url is set"),
+            "{alone:?}"
+        );
+        let good = Config::from_parts(
+            "[redis]\nurl = \"redis://app:hunter2@10.0.0.5:6379/0\"\n\n[[sinks]]\nname = \"out\"\ntype = \"redis-stream\"\nstream = \"s\"\n",
+            &[],
+            &[],
+        )
+        .expect("valid");
+        assert!(good.redis.enabled());
+        let shown = toml::to_string(&good).expect("serializes");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://app:***@10.0.0.5:6379/0"), "{shown}");
+        assert_eq!(
+            redacted_redis_url("rediss://:pw@h:6380"),
+            "rediss://:***@h:6380"
+        );
+        assert_eq!(redacted_redis_url("redis://h:6379"), "redis://h:6379");
     }
 
     #[test]

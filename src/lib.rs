@@ -17,7 +17,8 @@
 //! | [`storage`]  | the `Storage` trait, its design (layout, invariants, flushing), sled and memory stores |
 //! | [`pipeline`] | the supervised actors and their messages |
 //! | [`process`]  | the standard `process_*` metrics (from `/proc`) and `inletd_build_info` |
-//! | [`sinks`]    | forwarding sinks (HTTP, file) |
+//! | [`sinks`]    | forwarding sinks (HTTP, file, Redis stream) |
+//! | [`mirror`]   | the Redis a deployment of several instances shares: idempotency keys, figures |
 //! | [`http`]     | warp routes, thin handlers, the error type, the accept loop |
 //! | [`app`]      | start-up wiring and the shutdown sequence |
 //! | [`ratelimit`]| the per-source token bucket |
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod http;
+pub mod mirror;
 pub mod pipeline;
 pub mod process;
 pub mod ratelimit;

@@ -718,6 +718,15 @@ impl Importer<'_> {
         self.report.accepted += count("accepted")?;
         self.report.duplicates += count("duplicates")?;
         self.report.sent += batch.events.len() as u64;
+        // Another instance of a deployment was storing the same keys: they
+        // end up stored once either way, and an import run again settles it.
+        let in_progress = body["in_progress"].as_u64().unwrap_or(0);
+        if in_progress > 0 {
+            self.note(&format!(
+                "{in_progress} events were being stored by another instance at the same time; \
+                 import the file again to have them confirmed"
+            ));
+        }
         let rejected = match &body["rejected"] {
             Value::Array(items) => items.as_slice(),
             Value::Null => &[],

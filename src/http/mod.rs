@@ -80,7 +80,8 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
 
     let health = warp::path!("health")
         .and(warp::get())
-        .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
+        .and(with_api.clone())
+        .map(health);
     let ready = warp::path!("ready")
         .and(warp::get())
         .and(with_api.clone())
@@ -385,6 +386,15 @@ fn single_answer(verdicts: Vec<Verdict>) -> Result<Response, Rejection> {
             StatusCode::OK,
             json!({"status": "duplicate", "event_id": event_id}),
         ),
+        Some(Verdict::InProgress { event_id }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_progress",
+            format!(
+                "another instance is storing an event with this key ({event_id}) right now; retry"
+            ),
+        )
+        .retry_after(1)
+        .into()),
         Some(Verdict::Rejected(f)) => Err(ApiError::schema(&f.field, &f.detail).into()),
         None => {
             Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no verdict").into())
@@ -395,11 +405,13 @@ fn single_answer(verdicts: Vec<Verdict>) -> Result<Response, Rejection> {
 fn batch_answer(verdicts: &[Verdict]) -> Response {
     let mut accepted = 0;
     let mut duplicates = 0;
+    let mut in_progress = 0;
     let mut rejected = Vec::new();
     for (index, v) in verdicts.iter().enumerate() {
         match v {
             Verdict::Accepted { .. } => accepted += 1,
             Verdict::Duplicate { .. } => duplicates += 1,
+            Verdict::InProgress { .. } => in_progress += 1,
             Verdict::Rejected(f) => rejected.push(json!({
                 "index": index, "error": "schema_violation", "field": f.field, "detail": f.detail,
             })),
@@ -408,6 +420,7 @@ fn batch_answer(verdicts: &[Verdict]) -> Response {
     let body = json!({
         "accepted": accepted,
         "duplicates": duplicates,
+        "in_progress": in_progress,
         "rejected": rejected,
         "results": verdicts,
     });
@@ -496,6 +509,16 @@ where
         }
     }
     Ok(out.freeze())
+}
+
+/// `/health`: the process answers; with Redis on, how Redis is (a Redis
+/// that is down leaves the daemon healthy: intake goes on without it).
+fn health(api: Arc<Api>) -> Response {
+    let mut body = json!({"status": "ok"});
+    if let Some(redis) = api.pipeline.redis_health() {
+        body["redis"] = json!(redis);
+    }
+    warp::reply::json(&body).into_response()
 }
 
 fn ready(api: Arc<Api>) -> Response {
@@ -723,17 +746,34 @@ async fn summary(api: Arc<Api>) -> Result<Response, Rejection> {
         })
         .collect();
     let total: u64 = counts.iter().map(|(_, n)| n).sum();
+    let deployment = api.pipeline.deployment(&counts).await;
     let by_type: serde_json::Map<String, serde_json::Value> =
         counts.into_iter().map(|(t, n)| (t, n.into())).collect();
-    Ok(warp::reply::json(&json!({
+    let mut body = json!({
         "total_events": total,
         "by_type": by_type,
         "queue_depth": api.pipeline.context.status.queue_depth(),
         "dlq_size": dlq,
         "latency_ms": latency,
         "sinks": sinks,
-    }))
-    .into_response())
+    });
+    // With Redis, the totals are the deployment's; the queue, the DLQ, the
+    // latency and the sinks stay this instance's.
+    match deployment {
+        None => {}
+        Some(Ok(deployment)) => {
+            body["local"] = json!({"total_events": total, "by_type": body["by_type"].take()});
+            body["total_events"] = deployment.by_type.values().sum::<u64>().into();
+            body["by_type"] = json!(deployment.by_type);
+            body["instances"] = json!(deployment.instances);
+            body["scope"] = "deployment".into();
+        }
+        Some(Err(e)) => {
+            body["scope"] = "instance".into();
+            body["deployment_error"] = e.to_string().into();
+        }
+    }
+    Ok(warp::reply::json(&body).into_response())
 }
 
 /// `/stats/dau`, `/stats/top-events`, `/stats/trends`, `/stats/retention`,

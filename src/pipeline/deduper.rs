@@ -1,7 +1,9 @@
 //! Deduper: idempotency check and WAL append in one transaction, with group
 //! commit. Requests that arrive while a flush is running queue in the
 //! mailbox; the next `Commit` takes all of them, writes them in one
-//! transaction, flushes once, and only then answers each.
+//! transaction, flushes once, and only then answers each. With Redis on,
+//! the group's keys are claimed in Redis before the commit and confirmed
+//! after it, one call each per group.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,6 +14,7 @@ use super::messages::{AppendRequest, BatcherMsg, DeduperMsg, IngestError, Observ
 use super::{BATCHER, Context, StoreWriteKind, blocking};
 use crate::config::Durability;
 use crate::event::now_ms;
+use crate::mirror::{Accepted, Claim};
 use crate::storage::{AppendOutcome, NewEvent};
 
 /// The Deduper actor.
@@ -90,7 +93,17 @@ impl Actor for Deduper {
     }
 }
 
-/// Writes one group, flushes once, answers every request in it.
+/// What became of one event of a group.
+enum Outcome {
+    /// The local store took it, or found its key.
+    Stored(AppendOutcome),
+    /// Another instance holds its key in Redis; it was not written.
+    Shared(Claim),
+}
+
+/// Writes one group, flushes once, answers every request in it. With Redis,
+/// the group's keys are claimed first and confirmed before any answer (see
+/// [`crate::mirror`]).
 async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
     if group.is_empty() {
         return;
@@ -101,59 +114,135 @@ async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
         .flat_map(|r| std::mem::take(&mut r.events))
         .collect();
     let expected = events.len();
+    let config = context.live().config.clone();
+    let ttl_ms = config.idempotency_ttl_ms();
+    let claimed_ms = now_ms();
+    let (redis_keys, claims) = match &context.mirror {
+        Some(mirror) => {
+            let keys: Vec<String> = events
+                .iter()
+                .map(|e| mirror.idempotency_key(&e.record.source, &e.record.key))
+                .collect();
+            let claims = mirror.claim(&keys, claimed_ms).await;
+            (keys, claims)
+        }
+        None => (Vec::new(), vec![Claim::Unchecked; expected]),
+    };
+    // Only the events no other instance holds are written here.
+    let mut received_ms = Vec::with_capacity(expected);
+    let mut to_store = Vec::with_capacity(expected);
+    for (event, claim) in events.into_iter().zip(&claims) {
+        if matches!(claim, Claim::New | Claim::Ours | Claim::Unchecked) {
+            received_ms.push(event.record.received_at_ms);
+            to_store.push(event);
+        }
+    }
+    let storing = to_store.len();
     let _writing = context
         .status
         .store_writes
         .begin(StoreWriteKind::GroupCommit {
-            events: expected,
+            events: storing,
             requests: group.len(),
         });
-    let config = context.live().config.clone();
     let fsync = config.durability == Durability::Fsync;
-    let ttl_ms = config.idempotency_ttl_ms();
-    let written = blocking(&context.storage, move |s| {
-        let outcomes = s.append(&events, now_ms(), ttl_ms)?;
-        if fsync {
-            s.flush()?;
-        }
-        Ok(outcomes)
-    })
-    .await;
-    let outcomes = match written {
+    let written = if to_store.is_empty() {
+        Ok(Vec::new())
+    } else {
+        blocking(&context.storage, move |s| {
+            let outcomes = s.append(&to_store, now_ms(), ttl_ms)?;
+            if fsync {
+                s.flush()?;
+            }
+            Ok(outcomes)
+        })
+        .await
+    };
+    let stored = match written {
         // One outcome per event, or no answer can be trusted: a 202 is
         // only ever sent for an event the store said it holds.
-        Ok(outcomes) if outcomes.len() != expected => {
-            let error = format!(
-                "the store answered {} outcomes for {expected} events",
-                outcomes.len()
-            );
+        Ok(outcomes) if outcomes.len() != storing => Err(format!(
+            "the store answered {} outcomes for {storing} events",
+            outcomes.len()
+        )),
+        Ok(outcomes) => Ok(outcomes),
+        Err(e) => Err(e.to_string()),
+    };
+    let stored = match stored {
+        Ok(stored) => stored,
+        Err(error) => {
+            if let Some(mirror) = &context.mirror {
+                let ours: Vec<String> = redis_keys
+                    .into_iter()
+                    .zip(&claims)
+                    .filter(|(_, c)| **c == Claim::New)
+                    .map(|(k, _)| k)
+                    .collect();
+                mirror.release(&ours, claimed_ms).await;
+            }
             return fail(context, group, error);
         }
-        Ok(outcomes) => outcomes,
-        Err(e) => return fail(context, group, e.to_string()),
     };
     context
         .status
         .storage_failed
         .store(false, Ordering::Relaxed);
+    let mut stored = stored.into_iter();
+    let outcomes: Vec<Outcome> = claims
+        .into_iter()
+        .map(|claim| match claim {
+            Claim::New | Claim::Ours | Claim::Unchecked => stored
+                .next()
+                .map_or(Outcome::Shared(Claim::InProgress), Outcome::Stored),
+            shared => Outcome::Shared(shared),
+        })
+        .collect();
+    if let Some(mirror) = &context.mirror {
+        // Every key this instance holds, accepted now or before, becomes
+        // this instance's in Redis before anyone hears of it.
+        let mut received = received_ms.into_iter();
+        let accepted: Vec<Accepted> = redis_keys
+            .into_iter()
+            .zip(&outcomes)
+            .filter_map(|(key, outcome)| match outcome {
+                Outcome::Stored(stored) => {
+                    let received = received.next().unwrap_or(claimed_ms);
+                    let first_seen_ms = match stored {
+                        AppendOutcome::Accepted { .. } => received,
+                        AppendOutcome::Duplicate { first_seen_ms } => *first_seen_ms,
+                    };
+                    Some(Accepted { key, first_seen_ms })
+                }
+                Outcome::Shared(_) => None,
+            })
+            .collect();
+        mirror.confirm(accepted, ttl_ms).await;
+    }
     let mut outcomes = outcomes.into_iter();
     let mut last_seq = 0;
     for mut request in group {
         let (mut accepted, mut duplicates) = (0, 0);
         for (slot, outcome) in request.slots.iter().zip(&mut outcomes) {
             let verdict = &mut request.verdicts[*slot];
+            let Verdict::Accepted { event_id } = verdict else {
+                continue;
+            };
             match outcome {
-                AppendOutcome::Accepted { seq } => {
+                Outcome::Stored(AppendOutcome::Accepted { seq }) => {
                     accepted += 1;
                     last_seq = last_seq.max(seq);
                 }
-                AppendOutcome::Duplicate { .. } => {
+                Outcome::Stored(AppendOutcome::Duplicate { .. })
+                | Outcome::Shared(Claim::Duplicate { .. }) => {
                     duplicates += 1;
-                    if let Verdict::Accepted { event_id } = verdict {
-                        *verdict = Verdict::Duplicate {
-                            event_id: std::mem::take(event_id),
-                        };
-                    }
+                    *verdict = Verdict::Duplicate {
+                        event_id: std::mem::take(event_id),
+                    };
+                }
+                Outcome::Shared(_) => {
+                    *verdict = Verdict::InProgress {
+                        event_id: std::mem::take(event_id),
+                    };
                 }
             }
         }

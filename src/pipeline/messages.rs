@@ -46,6 +46,11 @@ pub enum Verdict {
     Accepted { event_id: String },
     /// Seen before within the TTL; not stored again.
     Duplicate { event_id: String },
+    /// Another instance of the deployment is committing the same key right
+    /// now; not stored here. Retry: it is then a duplicate, or new if that
+    /// commit failed.
+    #[serde(rename = "in_progress")]
+    InProgress { event_id: String },
     /// Broke the schema; not stored.
     Rejected(FieldError),
 }

@@ -292,6 +292,9 @@ impl State {
              # TYPE inletd_store_missing_reports_total counter\n\
              inletd_store_missing_reports_total {missing}"
         );
+        if let Some(mirror) = &self.context.mirror {
+            mirror.render_metrics(&mut out);
+        }
         crate::process::ProcessFigures::read().render(&mut out);
         crate::process::render_build_info(&mut out);
         out

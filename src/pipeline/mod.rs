@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use ractor::{ActorRef, Message};
 
 use crate::config::Config;
+use crate::mirror::{Deployment, Mirror, MirrorError, MirrorHealth};
 use crate::ratelimit::TokenBucket;
 use crate::signature::Verifier;
 use crate::sinks::Sink;
@@ -272,6 +273,8 @@ pub struct Context {
     pub status: Arc<Status>,
     /// Where the other actors are.
     pub names: Names,
+    /// The deployment's Redis, when `[redis] url` is set.
+    pub mirror: Option<Arc<Mirror>>,
 }
 
 impl Context {
@@ -282,7 +285,14 @@ impl Context {
             storage,
             status: Arc::new(Status::default()),
             names: Names::unique(),
+            mirror: None,
         }
+    }
+
+    /// The same context, sharing keys and figures through `mirror`.
+    pub fn with_mirror(mut self, mirror: Option<Arc<Mirror>>) -> Self {
+        self.mirror = mirror;
+        self
     }
 
     /// The current config, sources and sinks.
@@ -336,6 +346,23 @@ impl Pipeline {
     /// Latency percentiles, sink health and the intake rate since start.
     pub async fn live_figures(&self) -> Option<messages::LiveFigures> {
         ask(&self.context.names, METRICS, MetricsMsg::Live).await
+    }
+
+    /// The deployment's Redis as `/health` shows it; `None` when Redis is off.
+    pub fn redis_health(&self) -> Option<MirrorHealth> {
+        self.context.mirror.as_ref().map(|m| m.health())
+    }
+
+    /// Every instance's processed counts, this one's being `own`; `None`
+    /// when Redis is off.
+    pub async fn deployment(
+        &self,
+        own: &[(String, u64)],
+    ) -> Option<Result<Deployment, MirrorError>> {
+        match &self.context.mirror {
+            Some(mirror) => Some(mirror.deployment(own).await),
+            None => None,
+        }
     }
 
     /// Lists DLQ entries after `after`.

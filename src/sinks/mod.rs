@@ -1,8 +1,9 @@
-//! Forwarding sinks: where processed batches go. Delivery is at-least-once;
+//! Forwarding sinks (HTTP, file, Redis stream): where processed batches go. Delivery is at-least-once;
 //! every event carries its `event_id`, so receivers can drop repeats.
 
 pub mod file;
 pub mod http;
+pub mod redis_stream;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,10 +43,10 @@ pub trait Sink: Send + Sync + 'static {
 
 /// Builds the sinks the config names.
 pub fn build(config: &Config) -> Vec<Arc<dyn Sink>> {
-    config.sinks.iter().map(build_one).collect()
+    config.sinks.iter().map(|s| build_one(s, config)).collect()
 }
 
-fn build_one(s: &SinkConfig) -> Arc<dyn Sink> {
+fn build_one(s: &SinkConfig, config: &Config) -> Arc<dyn Sink> {
     match s.kind {
         SinkKind::Http => Arc::new(http::HttpSink::new(
             &s.name,
@@ -55,6 +56,13 @@ fn build_one(s: &SinkConfig) -> Arc<dyn Sink> {
         SinkKind::File => Arc::new(file::FileSink::new(
             &s.name,
             s.path.clone().unwrap_or_default(),
+        )),
+        SinkKind::RedisStream => Arc::new(redis_stream::RedisStreamSink::new(
+            &s.name,
+            s.url.as_deref().unwrap_or(&config.redis.url),
+            s.stream.as_deref().unwrap_or_default(),
+            s.maxlen,
+            Duration::from_millis(s.timeout_ms),
         )),
     }
 }

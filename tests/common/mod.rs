@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod books;
+pub mod redis;
 pub mod webdriver;
 
 use std::io::{BufRead, BufReader, Read, Write};

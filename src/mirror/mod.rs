@@ -1,0 +1,733 @@
+//! The Redis mirror: what the instances of one deployment share. The only
+//! module that imports `redis`.
+//!
+//! # What is shared, and what stays local
+//!
+//! Each instance's sled store stays the truth for what it accepted: its
+//! WAL, its processing, its DLQ and its analytics. Redis adds two things:
+//!
+//! - **Idempotency keys.** Before a group commit, the Deduper claims the
+//!   group's keys in one Lua call. A key another instance holds is a
+//!   duplicate; a key this instance holds is left to the local index,
+//!   which stays authoritative for its own keys.
+//! - **Figures.** Every `publish_interval_ms` each instance writes its
+//!   processed counts per event type, absolute rather than as deltas, so a
+//!   write repeated or lost changes nothing once the next one lands.
+//!   `/stats/summary` adds them up across instances.
+//!
+//! # Keys (`P` is `key_prefix`)
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P idem:{source}:{key}` | string | `p:{ms}:{instance}` while claimed by a commit in flight (expires after `claim_lease_ms`); `c:{ms}:{instance}` once accepted, `ms` the first receipt (expires with the idempotency window) |
+//! | `P instances` | set | every instance that published figures |
+//! | `P figures:{instance}` | hash | `type:{event_type}` → processed count; `updated_ms` |
+//!
+//! # A claim, step by step
+//!
+//! 1. Claim: `SET key p:… NX PX claim_lease_ms` for every key of the
+//!    group, in one script. A key already set answers its value.
+//! 2. The group commits to sled, as without Redis.
+//! 3. Confirm: every key the group stored (or found in the local index)
+//!    becomes `c:…` with the rest of its window, in one pipeline, before
+//!    any request of the group is answered.
+//! 4. A commit that failed deletes its `p:` claims.
+//!
+//! Another instance that meets a `p:` claim answers "in progress" (409,
+//! retry): the first commit may yet fail, and a duplicate answer would
+//! then lose the event. A crash between steps 1 and 3 leaves the claim to
+//! expire.
+//!
+//! # When Redis is unreachable
+//!
+//! No Redis call waits longer than `timeout_ms`. The first that fails marks
+//! Redis down (logged once); from then on claims are skipped (dedupe is
+//! local only, counted in `inletd_redis_fail_open_total`) and the keys
+//! accepted go to a bounded backlog. A background task probes Redis every
+//! `publish_interval_ms`; once it answers, the backlog is written and the
+//! figures published again. Intake is never refused because of Redis.
+
+mod stream;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+
+pub use stream::StreamWriter;
+
+use crate::config::{RedisConfig, redacted_redis_url};
+use crate::event::now_ms;
+
+/// Why a Redis call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MirrorError {
+    /// The URL could not be used.
+    #[error("redis url `{url}`: {reason}")]
+    Url { url: String, reason: String },
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// Redis did not answer within `timeout_ms`.
+    #[error("redis did not answer within {0} ms")]
+    Timeout(u64),
+    /// Redis is marked down; the call was not tried.
+    #[error("redis is unreachable")]
+    Down,
+}
+
+/// What Redis said of one key of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Claimed for this group now.
+    New,
+    /// This instance holds it: the local index decides.
+    Ours,
+    /// Another instance accepted it, first received at this time.
+    Duplicate { first_seen_ms: i64 },
+    /// Another instance's commit holds it and has not answered yet.
+    InProgress,
+    /// Redis was not asked (unreachable): the local index decides.
+    Unchecked,
+}
+
+/// A key to confirm: it was accepted at `first_seen_ms`.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The Redis key.
+    pub key: String,
+    /// When it was first received (its window runs from then).
+    pub first_seen_ms: i64,
+}
+
+/// The deployment's figures: every instance's processed counts, summed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Deployment {
+    /// Processed events per event type, over every instance.
+    pub by_type: BTreeMap<String, u64>,
+    /// Each instance: its total and when it last published.
+    pub instances: Vec<InstanceFigures>,
+}
+
+/// One instance's published figures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceFigures {
+    /// Its `instance` name.
+    pub name: String,
+    /// Events it processed.
+    pub total_events: u64,
+    /// When it last published (ms since epoch).
+    pub updated_ms: i64,
+}
+
+/// Redis as `/health` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorHealth {
+    /// `up`, or `down` while unreachable.
+    pub state: &'static str,
+    /// The URL, password hidden.
+    pub url: String,
+    /// This instance's name.
+    pub instance: String,
+    /// Since when it is in this state (ms since epoch).
+    pub since_ms: i64,
+    /// The last error, while down.
+    pub last_error: Option<String>,
+    /// Keys accepted while Redis was down, not yet written to it.
+    pub backlog: usize,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Events deduped locally only because Redis was unreachable.
+    fail_open: AtomicU64,
+    /// Events answered "in progress" (another instance's commit held the key).
+    in_progress: AtomicU64,
+    /// Duplicates caught in Redis (held by another instance).
+    shared_duplicates: AtomicU64,
+    /// Times Redis went from up to down.
+    outages: AtomicU64,
+    /// Backlog keys dropped because the backlog was full.
+    backlog_dropped: AtomicU64,
+}
+
+/// The connection to the deployment's Redis and what is known of it.
+pub struct Mirror {
+    /// Reconnects by itself; each call is bounded by `timeout`.
+    conn: ConnectionManager,
+    /// The URL with the password hidden, for logs and /health.
+    shown_url: String,
+    /// `key_prefix`.
+    prefix: String,
+    /// This instance's name, in claims and figures.
+    instance: String,
+    /// `timeout_ms`.
+    timeout: Duration,
+    /// `claim_lease_ms`.
+    lease_ms: u64,
+    /// `backlog_max_keys`.
+    backlog_max: usize,
+    /// Redis answered the last call.
+    up: AtomicBool,
+    /// When `up` last changed.
+    since_ms: AtomicI64,
+    /// Why the last call failed.
+    last_error: Mutex<Option<String>>,
+    /// Keys accepted while Redis was down, oldest first.
+    backlog: Mutex<VecDeque<Accepted>>,
+    /// For `/metrics`.
+    counters: Counters,
+}
+
+/// Claims every key (`KEYS`) for `ARGV[1]` for `ARGV[2]` ms unless held;
+/// answers "" for a key claimed now, else the value that holds it.
+const CLAIM: &str = r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[i] = ''
+  else
+    out[i] = redis.call('GET', key) or ''
+  end
+end
+return out
+";
+
+/// Deletes every key (`KEYS`) that still holds `ARGV[1]`.
+const RELEASE: &str = r"
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 0
+";
+
+impl Mirror {
+    /// A mirror for `config`; it connects on first use, so a Redis that is
+    /// down at start delays nothing.
+    pub fn connect(config: &RedisConfig) -> Result<Arc<Mirror>, MirrorError> {
+        let shown_url = redacted_redis_url(&config.url);
+        if config.url.starts_with("rediss://") {
+            // rustls needs its crypto chosen once per process; a second
+            // install (another TLS user got there first) is harmless.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let url_error = |e: redis::RedisError| MirrorError::Url {
+            url: shown_url.clone(),
+            reason: e.to_string(),
+        };
+        let client = redis::Client::open(config.url.as_str()).map_err(url_error)?;
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(url_error)?;
+        Ok(Arc::new(Mirror {
+            conn,
+            shown_url,
+            prefix: config.key_prefix.clone(),
+            instance: config.instance_name(),
+            timeout,
+            lease_ms: config.claim_lease_ms,
+            backlog_max: config.backlog_max_keys,
+            up: AtomicBool::new(true),
+            since_ms: AtomicI64::new(now_ms()),
+            last_error: Mutex::new(None),
+            backlog: Mutex::new(VecDeque::new()),
+            counters: Counters::default(),
+        }))
+    }
+
+    /// This instance's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The Redis key of an idempotency key of `source`.
+    pub fn idempotency_key(&self, source: &str, key: &str) -> String {
+        format!("{}idem:{source}:{key}", self.prefix)
+    }
+
+    /// Redis answered the last call.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Claims a group's keys (see the module docs). While Redis is down, or
+    /// when this call fails, every key is [`Claim::Unchecked`].
+    pub async fn claim(&self, keys: &[String], now_ms: i64) -> Vec<Claim> {
+        let unchecked = || {
+            self.counters
+                .fail_open
+                .fetch_add(keys.len() as u64, Ordering::Relaxed);
+            vec![Claim::Unchecked; keys.len()]
+        };
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        if !self.is_up() {
+            return unchecked();
+        }
+        let pending = format!("p:{now_ms}:{}", self.instance);
+        let script = redis::Script::new(CLAIM);
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation.arg(&pending).arg(self.lease_ms);
+        let mut conn = self.conn.clone();
+        let held = self
+            .call(invocation.invoke_async::<Vec<String>>(&mut conn))
+            .await;
+        let held = match held {
+            Ok(held) if held.len() == keys.len() => held,
+            Ok(held) => {
+                self.went_down(format!(
+                    "the claim script answered {} values for {} keys",
+                    held.len(),
+                    keys.len()
+                ));
+                return unchecked();
+            }
+            Err(_) => return unchecked(),
+        };
+        let claims: Vec<Claim> = held.iter().map(|v| self.read_claim(v)).collect();
+        let duplicates = claims
+            .iter()
+            .filter(|c| matches!(c, Claim::Duplicate { .. }))
+            .count();
+        let in_progress = claims.iter().filter(|c| **c == Claim::InProgress).count();
+        self.counters
+            .shared_duplicates
+            .fetch_add(duplicates as u64, Ordering::Relaxed);
+        self.counters
+            .in_progress
+            .fetch_add(in_progress as u64, Ordering::Relaxed);
+        claims
+    }
+
+    /// What a claim's answer means for this instance.
+    fn read_claim(&self, held: &str) -> Claim {
+        if held.is_empty() {
+            return Claim::New;
+        }
+        // `{p|c}:{ms}:{instance}`; anything else was not written by inletd
+        // and is taken as another instance's accepted key.
+        let mut parts = held.splitn(3, ':');
+        let (kind, ms, instance) = (parts.next(), parts.next(), parts.next());
+        let first_seen_ms = ms.and_then(|m| m.parse().ok()).unwrap_or(0);
+        match (kind, instance) {
+            (_, Some(i)) if i == self.instance => Claim::Ours,
+            (Some("p"), _) => Claim::InProgress,
+            _ => Claim::Duplicate { first_seen_ms },
+        }
+    }
+
+    /// Marks accepted keys as this instance's for the rest of their window
+    /// (`ttl_ms` from `first_seen_ms`). While Redis is down, or when this
+    /// fails, they wait in the backlog.
+    pub async fn confirm(&self, keys: Vec<Accepted>, ttl_ms: i64) {
+        if keys.is_empty() {
+            return;
+        }
+        if !self.is_up() || self.write_confirmed(&keys, ttl_ms).await.is_err() {
+            self.keep(keys);
+        }
+    }
+
+    async fn write_confirmed(&self, keys: &[Accepted], ttl_ms: i64) -> Result<(), MirrorError> {
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for a in keys {
+            let left = a.first_seen_ms.saturating_add(ttl_ms).saturating_sub(now);
+            if left > 0 {
+                any = true;
+                let value = format!("c:{}:{}", a.first_seen_ms, self.instance);
+                pipe.cmd("SET")
+                    .arg(&a.key)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(left)
+                    .ignore();
+            }
+        }
+        if !any {
+            // Every key's window is over: nothing to keep (and redis refuses
+            // an empty pipeline).
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        self.call(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    /// Keeps keys for a Redis that comes back, dropping the oldest past
+    /// `backlog_max_keys`.
+    fn keep(&self, keys: Vec<Accepted>) {
+        let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        backlog.extend(keys);
+        let over = backlog.len().saturating_sub(self.backlog_max);
+        if over > 0 {
+            backlog.drain(..over);
+            self.counters
+                .backlog_dropped
+                .fetch_add(over as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Frees the claims of a group whose commit failed, so that its retry
+    /// is not answered "in progress" elsewhere.
+    pub async fn release(&self, keys: &[String], claimed_ms: i64) {
+        if keys.is_empty() || !self.is_up() {
+            return;
+        }
+        let script = redis::Script::new(RELEASE);
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation.arg(format!("p:{claimed_ms}:{}", self.instance));
+        let mut conn = self.conn.clone();
+        let _ = self.call(invocation.invoke_async::<i64>(&mut conn)).await;
+    }
+
+    /// The background task's round: probes a Redis that was down, writes
+    /// the backlog, and publishes this instance's processed counts.
+    pub async fn maintain(&self, counts: &[(String, u64)], ttl_ms: i64) {
+        if !self.is_up() {
+            let mut conn = self.conn.clone();
+            let ping = redis::cmd("PING");
+            if self
+                .call_probe(ping.query_async::<String>(&mut conn))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        self.write_backlog(ttl_ms).await;
+        let _ = self.publish(counts).await;
+    }
+
+    async fn write_backlog(&self, ttl_ms: i64) {
+        loop {
+            let chunk: Vec<Accepted> = {
+                let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+                let n = backlog.len().min(1000);
+                backlog.drain(..n).collect()
+            };
+            if chunk.is_empty() {
+                return;
+            }
+            if self.write_confirmed(&chunk, ttl_ms).await.is_err() {
+                // Back to the front, in order: the next round tries again.
+                let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+                for a in chunk.into_iter().rev() {
+                    backlog.push_front(a);
+                }
+                return;
+            }
+        }
+    }
+
+    /// Writes this instance's processed counts, whole, in one transaction.
+    async fn publish(&self, counts: &[(String, u64)]) -> Result<(), MirrorError> {
+        let key = format!("{}figures:{}", self.prefix, self.instance);
+        let mut fields: Vec<(String, String)> = counts
+            .iter()
+            .map(|(t, n)| (format!("type:{t}"), n.to_string()))
+            .collect();
+        fields.push(("updated_ms".into(), now_ms().to_string()));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("DEL")
+            .arg(&key)
+            .ignore()
+            .cmd("HSET")
+            .arg(&key)
+            .arg(fields)
+            .ignore()
+            .cmd("SADD")
+            .arg(format!("{}instances", self.prefix))
+            .arg(&self.instance)
+            .ignore();
+        let mut conn = self.conn.clone();
+        self.call(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    /// Every instance's processed counts, summed: this instance's `own`
+    /// counts (current), the others' as last published.
+    pub async fn deployment(&self, own: &[(String, u64)]) -> Result<Deployment, MirrorError> {
+        if !self.is_up() {
+            return Err(MirrorError::Down);
+        }
+        let mut conn = self.conn.clone();
+        let names: Vec<String> = self
+            .call(
+                redis::cmd("SMEMBERS")
+                    .arg(format!("{}instances", self.prefix))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let others: Vec<String> = names.into_iter().filter(|n| *n != self.instance).collect();
+        let hashes: Vec<BTreeMap<String, String>> = if others.is_empty() {
+            Vec::new()
+        } else {
+            let mut pipe = redis::pipe();
+            for name in &others {
+                pipe.cmd("HGETALL")
+                    .arg(format!("{}figures:{name}", self.prefix));
+            }
+            self.call(pipe.query_async(&mut conn)).await?
+        };
+        let mut deployment = Deployment::default();
+        let mut add = |name: String, counts: &mut dyn Iterator<Item = (&str, u64)>, updated_ms| {
+            let mut total = 0u64;
+            for (event_type, n) in counts {
+                total = total.saturating_add(n);
+                let sum = deployment.by_type.entry(event_type.to_owned()).or_default();
+                *sum = sum.saturating_add(n);
+            }
+            deployment.instances.push(InstanceFigures {
+                name,
+                total_events: total,
+                updated_ms,
+            });
+        };
+        add(
+            self.instance.clone(),
+            &mut own.iter().map(|(t, n)| (t.as_str(), *n)),
+            now_ms(),
+        );
+        for (name, fields) in others.into_iter().zip(hashes) {
+            let updated_ms = fields
+                .get("updated_ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let mut counts = fields.iter().filter_map(|(field, value)| {
+                Some((field.strip_prefix("type:")?, value.parse().unwrap_or(0)))
+            });
+            add(name, &mut counts, updated_ms);
+        }
+        deployment.instances.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(deployment)
+    }
+
+    /// For `/health`.
+    pub fn health(&self) -> MirrorHealth {
+        let up = self.is_up();
+        MirrorHealth {
+            state: if up { "up" } else { "down" },
+            url: self.shown_url.clone(),
+            instance: self.instance.clone(),
+            since_ms: self.since_ms.load(Ordering::Relaxed),
+            last_error: if up {
+                None
+            } else {
+                self.last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            },
+            backlog: self.backlog_len(),
+        }
+    }
+
+    fn backlog_len(&self) -> usize {
+        self.backlog.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Appends the Redis metrics in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let c = &self.counters;
+        let lines: [(&str, &str, &str, u64); 7] = [
+            (
+                "inletd_redis_up",
+                "gauge",
+                "1 while Redis answers, 0 while it is unreachable.",
+                u64::from(self.is_up()),
+            ),
+            (
+                "inletd_redis_backlog_keys",
+                "gauge",
+                "Keys accepted while Redis was unreachable, not yet written to it.",
+                self.backlog_len() as u64,
+            ),
+            (
+                "inletd_redis_fail_open_total",
+                "counter",
+                "Events deduplicated by this instance alone because Redis was unreachable.",
+                c.fail_open.load(Ordering::Relaxed),
+            ),
+            (
+                "inletd_redis_duplicates_total",
+                "counter",
+                "Duplicates found in Redis: another instance had accepted the key.",
+                c.shared_duplicates.load(Ordering::Relaxed),
+            ),
+            (
+                "inletd_redis_in_progress_total",
+                "counter",
+                "Events answered in progress: another instance's commit held the key.",
+                c.in_progress.load(Ordering::Relaxed),
+            ),
+            (
+                "inletd_redis_outages_total",
+                "counter",
+                "Times Redis became unreachable.",
+                c.outages.load(Ordering::Relaxed),
+            ),
+            (
+                "inletd_redis_backlog_dropped_total",
+                "counter",
+                "Backlog keys dropped because backlog_max_keys was reached.",
+                c.backlog_dropped.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in lines {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
+
+    /// Runs one Redis call within the timeout; a failure marks Redis down.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, MirrorError> {
+        let result = self.bounded(call).await;
+        if let Err(e) = &result {
+            self.went_down(e.to_string());
+        }
+        result
+    }
+
+    /// The probe of a Redis marked down: a success marks it up.
+    async fn call_probe<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, MirrorError> {
+        let result = self.bounded(call).await;
+        match &result {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    self.since_ms.store(now_ms(), Ordering::Relaxed);
+                    tracing::info!(url = %self.shown_url, backlog = self.backlog_len(),
+                        "redis is reachable again; shared dedupe is back on");
+                }
+            }
+            Err(e) => {
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, MirrorError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(MirrorError::Redis(e.to_string())),
+            Err(_) => Err(MirrorError::Timeout(self.timeout.as_millis() as u64)),
+        }
+    }
+
+    /// Marks Redis down, logging once per outage.
+    fn went_down(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
+        if self.up.swap(false, Ordering::Relaxed) {
+            self.since_ms.store(now_ms(), Ordering::Relaxed);
+            self.counters.outages.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(url = %self.shown_url, %error,
+                "redis is unreachable; deduplicating locally until it is back");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mirror(instance: &str) -> Arc<Mirror> {
+        let config = RedisConfig {
+            url: "redis://127.0.0.1:1/".into(),
+            instance: instance.into(),
+            ..RedisConfig::default()
+        };
+        Mirror::connect(&config).expect("a lazy connection to a valid url")
+    }
+
+    #[tokio::test]
+    async fn a_claim_reads_whose_key_it_is() {
+        let m = mirror("a");
+        assert_eq!(m.read_claim(""), Claim::New);
+        assert_eq!(m.read_claim("c:17:a"), Claim::Ours);
+        assert_eq!(m.read_claim("p:17:a"), Claim::Ours);
+        assert_eq!(m.read_claim("p:17:b"), Claim::InProgress);
+        assert_eq!(
+            m.read_claim("c:17:b:with:colons"),
+            Claim::Duplicate { first_seen_ms: 17 }
+        );
+        assert_eq!(
+            m.read_claim("set by hand"),
+            Claim::Duplicate { first_seen_ms: 0 }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_leaves_keys_unchecked_and_backlogged() {
+        let m = mirror("a");
+        let keys = vec![m.idempotency_key("default", "k1")];
+        assert_eq!(m.claim(&keys, 1).await, vec![Claim::Unchecked]);
+        assert!(!m.is_up());
+        m.confirm(
+            vec![Accepted {
+                key: keys[0].clone(),
+                first_seen_ms: now_ms(),
+            }],
+            60_000,
+        )
+        .await;
+        assert_eq!(m.health().backlog, 1);
+        assert_eq!(m.health().state, "down");
+        let mut text = String::new();
+        m.render_metrics(&mut text);
+        assert!(text.contains("inletd_redis_up 0"), "{text}");
+        assert!(text.contains("inletd_redis_fail_open_total 1"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_backlog_keeps_the_newest_keys() {
+        let config = RedisConfig {
+            url: "redis://127.0.0.1:1/".into(),
+            backlog_max_keys: 2,
+            ..RedisConfig::default()
+        };
+        let m = Mirror::connect(&config).expect("lazy");
+        let key = |k: &str| Accepted {
+            key: k.into(),
+            first_seen_ms: 0,
+        };
+        m.keep(vec![key("a"), key("b"), key("c")]);
+        let kept: Vec<String> = m
+            .backlog
+            .lock()
+            .expect("unpoisoned")
+            .iter()
+            .map(|a| a.key.clone())
+            .collect();
+        assert_eq!(kept, ["b", "c"]);
+        assert_eq!(m.counters.backlog_dropped.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,398 @@
+//! Several instances sharing one Redis: a real `redis-server` on a free
+//! port, real daemons. Each test says what an operator did and what must
+//! hold.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::redis::{RedisOptions, RedisServer};
+use common::{Daemon, SinkServer, eventually};
+use serde_json::{Value, json};
+
+/// The config of one instance of a deployment sharing `redis`.
+fn instance_config(redis: &RedisServer, instance: &str, extra: &str) -> String {
+    format!(
+        "{extra}\n[redis]\nurl = \"{}\"\ninstance = \"{instance}\"\nkey_prefix = \"test:\"\npublish_interval_ms = 100\n",
+        redis.url()
+    )
+}
+
+fn http_sink(url: &str) -> String {
+    format!("[[sinks]]\nname = \"dashboard\"\ntype = \"http\"\nurl = \"{url}\"\n")
+}
+
+fn event(id: &str) -> Value {
+    json!({"event_id": id, "event_type": "signup", "user_id": format!("u-{id}")})
+}
+
+fn start(dir: &Path, redis: &RedisServer, instance: &str, sinks: &str) -> Daemon {
+    let config = instance_config(redis, instance, "");
+    Daemon::start(dir, &format!("{config}{sinks}"))
+}
+
+fn summary(d: &Daemon) -> Value {
+    let r = d.get("/stats/summary");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn health(d: &Daemon) -> Value {
+    d.get("/health").json()
+}
+
+/// Waits until `/stats/summary` on `d` reports `total` for the deployment.
+fn wait_for_deployment_total(d: &Daemon, total: u64, limit: Duration) {
+    let mut last = Value::Null;
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        last = summary(d);
+        if last["scope"] == "deployment" && last["total_events"] == total {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "the deployment total never reached {total}; last summary: {last}\nlog:\n{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn two_instances_take_each_event_once_and_answer_for_the_deployment() {
+    let Some(redis) = RedisServer::start(RedisOptions::default()) else {
+        return;
+    };
+    let sink = SinkServer::start(Box::new(|_| 200));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(dir_a.path(), &redis, "a", &http_sink(&sink.url()));
+    let b = start(dir_b.path(), &redis, "b", &http_sink(&sink.url()));
+
+    // A client behind a load balancer sends each of 400 events to both
+    // instances: a retry that landed elsewhere.
+    let mut accepted = HashMap::from([("a", 0), ("b", 0)]);
+    let mut duplicates = 0;
+    for i in 0..400 {
+        let e = event(&format!("e{i}"));
+        let order = if i % 2 == 0 {
+            [("a", &a), ("b", &b)]
+        } else {
+            [("b", &b), ("a", &a)]
+        };
+        for (name, d) in order {
+            let r = d.post_json("/webhook/events", &e);
+            match r.status {
+                202 => *accepted.get_mut(name).unwrap() += 1,
+                200 => {
+                    assert_eq!(r.json()["status"], "duplicate", "{}", r.text());
+                    duplicates += 1;
+                }
+                other => panic!("event e{i} on {name}: {other} {}", r.text()),
+            }
+        }
+    }
+    assert_eq!(accepted["a"] + accepted["b"], 400, "{accepted:?}");
+    assert_eq!(duplicates, 400);
+    assert_eq!(accepted["a"], 200, "the first to see a key takes it");
+
+    // The sink sees every event exactly once, from whichever took it.
+    eventually(Duration::from_secs(20), "400 events delivered", || {
+        sink.events().len() >= 400
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ids: Vec<String> = sink
+        .events()
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 400);
+    assert_eq!(sink.events().len(), 400, "an event was delivered twice");
+
+    // Both answer for the deployment, and say what is their own.
+    for d in [&a, &b] {
+        wait_for_deployment_total(d, 400, Duration::from_secs(10));
+        let s = summary(d);
+        assert_eq!(s["by_type"]["signup"], 400, "{s}");
+        assert_eq!(s["local"]["total_events"], 200, "{s}");
+        let names: Vec<&str> = s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b"], "{s}");
+        assert_eq!(health(d)["redis"]["state"], "up");
+    }
+    let metrics = a.get("/metrics").text();
+    assert!(metrics.contains("inletd_redis_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("inletd_redis_duplicates_total 200"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_key_another_instance_is_committing_is_answered_in_progress() {
+    let Some(redis) = RedisServer::start(RedisOptions::default()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), &redis, "a", "");
+    // Instance "b" holds one key mid-commit and has accepted another.
+    let pending = redis.command(&["SET", "test:idem:default:busy", "p:1:b", "PX", "60000"]);
+    assert_eq!(pending.as_text().as_deref(), Some("OK"));
+    redis.command(&[
+        "SET",
+        "test:idem:default:taken",
+        "c:1700000000000:b",
+        "PX",
+        "60000",
+    ]);
+
+    let r = d.post_json("/webhook/events", &event("busy"));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["error"], "in_progress");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let r = d.post_json("/webhook/events", &event("taken"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "duplicate");
+
+    let batch = json!({"events": [event("busy"), event("taken"), event("new")]});
+    let r = d.post_json("/webhook/batch", &batch);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let body = r.json();
+    assert_eq!(
+        (&body["accepted"], &body["duplicates"], &body["in_progress"]),
+        (&json!(1), &json!(1), &json!(1)),
+        "{body}"
+    );
+    let statuses: Vec<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["in_progress", "duplicate", "accepted"]);
+
+    // The key it accepted is its own in Redis now, for the whole window.
+    let held = redis.command(&["GET", "test:idem:default:new"]).as_text();
+    assert!(
+        held.as_deref()
+            .is_some_and(|v| v.starts_with("c:") && v.ends_with(":a")),
+        "{held:?}"
+    );
+    let ttl = redis.command(&["PTTL", "test:idem:default:new"]).as_int();
+    assert!(ttl.is_some_and(|ms| ms > 23 * 3_600_000), "{ttl:?}");
+
+    // Once b's commit is over (here: its claim lapsed), the retry is taken.
+    redis.command(&["DEL", "test:idem:default:busy"]);
+    assert_eq!(d.post_json("/webhook/events", &event("busy")).status, 202);
+}
+
+#[test]
+fn a_frozen_redis_costs_no_answer_and_the_totals_heal_after() {
+    let Some(redis) = RedisServer::start(RedisOptions::default()) else {
+        return;
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(dir_a.path(), &redis, "a", "");
+    let b = start(dir_b.path(), &redis, "b", "");
+    let mut sent = 0;
+    let mut post = |d: &Daemon, id: String| {
+        let r = d.post_json("/webhook/events", &event(&id));
+        assert_eq!(r.status, 202, "{id}: {}", r.text());
+        sent += 1;
+    };
+    for i in 0..50 {
+        post(if i % 2 == 0 { &a } else { &b }, format!("before{i}"));
+    }
+
+    // Redis freezes (SIGSTOP) for 30 s while events keep coming.
+    redis.pause();
+    let frozen = Instant::now();
+    let mut i = 0;
+    while frozen.elapsed() < Duration::from_secs(30) {
+        post(if i % 2 == 0 { &a } else { &b }, format!("during{i}"));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for d in [&a, &b] {
+        let h = health(d);
+        assert_eq!(h["redis"]["state"], "down", "{h}");
+        assert_eq!(
+            d.get("/ready").status,
+            200,
+            "Redis is not needed to be ready"
+        );
+        let s = summary(d);
+        assert_eq!(s["scope"], "instance", "{s}");
+    }
+    let metrics = a.get("/metrics").text();
+    assert!(metrics.contains("inletd_redis_up 0"), "{metrics}");
+    assert!(
+        !metrics.contains("inletd_redis_fail_open_total 0"),
+        "{metrics}"
+    );
+
+    // Redis thaws: no restart, and within 30 s everything is exact again.
+    redis.resume();
+    for d in [&a, &b] {
+        wait_for_deployment_total(d, sent, Duration::from_secs(30));
+        eventually(Duration::from_secs(30), "the key backlog written", || {
+            let h = health(d);
+            h["redis"]["state"] == "up" && h["redis"]["backlog"] == 0
+        });
+    }
+    // A key accepted by a while Redis was frozen is known to b now.
+    let r = b.post_json("/webhook/events", &event("during0"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "duplicate");
+}
+
+#[test]
+fn a_redis_killed_and_restarted_or_flushed_is_healed_without_a_daemon_restart() {
+    let Some(mut redis) = RedisServer::start(RedisOptions {
+        appendonly: true,
+        ..RedisOptions::default()
+    }) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), &redis, "a", "");
+    for i in 0..20 {
+        assert_eq!(
+            d.post_json("/webhook/events", &event(&format!("k{i}")))
+                .status,
+            202
+        );
+    }
+    wait_for_deployment_total(&d, 20, Duration::from_secs(10));
+
+    redis.kill9();
+    for i in 20..40 {
+        assert_eq!(
+            d.post_json("/webhook/events", &event(&format!("k{i}")))
+                .status,
+            202
+        );
+    }
+    redis.restart();
+    wait_for_deployment_total(&d, 40, Duration::from_secs(30));
+    // The keys taken while Redis was gone reached it once it was back.
+    eventually(Duration::from_secs(10), "k39 in redis", || {
+        redis
+            .command(&["GET", "test:idem:default:k39"])
+            .as_text()
+            .is_some_and(|v| v.ends_with(":a"))
+    });
+
+    // Someone flushes Redis: the figures are written whole again, and the
+    // local store still knows every key.
+    redis.command(&["FLUSHALL"]);
+    wait_for_deployment_total(&d, 40, Duration::from_secs(10));
+    let r = d.post_json("/webhook/events", &event("k3"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let held = redis.command(&["GET", "test:idem:default:k3"]).as_text();
+    assert!(
+        held.is_some_and(|v| v.ends_with(":a")),
+        "a duplicate found locally is put back in redis"
+    );
+}
+
+#[test]
+fn a_password_and_a_key_prefix_are_used_and_a_wrong_password_is_reported() {
+    let Some(redis) = RedisServer::start(RedisOptions {
+        password: Some("s3cret".into()),
+        ..RedisOptions::default()
+    }) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), &redis, "a", "");
+    assert_eq!(d.post_json("/webhook/events", &event("p1")).status, 202);
+    let keys = redis.command(&["KEYS", "*"]);
+    let mut keys: Vec<String> = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_text().unwrap())
+        .collect();
+    keys.sort();
+    assert!(keys.iter().all(|k| k.starts_with("test:")), "{keys:?}");
+    assert!(
+        keys.contains(&"test:idem:default:p1".to_owned()),
+        "{keys:?}"
+    );
+    let h = health(&d);
+    assert_eq!(h["redis"]["state"], "up", "{h}");
+    assert!(
+        !h.to_string().contains("s3cret"),
+        "the password is never shown: {h}"
+    );
+    let checked = std::process::Command::new(env!("CARGO_BIN_EXE_inletd"))
+        .args(["check-config", "--config"])
+        .arg(&d.config_path)
+        .output()
+        .expect("run inletd check-config");
+    let shown = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{shown}");
+    assert!(
+        shown.contains("[redis]") || shown.contains("redis"),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cret"), "{shown}");
+
+    // A wrong password: intake goes on alone, and /health says why.
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url().replace("s3cret", "wrong");
+    let wrong = Daemon::start(
+        dir.path(),
+        &format!("[redis]\nurl = \"{url}\"\ninstance = \"w\"\n"),
+    );
+    assert_eq!(wrong.post_json("/webhook/events", &event("w1")).status, 202);
+    let h = health(&wrong);
+    assert_eq!(h["redis"]["state"], "down", "{h}");
+    let error = h["redis"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        error.contains("auth") || error.contains("password") || error.contains("pass"),
+        "{h}"
+    );
+    assert_eq!(wrong.get("/ready").status, 200);
+}
+
+#[test]
+fn the_redis_stream_sink_adds_every_processed_event() {
+    let Some(redis) = RedisServer::start(RedisOptions::default()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = "[[sinks]]\nname = \"fanout\"\ntype = \"redis-stream\"\nstream = \"events:out\"\nmaxlen = 10000\n";
+    let d = start(dir.path(), &redis, "a", sinks);
+    let batch = json!({"events": (0..25).map(|i| event(&format!("s{i}"))).collect::<Vec<_>>()});
+    assert_eq!(d.post_json("/webhook/batch", &batch).status, 202);
+    eventually(Duration::from_secs(10), "25 stream entries", || {
+        redis.command(&["XLEN", "events:out"]).as_int() == Some(25)
+    });
+    let entries = redis.command(&["XRANGE", "events:out", "-", "+", "COUNT", "1"]);
+    let first = &entries.as_array().unwrap()[0].as_array().unwrap()[1];
+    let fields: Vec<String> = first
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_text().unwrap())
+        .collect();
+    assert_eq!(fields[0], "event");
+    let body: Value = serde_json::from_str(&fields[1]).unwrap();
+    assert_eq!(body["event_id"], "s0");
+    assert_eq!(
+        &fields[2..],
+        ["event_type", "signup", "source", "default", "key", "s0"]
+    );
+}
