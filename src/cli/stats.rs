@@ -86,6 +86,22 @@ pub fn render(summary: &Value) -> String {
     for (name, value) in rows {
         text.push_str(&format!("{name:<15} {value}\n"));
     }
+    // With Redis: the totals are the deployment's; say whose they are.
+    match summary["scope"].as_str() {
+        Some("deployment") => {
+            let instances = summary["instances"].as_array().map_or(0, Vec::len);
+            text.push_str(&format!(
+                "{:<15} deployment of {instances} instances; this one processed {}\n",
+                "totals of",
+                number(&summary["local"]["total_events"], "")
+            ));
+        }
+        Some(scope) => {
+            let why = summary["deployment_error"].as_str().unwrap_or("");
+            text.push_str(&format!("{:<15} {scope} only ({why})\n", "totals of"));
+        }
+        None => {}
+    }
     for sink in summary["sinks"].as_array().into_iter().flatten() {
         let name = format!("sink {}", sink["name"].as_str().unwrap_or("?"));
         text.push_str(&format!("{name:<15} {}\n", sink_state(sink)));
@@ -197,6 +213,26 @@ mod tests {
                  POST http://x/ answered 500\n"
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn deployment_totals_say_whose_they_are() {
+        let summary = serde_json::json!({
+            "total_events": 400, "scope": "deployment", "local": {"total_events": 150},
+            "instances": [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+        });
+        let text = render(&summary);
+        assert!(
+            text.contains("totals of       deployment of 3 instances; this one processed 150\n"),
+            "{text}"
+        );
+        let alone = render(&serde_json::json!({
+            "scope": "instance", "deployment_error": "redis is unreachable"
+        }));
+        assert!(
+            alone.contains("totals of       instance only (redis is unreachable)\n"),
+            "{alone}"
         );
     }
 

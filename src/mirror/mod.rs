@@ -28,15 +28,17 @@
 //! 1. Claim: `SET key p:… NX PX claim_lease_ms` for every key of the
 //!    group, in one script. A key already set answers its value.
 //! 2. The group commits to sled, as without Redis.
-//! 3. Confirm: every key the group stored (or found in the local index)
-//!    becomes `c:…` with the rest of its window, in one pipeline, before
-//!    any request of the group is answered.
+//! 3. The group's requests are answered, and at the same time every key
+//!    the group stored (or found in the local index) becomes `c:…` with
+//!    the rest of its window, in one pipeline. The answers do not wait for
+//!    it: the claim already holds the keys.
 //! 4. A commit that failed deletes its `p:` claims.
 //!
 //! Another instance that meets a `p:` claim answers "in progress" (409,
 //! retry): the first commit may yet fail, and a duplicate answer would
 //! then lose the event. A crash between steps 1 and 3 leaves the claim to
-//! expire.
+//! expire after `claim_lease_ms`; from then on only the local index of the
+//! instance that crashed knows those keys (at most one group's worth).
 //!
 //! # When Redis is unreachable
 //!

@@ -2,8 +2,11 @@
 //! commit. Requests that arrive while a flush is running queue in the
 //! mailbox; the next `Commit` takes all of them, writes them in one
 //! transaction, flushes once, and only then answers each. With Redis on,
-//! the group's keys are claimed in Redis before the commit and confirmed
-//! after it, one call each per group.
+//! the group's keys are claimed in Redis before the commit (one call per
+//! group) and confirmed after it, without holding up the answers; the
+//! next group's claim runs while the current group is written, so the
+//! Redis round trip overlaps the flush. Groups are still written one at a
+//! time, in order.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -31,6 +34,9 @@ pub struct State {
     pending: Vec<AppendRequest>,
     /// A `Commit` is already in the mailbox.
     commit_scheduled: bool,
+    /// The group being written, flushed and answered. The next group's keys
+    /// are claimed in Redis meanwhile; it is written only once this ends.
+    storing: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The Deduper starts from the pipeline context.
@@ -50,6 +56,7 @@ impl Actor for Deduper {
             context,
             pending: Vec::new(),
             commit_scheduled: false,
+            storing: None,
         })
     }
 
@@ -86,7 +93,15 @@ impl Actor for Deduper {
                     state.commit_scheduled = true;
                     myself.send_message(DeduperMsg::Commit)?;
                 }
-                commit(&state.context, group).await;
+                if group.is_empty() {
+                    return Ok(());
+                }
+                let claimed = claim(&state.context, group).await;
+                // One group is written at a time, in order.
+                if let Some(previous) = state.storing.take() {
+                    let _ = previous.await;
+                }
+                state.storing = Some(tokio::spawn(store(state.context.clone(), claimed)));
             }
         }
         Ok(())
@@ -101,21 +116,29 @@ enum Outcome {
     Shared(Claim),
 }
 
-/// Writes one group, flushes once, answers every request in it. With Redis,
-/// the group's keys are claimed first and confirmed before any answer (see
-/// [`crate::mirror`]).
-async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
-    if group.is_empty() {
-        return;
-    }
+/// A group whose keys were claimed in Redis (when it is on), ready to be
+/// written.
+struct Claimed {
+    /// Its requests, their events taken out.
+    group: Vec<AppendRequest>,
+    /// Every event of the group, in order.
+    events: Vec<NewEvent>,
+    /// Each event's Redis key (empty without Redis).
+    redis_keys: Vec<String>,
+    /// What Redis said of each event's key.
+    claims: Vec<Claim>,
+    /// When the claim was made (it is part of the claim's value).
+    claimed_ms: i64,
+}
+
+/// Claims the group's keys in Redis: one call per group (see
+/// [`crate::mirror`]). Without Redis every key is left to the local index.
+async fn claim(context: &Arc<Context>, mut group: Vec<AppendRequest>) -> Claimed {
     // Moved, not copied: once written, a request needs only its slots.
     let events: Vec<NewEvent> = group
         .iter_mut()
         .flat_map(|r| std::mem::take(&mut r.events))
         .collect();
-    let expected = events.len();
-    let config = context.live().config.clone();
-    let ttl_ms = config.idempotency_ttl_ms();
     let claimed_ms = now_ms();
     let (redis_keys, claims) = match &context.mirror {
         Some(mirror) => {
@@ -126,8 +149,31 @@ async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
             let claims = mirror.claim(&keys, claimed_ms).await;
             (keys, claims)
         }
-        None => (Vec::new(), vec![Claim::Unchecked; expected]),
+        None => (Vec::new(), vec![Claim::Unchecked; events.len()]),
     };
+    Claimed {
+        group,
+        events,
+        redis_keys,
+        claims,
+        claimed_ms,
+    }
+}
+
+/// Writes one group, flushes once, answers every request in it; with Redis,
+/// then confirms the keys it stored.
+async fn store(context: Arc<Context>, claimed: Claimed) {
+    let context = &context;
+    let Claimed {
+        group,
+        events,
+        redis_keys,
+        claims,
+        claimed_ms,
+    } = claimed;
+    let expected = events.len();
+    let config = context.live().config.clone();
+    let ttl_ms = config.idempotency_ttl_ms();
     // Only the events no other instance holds are written here.
     let mut received_ms = Vec::with_capacity(expected);
     let mut to_store = Vec::with_capacity(expected);
@@ -199,7 +245,7 @@ async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
         .collect();
     if let Some(mirror) = &context.mirror {
         // Every key this instance holds, accepted now or before, becomes
-        // this instance's in Redis before anyone hears of it.
+        // this instance's in Redis for the rest of its window.
         let mut received = received_ms.into_iter();
         let accepted: Vec<Accepted> = redis_keys
             .into_iter()
@@ -216,7 +262,10 @@ async fn commit(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
                 Outcome::Shared(_) => None,
             })
             .collect();
-        mirror.confirm(accepted, ttl_ms).await;
+        // Off the group's path: the answers do not wait for it, and the
+        // claims hold the keys meanwhile (see `crate::mirror`).
+        let mirror = mirror.clone();
+        tokio::spawn(async move { mirror.confirm(accepted, ttl_ms).await });
     }
     let mut outcomes = outcomes.into_iter();
     let mut last_seq = 0;

@@ -105,6 +105,13 @@
 
   function showSummary(s) {
     $("total-events").textContent = fmt(s.total_events);
+    // With Redis the total is the deployment's (every instance's).
+    $("total-scope").textContent =
+      s.scope === "deployment"
+        ? "processed, all time, by " + (s.instances || []).length + " instances"
+        : s.scope === "instance"
+          ? "processed by this instance (Redis unreachable)"
+          : "processed, all time";
     $("queue-depth").textContent = fmt(s.queue_depth);
     $("dlq-size").textContent = fmt(s.dlq_size);
     const l = s.latency_ms || {};
