@@ -29,7 +29,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use crate::config::{Config, Durability, LogFormat, redacted_redis_url};
 use crate::http::{self, Api};
-use crate::mirror::Mirror;
+use crate::mirror::{Figures, Mirror, PUBLISHED_DAYS};
 use crate::pipeline::supervisor::{Supervisor, SupervisorMsg};
 use crate::pipeline::{Context, Live, Pipeline, blocking};
 use crate::storage::sled::{SledOptions, SledStorage};
@@ -427,10 +427,18 @@ async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
 /// Probes Redis if it was down, writes the key backlog, publishes this
 /// instance's processed counts.
 async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
-    match blocking(&context.storage, |s| s.counts()).await {
-        Ok(counts) => {
+    let today = crate::analytics::day_of(crate::event::now_ms());
+    let figures = blocking(&context.storage, move |s| {
+        Ok(Figures {
+            by_type: s.counts()?,
+            by_day: crate::analytics::day_type_counts(s, today - (PUBLISHED_DAYS - 1), today)?,
+        })
+    })
+    .await;
+    match figures {
+        Ok(figures) => {
             mirror
-                .maintain(&counts, context.live().config.idempotency_ttl_ms())
+                .maintain(&figures, context.live().config.idempotency_ttl_ms())
                 .await
         }
         Err(e) => tracing::warn!(error = %e, "reading the counts to publish to redis failed"),

@@ -126,6 +126,21 @@ fn two_instances_take_each_event_once_and_answer_for_the_deployment() {
             .collect();
         assert_eq!(names, ["a", "b"], "{s}");
         assert_eq!(health(d)["redis"]["state"], "up");
+
+        // Top events over recent days are the deployment's too; what the
+        // instances do not share says it is this instance's.
+        let top = d.get("/stats/top-events").json();
+        assert_eq!(top["scope"], "deployment", "{top}");
+        assert_eq!(
+            top["events"],
+            json!([{"event_type": "signup", "count": 400}])
+        );
+        let old = d
+            .get("/stats/top-events?from=2020-01-01&to=2020-01-31")
+            .json();
+        assert_eq!(old["scope"], "instance", "{old}");
+        let dau = d.get("/stats/dau").json();
+        assert_eq!(dau["scope"], "instance", "{dau}");
     }
     let metrics = a.get("/metrics").text();
     assert!(metrics.contains("inletd_redis_up 1"), "{metrics}");

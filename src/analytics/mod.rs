@@ -937,7 +937,7 @@ pub fn top_events(
             }
         })?;
     }
-    let mut rows: Vec<(TypeCount, i128)> = totals
+    let rows: Vec<(TypeCount, i128)> = totals
         .into_iter()
         .map(|(event_type, count)| {
             let total = sums.get(&event_type).copied().unwrap_or(0);
@@ -949,6 +949,28 @@ pub fn top_events(
             (row, total)
         })
         .collect();
+    Ok(rank(rows, by, limit))
+}
+
+/// Top events of counts summed elsewhere (a deployment's instances),
+/// ranked as [`top_events`] ranks them.
+pub fn top_of_counts(totals: BTreeMap<String, u64>, limit: usize) -> Vec<TypeCount> {
+    let rows = totals
+        .into_iter()
+        .map(|(event_type, count)| {
+            let row = TypeCount {
+                event_type,
+                count,
+                sum: None,
+            };
+            (row, 0)
+        })
+        .collect();
+    rank(rows, RankBy::Count, limit)
+}
+
+/// Most first (by count or by sum), then by name; the first `limit`.
+fn rank(mut rows: Vec<(TypeCount, i128)>, by: RankBy, limit: usize) -> Vec<TypeCount> {
     rows.sort_by(|(a, a_sum), (b, b_sum)| {
         let first = match by {
             RankBy::Count => b.count.cmp(&a.count),
@@ -958,7 +980,30 @@ pub fn top_events(
     });
     let mut rows: Vec<TypeCount> = rows.into_iter().map(|(row, _)| row).collect();
     rows.truncate(limit);
-    Ok(rows)
+    rows
+}
+
+/// Processed events per day and type over `from..=to`, as `(day, type,
+/// count)`: what an instance publishes for its deployment's top events.
+pub fn day_type_counts(
+    kv: &dyn KvRead,
+    from: i32,
+    to: i32,
+) -> Result<Vec<(i32, String, u64)>, crate::storage::StorageError> {
+    let mut counts = Vec::new();
+    kv.scan(
+        &key(&[b"T", &day_key(from)]),
+        &key(&[b"T", &day_key(to.saturating_add(1))]),
+        &mut |k, v| {
+            if let Some(day) = k.get(1..5).and_then(|d| <[u8; 4]>::try_from(d).ok()) {
+                let day = (u32::from_be_bytes(day) ^ 0x8000_0000) as i32;
+                let t = String::from_utf8_lossy(k.get(5..).unwrap_or_default()).into_owned();
+                counts.push((day, t, read_u64(Some(v.to_vec()))));
+            }
+            true
+        },
+    )?;
+    Ok(counts)
 }
 
 /// One `S` entry: a field's sum over one type's events of one day.

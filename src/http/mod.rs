@@ -810,7 +810,7 @@ async fn stats(
             .into())
         }
     };
-    let answer = match which.as_str() {
+    let mut answer = match which.as_str() {
         "dau" | "top-events" | "trends" => {
             let to = day("to", today)?;
             let from = day("from", to - 29)?;
@@ -840,11 +840,28 @@ async fn stats(
                             .into());
                         }
                     };
-                    query(&api, move |s| {
-                        let events = analytics::top_events(s, from, to, limit, sum.as_deref(), by)?;
-                        Ok(json!({"from": f, "to": t, "events": events}))
-                    })
-                    .await?
+                    // By count over recent days, with Redis: the deployment's.
+                    let deployment = match sum {
+                        None => api.pipeline.deployment_top_events(from, to, limit).await,
+                        Some(_) => None,
+                    };
+                    match deployment {
+                        Some(Ok(events)) => {
+                            json!({"from": f, "to": t, "events": events, "scope": "deployment"})
+                        }
+                        deployment => {
+                            let mut answer = query(&api, move |s| {
+                                let events =
+                                    analytics::top_events(s, from, to, limit, sum.as_deref(), by)?;
+                                Ok(json!({"from": f, "to": t, "events": events}))
+                            })
+                            .await?;
+                            if let Some(Err(e)) = deployment {
+                                answer["deployment_error"] = e.into();
+                            }
+                            answer
+                        }
+                    }
                 }
                 _ => {
                     let interval =
@@ -948,6 +965,11 @@ async fn stats(
         }
         _ => return Err(warp::reject::not_found()),
     };
+    // With Redis, say whose figures these are: the deployment's only where
+    // the instances share them.
+    if api.pipeline.redis_health().is_some() && answer.get("scope").is_none() {
+        answer["scope"] = "instance".into();
+    }
     Ok(warp::reply::json(&answer).into_response())
 }
 

@@ -11,9 +11,11 @@
 //!   duplicate; a key this instance holds is left to the local index,
 //!   which stays authoritative for its own keys.
 //! - **Figures.** Every `publish_interval_ms` each instance writes its
-//!   processed counts per event type, absolute rather than as deltas, so a
-//!   write repeated or lost changes nothing once the next one lands.
-//!   `/stats/summary` adds them up across instances.
+//!   processed counts per event type, all time and per day for the last
+//!   [`PUBLISHED_DAYS`] days, absolute rather than as deltas, so a write
+//!   repeated or lost changes nothing once the next one lands.
+//!   `/stats/summary` and `/stats/top-events` add them up across
+//!   instances.
 //!
 //! # Keys (`P` is `key_prefix`)
 //!
@@ -22,6 +24,7 @@
 //! | `P idem:{source}:{key}` | string | `p:{ms}:{instance}` while claimed by a commit in flight (expires after `claim_lease_ms`); `c:{ms}:{instance}` once accepted, `ms` the first receipt (expires with the idempotency window) |
 //! | `P instances` | set | every instance that published figures |
 //! | `P figures:{instance}` | hash | `type:{event_type}` → processed count; `updated_ms` |
+//! | `P days:{instance}` | hash | `{day}:{event_type}` → processed count that day (days since 1970-01-01), for the last [`PUBLISHED_DAYS`] days |
 //!
 //! # A claim, step by step
 //!
@@ -103,6 +106,20 @@ pub struct Accepted {
     pub key: String,
     /// When it was first received (its window runs from then).
     pub first_seen_ms: i64,
+}
+
+/// How many days back (today included) each instance publishes its
+/// per-day counts: `/stats/top-events` over a range inside them answers
+/// for the deployment.
+pub const PUBLISHED_DAYS: i32 = 31;
+
+/// What an instance publishes: its processed counts.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    /// Per event type, all time.
+    pub by_type: Vec<(String, u64)>,
+    /// Per day and event type, for the last [`PUBLISHED_DAYS`] days.
+    pub by_day: Vec<(i32, String, u64)>,
 }
 
 /// The deployment's figures: every instance's processed counts, summed.
@@ -401,7 +418,7 @@ impl Mirror {
 
     /// The background task's round: probes a Redis that was down, writes
     /// the backlog, and publishes this instance's processed counts.
-    pub async fn maintain(&self, counts: &[(String, u64)], ttl_ms: i64) {
+    pub async fn maintain(&self, figures: &Figures, ttl_ms: i64) {
         if !self.is_up() {
             let mut conn = self.conn.clone();
             let ping = redis::cmd("PING");
@@ -414,7 +431,7 @@ impl Mirror {
             }
         }
         self.write_backlog(ttl_ms).await;
-        let _ = self.publish(counts).await;
+        let _ = self.publish(figures).await;
     }
 
     async fn write_backlog(&self, ttl_ms: i64) {
@@ -439,23 +456,34 @@ impl Mirror {
     }
 
     /// Writes this instance's processed counts, whole, in one transaction.
-    async fn publish(&self, counts: &[(String, u64)]) -> Result<(), MirrorError> {
-        let key = format!("{}figures:{}", self.prefix, self.instance);
-        let mut fields: Vec<(String, String)> = counts
+    async fn publish(&self, figures: &Figures) -> Result<(), MirrorError> {
+        let totals = format!("{}figures:{}", self.prefix, self.instance);
+        let days = format!("{}days:{}", self.prefix, self.instance);
+        let mut fields: Vec<(String, String)> = figures
+            .by_type
             .iter()
             .map(|(t, n)| (format!("type:{t}"), n.to_string()))
             .collect();
         fields.push(("updated_ms".into(), now_ms().to_string()));
+        let day_fields: Vec<(String, String)> = figures
+            .by_day
+            .iter()
+            .map(|(day, t, n)| (format!("{day}:{t}"), n.to_string()))
+            .collect();
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("DEL")
-            .arg(&key)
+            .arg(&totals)
+            .arg(&days)
             .ignore()
             .cmd("HSET")
-            .arg(&key)
+            .arg(&totals)
             .arg(fields)
-            .ignore()
-            .cmd("SADD")
+            .ignore();
+        if !day_fields.is_empty() {
+            pipe.cmd("HSET").arg(&days).arg(day_fields).ignore();
+        }
+        pipe.cmd("SADD")
             .arg(format!("{}instances", self.prefix))
             .arg(&self.instance)
             .ignore();
@@ -463,9 +491,8 @@ impl Mirror {
         self.call(pipe.query_async::<()>(&mut conn)).await
     }
 
-    /// Every instance's processed counts, summed: this instance's `own`
-    /// counts (current), the others' as last published.
-    pub async fn deployment(&self, own: &[(String, u64)]) -> Result<Deployment, MirrorError> {
+    /// The other instances' names.
+    async fn others(&self) -> Result<Vec<String>, MirrorError> {
         if !self.is_up() {
             return Err(MirrorError::Down);
         }
@@ -477,17 +504,66 @@ impl Mirror {
                     .query_async(&mut conn),
             )
             .await?;
-        let others: Vec<String> = names.into_iter().filter(|n| *n != self.instance).collect();
-        let hashes: Vec<BTreeMap<String, String>> = if others.is_empty() {
-            Vec::new()
-        } else {
-            let mut pipe = redis::pipe();
-            for name in &others {
-                pipe.cmd("HGETALL")
-                    .arg(format!("{}figures:{name}", self.prefix));
+        Ok(names.into_iter().filter(|n| *n != self.instance).collect())
+    }
+
+    /// One hash of each of `names`: `{prefix}{what}:{name}`.
+    async fn hashes(
+        &self,
+        what: &str,
+        names: &[String],
+    ) -> Result<Vec<BTreeMap<String, String>>, MirrorError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for name in names {
+            pipe.cmd("HGETALL")
+                .arg(format!("{}{what}:{name}", self.prefix));
+        }
+        let mut conn = self.conn.clone();
+        self.call(pipe.query_async(&mut conn)).await
+    }
+
+    /// Processed events per type over the days `from..=to`, summed over the
+    /// deployment: this instance's `own` per-day counts (current), the
+    /// others' as last published. The range must lie within the last
+    /// [`PUBLISHED_DAYS`] days.
+    pub async fn deployment_counts(
+        &self,
+        own: &[(i32, String, u64)],
+        from: i32,
+        to: i32,
+    ) -> Result<BTreeMap<String, u64>, MirrorError> {
+        let others = self.others().await?;
+        let hashes = self.hashes("days", &others).await?;
+        let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+        let mut add = |day: i32, event_type: &str, n: u64| {
+            if (from..=to).contains(&day) {
+                let sum = totals.entry(event_type.to_owned()).or_default();
+                *sum = sum.saturating_add(n);
             }
-            self.call(pipe.query_async(&mut conn)).await?
         };
+        for (day, event_type, n) in own {
+            add(*day, event_type, *n);
+        }
+        for fields in &hashes {
+            for (field, value) in fields {
+                if let Some((day, event_type)) = field.split_once(':')
+                    && let Ok(day) = day.parse()
+                {
+                    add(day, event_type, value.parse().unwrap_or(0));
+                }
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Every instance's processed counts, summed: this instance's `own`
+    /// counts (current), the others' as last published.
+    pub async fn deployment(&self, own: &[(String, u64)]) -> Result<Deployment, MirrorError> {
+        let others = self.others().await?;
+        let hashes = self.hashes("figures", &others).await?;
         let mut deployment = Deployment::default();
         let mut add = |name: String, counts: &mut dyn Iterator<Item = (&str, u64)>, updated_ms| {
             let mut total = 0u64;

@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 
 use ractor::{ActorRef, Message};
 
+use crate::analytics::TypeCount;
 use crate::config::Config;
-use crate::mirror::{Deployment, Mirror, MirrorError, MirrorHealth};
+use crate::mirror::{Deployment, Mirror, MirrorError, MirrorHealth, PUBLISHED_DAYS};
 use crate::ratelimit::TokenBucket;
 use crate::signature::Verifier;
 use crate::sinks::Sink;
@@ -363,6 +364,38 @@ impl Pipeline {
             Some(mirror) => Some(mirror.deployment(own).await),
             None => None,
         }
+    }
+
+    /// The deployment's top events over `from..=to` (by count): `None` when
+    /// Redis is off or the range reaches past what instances publish
+    /// ([`crate::mirror::PUBLISHED_DAYS`]); an error when Redis could not
+    /// be read.
+    pub async fn deployment_top_events(
+        &self,
+        from: i32,
+        to: i32,
+        limit: usize,
+    ) -> Option<Result<Vec<TypeCount>, String>> {
+        let mirror = self.context.mirror.as_ref()?;
+        let today = crate::analytics::day_of(crate::event::now_ms());
+        if from < today - (PUBLISHED_DAYS - 1) {
+            return None;
+        }
+        let own = blocking(&self.context.storage, move |s| {
+            crate::analytics::day_type_counts(s, from, to)
+        })
+        .await;
+        let own = match own {
+            Ok(own) => own,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        Some(
+            mirror
+                .deployment_counts(&own, from, to)
+                .await
+                .map(|totals| crate::analytics::top_of_counts(totals, limit))
+                .map_err(|e| e.to_string()),
+        )
     }
 
     /// Lists DLQ entries after `after`.
