@@ -3,6 +3,8 @@
 //! the built-in counter still counts each event once. A child that keeps
 //! failing exhausts the restart budget and the daemon stops with an error.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,20 +51,18 @@ fn config(dir: &std::path::Path) -> Config {
     }
 }
 
+/// POSTs one event (from a blocking thread) and returns the status.
 async fn post(addr: std::net::SocketAddr, id: &str) -> u16 {
     let body = format!(r#"{{"event_id":"{id}","event_type":"signup"}}"#);
     tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        write!(
-            s,
-            "POST /webhook/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+        common::request(
+            addr,
+            "POST",
+            "/webhook/events",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
         )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out[9..12].parse().unwrap()
+        .status
     })
     .await
     .unwrap()

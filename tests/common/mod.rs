@@ -1,18 +1,23 @@
 //! Test helpers: the real `inletd` binary started on port 0 with a temp
-//! data dir, a minimal blocking HTTP/1.1 client (so tests can also send
-//! the malformed requests a real client library would refuse to), and a
-//! scriptable sink server that records what it was sent.
+//! data dir, the one blocking HTTP/1.1 client of the tests ([`http`]: it
+//! also sends the malformed requests a real client library would refuse
+//! to), and a scriptable sink server that records what it was sent.
 #![allow(dead_code)]
 
 pub mod books;
+pub mod http;
 pub mod redis;
 pub mod webdriver;
+
+// Each test target uses some of these.
+#[allow(unused_imports)]
+pub use http::{RawConnection, Response, read_response, request, request_bytes, try_request};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -223,6 +228,23 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// What the daemon stored (`total_events` of `/stats/summary`), once
+    /// it has processed everything.
+    pub fn stored(&self) -> u64 {
+        self.wait_processed(Duration::from_secs(20));
+        let summary = self.get("/stats/summary").json();
+        summary["total_events"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no total_events: {summary}"))
+    }
+
+    /// Fails the test, with the log, when the daemon has exited.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("inletd exited with {status}; log:\n{}", self.log_text());
+        }
+    }
 }
 
 impl Drop for Daemon {
@@ -248,104 +270,6 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
         return None;
     }
     v["fields"]["addr"].as_str()?.parse().ok()
-}
-
-/// An HTTP response.
-#[derive(Debug, Clone)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    /// Headers, names lower-cased.
-    pub headers: Vec<(String, String)>,
-    /// Body bytes.
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    /// The body as JSON (panics with the body when it is not).
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    /// A header's value.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == &name.to_ascii_lowercase())
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The body as text.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// One request over a fresh connection (`Connection: close`).
-pub fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Response {
-    try_request(addr, method, path, headers, body)
-        .unwrap_or_else(|e| panic!("{method} {path} failed: {e}"))
-}
-
-/// Like [`request`], but returns I/O errors (the daemon may be dying).
-pub fn try_request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> std::io::Result<Response> {
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(head.as_bytes())?;
-    s.write_all(body)?;
-    read_response(&mut s)
-}
-
-/// Reads one HTTP/1.1 response (Content-Length or until close).
-pub fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| {
-            std::io::Error::other(format!(
-                "no header end in {:?}",
-                String::from_utf8_lossy(&raw)
-            ))
-        })?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("bad status line"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Ok(Response {
-        status,
-        headers,
-        body: raw[split + 4..].to_vec(),
-    })
 }
 
 /// What the fake sink answers to its n-th request (0-based).
@@ -462,4 +386,60 @@ pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// How fast `/health` must answer while a test attacks the daemon: a
+/// generous bound, no tight timing.
+pub const HEALTH_BOUND: Duration = Duration::from_secs(2);
+
+/// `/health` must answer 200 within [`HEALTH_BOUND`]; returns how long it
+/// took.
+pub fn health(addr: SocketAddr) -> Result<Duration, String> {
+    let start = Instant::now();
+    let r = try_request(addr, "GET", "/health", &[], b"")
+        .map_err(|e| format!("/health failed: {e}"))?;
+    let took = start.elapsed();
+    if r.status != 200 {
+        return Err(format!("/health answered {}: {}", r.status, r.text()));
+    }
+    if took > HEALTH_BOUND {
+        return Err(format!("/health took {took:?}"));
+    }
+    Ok(took)
+}
+
+/// A fresh good event must be accepted.
+pub fn good_event(addr: SocketAddr, id: &str) -> Result<(), String> {
+    let body = serde_json::json!({"event_id": id, "event_type": "good", "user_id": "u-good"});
+    let r = try_request(
+        addr,
+        "POST",
+        "/webhook/events",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .map_err(|e| format!("good event {id} failed: {e}"))?;
+    if r.status != 202 {
+        return Err(format!("good event {id}: {} {}", r.status, r.text()));
+    }
+    Ok(())
+}
+
+/// Checks `/health` and takes good events every 200 ms while `busy` holds;
+/// returns how many good events were sent.
+pub fn serve_meanwhile(
+    addr: SocketAddr,
+    prefix: &'static str,
+    busy: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    std::thread::spawn(move || {
+        let mut n = 0u64;
+        while busy.load(Ordering::SeqCst) {
+            health(addr)?;
+            good_event(addr, &format!("{prefix}-{n}"))?;
+            n += 1;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(n)
+    })
 }

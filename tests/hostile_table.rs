@@ -1,23 +1,24 @@
-//! A bad-input suite against the real binary: malformed, oversized and
-//! wrongly typed bodies, wrong content types, bad and replayed signatures,
-//! skewed timestamps, protocol garbage, header abuse, slowloris, slow and
-//! endless bodies, and a thousand idle connections.
+//! Hostile requests, the table: malformed, oversized and wrongly typed
+//! bodies, wrong content types, bad and replayed signatures, skewed
+//! timestamps, protocol garbage, header abuse, and slow and endless bodies,
+//! each case one request (or raw bytes) against the real binary.
 //!
 //! The table test runs every case against ONE daemon with small limits and,
 //! after each case, checks that `/health` still answers quickly and that a
 //! fresh good event is still accepted. At the end the stored events must be
-//! exactly the good ones sent: nothing bad was stored.
+//! exactly the good ones sent: nothing bad was stored. The parallel test
+//! sends the refused cases again from four threads at once.
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Response};
+use common::{Daemon, RawConnection, Response, good_event, health, request_bytes, serve_meanwhile};
 use inletd::signature::sign;
 use serde_json::{Value, json};
 
@@ -28,8 +29,6 @@ const GH_SECRET: &str = "gh-secret";
 const STRIPE_SECRET: &str = "whsec_stripe";
 /// Longest a case may take to be answered.
 const CASE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A generous bound for `/health` while under attack (no tight timing).
-const HEALTH_BOUND: Duration = Duration::from_secs(2);
 
 /// Small limits, one signed source per scheme and a rate-limited source.
 /// `max_body_bytes` is 128 KiB so that 100,000 `[` fit under it and reach
@@ -1300,85 +1299,17 @@ fn all_cases() -> Vec<Case> {
 // Sending and checking
 // ---------------------------------------------------------------------------
 
-fn to_bytes(method: &str, path: &str, headers: &[(String, String)], body: &[u8]) -> Vec<u8> {
-    let mut h = format!(
-        "{method} {path} HTTP/1.1\r\nHost: inletd\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        h.push_str(&format!("{k}: {v}\r\n"));
-    }
-    h.push_str("\r\n");
-    let mut out = h.into_bytes();
-    out.extend_from_slice(body);
-    out
-}
-
-/// Parses an answer; `None` when the daemon closed without one.
-fn parse_response(mut raw: &[u8]) -> Result<Option<Response>, String> {
-    // Skip interim answers (100 Continue).
-    while raw.starts_with(b"HTTP/1.1 1") {
-        match raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            Some(end) => raw = &raw[end + 4..],
-            None => break,
-        }
-    }
-    if raw.is_empty() {
-        return Ok(None);
-    }
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("garbled answer: {:?}", String::from_utf8_lossy(raw)))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Ok(Some(Response {
-        status,
-        headers,
-        body: raw[split + 4..].to_vec(),
-    }))
-}
-
-/// Writes `bytes` on a fresh connection (from another thread, so that a
-/// daemon that answers before reading everything is no deadlock) and reads
-/// until the daemon closes.
+/// Writes `bytes` on a fresh connection and reads until the daemon closes
+/// (see [`RawConnection::send_and_read_answer`]).
 fn exchange(
     addr: SocketAddr,
     bytes: Vec<u8>,
     half_close: bool,
 ) -> Result<Option<Response>, String> {
-    let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(CASE_TIMEOUT)).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let writer = thread::spawn(move || {
-        let _ = w.write_all(&bytes);
-        if half_close {
-            let _ = w.shutdown(Shutdown::Write);
-        }
-    });
-    let mut raw = Vec::new();
-    let read = (&s).read_to_end(&mut raw);
-    let _ = s.shutdown(Shutdown::Both);
-    let _ = writer.join();
-    if let Err(e) = read
-        && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
-    {
-        return Err(format!(
-            "no end of answer within {CASE_TIMEOUT:?}; got {:?}",
-            String::from_utf8_lossy(&raw[..raw.len().min(300)])
-        ));
-    }
-    // A reset after the answer (unread request bytes) keeps what was read.
-    parse_response(&raw)
+    let mut c = RawConnection::open(addr).map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(CASE_TIMEOUT).unwrap();
+    c.send_and_read_answer(bytes, half_close)
+        .map_err(|e| e.to_string())
 }
 
 /// Resident memory of a process in KiB (Linux).
@@ -1394,9 +1325,8 @@ fn rss_kib(pid: u32) -> Option<u64> {
 /// up soon after, and not grow while doing so.
 fn endless_chunked(addr: SocketAddr, pid: u32, path: &str) -> Result<Option<Response>, String> {
     let rss_before = rss_kib(pid);
-    let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(CASE_TIMEOUT)).unwrap();
-    let mut w = s.try_clone().unwrap();
+    let mut c = RawConnection::open(addr).map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(CASE_TIMEOUT).unwrap();
     let head = head(
         "POST",
         path,
@@ -1406,28 +1336,29 @@ fn endless_chunked(addr: SocketAddr, pid: u32, path: &str) -> Result<Option<Resp
         ],
     );
     let start = Instant::now();
-    let writer = thread::spawn(move || {
-        let mut chunk = b"400\r\n".to_vec();
-        chunk.extend_from_slice(&[b' '; 1024]);
-        chunk.extend_from_slice(b"\r\n");
-        let mut sent = 0usize;
-        if w.write_all(&head).is_err() {
-            return (sent, true);
-        }
-        while start.elapsed() < Duration::from_secs(20) {
-            if w.write_all(&chunk).is_err() {
+    let writer = c
+        .send_in_background(move |mut w| {
+            let mut chunk = b"400\r\n".to_vec();
+            chunk.extend_from_slice(&[b' '; 1024]);
+            chunk.extend_from_slice(b"\r\n");
+            let mut sent = 0usize;
+            if w.send_bytes(&head).is_err() {
                 return (sent, true);
             }
-            sent += chunk.len();
-        }
-        (sent, false)
-    });
-    let mut raw = Vec::new();
-    let read = (&s).read_to_end(&mut raw);
+            while start.elapsed() < Duration::from_secs(20) {
+                if w.send_bytes(&chunk).is_err() {
+                    return (sent, true);
+                }
+                sent += chunk.len();
+            }
+            (sent, false)
+        })
+        .unwrap();
+    let answer = c.read_answer();
     let answered = start.elapsed();
     let (sent, hung_up) = writer.join().unwrap();
-    let _ = s.shutdown(Shutdown::Both);
-    if let Err(e) = &read
+    c.close();
+    if let Err(e) = &answer
         && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
     {
         return Err(format!(
@@ -1447,7 +1378,7 @@ fn endless_chunked(addr: SocketAddr, pid: u32, path: &str) -> Result<Option<Resp
     {
         return Err(format!("RSS grew from {a} KiB to {b} KiB"));
     }
-    parse_response(&raw)
+    answer.map_err(|e| e.to_string())
 }
 
 /// Sends a case to the daemon at `addr` (process `pid`).
@@ -1458,7 +1389,17 @@ fn run(addr: SocketAddr, pid: u32, case: &Case) -> Result<Option<Response>, Stri
             path,
             headers,
             body,
-        } => exchange(addr, to_bytes(method, path, headers, body), false),
+        } => {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            exchange(
+                addr,
+                request_bytes(addr, method, path, &headers, body),
+                false,
+            )
+        }
         Req::Raw { bytes, half_close } => exchange(addr, bytes.clone(), *half_close),
         Req::EndlessChunked { path } => endless_chunked(addr, pid, path),
     }
@@ -1572,46 +1513,6 @@ fn check(case: &Case, got: Option<&Response>) -> Result<(), String> {
     Ok(())
 }
 
-/// `/health` must answer 200 within [`HEALTH_BOUND`].
-fn health(addr: SocketAddr) -> Result<Duration, String> {
-    let start = Instant::now();
-    let r = common::try_request(addr, "GET", "/health", &[], b"")
-        .map_err(|e| format!("/health failed: {e}"))?;
-    let took = start.elapsed();
-    if r.status != 200 {
-        return Err(format!("/health answered {}: {}", r.status, r.text()));
-    }
-    if took > HEALTH_BOUND {
-        return Err(format!("/health took {took:?}"));
-    }
-    Ok(took)
-}
-
-/// A fresh good event must be accepted.
-fn good_event(addr: SocketAddr, id: &str) -> Result<(), String> {
-    let r = common::try_request(
-        addr,
-        "POST",
-        "/webhook/events",
-        &[("Content-Type", "application/json")],
-        &body(&json!({"event_id": id, "event_type": "good", "user_id": "u-good"})),
-    )
-    .map_err(|e| format!("good event {id} failed: {e}"))?;
-    if r.status != 202 {
-        return Err(format!("good event {id}: {} {}", r.status, r.text()));
-    }
-    Ok(())
-}
-
-/// What the daemon stored, after processing everything.
-fn stored(d: &Daemon) -> u64 {
-    d.wait_processed(Duration::from_secs(20));
-    let summary = d.get("/stats/summary").json();
-    summary["total_events"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no total_events: {summary}"))
-}
-
 /// Actor restarts reported by `/metrics` (a panic on input restarts one).
 fn actor_restarts(d: &Daemon) -> u64 {
     d.get("/metrics")
@@ -1620,12 +1521,6 @@ fn actor_restarts(d: &Daemon) -> u64 {
         .filter(|l| l.starts_with("inletd_actor_restarts_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
-}
-
-fn assert_alive(d: &mut Daemon) {
-    if let Some(status) = d.child.try_wait().unwrap() {
-        panic!("inletd exited with {status}; log:\n{}", d.log_text());
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1673,7 +1568,7 @@ fn the_bad_input_table() {
         if t.elapsed() > Duration::from_secs(5) {
             eprintln!("case {:?} took {:?}", case.name, t.elapsed());
         }
-        assert_alive(&mut d);
+        d.assert_alive();
     }
     eprintln!(
         "{} cases in {:?}; slowest /health {:?}",
@@ -1690,7 +1585,7 @@ fn the_bad_input_table() {
     );
 
     assert_eq!(
-        stored(&d),
+        d.stored(),
         expected_stored,
         "exactly the good events are stored: {}",
         d.get("/stats/summary").text()
@@ -1698,180 +1593,7 @@ fn the_bad_input_table() {
     assert_eq!(d.get("/admin/queue").json()["dlq_size"], 0);
     assert_eq!(actor_restarts(&d), 0, "no actor restarted");
     assert!(!d.log_text().contains("panicked"), "{}", d.log_text());
-    assert_alive(&mut d);
-}
-
-/// Non-blocking check: has the daemon closed this connection?
-fn closed_by_daemon(s: &TcpStream) -> Option<bool> {
-    s.set_nonblocking(true).ok()?;
-    let mut buf = [0u8; 512];
-    let closed = match (&*s).read(&mut buf) {
-        Ok(0) => true,
-        Ok(_) => true, // an answer (e.g. 408) ends it as well
-        Err(e) if e.kind() == ErrorKind::WouldBlock => false,
-        Err(_) => true,
-    };
-    let _ = s.set_nonblocking(false);
-    Some(closed)
-}
-
-/// Checks `/health` and takes good events every 200 ms while `busy` holds;
-/// returns how many good events were sent.
-fn serve_meanwhile(
-    addr: SocketAddr,
-    prefix: &'static str,
-    busy: Arc<AtomicBool>,
-) -> thread::JoinHandle<Result<u64, String>> {
-    thread::spawn(move || {
-        let mut n = 0u64;
-        while busy.load(Ordering::SeqCst) {
-            health(addr)?;
-            good_event(addr, &format!("{prefix}-{n}"))?;
-            n += 1;
-            thread::sleep(Duration::from_millis(200));
-        }
-        Ok(n)
-    })
-}
-
-/// Slowloris: clients that send their headers one byte at a time are
-/// disconnected after `header_read_timeout_secs` (2 s) however steadily the
-/// bytes come, while other clients are served.
-#[test]
-fn slowloris_is_disconnected_while_others_are_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path(), &config(""));
-    let busy = Arc::new(AtomicBool::new(true));
-    let meanwhile = serve_meanwhile(d.addr, "loris-good", busy.clone());
-
-    let head =
-        b"POST /webhook/events HTTP/1.1\r\nHost: inletd\r\nContent-Type: application/json\r\n\
-                 X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\
-                 Content-Length: 2\r\n\r\n{}";
-    let lorises: Vec<_> = [Duration::from_secs(1), Duration::from_millis(100)]
-        .into_iter()
-        .map(|interval| {
-            let addr = d.addr;
-            thread::spawn(move || -> Result<Duration, String> {
-                let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-                let start = Instant::now();
-                for byte in head {
-                    if s.write_all(&[*byte]).is_err() || closed_by_daemon(&s) == Some(true) {
-                        return Ok(start.elapsed());
-                    }
-                    if start.elapsed() > Duration::from_secs(15) {
-                        break;
-                    }
-                    thread::sleep(interval);
-                }
-                Err(format!(
-                    "a loris sending a byte every {interval:?} was not disconnected in {:?}",
-                    start.elapsed()
-                ))
-            })
-        })
-        .collect();
-    for (i, l) in lorises.into_iter().enumerate() {
-        let took = l.join().unwrap().unwrap();
-        assert!(
-            took >= Duration::from_millis(1500) && took <= Duration::from_secs(6),
-            "loris {i} cut after {took:?} (header_read_timeout_secs = 2)"
-        );
-    }
-    busy.store(false, Ordering::SeqCst);
-    let good = meanwhile.join().unwrap().unwrap();
-    assert!(good >= 5, "only {good} good events were served meanwhile");
-    assert_eq!(stored(&d), good, "nothing from the lorises was stored");
-    assert_alive(&mut d);
-}
-
-/// A body that trickles in (or never comes) is answered 408 (or the
-/// connection closed) after `request_timeout_secs` (2 s); others are served.
-#[test]
-fn slow_bodies_time_out_while_others_are_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path(), &config(""));
-    let busy = Arc::new(AtomicBool::new(true));
-    let meanwhile = serve_meanwhile(d.addr, "slow-good", busy.clone());
-
-    let with_length = b"POST /webhook/events HTTP/1.1\r\nHost: inletd\r\n\
-                        Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
-        .to_vec();
-    let chunked = b"POST /webhook/events HTTP/1.1\r\nHost: inletd\r\n\
-                    Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n"
-        .to_vec();
-    // (head, what to drip, interval)
-    let slow: Vec<(&str, Vec<u8>, &'static [u8], Duration)> = vec![
-        (
-            "trickle",
-            with_length.clone(),
-            b" ",
-            Duration::from_millis(300),
-        ),
-        ("nothing", with_length, b"", Duration::from_millis(300)),
-        (
-            "chunked trickle",
-            chunked,
-            b"1\r\n \r\n",
-            Duration::from_millis(300),
-        ),
-    ];
-    let clients: Vec<_> = slow
-        .into_iter()
-        .map(|(name, head, drip, interval)| {
-            let addr = d.addr;
-            thread::spawn(move || -> Result<(Duration, Option<Response>), String> {
-                let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-                let start = Instant::now();
-                s.write_all(&head).map_err(|e| e.to_string())?;
-                let mut raw = Vec::new();
-                while start.elapsed() < Duration::from_secs(10) {
-                    if !drip.is_empty() {
-                        let _ = s.write_all(drip);
-                    }
-                    let step = Instant::now();
-                    while step.elapsed() < interval {
-                        let mut buf = [0u8; 4096];
-                        match s.read(&mut buf) {
-                            Ok(0) => return Ok((start.elapsed(), parse_response(&raw)?)),
-                            Ok(n) => raw.extend_from_slice(&buf[..n]),
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => return Ok((start.elapsed(), parse_response(&raw)?)),
-                        }
-                        if let Ok(Some(r)) = parse_response(&raw)
-                            && r.header("content-length")
-                                .and_then(|l| l.parse::<usize>().ok())
-                                .is_some_and(|l| r.body.len() >= l)
-                        {
-                            return Ok((start.elapsed(), Some(r)));
-                        }
-                    }
-                }
-                Err(format!("{name}: no answer and no close in 10 s"))
-            })
-        })
-        .collect();
-    for c in clients {
-        let (took, answer) = c.join().unwrap().unwrap();
-        assert!(
-            took >= Duration::from_millis(1500) && took <= Duration::from_secs(6),
-            "answered after {took:?} (request_timeout_secs = 2)"
-        );
-        if let Some(r) = answer {
-            assert_eq!(r.status, 408, "{}", r.text());
-            assert_eq!(r.json()["error"], "request_timeout");
-        }
-    }
-    busy.store(false, Ordering::SeqCst);
-    let good = meanwhile.join().unwrap().unwrap();
-    assert!(good >= 5, "only {good} good events were served meanwhile");
-    assert_eq!(stored(&d), good, "nothing from the slow bodies was stored");
-    assert_alive(&mut d);
+    d.assert_alive();
 }
 
 /// The refused cases of the table, three rounds from four threads at once, while another
@@ -1918,177 +1640,7 @@ fn bad_inputs_in_parallel_do_not_disturb_good_events() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     eprintln!("{sent} bad requests in parallel; {good} good events meanwhile");
     assert!(good >= 3, "only {good} good events were served meanwhile");
-    assert_eq!(stored(&d), good, "only the good events are stored");
+    assert_eq!(d.stored(), good, "only the good events are stored");
     assert_eq!(actor_restarts(&d), 0, "no actor restarted");
-    assert_alive(&mut d);
-}
-
-/// The soft limit on open files of this process.
-fn open_files_limit() -> Option<usize> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
-/// A thousand connections that never send a byte, all open at once (under
-/// the default `max_connections` of 1024): `/health` answers fast and good
-/// events are accepted meanwhile. Here `header_read_timeout_secs` is long
-/// so that they really stay open for the whole test.
-///
-/// The test process and the daemon each need ~1,000 descriptors; with a
-/// soft `ulimit -n` below ~1,100 the test uses as many as fit (and says so).
-#[test]
-fn a_thousand_idle_connections_do_not_starve_anyone() {
-    let dir = tempfile::tempdir().unwrap();
-    let extra = "header_read_timeout_secs = 30";
-    let mut d = Daemon::start(
-        dir.path(),
-        &config("").replace("header_read_timeout_secs = 2", extra),
-    );
-    let limit = open_files_limit().unwrap_or(1024);
-    let n = 1000.min(limit.saturating_sub(100));
-    if n < 1000 {
-        eprintln!("ulimit -n is {limit}: using {n} idle connections instead of 1,000");
-    }
-    let mut idle = Vec::with_capacity(n);
-    let start = Instant::now();
-    for i in 0..n {
-        idle.push(TcpStream::connect(d.addr).expect("connect an idle client"));
-        // Let the accept loop keep up with the 128-deep listen backlog.
-        if i % 64 == 63 {
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-    eprintln!("{n} idle connections opened in {:?}", start.elapsed());
-    let mut slowest = Duration::ZERO;
-    for i in 0..20 {
-        slowest = slowest.max(health(d.addr).unwrap());
-        good_event(d.addr, &format!("idle-good-{i}")).unwrap();
-    }
-    eprintln!("slowest /health with {n} idle connections: {slowest:?}");
-    let still_open = idle
-        .iter()
-        .filter(|s| closed_by_daemon(s) == Some(false))
-        .count();
-    assert_eq!(
-        still_open, n,
-        "the idle connections were still open meanwhile"
-    );
-    drop(idle);
-    health(d.addr).unwrap();
-    assert_eq!(stored(&d), 20);
-    assert_alive(&mut d);
-}
-
-/// Past `max_connections`, connections wait in the backlog; idle ones are
-/// dropped after `header_read_timeout_secs`, which lets the waiting ones in.
-#[test]
-fn past_max_connections_clients_wait_until_idle_ones_time_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path(), &config("max_connections = 20"));
-    let idle: Vec<_> = (0..30)
-        .map(|_| TcpStream::connect(d.addr).unwrap())
-        .collect();
-    let start = Instant::now();
-    let r = common::try_request(d.addr, "GET", "/health", &[], b"").unwrap();
-    let waited = start.elapsed();
-    eprintln!("/health waited {waited:?} behind 30 idle connections (max_connections = 20)");
-    assert_eq!(r.status, 200);
-    assert!(
-        waited <= Duration::from_secs(8),
-        "/health waited {waited:?} behind idle connections (header_read_timeout_secs = 2)"
-    );
-    good_event(d.addr, "after-idle").unwrap();
-    drop(idle);
-    assert_eq!(stored(&d), 1);
-    assert_alive(&mut d);
-}
-
-/// The contract says the head (request line + headers) is at most 64 KiB,
-/// 431 above. hyper's `max_buf_size` is only checked before a read, so a
-/// head of up to ~112 KiB that arrives in one go is taken.
-#[test]
-fn a_70_kib_header_is_refused_with_431() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &config(""));
-    let big = "a".repeat(70 * 1024);
-    let r = exchange(
-        d.addr,
-        to_bytes(
-            "POST",
-            "/webhook/events",
-            &[
-                ("Content-Type".into(), "application/json".into()),
-                ("X-Big".into(), big),
-            ],
-            &body(&event("h70")),
-        ),
-        false,
-    )
-    .unwrap();
-    assert_eq!(r.map(|r| r.status), Some(431));
-    assert_eq!(stored(&d), 0);
-}
-
-/// A captured signed request replayed with a new `Idempotency-Key` header
-/// (which no signature covers) must not become a new event: for signed
-/// sources the key must come from signed data (`webhook-id`, the body).
-#[test]
-fn a_signed_request_replayed_with_a_new_idempotency_key_is_not_a_new_event() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &config(""));
-    let ts = now();
-    let b = body(&json!({"event_type": "invoice.paid"}));
-    let sig = sign::standard(WHSEC, "msg_1", ts, &b).unwrap();
-    let tss = ts.to_string();
-    let std_headers = [
-        ("Content-Type", "application/json"),
-        ("webhook-id", "msg_1"),
-        ("webhook-timestamp", tss.as_str()),
-        ("webhook-signature", sig.as_str()),
-    ];
-    assert_eq!(
-        d.request("POST", "/webhook/svix/events", &std_headers, &b)
-            .status,
-        202
-    );
-    let mut replay = std_headers.to_vec();
-    replay.push(("Idempotency-Key", "replay-1"));
-    let r = d.request("POST", "/webhook/svix/events", &replay, &b);
-    assert_ne!(r.status, 202, "svix replay stored again: {}", r.text());
-
-    let gb = body(&event("push-1"));
-    let gh = sign::github(GH_SECRET, &gb).unwrap();
-    let gh_headers = [
-        ("Content-Type", "application/json"),
-        ("X-Hub-Signature-256", gh.as_str()),
-    ];
-    assert_eq!(
-        d.request("POST", "/webhook/gh/events", &gh_headers, &gb)
-            .status,
-        202
-    );
-    let mut replay = gh_headers.to_vec();
-    replay.push(("Idempotency-Key", "replay-2"));
-    let r = d.request("POST", "/webhook/gh/events", &replay, &gb);
-    assert_ne!(r.status, 202, "github replay stored again: {}", r.text());
-    assert_eq!(stored(&d), 2);
-}
-
-/// A GET on an admin route with a bad query is a bad request, not a wrong
-/// method: `recover()` looks for `MethodNotAllowed` (left by the POST and
-/// DELETE routes of the same path) before `InvalidQuery`.
-#[test]
-fn a_bad_admin_query_is_400_not_405() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &config(""));
-    for q in [
-        "/admin/dlq?limit=abc",
-        "/admin/dlq?limit=-1",
-        "/admin/dlq?after=x",
-    ] {
-        let r = d.get(q);
-        assert_eq!(r.status, 400, "{q}: {}", r.text());
-        assert_eq!(r.json()["error"], "invalid_query", "{q}");
-    }
+    d.assert_alive();
 }
