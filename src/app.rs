@@ -215,6 +215,9 @@ pub async fn start(
         },
     ));
     let mut background = vec![tokio::spawn(sweep_keys(context.clone()))];
+    if config.durability == Durability::Fsync {
+        background.push(tokio::spawn(settle_acks(context.clone())));
+    }
     if let Some(mirror) = mirror {
         background.push(tokio::spawn(mirror_rounds(context.clone(), mirror)));
     }
@@ -406,6 +409,27 @@ async fn watch_store_writes(context: Arc<Context>) -> AppError {
 /// Once a minute: removes expired idempotency keys, prunes the
 /// rolling-window buckets that no window reaches any more, and merges the
 /// trends' user records of the days just over.
+/// Makes the acknowledgements of processed batches durable within a
+/// second (`fsync` mode). Intake's group commits flush them too, but an
+/// idle daemon would otherwise keep them in sled's memory, and after a
+/// crash deliver everything processed since the last event again.
+async fn settle_acks(context: Arc<Context>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut settled = context.status.cursor.load(Ordering::Relaxed);
+    loop {
+        every.tick().await;
+        let cursor = context.status.cursor.load(Ordering::Relaxed);
+        if cursor == settled {
+            continue;
+        }
+        match blocking(&context.storage, |s| s.flush()).await {
+            Ok(()) => settled = cursor,
+            Err(e) => tracing::warn!(error = %e, "flushing acknowledged batches failed"),
+        }
+    }
+}
+
 fn abort_all(tasks: &[JoinHandle<()>]) {
     for task in tasks {
         task.abort();
