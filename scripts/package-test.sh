@@ -142,7 +142,8 @@ check "/etc/inletd/inletd.toml is a registered conffile" \
     sh -c "dpkg-query -W -f='\${Conffiles}' inletd | grep -q '^ */etc/inletd/inletd.toml '"
 check "the unit is enabled (multi-user.target.wants)" \
     test -L /etc/systemd/system/multi-user.target.wants/inletd.service
-for line in 'Type=notify' 'ExecStartPre=/usr/bin/inletd --config /etc/inletd/inletd.toml check-config' \
+for line in 'Type=notify' 'ExecStartPre=/usr/bin/inletd --config /etc/inletd/inletd.toml check-config --quiet' \
+    'ExecReload=/usr/bin/inletd --config /etc/inletd/inletd.toml check-config --quiet' \
     'ExecReload=/usr/bin/kill -HUP $MAINPID' 'User=inletd' 'StateDirectory=inletd' 'KillMode=mixed'; do
     check "unit has $line" grep -qxF "$line" /usr/lib/systemd/system/inletd.service
 done

@@ -34,11 +34,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     let config = cli.config()?;
     let config_file = cli.config_file().map(|f| f.display().to_string());
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => {
-            print!(
-                "{}",
-                toml::to_string(&config).context("printing the config")?
-            );
+        Command::CheckConfig { quiet } => {
+            if !quiet {
+                print!(
+                    "{}",
+                    toml::to_string(&config).context("printing the config")?
+                );
+            }
             match config_file {
                 Some(file) => eprintln!("inletd: configuration is valid ({file})"),
                 None => eprintln!(

@@ -492,6 +492,25 @@ fn check_config_says_which_file_it_checked() {
         "{err}"
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("batch_size = 7"));
+
+    // The unit's --quiet: the verdict only, and still the exit status.
+    let quiet = inletd(&[
+        "--config",
+        path.to_str().unwrap(),
+        "check-config",
+        "--quiet",
+    ]);
+    assert_eq!((quiet.code, quiet.stdout.as_str()), (0, ""), "{quiet:?}");
+    assert!(quiet.stderr.contains("configuration is valid"), "{quiet:?}");
+    std::fs::write(&path, "batch_size = 0\n").unwrap();
+    let bad = inletd(&[
+        "--config",
+        path.to_str().unwrap(),
+        "check-config",
+        "--quiet",
+    ]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    assert!(bad.stderr.contains("batch_size"), "{bad:?}");
 }
 
 /// An operator's edit left six problems in the config: check-config names

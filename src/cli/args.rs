@@ -71,8 +71,13 @@ Prints the effective configuration as TOML (secrets masked) and exits 0, or
 lists every problem (with its line and column in the file, or the variable or
 flag that set it) and exits 1. Without --config it checks
 /etc/inletd/inletd.toml when that file is readable, and says which file it
-checked. The systemd unit runs it before each start.")]
-    CheckConfig,
+checked. The systemd unit runs it (with --quiet) before each start and each
+reload, so that `systemctl reload` fails on a bad file.")]
+    CheckConfig {
+        /// Print only the verdict, not the configuration (for the systemd unit).
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Import events from a CSV or JSON-lines file into a running daemon.
     Import(import::Args),
     /// Show a running daemon's totals, events by type, queue, DLQ and latency.
@@ -103,7 +108,7 @@ impl Cli {
     pub fn config_file(&self) -> Option<&Path> {
         let packaged = Path::new(PACKAGED_CONFIG);
         let reads_packaged = match &self.command {
-            Some(Command::CheckConfig) => true,
+            Some(Command::CheckConfig { .. }) => true,
             Some(c) => c.is_client(),
             None => false,
         };
