@@ -1,0 +1,288 @@
+//! Intake: `POST /webhook/…`, `/events`. Reads the body within its limit,
+//! hands it to the pipeline, and maps the verdicts to the answer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde_json::json;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::{Rejection, Reply};
+
+use super::error::ApiError;
+use super::{Api, service_unavailable};
+use crate::event::BodyError;
+use crate::event::now_ms;
+use crate::pipeline::messages::{IngestError, IngestRequest, Shape, Verdict};
+use crate::signature::{Scheme, SignedHeaders};
+
+pub(super) async fn ingest<S, B>(
+    api: Arc<Api>,
+    source: String,
+    batch: bool,
+    headers: HeaderMap,
+    body: S,
+) -> Result<Response, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let received = Instant::now();
+    let received_at_ms = now_ms();
+    let status = &api.pipeline.context.status;
+    // Held until the answer: the drain waits for this request.
+    let Some(_in_flight) = status.begin_intake() else {
+        return Err(service_unavailable(
+            "draining",
+            "inletd is shutting down; retry against the restarted daemon",
+            5,
+        ));
+    };
+    let live = api.pipeline.context.live();
+    let config = &live.config;
+    let Some(source_parts) = live.sources.get(&source) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_source",
+            format!("no source named `{source}` is configured"),
+        )
+        .into());
+    };
+    if let Some(bucket) = &source_parts.limiter
+        && let Err(wait) = bucket.take()
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("source `{source}` is over its rate limit"),
+        )
+        .retry_after(wait.as_secs_f64().ceil() as u64)
+        .into());
+    }
+    let depth = status.queue_depth();
+    if depth >= config.max_queue_events {
+        return Err(service_unavailable(
+            "queue_full",
+            &format!(
+                "{depth} events are queued (max_queue_events = {}); retry later",
+                config.max_queue_events
+            ),
+            10,
+        ));
+    }
+    if config.max_queue_bytes > 0 {
+        // Unknown is not empty: the byte limit cannot be checked, so nothing
+        // is taken. An atomic read, fit for the request path.
+        let bytes = api
+            .pipeline
+            .context
+            .storage
+            .queue_bytes()
+            .map_err(|e| ingest_error(IngestError::Storage(e.to_string())))?;
+        if bytes >= config.max_queue_bytes {
+            return Err(service_unavailable(
+                "queue_full",
+                &format!(
+                    "{bytes} bytes are queued (max_queue_bytes = {}); retry later",
+                    config.max_queue_bytes
+                ),
+                10,
+            ));
+        }
+    }
+    let limit = Duration::from_secs(config.request_timeout_secs);
+    let body = tokio::time::timeout(limit, read_body(&headers, body, config.max_body_bytes))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the body did not arrive within request_timeout_secs ({}s)",
+                    limit.as_secs()
+                ),
+            )
+        })??;
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let shape = if batch {
+        Shape::Batch
+    } else {
+        // A signed source takes its key only from signed data: otherwise a
+        // captured request replayed with a new Idempotency-Key would be new.
+        let header_key = match source_parts.verifier.as_ref().map(|v| v.scheme()) {
+            None | Some(Scheme::None) => header("idempotency-key").or_else(|| header("webhook-id")),
+            Some(Scheme::StandardWebhooks) => header("webhook-id"),
+            Some(Scheme::Github | Scheme::Stripe) => None,
+        };
+        Shape::Single { header_key }
+    };
+    let signed = SignedHeaders {
+        webhook_id: header("webhook-id"),
+        webhook_timestamp: header("webhook-timestamp"),
+        webhook_signature: header("webhook-signature"),
+        hub_signature_256: header("x-hub-signature-256"),
+        stripe_signature: header("stripe-signature"),
+    };
+    let request = IngestRequest {
+        source,
+        shape: shape.clone(),
+        // Lossy, so that a non-UTF-8 value is reported as sent, not as missing.
+        content_type: headers
+            .get("content-type")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        signed,
+        body,
+        received_at_ms,
+        received,
+    };
+    let verdicts = api.pipeline.ingest(request).await.map_err(ingest_error)?;
+    Ok(match shape {
+        Shape::Single { .. } => single_answer(verdicts)?,
+        Shape::Batch => batch_answer(&verdicts),
+    })
+}
+
+fn single_answer(verdicts: Vec<Verdict>) -> Result<Response, Rejection> {
+    let reply = |status, body| {
+        Ok(warp::reply::with_status(warp::reply::json(&body), status).into_response())
+    };
+    match verdicts.into_iter().next() {
+        Some(Verdict::Accepted { event_id }) => reply(
+            StatusCode::ACCEPTED,
+            json!({"status": "accepted", "event_id": event_id}),
+        ),
+        Some(Verdict::Duplicate { event_id }) => reply(
+            StatusCode::OK,
+            json!({"status": "duplicate", "event_id": event_id}),
+        ),
+        Some(Verdict::InProgress { event_id }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_progress",
+            format!(
+                "another instance is storing an event with this key ({event_id}) right now; retry"
+            ),
+        )
+        .retry_after(1)
+        .into()),
+        Some(Verdict::Rejected(f)) => Err(ApiError::schema(&f.field, &f.detail).into()),
+        None => {
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no verdict").into())
+        }
+    }
+}
+
+fn batch_answer(verdicts: &[Verdict]) -> Response {
+    let mut accepted = 0;
+    let mut duplicates = 0;
+    let mut in_progress = 0;
+    let mut rejected = Vec::new();
+    for (index, v) in verdicts.iter().enumerate() {
+        match v {
+            Verdict::Accepted { .. } => accepted += 1,
+            Verdict::Duplicate { .. } => duplicates += 1,
+            Verdict::InProgress { .. } => in_progress += 1,
+            Verdict::Rejected(f) => rejected.push(json!({
+                "index": index, "error": "schema_violation", "field": f.field, "detail": f.detail,
+            })),
+        }
+    }
+    let body = json!({
+        "accepted": accepted,
+        "duplicates": duplicates,
+        "in_progress": in_progress,
+        "rejected": rejected,
+        "results": verdicts,
+    });
+    warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response()
+}
+
+fn ingest_error(e: IngestError) -> Rejection {
+    match e {
+        IngestError::Body(BodyError::Malformed {
+            line,
+            column,
+            message,
+        }) => {
+            let mut err = ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", message);
+            err.line = Some(line);
+            err.column = Some(column);
+            err.into()
+        }
+        IngestError::Body(BodyError::Shape(f)) => ApiError::schema(&f.field, &f.detail).into(),
+        IngestError::Body(e @ BodyError::TooManyEvents { .. }) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            e.to_string(),
+        )
+        .into(),
+        IngestError::Signature(e) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", e.to_string()).into()
+        }
+        e @ IngestError::NotJson(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            e.to_string(),
+        )
+        .into(),
+        IngestError::Storage(detail) => service_unavailable(
+            "storage_unavailable",
+            &format!("the event was not stored: {detail}"),
+            5,
+        ),
+        IngestError::Unavailable => service_unavailable(
+            "unavailable",
+            "the pipeline is restarting; the event was not stored",
+            1,
+        ),
+    }
+}
+
+/// Reads the body, refusing more than `limit` bytes whether or not a
+/// Content-Length was sent.
+async fn read_body<S, B>(headers: &HeaderMap, mut body: S, limit: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is over max_body_bytes ({limit} bytes)"),
+        )
+    };
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut out = BytesMut::with_capacity(declared.map_or(8192, |n| n as usize));
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("reading the body failed: {e}"),
+            )
+        })?;
+        if out.len() + chunk.remaining() > limit {
+            return Err(too_large());
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            out.put_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(out.freeze())
+}
