@@ -224,32 +224,35 @@ end
 return 0
 ";
 
+/// A connection to the Redis at `url` that reconnects by itself, each call
+/// bounded by `timeout`; it connects on first use.
+fn connection(url: &str, timeout: Duration) -> Result<ConnectionManager, MirrorError> {
+    if url.starts_with("rediss://") {
+        // rustls needs its crypto chosen once per process; a second
+        // install (another TLS user got there first) is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let url_error = |e: redis::RedisError| MirrorError::Url {
+        url: redacted_redis_url(url),
+        reason: e.to_string(),
+    };
+    let client = redis::Client::open(url).map_err(url_error)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_lazy_with_config(client, config).map_err(url_error)
+}
+
 impl Mirror {
     /// A mirror for `config`; it connects on first use, so a Redis that is
     /// down at start delays nothing.
     pub fn connect(config: &RedisConfig) -> Result<Arc<Mirror>, MirrorError> {
-        let shown_url = redacted_redis_url(&config.url);
-        if config.url.starts_with("rediss://") {
-            // rustls needs its crypto chosen once per process; a second
-            // install (another TLS user got there first) is harmless.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let url_error = |e: redis::RedisError| MirrorError::Url {
-            url: shown_url.clone(),
-            reason: e.to_string(),
-        };
-        let client = redis::Client::open(config.url.as_str()).map_err(url_error)?;
         let timeout = Duration::from_millis(config.timeout_ms);
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(url_error)?;
         Ok(Arc::new(Mirror {
-            conn,
-            shown_url,
+            conn: connection(&config.url, timeout)?,
+            shown_url: redacted_redis_url(&config.url),
             prefix: config.key_prefix.clone(),
             instance: config.instance_name(),
             timeout,

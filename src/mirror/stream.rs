@@ -2,10 +2,9 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use super::MirrorError;
-use crate::config::redacted_redis_url;
 
 /// A connection that XADDs to one stream.
 pub struct StreamWriter {
@@ -30,19 +29,7 @@ impl StreamWriter {
         maxlen: Option<u64>,
         timeout: Duration,
     ) -> Result<StreamWriter, MirrorError> {
-        if url.starts_with("rediss://") {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let url_error = |e: redis::RedisError| MirrorError::Url {
-            url: redacted_redis_url(url),
-            reason: e.to_string(),
-        };
-        let client = redis::Client::open(url).map_err(url_error)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(url_error)?;
+        let conn = super::connection(url, timeout)?;
         Ok(StreamWriter {
             conn,
             stream: stream.to_owned(),
