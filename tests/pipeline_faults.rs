@@ -227,7 +227,7 @@ async fn an_unknown_queue_size_refuses_intake_under_a_byte_limit() {
 /// that holds no batch must not hand the running one out again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_metrics_restart_hands_no_batch_out_twice() {
-    restart_while_a_batch_is_out(METRICS).await;
+    restart_while_a_batch_is_out(METRICS.name).await;
 }
 
 /// The Batcher dies while the Processor holds a batch at a slow sink: the
@@ -235,7 +235,7 @@ async fn a_metrics_restart_hands_no_batch_out_twice() {
 /// cursor, so the sink gets each event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batcher_restart_hands_no_batch_out_twice() {
-    restart_while_a_batch_is_out(BATCHER).await;
+    restart_while_a_batch_is_out(BATCHER.name).await;
 }
 
 /// Kills the child `role` while a batch is held at a slow sink, then

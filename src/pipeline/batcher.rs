@@ -162,7 +162,7 @@ async fn emit(
     state: &mut State,
     limit: usize,
 ) -> Result<(), ActorProcessingErr> {
-    let Some(processor) = state.context.names.find::<ProcessorMsg>(PROCESSOR) else {
+    let Some(processor) = state.context.names.find(PROCESSOR) else {
         // The Processor is being restarted; try again shortly.
         if !state.timer_armed {
             state.timer_armed = true;

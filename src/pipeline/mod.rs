@@ -19,6 +19,7 @@ pub mod receiver;
 pub mod supervisor;
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -33,8 +34,8 @@ use crate::signature::Verifier;
 use crate::sinks::Sink;
 use crate::storage::{Storage, StorageError};
 use messages::{
-    BatcherMsg, DlqItem, DlqMsg, IngestError, IngestRequest, IngestResult, MetricsMsg, Observation,
-    ReceiverMsg, ReplayReport,
+    BatcherMsg, DeduperMsg, DlqItem, DlqMsg, IngestError, IngestRequest, IngestResult, MetricsMsg,
+    Observation, ProcessorMsg, ReceiverMsg, ReplayReport,
 };
 
 /// Live figures the HTTP layer reads without asking an actor.
@@ -194,12 +195,12 @@ impl Names {
     }
 
     /// The live actor playing `role`, if any.
-    pub fn find<M: Message>(&self, role: &str) -> Option<ActorRef<M>> {
-        ActorRef::where_is(self.of(role))
+    pub fn find<M: Message>(&self, role: Role<M>) -> Option<ActorRef<M>> {
+        ActorRef::where_is(self.of(role.name))
     }
 
     /// Sends `msg` to `role`; a missing actor (mid-restart) drops it.
-    pub fn cast<M: Message>(&self, role: &str, msg: M) {
+    pub fn cast<M: Message>(&self, role: Role<M>, msg: M) {
         if let Some(actor) = self.find::<M>(role) {
             let _ = actor.cast(msg);
         }
@@ -211,13 +212,39 @@ impl Names {
     }
 }
 
-/// Actor roles (registry name suffixes).
-pub const RECEIVER: &str = "receiver";
-pub const DEDUPER: &str = "deduper";
-pub const BATCHER: &str = "batcher";
-pub const PROCESSOR: &str = "processor";
-pub const DLQ: &str = "dlq";
-pub const METRICS: &str = "metrics";
+/// An actor's role: the suffix of its registry name, and the messages it
+/// takes, so that a lookup can only ask for the type the actor has.
+pub struct Role<M> {
+    /// The registry name suffix (and the `actor` label of restarts).
+    pub name: &'static str,
+    /// The actor's message type.
+    messages: PhantomData<fn() -> M>,
+}
+
+impl<M> Role<M> {
+    const fn new(name: &'static str) -> Self {
+        Role {
+            name,
+            messages: PhantomData,
+        }
+    }
+}
+
+impl<M> Clone for Role<M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<M> Copy for Role<M> {}
+
+/// The actors' roles.
+pub const RECEIVER: Role<ReceiverMsg> = Role::new("receiver");
+pub const DEDUPER: Role<DeduperMsg> = Role::new("deduper");
+pub const BATCHER: Role<BatcherMsg> = Role::new("batcher");
+pub const PROCESSOR: Role<ProcessorMsg> = Role::new("processor");
+pub const DLQ: Role<DlqMsg> = Role::new("dlq");
+pub const METRICS: Role<MetricsMsg> = Role::new("metrics");
 
 /// What a reload (SIGHUP) may change, swapped as a whole: readers take
 /// one snapshot per message or request and see a consistent set.
@@ -319,7 +346,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn ask<M: Message, R: Send + 'static>(
     names: &Names,
-    role: &str,
+    role: Role<M>,
     build: impl FnOnce(ractor::RpcReplyPort<R>) -> M,
 ) -> Option<R> {
     let actor = names.find::<M>(role)?;
@@ -444,7 +471,7 @@ impl Pipeline {
     /// Processes what the WAL holds, waiting at most `deadline`. True when
     /// the queue was caught up in time.
     pub async fn drain(&self, deadline: Duration) -> bool {
-        let Some(batcher) = self.context.names.find::<BatcherMsg>(BATCHER) else {
+        let Some(batcher) = self.context.names.find(BATCHER) else {
             return false;
         };
         matches!(

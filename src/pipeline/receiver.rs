@@ -134,7 +134,7 @@ impl Actor for Receiver {
             received: request.received,
             reply,
         };
-        match names.find::<DeduperMsg>(DEDUPER) {
+        match names.find(DEDUPER) {
             // If the Deduper is gone the reply port drops and the caller answers 503.
             Some(deduper) => {
                 let _ = deduper.cast(DeduperMsg::Append(append));

@@ -16,13 +16,20 @@ use super::messages::{BatcherMsg, Observation};
 use super::metrics::Metrics;
 use super::processor::Processor;
 use super::receiver::Receiver;
-use super::{BATCHER, Context, DEDUPER, DLQ, METRICS, PROCESSOR, RECEIVER};
+use super::{BATCHER, Context, DEDUPER, DLQ, METRICS, PROCESSOR, RECEIVER, Role};
 
 /// The window the budget applies to.
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// Children in start order: consumers before producers.
-const ROLES: [&str; 6] = [METRICS, DLQ, PROCESSOR, BATCHER, DEDUPER, RECEIVER];
+const ROLES: [&str; 6] = [
+    METRICS.name,
+    DLQ.name,
+    PROCESSOR.name,
+    BATCHER.name,
+    DEDUPER.name,
+    RECEIVER.name,
+];
 
 /// The Supervisor actor.
 pub struct Supervisor;
@@ -41,36 +48,37 @@ pub struct State {
 /// The Supervisor starts from the pipeline context.
 pub type Arguments = Arc<Context>;
 
+/// Starts the actor playing `role`, linked to the supervisor.
 async fn spawn_child(
     role: &str,
     context: &Arc<Context>,
     supervisor: ActorCell,
 ) -> Result<(), SpawnErr> {
-    let name = Some(context.names.of(role));
-    let args = context.clone();
     match role {
-        METRICS => Actor::spawn_linked(name, Metrics, args, supervisor)
-            .await
-            .map(drop),
-        DLQ => Actor::spawn_linked(name, Dlq, args, supervisor)
-            .await
-            .map(drop),
-        PROCESSOR => Actor::spawn_linked(name, Processor, args, supervisor)
-            .await
-            .map(drop),
-        BATCHER => Actor::spawn_linked(name, Batcher, args, supervisor)
-            .await
-            .map(drop),
-        DEDUPER => Actor::spawn_linked(name, Deduper, args, supervisor)
-            .await
-            .map(drop),
-        RECEIVER => Actor::spawn_linked(name, Receiver, args, supervisor)
-            .await
-            .map(drop),
+        r if r == METRICS.name => spawn(Metrics, METRICS, context, supervisor).await,
+        r if r == DLQ.name => spawn(Dlq, DLQ, context, supervisor).await,
+        r if r == PROCESSOR.name => spawn(Processor, PROCESSOR, context, supervisor).await,
+        r if r == BATCHER.name => spawn(Batcher, BATCHER, context, supervisor).await,
+        r if r == DEDUPER.name => spawn(Deduper, DEDUPER, context, supervisor).await,
+        r if r == RECEIVER.name => spawn(Receiver, RECEIVER, context, supervisor).await,
         other => Err(SpawnErr::StartupFailed(
             format!("no actor has the role `{other}`").into(),
         )),
     }
+}
+
+/// Starts `actor` under its role's name: every actor starts from the
+/// pipeline context.
+async fn spawn<A: Actor<Arguments = Arc<Context>>>(
+    actor: A,
+    role: Role<A::Msg>,
+    context: &Arc<Context>,
+    supervisor: ActorCell,
+) -> Result<(), SpawnErr> {
+    let name = Some(context.names.of(role.name));
+    Actor::spawn_linked(name, actor, context.clone(), supervisor)
+        .await
+        .map(drop)
 }
 
 impl Actor for Supervisor {
@@ -144,7 +152,7 @@ impl Actor for Supervisor {
         // The batch a failed Processor held is re-read from the ack cursor.
         // No other restart loses one: a Reset then would hand the running
         // Processor's batch out again, and the sinks would get it twice.
-        if *role == PROCESSOR {
+        if *role == PROCESSOR.name {
             state.context.names.cast(BATCHER, BatcherMsg::Reset);
         }
         Ok(())
