@@ -31,11 +31,15 @@
 //! 1. Claim: `SET key p:… NX PX claim_lease_ms` for every key of the
 //!    group, in one script. A key already set answers its value.
 //! 2. The group commits to sled, as without Redis.
-//! 3. The group's requests are answered, and at the same time every key
-//!    the group stored (or found in the local index) becomes `c:…` with
-//!    the rest of its window, in one pipeline. The answers do not wait for
-//!    it: the claim already holds the keys.
+//! 3. Confirm: every key the group stored (or found in the local index)
+//!    becomes `c:…` with the rest of its window, in one pipeline, before
+//!    any request of the group is answered: once a client holds a 202,
+//!    every other instance answers a retry as a duplicate.
 //! 4. A commit that failed deletes its `p:` claims.
+//!
+//! The claim of the next group runs while this group is flushed (the
+//! Deduper), so of the two round trips only the confirm adds to a group's
+//! time.
 //!
 //! Another instance that meets a `p:` claim answers "in progress" (409,
 //! retry): the first commit may yet fail, and a duplicate answer would

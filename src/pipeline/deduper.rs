@@ -3,9 +3,9 @@
 //! mailbox; the next `Commit` takes all of them, writes them in one
 //! transaction, flushes once, and only then answers each. With Redis on,
 //! the group's keys are claimed in Redis before the commit (one call per
-//! group) and confirmed after it, without holding up the answers; the
-//! next group's claim runs while the current group is written, so the
-//! Redis round trip overlaps the flush. Groups are still written one at a
+//! group) and confirmed after it, before the answers; the next group's
+//! claim runs while the current group is written, so that round trip
+//! overlaps the flush. Groups are still written one at a
 //! time, in order.
 
 use std::sync::Arc;
@@ -161,7 +161,7 @@ async fn claim(context: &Arc<Context>, mut group: Vec<AppendRequest>) -> Claimed
 }
 
 /// Writes one group, flushes once, answers every request in it; with Redis,
-/// then confirms the keys it stored.
+/// confirms the keys it stored before the answers.
 async fn store(context: Arc<Context>, claimed: Claimed) {
     let context = &context;
     let Claimed {
@@ -262,10 +262,9 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
                 Outcome::Shared(_) => None,
             })
             .collect();
-        // Off the group's path: the answers do not wait for it, and the
-        // claims hold the keys meanwhile (see `crate::mirror`).
-        let mirror = mirror.clone();
-        tokio::spawn(async move { mirror.confirm(accepted, ttl_ms).await });
+        // Before the answers: once a client holds a 202, every other
+        // instance calls a retry a duplicate, not "in progress".
+        mirror.confirm(accepted, ttl_ms).await;
     }
     let mut outcomes = outcomes.into_iter();
     let mut last_seq = 0;
