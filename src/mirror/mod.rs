@@ -103,6 +103,14 @@ pub enum Claim {
     Unchecked,
 }
 
+impl Claim {
+    /// The local index decides: no other instance holds the key (or Redis
+    /// was not asked).
+    pub fn is_local(&self) -> bool {
+        matches!(self, Claim::New | Claim::Ours | Claim::Unchecked)
+    }
+}
+
 /// A key to confirm: it was accepted at `first_seen_ms`.
 #[derive(Debug, Clone)]
 pub struct Accepted {

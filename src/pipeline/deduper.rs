@@ -171,18 +171,15 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         claims,
         claimed_ms,
     } = claimed;
-    let expected = events.len();
     let config = context.live().config.clone();
     let ttl_ms = config.idempotency_ttl_ms();
     // Only the events no other instance holds are written here.
-    let mut received_ms = Vec::with_capacity(expected);
-    let mut to_store = Vec::with_capacity(expected);
-    for (event, claim) in events.into_iter().zip(&claims) {
-        if matches!(claim, Claim::New | Claim::Ours | Claim::Unchecked) {
-            received_ms.push(event.record.received_at_ms);
-            to_store.push(event);
-        }
-    }
+    let to_store: Vec<NewEvent> = events
+        .into_iter()
+        .zip(&claims)
+        .filter(|(_, claim)| claim.is_local())
+        .map(|(event, _)| event)
+        .collect();
     let storing = to_store.len();
     let _writing = context
         .status
@@ -237,7 +234,7 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
     let outcomes: Vec<Outcome> = claims
         .into_iter()
         .map(|claim| match claim {
-            Claim::New | Claim::Ours | Claim::Unchecked => stored
+            local if local.is_local() => stored
                 .next()
                 .map_or(Outcome::Shared(Claim::InProgress), Outcome::Stored),
             shared => Outcome::Shared(shared),
@@ -245,21 +242,18 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         .collect();
     if let Some(mirror) = &context.mirror {
         // Every key this instance holds, accepted now or before, becomes
-        // this instance's in Redis for the rest of its window.
-        let mut received = received_ms.into_iter();
+        // this instance's in Redis for the rest of its window (a new key's
+        // window runs from about now, as in the local index).
         let accepted: Vec<Accepted> = redis_keys
             .into_iter()
             .zip(&outcomes)
-            .filter_map(|(key, outcome)| match outcome {
-                Outcome::Stored(stored) => {
-                    let received = received.next().unwrap_or(claimed_ms);
-                    let first_seen_ms = match stored {
-                        AppendOutcome::Accepted { .. } => received,
-                        AppendOutcome::Duplicate { first_seen_ms } => *first_seen_ms,
-                    };
-                    Some(Accepted { key, first_seen_ms })
-                }
-                Outcome::Shared(_) => None,
+            .filter_map(|(key, outcome)| {
+                let first_seen_ms = match outcome {
+                    Outcome::Stored(AppendOutcome::Accepted { .. }) => claimed_ms,
+                    Outcome::Stored(AppendOutcome::Duplicate { first_seen_ms }) => *first_seen_ms,
+                    Outcome::Shared(_) => return None,
+                };
+                Some(Accepted { key, first_seen_ms })
             })
             .collect();
         // Before the answers: once a client holds a 202, every other
