@@ -62,6 +62,9 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The pipeline handle (tests inspect it).
     pub pipeline: Pipeline,
+    /// What the pipeline runs on: the drain, the timers and the watchdog
+    /// use the store and the status directly.
+    context: Arc<Context>,
     /// The root of the actor tree.
     supervisor: ActorRef<SupervisorMsg>,
     /// Completes when the supervisor stops (on purpose or not).
@@ -180,9 +183,7 @@ pub async fn start(
     let (supervisor, supervisor_done) = Actor::spawn(None, Supervisor, context.clone())
         .await
         .map_err(|e| AppError::Spawn(e.to_string()))?;
-    let pipeline = Pipeline {
-        context: context.clone(),
-    };
+    let pipeline = Pipeline::new(context.clone());
 
     let listener = tokio::net::TcpListener::bind(config.bind_addr())
         .await
@@ -226,6 +227,7 @@ pub async fn start(
     Ok(Running {
         addr,
         pipeline,
+        context,
         supervisor,
         supervisor_done,
         stop_http,
@@ -235,12 +237,18 @@ pub async fn start(
 }
 
 impl Running {
+    /// The registry name of the actor playing `role` (tests kill it and
+    /// watch the supervisor restart it).
+    pub fn actor_name(&self, role: &str) -> String {
+        self.context.names.of(role)
+    }
+
     /// Runs until `shutdown` completes, then drains. Fails if the pipeline
     /// stops on its own (restart budget exhausted).
     pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
         tokio::select! {
             _ = shutdown => {}
-            stalled = watch_store_writes(self.pipeline.context.clone()) => {
+            stalled = watch_store_writes(self.context.clone()) => {
                 // No drain: it would wait on the same store. What was
                 // answered 202 is on disk; the rest was never answered.
                 abort_all(&self.background);
@@ -250,7 +258,7 @@ impl Running {
             _ = &mut self.supervisor_done => {
                 abort_all(&self.background);
                 self.http_done.abort();
-                let _ = blocking(&self.pipeline.context.storage, |s| s.flush()).await;
+                let _ = blocking(&self.context.storage, |s| s.flush()).await;
                 return Err(AppError::PipelineStopped("restart budget exhausted".into()));
             }
         }
@@ -261,8 +269,8 @@ impl Running {
     /// The drain sequence (module docs).
     pub async fn stop(self) {
         let started = Instant::now();
-        let deadline = self.pipeline.context.live().config.drain_timeout();
-        let context = &self.pipeline.context;
+        let deadline = self.context.live().config.drain_timeout();
+        let context = &self.context;
         context.status.draining.store(true, Ordering::SeqCst);
         // What the requests in flight commit must be in the WAL before the
         // Batcher drains it: they were answered 202. A client that sends its
@@ -318,8 +326,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let hangups = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP]);
     let storage = open_storage(&config)?;
     let running = start(config, storage, None).await?;
-    let reloader = tokio::spawn(reload_on_sighup(hangups, running.pipeline.context.clone()));
-    let watchdog = tokio::spawn(watchdog(running.pipeline.context.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(hangups, running.context.clone()));
+    let watchdog = tokio::spawn(watchdog(running.context.clone()));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let stopping = async {
         shutdown.await;

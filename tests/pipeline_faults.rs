@@ -269,7 +269,7 @@ async fn restart_while_a_batch_is_out(role: &str) {
     }
     assert_eq!(sink.deliveries.load(Ordering::SeqCst), 1, "a batch is out");
 
-    let name = running.pipeline.context.names.of(role);
+    let name = running.actor_name(role);
     ractor::registry::where_is(name)
         .unwrap_or_else(|| panic!("the {role} actor is registered"))
         .kill();

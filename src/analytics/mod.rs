@@ -58,6 +58,7 @@ use time::{Date, Duration as TimeDuration, Month};
 use crate::config::{Config, MAX_WINDOW_MINUTES, WindowConfig};
 use crate::event::WalRecord;
 
+pub mod query;
 mod trends;
 pub use trends::{Interval, Trend, TrendPeriod, trends};
 

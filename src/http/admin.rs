@@ -10,9 +10,11 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Rejection, Reply};
 
+use super::answers::{DlqEntryAnswer, ReplayAnswer};
 use super::error::ApiError;
-use super::{Api, PeerAddr, bearer, internal, query};
+use super::{Api, PeerAddr, bearer, internal};
 use crate::event::now_ms;
+use crate::pipeline::QueueStatus;
 use crate::signature::constant_time_eq;
 
 /// Admin access: the bearer token when one is set, else loopback callers only.
@@ -21,8 +23,8 @@ pub(super) async fn authorize(
     peer: Option<PeerAddr>,
     authorization: Option<String>,
 ) -> Result<(), Rejection> {
-    let live = api.pipeline.context.live();
-    let token = &live.config.admin_token;
+    let config = api.pipeline.config();
+    let token = &config.admin_token;
     if token.is_empty() {
         return match peer {
             Some(PeerAddr(addr)) if addr.ip().is_loopback() => Ok(()),
@@ -75,12 +77,13 @@ pub(super) async fn dlq_list(api: Arc<Api>, q: ListQuery) -> Result<Response, Re
         .await
         .map_err(internal)?;
     let next_after = items.last().map(|i| i.id);
-    Ok(warp::reply::json(&json!({"entries": items, "next_after": next_after})).into_response())
+    let entries: Vec<DlqEntryAnswer> = items.iter().map(DlqEntryAnswer::from).collect();
+    Ok(warp::reply::json(&json!({"entries": entries, "next_after": next_after})).into_response())
 }
 
 pub(super) async fn dlq_get(id: u64, api: Arc<Api>) -> Result<Response, Rejection> {
     match api.pipeline.dlq_get(id).await.map_err(internal)? {
-        Some(item) => Ok(warp::reply::json(&item).into_response()),
+        Some(item) => Ok(warp::reply::json(&DlqEntryAnswer::from(&item)).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -117,7 +120,11 @@ pub(super) async fn dlq_replay(
         .dlq_replay(ids, q.limit.clamp(1, 1000))
         .await
         .map_err(internal)?;
-    Ok(warp::reply::with_status(warp::reply::json(&report), StatusCode::ACCEPTED).into_response())
+    Ok(warp::reply::with_status(
+        warp::reply::json(&ReplayAnswer::from(report)),
+        StatusCode::ACCEPTED,
+    )
+    .into_response())
 }
 
 pub(super) async fn dlq_remove(
@@ -140,7 +147,11 @@ pub(super) async fn dlq_remove(
 }
 
 pub(super) async fn queue(api: Arc<Api>) -> Result<Response, Rejection> {
-    let (info, dlq) = query(&api, |s| Ok((s.queue_info()?, s.dlq_len()?))).await?;
+    let QueueStatus { info, dlq_size } = api
+        .pipeline
+        .queue()
+        .await
+        .map_err(|e| internal(e.to_string()))?;
     let oldest_age_ms = info.oldest_received_ms.map(|t| (now_ms() - t).max(0));
     Ok(warp::reply::json(&json!({
         "depth": info.depth,
@@ -148,7 +159,7 @@ pub(super) async fn queue(api: Arc<Api>) -> Result<Response, Rejection> {
         "cursor": info.cursor,
         "last_seq": info.last_seq,
         "oldest_age_ms": oldest_age_ms,
-        "dlq_size": dlq,
+        "dlq_size": dlq_size,
     }))
     .into_response())
 }

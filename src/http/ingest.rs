@@ -11,10 +11,12 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Rejection, Reply};
 
+use super::answers::VerdictAnswer;
 use super::error::ApiError;
 use super::{Api, service_unavailable};
 use crate::event::BodyError;
 use crate::event::now_ms;
+use crate::pipeline::Refusal;
 use crate::pipeline::messages::{IngestError, IngestRequest, Shape, Verdict};
 use crate::signature::{Scheme, SignedHeaders};
 
@@ -31,67 +33,9 @@ where
 {
     let received = Instant::now();
     let received_at_ms = now_ms();
-    let status = &api.pipeline.context.status;
     // Held until the answer: the drain waits for this request.
-    let Some(_in_flight) = status.begin_intake() else {
-        return Err(service_unavailable(
-            "draining",
-            "inletd is shutting down; retry against the restarted daemon",
-            5,
-        ));
-    };
-    let live = api.pipeline.context.live();
-    let config = &live.config;
-    let Some(source_parts) = live.sources.get(&source) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_source",
-            format!("no source named `{source}` is configured"),
-        )
-        .into());
-    };
-    if let Some(bucket) = &source_parts.limiter
-        && let Err(wait) = bucket.take()
-    {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("source `{source}` is over its rate limit"),
-        )
-        .retry_after(wait.as_secs_f64().ceil() as u64)
-        .into());
-    }
-    let depth = status.queue_depth();
-    if depth >= config.max_queue_events {
-        return Err(service_unavailable(
-            "queue_full",
-            &format!(
-                "{depth} events are queued (max_queue_events = {}); retry later",
-                config.max_queue_events
-            ),
-            10,
-        ));
-    }
-    if config.max_queue_bytes > 0 {
-        // Unknown is not empty: the byte limit cannot be checked, so nothing
-        // is taken. An atomic read, fit for the request path.
-        let bytes = api
-            .pipeline
-            .context
-            .storage
-            .queue_bytes()
-            .map_err(|e| ingest_error(IngestError::Storage(e.to_string())))?;
-        if bytes >= config.max_queue_bytes {
-            return Err(service_unavailable(
-                "queue_full",
-                &format!(
-                    "{bytes} bytes are queued (max_queue_bytes = {}); retry later",
-                    config.max_queue_bytes
-                ),
-                10,
-            ));
-        }
-    }
+    let admission = api.pipeline.admit(&source).map_err(refusal)?;
+    let config = admission.config();
     let limit = Duration::from_secs(config.request_timeout_secs);
     let body = tokio::time::timeout(limit, read_body(&headers, body, config.max_body_bytes))
         .await
@@ -116,7 +60,7 @@ where
     } else {
         // A signed source takes its key only from signed data: otherwise a
         // captured request replayed with a new Idempotency-Key would be new.
-        let header_key = match source_parts.verifier.as_ref().map(|v| v.scheme()) {
+        let header_key = match admission.scheme() {
             None | Some(Scheme::None) => header("idempotency-key").or_else(|| header("webhook-id")),
             Some(Scheme::StandardWebhooks) => header("webhook-id"),
             Some(Scheme::Github | Scheme::Stripe) => None,
@@ -198,9 +142,29 @@ fn batch_answer(verdicts: &[Verdict]) -> Response {
         "duplicates": duplicates,
         "in_progress": in_progress,
         "rejected": rejected,
-        "results": verdicts,
+        "results": verdicts.iter().map(VerdictAnswer::from).collect::<Vec<_>>(),
     });
     warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response()
+}
+
+/// Why the request was not let in, as an answer.
+fn refusal(refusal: Refusal) -> Rejection {
+    let detail = refusal.to_string();
+    match refusal {
+        Refusal::Draining => service_unavailable("draining", &detail, 5),
+        Refusal::UnknownSource(_) => {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_source", detail).into()
+        }
+        Refusal::RateLimited { wait, .. } => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", detail)
+                .retry_after(wait.as_secs_f64().ceil() as u64)
+                .into()
+        }
+        Refusal::QueueFull { .. } | Refusal::QueueBytesFull { .. } => {
+            service_unavailable("queue_full", &detail, 10)
+        }
+        Refusal::Storage(e) => ingest_error(IngestError::Storage(e)),
+    }
 }
 
 fn ingest_error(e: IngestError) -> Rejection {

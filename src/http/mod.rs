@@ -1,13 +1,14 @@
-//! The HTTP layer: warp filters and thin handlers. Handlers check what can
-//! be checked from headers (draining, source, rate limit, queue full, body
-//! size), then hand the body to the pipeline and map its answer to status
-//! codes. Errors are [`error::ApiError`], turned into responses by one
+//! The HTTP layer: warp filters and thin handlers. Handlers ask the
+//! [`Pipeline`] (admission, queries, the actors), read a body within its
+//! limit, and map the pipeline's answers to status codes and JSON: the
+//! answer shapes are here ([`answers`]), not in the pipeline. Errors are [`error::ApiError`], turned into responses by one
 //! `recover()`.
 //!
 //! Here: the routes, `/health`, `/ready`, `/metrics`. Intake is in
 //! `ingest.rs`, `/admin` in `admin.rs`, `/stats` in `stats.rs`.
 
 mod admin;
+mod answers;
 pub mod dashboard;
 pub mod error;
 mod ingest;
@@ -17,7 +18,6 @@ mod stats;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use serde_json::json;
@@ -26,7 +26,7 @@ use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Readiness};
 use error::ApiError;
 
 /// The peer address of a connection, put into each request by the server.
@@ -238,18 +238,6 @@ fn optional_body(limit: u64) -> BoxedFilter<(Bytes,)> {
     none.or(some).unify().boxed()
 }
 
-/// Runs a storage query off the async threads ([`crate::pipeline::blocking`]).
-async fn query<T: Send + 'static>(
-    api: &Api,
-    call: impl FnOnce(&dyn crate::storage::Storage) -> Result<T, crate::storage::StorageError>
-    + Send
-    + 'static,
-) -> Result<T, Rejection> {
-    crate::pipeline::blocking(&api.pipeline.context.storage, call)
-        .await
-        .map_err(|e| internal(e.to_string()))
-}
-
 /// A storage failure behind an answer: 503, try again shortly.
 fn internal(detail: String) -> Rejection {
     service_unavailable("storage_unavailable", &detail, 1)
@@ -272,13 +260,10 @@ fn health(api: Arc<Api>) -> Response {
 }
 
 fn ready(api: Arc<Api>) -> Response {
-    let status = &api.pipeline.context.status;
-    let (code, state) = if status.draining.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if status.storage_failed.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "storage_failed")
-    } else {
-        (StatusCode::OK, "ready")
+    let (code, state) = match api.pipeline.readiness() {
+        Readiness::Ready => (StatusCode::OK, "ready"),
+        Readiness::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        Readiness::StorageFailed => (StatusCode::SERVICE_UNAVAILABLE, "storage_failed"),
     };
     warp::reply::with_status(warp::reply::json(&json!({"status": state})), code).into_response()
 }

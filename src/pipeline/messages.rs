@@ -4,7 +4,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use ractor::RpcReplyPort;
-use serde::Serialize;
 
 use crate::event::{BodyError, FieldError, Queued};
 use crate::signature::{SignatureError, SignedHeaders};
@@ -39,8 +38,7 @@ pub enum Shape {
 }
 
 /// The fate of one event of a request, in request order.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "status", rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Stored durably (or, in interval mode, written) under this id.
     Accepted { event_id: String },
@@ -49,7 +47,6 @@ pub enum Verdict {
     /// Another instance of the deployment is committing the same key right
     /// now; not stored here. Retry: it is then a duplicate, or new if that
     /// commit failed.
-    #[serde(rename = "in_progress")]
     InProgress { event_id: String },
     /// Broke the schema; not stored.
     Rejected(FieldError),
@@ -122,18 +119,17 @@ pub enum ProcessorMsg {
     Process { records: Vec<Queued>, upto: u64 },
 }
 
-/// One DLQ entry as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
+/// One DLQ entry and its id.
+#[derive(Debug, Clone)]
 pub struct DlqItem {
     /// The entry's id (for show, replay, delete).
     pub id: u64,
     /// The entry.
-    #[serde(flatten)]
     pub entry: DlqEntry,
 }
 
 /// What a replay did.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReplayReport {
     /// Entries moved back into the queue.
     pub replayed: usize,
@@ -218,7 +214,7 @@ pub struct LiveFigures {
 }
 
 /// A sink's health as its circuit breaker sees it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkHealth {
     /// The sink's configured name.
     pub name: String,
@@ -245,9 +241,8 @@ impl SinkHealth {
     }
 }
 
-/// A sink's state, in the words of `/stats/summary`.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
+/// A sink's state as its circuit breaker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkState {
     /// Its last batch was delivered (or none was sent yet).
     Ok,
@@ -259,7 +254,7 @@ pub enum SinkState {
 
 /// Events per second over the last [`RATE_SECONDS`] whole seconds, oldest
 /// first: the dashboard's intake chart.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RateSeries {
     /// The end of the last second counted (ms since epoch).
     pub end_ms: i64,
@@ -273,7 +268,7 @@ pub struct RateSeries {
 pub const RATE_SECONDS: usize = 300;
 
 /// Latency percentiles in milliseconds, estimated from the histograms.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LatencySummary {
     /// Receipt→processed, median.
     pub p50: f64,

@@ -5,6 +5,9 @@
 //!                        └── answer after the group commit   └─► DLQ
 //! ```
 //!
+//! [`Pipeline`] is the handle everything outside uses: admission, queries
+//! and every call to an actor go through it.
+//!
 //! Actors find each other by name in ractor's registry, so a restarted
 //! actor is reachable under the same name. Names carry a per-pipeline
 //! prefix so that several pipelines can live in one process (tests).
@@ -12,11 +15,16 @@
 pub mod batcher;
 pub mod deduper;
 pub mod dlq;
+mod handle;
 pub mod messages;
 pub mod metrics;
 pub mod processor;
 pub mod receiver;
 pub mod supervisor;
+
+pub use handle::{
+    Admission, Pipeline, QueueStatus, Readiness, Refusal, StatsAnswer, StatsError, Summary,
+};
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -26,19 +34,18 @@ use std::time::{Duration, Instant};
 
 use ractor::{ActorRef, Message};
 
-use crate::analytics::TypeCount;
 use crate::config::Config;
-use crate::mirror::{Deployment, Mirror, MirrorError, MirrorHealth, PUBLISHED_DAYS};
+use crate::mirror::Mirror;
 use crate::ratelimit::TokenBucket;
 use crate::signature::Verifier;
 use crate::sinks::Sink;
 use crate::storage::{Storage, StorageError};
 use messages::{
-    BatcherMsg, DeduperMsg, DlqItem, DlqMsg, IngestError, IngestRequest, IngestResult, MetricsMsg,
-    Observation, ProcessorMsg, ReceiverMsg, ReplayReport,
+    BatcherMsg, DeduperMsg, DlqMsg, MetricsMsg, Observation, ProcessorMsg, ReceiverMsg,
 };
 
-/// Live figures the HTTP layer reads without asking an actor.
+/// Live figures shared by the actors, `app` and [`Pipeline`], read without
+/// asking an actor.
 #[derive(Debug, Default)]
 pub struct Status {
     /// Set once on SIGTERM: intake answers 503, /ready answers 503.
@@ -332,157 +339,6 @@ impl Context {
     pub fn set_live(&self, live: Live) {
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
     }
-}
-
-/// The handle the HTTP layer and `app` use; every call goes to an actor.
-#[derive(Clone)]
-pub struct Pipeline {
-    /// Shared context (names, status, storage).
-    pub context: Arc<Context>,
-}
-
-/// How long a request waits for an actor before answering 503.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn ask<M: Message, R: Send + 'static>(
-    names: &Names,
-    role: Role<M>,
-    build: impl FnOnce(ractor::RpcReplyPort<R>) -> M,
-) -> Option<R> {
-    let actor = names.find::<M>(role)?;
-    match actor.call(build, Some(CALL_TIMEOUT)).await {
-        Ok(ractor::rpc::CallResult::Success(r)) => Some(r),
-        _ => None,
-    }
-}
-
-impl Pipeline {
-    /// Hands a request to the Receiver and waits for its verdicts.
-    pub async fn ingest(&self, request: IngestRequest) -> IngestResult {
-        ask(&self.context.names, RECEIVER, |reply| {
-            ReceiverMsg::Ingest(request, reply)
-        })
-        .await
-        .unwrap_or(Err(IngestError::Unavailable))
-    }
-
-    /// Renders the Prometheus exposition.
-    pub async fn render_metrics(&self) -> Option<String> {
-        ask(&self.context.names, METRICS, MetricsMsg::Render).await
-    }
-
-    /// Latency percentiles, sink health and the intake rate since start.
-    pub async fn live_figures(&self) -> Option<messages::LiveFigures> {
-        ask(&self.context.names, METRICS, MetricsMsg::Live).await
-    }
-
-    /// The deployment's Redis as `/health` shows it; `None` when Redis is off.
-    pub fn redis_health(&self) -> Option<MirrorHealth> {
-        self.context.mirror.as_ref().map(|m| m.health())
-    }
-
-    /// Every instance's processed counts, this one's being `own`; `None`
-    /// when Redis is off.
-    pub async fn deployment(
-        &self,
-        own: &[(String, u64)],
-    ) -> Option<Result<Deployment, MirrorError>> {
-        match &self.context.mirror {
-            Some(mirror) => Some(mirror.deployment(own).await),
-            None => None,
-        }
-    }
-
-    /// The deployment's top events over `from..=to` (by count): `None` when
-    /// Redis is off or the range reaches past what instances publish
-    /// ([`crate::mirror::PUBLISHED_DAYS`]); an error when Redis could not
-    /// be read.
-    pub async fn deployment_top_events(
-        &self,
-        from: i32,
-        to: i32,
-        limit: usize,
-    ) -> Option<Result<Vec<TypeCount>, String>> {
-        let mirror = self.context.mirror.as_ref()?;
-        let today = crate::analytics::day_of(crate::event::now_ms());
-        if from < today - (PUBLISHED_DAYS - 1) {
-            return None;
-        }
-        let own = blocking(&self.context.storage, move |s| {
-            crate::analytics::day_type_counts(s, from, to)
-        })
-        .await;
-        let own = match own {
-            Ok(own) => own,
-            Err(e) => return Some(Err(e.to_string())),
-        };
-        Some(
-            mirror
-                .deployment_counts(&own, from, to)
-                .await
-                .map(|totals| crate::analytics::top_of_counts(totals, limit))
-                .map_err(|e| e.to_string()),
-        )
-    }
-
-    /// Lists DLQ entries after `after`.
-    pub async fn dlq_list(&self, after: u64, limit: usize) -> Result<Vec<DlqItem>, String> {
-        ask(&self.context.names, DLQ, |reply| DlqMsg::List {
-            after,
-            limit,
-            reply,
-        })
-        .await
-        .unwrap_or_else(|| Err(unavailable()))
-    }
-
-    /// One DLQ entry.
-    pub async fn dlq_get(&self, id: u64) -> Result<Option<DlqItem>, String> {
-        ask(&self.context.names, DLQ, |reply| DlqMsg::Get { id, reply })
-            .await
-            .unwrap_or_else(|| Err(unavailable()))
-    }
-
-    /// Replays DLQ entries into the queue.
-    pub async fn dlq_replay(
-        &self,
-        ids: Option<Vec<u64>>,
-        limit: usize,
-    ) -> Result<ReplayReport, String> {
-        ask(&self.context.names, DLQ, |reply| DlqMsg::Replay {
-            ids,
-            limit,
-            reply,
-        })
-        .await
-        .unwrap_or_else(|| Err(unavailable()))
-    }
-
-    /// Deletes DLQ entries.
-    pub async fn dlq_remove(&self, ids: Option<Vec<u64>>) -> Result<usize, String> {
-        ask(&self.context.names, DLQ, |reply| DlqMsg::Remove {
-            ids,
-            reply,
-        })
-        .await
-        .unwrap_or_else(|| Err(unavailable()))
-    }
-
-    /// Processes what the WAL holds, waiting at most `deadline`. True when
-    /// the queue was caught up in time.
-    pub async fn drain(&self, deadline: Duration) -> bool {
-        let Some(batcher) = self.context.names.find(BATCHER) else {
-            return false;
-        };
-        matches!(
-            batcher.call(BatcherMsg::Drain, Some(deadline)).await,
-            Ok(ractor::rpc::CallResult::Success(()))
-        )
-    }
-}
-
-fn unavailable() -> String {
-    "the DLQ actor is restarting; retry shortly".into()
 }
 
 /// Runs a storage call off the async worker threads (there are two): every
