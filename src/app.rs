@@ -38,6 +38,8 @@ use crate::storage::{Storage, StorageError};
 /// Why the daemon could not start or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot create data directory {path}: {reason}")]
     DataDir { path: String, reason: String },
     #[error(transparent)]
@@ -165,6 +167,10 @@ pub async fn start(
     storage: Arc<dyn Storage>,
     sinks: Option<Vec<Arc<dyn crate::sinks::Sink>>>,
 ) -> Result<Running, AppError> {
+    // `Config::load` checks a loaded config; one built in code (an embedder,
+    // a test) is checked here, so that no setting out of range reaches an
+    // actor.
+    config.validate()?;
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }

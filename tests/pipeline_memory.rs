@@ -395,7 +395,9 @@ async fn a_stop_behind_a_slow_sink_loses_nothing_and_a_restart_delivers_the_rest
     let sink = Arc::new(Recorder::default());
     let cfg = config(|c| {
         c.batch_size = 2;
-        c.drain_timeout_secs = 0;
+        // The shortest drain a config may ask for; the slow sink below
+        // holds each batch for longer.
+        c.drain_timeout_secs = 1;
     });
     let running = start(cfg.clone(), &store, &sink).await;
     let keys: Vec<String> = (0..8).map(|i| format!("s{i}")).collect();
@@ -413,7 +415,7 @@ async fn a_stop_behind_a_slow_sink_loses_nothing_and_a_restart_delivers_the_rest
     // The sink slows down: the third event is out at it and the rest
     // queue behind it; it is acknowledged while they wait, and the next
     // batch is out at the sink when the daemon stops.
-    sink.hold_ms.store(150, Ordering::SeqCst);
+    sink.hold_ms.store(2_000, Ordering::SeqCst);
     let tried = sink.attempts.load(Ordering::SeqCst);
     let answer = post(running.addr, "/webhook/events", &send(&keys[2]), &[]).await;
     assert_eq!(answer.status, 202, "{}", answer.text());
@@ -532,4 +534,17 @@ async fn the_summary_counts_what_was_accepted() {
     assert_eq!(summary["sinks"][0]["name"], SINK, "{summary}");
     assert_eq!(summary["sinks"][0]["state"], "ok", "{summary}");
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_built_in_code_is_checked_before_anything_starts() {
+    // An embedder sets a batch size of 0, which the config file would refuse.
+    let store = Arc::new(MemoryStorage::new());
+    let refused =
+        inletd::app::start(config(|c| c.batch_size = 0), store.clone(), Some(vec![])).await;
+    let Err(error) = refused else {
+        panic!("a pipeline started with batch_size = 0");
+    };
+    assert!(error.to_string().contains("batch_size"), "{error}");
+    assert_eq!(depth(&store), 0, "nothing was written");
 }
