@@ -304,7 +304,7 @@ pub struct Context {
     live: RwLock<Arc<Live>>,
     /// The store.
     pub storage: Arc<dyn Storage>,
-    /// Figures shared with the HTTP layer.
+    /// Figures the actors, `app` and [`Pipeline`] share.
     pub status: Arc<Status>,
     /// Where the other actors are.
     pub names: Names,
@@ -342,7 +342,7 @@ impl Context {
 }
 
 /// Runs a storage call off the async worker threads (there are two): every
-/// storage call from an actor, the HTTP layer or a timer goes through here
+/// storage call from an actor, [`Pipeline`] or a timer goes through here
 /// (but `Storage::queue_bytes`, an atomic read that never blocks), so that
 /// a slow or hung store holds a blocking-pool thread, never the runtime.
 pub async fn blocking<T: Send + 'static>(
