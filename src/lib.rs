@@ -10,11 +10,11 @@
 //!
 //! | module       | holds |
 //! |--------------|-------|
-//! | [`analytics`]| the aggregates (DAU, top events, cohorts, rolling windows) and their queries |
-//! | [`cli`]      | the command line (args), and the client subcommands: import, stats, demo, dlq (they talk to a running daemon over HTTP) |
+//! | [`analytics`]| the aggregates (DAU, top events, cohorts, rolling windows) and their queries, over the key-value traits it owns (`KvRead`, `KvWrite`) |
+//! | [`cli`]      | the command line (args), its man pages and completions (assets, rendered from args), and the client subcommands: import, stats, demo, dlq (they talk to a running daemon over HTTP) |
 //! | [`config`]   | settings: defaults, TOML file, `INLETD_*` environment, flags; validation |
 //! | [`event`]    | events, their validation, the WAL record |
-//! | [`storage`]  | the `Storage` trait, its design (layout, invariants, flushing), sled and memory stores |
+//! | [`storage`]  | the `Storage` trait, its design (layout, invariants, flushing), sled and memory stores; they implement analytics' traits and apply its aggregates in their transactions (storage → analytics, never back) |
 //! | [`pipeline`] | the supervised actors and their messages |
 //! | [`process`]  | the standard `process_*` metrics (from `/proc`) and `inletd_build_info` |
 //! | [`sinks`]    | forwarding sinks (HTTP, file, Redis stream) |

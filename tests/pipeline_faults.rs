@@ -31,6 +31,7 @@ struct Faulty {
 }
 
 impl KvRead for Faulty {
+    type Error = StorageError;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         self.inner.get(key)
     }

@@ -7,7 +7,10 @@
 //! batch in the WAL, so each accepted event is counted exactly once across
 //! crashes and restarts. The same code runs over sled's transactional tree
 //! and over the in-memory model, through the small [`KvWrite`] / [`KvRead`]
-//! traits. Everything is on disk; memory does not grow with users or days.
+//! traits. This module owns them and names no store: each store implements
+//! them with its own error type, which the queries hand back as they got
+//! it (storage depends on analytics, not the reverse). Everything is on
+//! disk; memory does not grow with users or days.
 //! A batch is aggregated in memory first: each counter is written once per
 //! batch, each set member (user-day, first seen, cohort, a minute's users
 //! and sessions) read once and written only when it is new.
@@ -389,15 +392,17 @@ pub trait KvWrite {
 
 /// Reads for the queries.
 pub trait KvRead {
+    /// The store's error: the queries hand it back untouched.
+    type Error;
     /// Reads a key.
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::storage::StorageError>;
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error>;
     /// Calls `f` for every key in `[from, to)` in order until it returns false.
     fn scan(
         &self,
         from: &[u8],
         to: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), crate::storage::StorageError>;
+    ) -> Result<(), Self::Error>;
 }
 
 /// Day number (days since 1970-01-01) of a time in ms.
@@ -738,12 +743,12 @@ pub struct WindowGroup {
 /// The groups of the user-defined window `window` ending at `now_ms`: the
 /// current minute and the `window.minutes − 1` before it, by event time;
 /// ranked by the sum when the window has one, else by count (ties by key).
-pub fn custom_window(
-    kv: &dyn KvRead,
+pub fn custom_window<E>(
+    kv: &dyn KvRead<Error = E>,
     window: &WindowConfig,
     now_ms: i64,
     limit: usize,
-) -> Result<Vec<WindowGroup>, crate::storage::StorageError> {
+) -> Result<Vec<WindowGroup>, E> {
     let now_minute = now_ms.div_euclid(MS_PER_MINUTE);
     let first = now_minute - i64::from(window.minutes) + 1;
     let name = user_part(&window.name);
@@ -871,11 +876,7 @@ pub struct DauDay {
 }
 
 /// Distinct users per day, `from..=to`.
-pub fn dau(
-    kv: &dyn KvRead,
-    from: i32,
-    to: i32,
-) -> Result<Vec<DauDay>, crate::storage::StorageError> {
+pub fn dau<E>(kv: &dyn KvRead<Error = E>, from: i32, to: i32) -> Result<Vec<DauDay>, E> {
     (from..=to)
         .map(|day| {
             Ok(DauDay {
@@ -909,14 +910,14 @@ pub enum RankBy {
 
 /// Event types in `from..=to`, most first by `by` (ties by name); with
 /// `sum`, each with the sum of that field.
-pub fn top_events(
-    kv: &dyn KvRead,
+pub fn top_events<E>(
+    kv: &dyn KvRead<Error = E>,
     from: i32,
     to: i32,
     limit: usize,
     sum: Option<&str>,
     by: RankBy,
-) -> Result<Vec<TypeCount>, crate::storage::StorageError> {
+) -> Result<Vec<TypeCount>, E> {
     let mut totals: BTreeMap<String, u64> = BTreeMap::new();
     kv.scan(
         &key(&[b"T", &day_key(from)]),
@@ -986,11 +987,11 @@ fn rank(mut rows: Vec<(TypeCount, i128)>, by: RankBy, limit: usize) -> Vec<TypeC
 
 /// Processed events per day and type over `from..=to`, as `(day, type,
 /// count)`: what an instance publishes for its deployment's top events.
-pub fn day_type_counts(
-    kv: &dyn KvRead,
+pub fn day_type_counts<E>(
+    kv: &dyn KvRead<Error = E>,
     from: i32,
     to: i32,
-) -> Result<Vec<(i32, String, u64)>, crate::storage::StorageError> {
+) -> Result<Vec<(i32, String, u64)>, E> {
     let mut counts = Vec::new();
     kv.scan(
         &key(&[b"T", &day_key(from)]),
@@ -1022,12 +1023,12 @@ struct DaySum<'a> {
 }
 
 /// Calls `f` for every `S` entry of `from..=to`.
-fn scan_sums(
-    kv: &dyn KvRead,
+fn scan_sums<E>(
+    kv: &dyn KvRead<Error = E>,
     from: i32,
     to: i32,
     f: &mut dyn FnMut(DaySum),
-) -> Result<(), crate::storage::StorageError> {
+) -> Result<(), E> {
     kv.scan(
         &key(&[b"S", &day_key(from)]),
         &key(&[b"S", &day_key(to.saturating_add(1))]),
@@ -1063,12 +1064,12 @@ pub struct Cohort {
 }
 
 /// Cohort retention: `windows` windows of `window_days` from `start`.
-pub fn retention(
-    kv: &dyn KvRead,
+pub fn retention<E>(
+    kv: &dyn KvRead<Error = E>,
     start: i32,
     windows: u32,
     window_days: i32,
-) -> Result<Vec<Cohort>, crate::storage::StorageError> {
+) -> Result<Vec<Cohort>, E> {
     let windows = windows as i32;
     let mut cohorts = Vec::new();
     for i in 0..windows {
@@ -1134,7 +1135,7 @@ pub struct PageViews {
 
 /// Rolling windows ending at `now_ms`: the current minute and the ones
 /// before it (5 and 15 minute buckets), by event time.
-pub fn windows(kv: &dyn KvRead, now_ms: i64) -> Result<Windows, crate::storage::StorageError> {
+pub fn windows<E>(kv: &dyn KvRead<Error = E>, now_ms: i64) -> Result<Windows, E> {
     let now_minute = now_ms.div_euclid(MS_PER_MINUTE);
     let end = i64_key(now_minute + 1);
     let mut users = HashSet::new();
@@ -1178,10 +1179,10 @@ pub fn windows(kv: &dyn KvRead, now_ms: i64) -> Result<Windows, crate::storage::
 
 /// Receipt→processed latency percentiles (ms) from the on-disk histogram,
 /// each the upper bound of the bucket that holds it.
-pub fn latency_percentiles(
-    kv: &dyn KvRead,
+pub fn latency_percentiles<E>(
+    kv: &dyn KvRead<Error = E>,
     quantiles: &[f64],
-) -> Result<Vec<f64>, crate::storage::StorageError> {
+) -> Result<Vec<f64>, E> {
     let mut counts = [0u64; LATENCY_BUCKETS_MS.len()];
     kv.scan(b"L", b"M", &mut |k, v| {
         if let Some(&b) = k.get(1)

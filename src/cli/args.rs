@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use super::{assets, demo, dlq, import, stats};
+use super::{demo, dlq, import, stats};
 use crate::config::{Config, ConfigError};
 
 /// The configuration file the packages install; client subcommands read it
@@ -88,7 +88,17 @@ reload, so that `systemctl reload` fails on a bad file.")]
     Demo(demo::Args),
     /// Write the man pages and shell completions into a directory (for packaging).
     #[command(hide = true)]
-    GenerateAssets(assets::Args),
+    GenerateAssets(AssetsArgs),
+}
+
+/// `inletd generate-assets` arguments. They live here, not in `assets`,
+/// because assets renders these definitions: assets depends on args, never
+/// the other way.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AssetsArgs {
+    /// Directory to write the man pages and completions into (created if missing).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 impl Command {

@@ -14,16 +14,8 @@ use clap::CommandFactory as _;
 use clap_complete::Shell;
 use clap_mangen::Man;
 
-use super::args::{Cli, PACKAGED_CONFIG};
+use super::args::{AssetsArgs, Cli, PACKAGED_CONFIG};
 use crate::config::Config;
-
-/// `inletd generate-assets` arguments.
-#[derive(Debug, Clone, clap::Args)]
-pub struct Args {
-    /// Directory to write the man pages and completions into (created if missing).
-    #[arg(value_name = "DIR")]
-    pub dir: PathBuf,
-}
 
 /// Why the assets could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +157,7 @@ const KEYS: &[(&str, &str, bool)] = &[
 ];
 
 /// Writes every asset into `args.dir`; returns the files written.
-pub fn run(args: &Args) -> Result<Vec<PathBuf>, AssetsError> {
+pub fn run(args: &AssetsArgs) -> Result<Vec<PathBuf>, AssetsError> {
     let dir = &args.dir;
     std::fs::create_dir_all(dir).map_err(|source| AssetsError {
         path: dir.display().to_string(),
@@ -533,7 +525,7 @@ mod tests {
     #[test]
     fn every_asset_is_written() {
         let dir = std::env::temp_dir().join(format!("inletd-assets-{}", std::process::id()));
-        let written = run(&Args { dir: dir.clone() }).expect("assets");
+        let written = run(&AssetsArgs { dir: dir.clone() }).expect("assets");
         let names: BTreeSet<String> = written
             .iter()
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))

@@ -3,13 +3,13 @@
 //!
 //! | module     | subcommand |
 //! |------------|------------|
-//! | [`args`]   | the clap definitions (`Cli`, `Command`) that `main.rs` parses |
+//! | [`args`]   | the clap definitions (`Cli`, `Command`, `AssetsArgs`) that `main.rs` parses |
 //! | [`client`] | the shared HTTP client (address from `bind` or `--url`, admin token) |
 //! | [`import`] | `inletd import FILE`: CSV or JSON lines, in batches, with a progress bar |
 //! | [`stats`]  | `inletd stats`: `/stats/summary` as a table or JSON |
 //! | [`dlq`]    | `inletd dlq list\|show\|replay\|purge`: the dead-letter queue via `/admin/dlq` |
 //! | [`demo`]   | `inletd demo basic\|idempotency\|burst\|batch`: sample traffic |
-//! | [`assets`] | `inletd generate-assets DIR` (hidden): man pages and shell completions |
+//! | [`assets`] | `inletd generate-assets DIR` (hidden): man pages and shell completions, rendered from [`args`] (assets uses args, never the reverse) |
 //!
 //! Exit codes are the same for all of them: 0 when the work was done (every
 //! event taken, accepted or a duplicate), 1 when some events were rejected

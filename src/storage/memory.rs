@@ -55,6 +55,7 @@ impl KvWrite for MapTx<'_> {
 }
 
 impl KvRead for MemoryStorage {
+    type Error = StorageError;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.lock().aggregates.get(key).cloned())
     }

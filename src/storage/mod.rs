@@ -243,9 +243,9 @@ pub struct QueueInfo {
 }
 
 /// The store. Implementations are internally synchronised; the pipeline
-/// calls them from blocking tasks. As [`KvRead`] it exposes the analytics
-/// aggregates to the `/stats` queries.
-pub trait Storage: KvRead + Send + Sync + 'static {
+/// calls them from blocking tasks. As [`KvRead`] (with its own error) it
+/// exposes the analytics aggregates to the `/stats` queries.
+pub trait Storage: KvRead<Error = StorageError> + Send + Sync + 'static {
     /// Checks and appends a group in one transaction (invariant 1). Does
     /// not flush. `ttl_ms` is the idempotency window.
     fn append(

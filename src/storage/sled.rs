@@ -1529,6 +1529,7 @@ impl KvWrite for TxKv<'_> {
 }
 
 impl KvRead for Store {
+    type Error = StorageError;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.aggregates.get(key).map_err(io)?.map(|v| v.to_vec()))
     }
@@ -1760,6 +1761,7 @@ impl Storage for SledStorage {
 }
 
 impl KvRead for SledStorage {
+    type Error = StorageError;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         self.with(|s| KvRead::get(s, key))
     }
