@@ -10,16 +10,16 @@
 //!
 //! | module       | holds |
 //! |--------------|-------|
-//! | [`analytics`]| the aggregates (DAU, top events, cohorts, rolling windows) and their queries, over the key-value traits it owns (`KvRead`, `KvWrite`) |
+//! | [`analytics`]| the aggregates (DAU, top events, cohorts, rolling windows), the `/stats` queries parsed and checked (`query`) and answered, over the key-value traits it owns (`KvRead`, `KvWrite`) |
 //! | [`cli`]      | the command line (args), its man pages and completions (assets, rendered from args), and the client subcommands: import, stats, demo, dlq (they talk to a running daemon over HTTP) |
 //! | [`config`]   | settings: defaults, TOML file, `INLETD_*` environment, flags; validation |
 //! | [`event`]    | events, their validation, the WAL record |
 //! | [`storage`]  | the `Storage` trait, its design (layout, invariants, flushing), sled and memory stores; they implement analytics' traits and apply its aggregates in their transactions (storage → analytics, never back) |
-//! | [`pipeline`] | the supervised actors and their messages |
+//! | [`pipeline`] | the supervised actors and their messages, and [`pipeline::Pipeline`], the one handle HTTP and `app` use: admission, queries, calls to actors |
 //! | [`process`]  | the standard `process_*` metrics (from `/proc`) and `inletd_build_info` |
 //! | [`sinks`]    | forwarding sinks (HTTP, file, Redis stream) |
 //! | [`mirror`]   | the Redis a deployment of several instances shares: idempotency keys, figures |
-//! | [`http`]     | warp routes, thin handlers, the error type, the accept loop |
+//! | [`http`]     | warp routes, thin handlers (ingest, admin, stats), the JSON answer shapes, the error type, the accept loop; it sees only the `Pipeline` |
 //! | [`app`]      | start-up wiring and the shutdown sequence |
 //! | [`ratelimit`]| the per-source token bucket |
 //! | [`shutdown`] | signal handling |
