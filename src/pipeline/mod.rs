@@ -10,6 +10,7 @@
 //! prefix so that several pipelines can live in one process (tests).
 
 pub mod batcher;
+mod breaker;
 pub mod deduper;
 pub mod dlq;
 pub mod messages;

@@ -5,7 +5,6 @@
 //! removed, built-in counters added, failures parked in the DLQ and the
 //! cursor moved, all in one storage transaction.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -13,7 +12,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use super::messages::{BatcherMsg, Observation, ProcessorMsg, SinkHealth, SinkState};
+use super::breaker::{Breaker, Decision, Policy};
+use super::messages::{BatcherMsg, Observation, ProcessorMsg};
 use super::{BATCHER, Context, StoreWriteKind, blocking};
 use crate::analytics::{Facts, Wanted};
 use crate::config::Config;
@@ -28,44 +28,12 @@ pub struct Processor;
 pub struct State {
     /// Storage, config, sinks and names.
     context: Arc<Context>,
-    /// Circuit breaker per sink name.
-    breakers: HashMap<String, Breaker>,
+    /// Each sink's circuit breaker.
+    breaker: Breaker,
 }
 
 /// The Processor starts from the pipeline context.
 pub type Arguments = Arc<Context>;
-
-/// A sink's circuit breaker.
-#[derive(Debug, Default, Clone)]
-struct Breaker {
-    /// Batches in a row that this sink failed.
-    consecutive_failures: u32,
-    /// While set and in the future, the sink is skipped.
-    open_until: Option<Instant>,
-    /// The error of the last failed batch, for `/stats/summary`.
-    last_error: Option<String>,
-}
-
-impl Breaker {
-    /// How `/stats/summary` and the dashboard show this breaker.
-    fn health(&self, sink: &str) -> SinkHealth {
-        let open_until_ms = self.open_until.map(|until| {
-            let left = until.saturating_duration_since(Instant::now());
-            now_ms() + left.as_millis() as i64
-        });
-        SinkHealth {
-            name: sink.to_owned(),
-            state: match (open_until_ms, self.consecutive_failures) {
-                (Some(_), _) => SinkState::Open,
-                (None, 0) => SinkState::Ok,
-                (None, _) => SinkState::Retrying,
-            },
-            consecutive_failures: self.consecutive_failures,
-            last_error: self.last_error.clone(),
-            open_until_ms,
-        }
-    }
-}
 
 /// How one sink's delivery of one batch ended.
 #[derive(Clone)]
@@ -91,7 +59,7 @@ impl Actor for Processor {
         context.status.processing.store(0, Ordering::SeqCst);
         Ok(State {
             context,
-            breakers: HashMap::new(),
+            breaker: Breaker::new(),
         })
     }
 
@@ -121,6 +89,7 @@ impl Actor for Processor {
         // Each sink gets the micro-batches in order, one at a time; once one
         // fails (after its retries), the rest go to the DLQ with the same error
         // rather than wait through the retries again.
+        let asked = Instant::now();
         let deliveries = live.sinks.iter().map(|sink| {
             let events: Vec<Queued> = records
                 .iter()
@@ -132,13 +101,13 @@ impl Actor for Processor {
                 })
                 .cloned()
                 .collect();
-            let breaker = state.breakers.get(sink.name()).cloned().unwrap_or_default();
+            let decision = state.breaker.allow(sink.name(), asked);
             async move {
                 let mut outcomes: Vec<(Vec<Queued>, Result<(), Failure>)> = Vec::new();
                 for chunk in events.chunks(config.batch_size.max(1)) {
                     let result = match outcomes.last() {
                         Some((_, Err(f))) => Err(f.clone()),
-                        _ => deliver(sink.as_ref(), chunk, config, &breaker, ctx).await,
+                        _ => deliver(sink.as_ref(), chunk, config, decision, ctx).await,
                     };
                     outcomes.push((chunk.to_vec(), result));
                 }
@@ -189,14 +158,11 @@ impl Actor for Processor {
                 ));
             }
         }
+        let policy = Policy::of(config);
         for (sink, events, result) in &results {
-            let breaker = state.breakers.entry(sink.name().to_owned()).or_default();
             match result {
                 Ok(()) => {
-                    if breaker.consecutive_failures > 0 || breaker.open_until.is_some() {
-                        tracing::info!(sink = sink.name(), "sink recovered; circuit closed");
-                    }
-                    *breaker = Breaker::default();
+                    state.breaker.record_success(sink.name());
                     if !events.is_empty() {
                         context.names.observe(Observation::Delivered {
                             sink: sink.name().to_owned(),
@@ -205,21 +171,11 @@ impl Actor for Processor {
                     }
                 }
                 Err(f) => {
-                    breaker.consecutive_failures += 1;
-                    if breaker.consecutive_failures >= config.breaker_failures {
-                        breaker.open_until = Some(
-                            Instant::now() + Duration::from_millis(config.breaker_cooldown_ms),
-                        );
-                        tracing::warn!(
-                            sink = sink.name(),
-                            failures = breaker.consecutive_failures,
-                            cooldown_ms = config.breaker_cooldown_ms,
-                            "circuit open: sink isolated"
-                        );
-                    }
+                    state
+                        .breaker
+                        .record_failure(sink.name(), &f.error, policy, Instant::now());
                     tracing::warn!(sink = sink.name(), events = events.len(), attempts = f.attempts,
                         error = %f.error, "delivery failed; events parked in the DLQ");
-                    breaker.last_error = Some(f.error.clone());
                     context.names.observe(Observation::DeadLettered {
                         sink: sink.name().to_owned(),
                         count: events.len() as u64,
@@ -242,10 +198,8 @@ impl Actor for Processor {
         }
 
         for sink in &live.sinks {
-            if let Some(breaker) = state.breakers.get(sink.name()) {
-                context
-                    .names
-                    .observe(Observation::Sink(breaker.health(sink.name())));
+            if let Some(health) = state.breaker.health(sink.name(), Instant::now(), now_ms()) {
+                context.names.observe(Observation::Sink(health));
             }
         }
 
@@ -331,26 +285,21 @@ async fn deliver(
     sink: &dyn Sink,
     events: &[Queued],
     config: &Config,
-    breaker: &Breaker,
+    decision: Decision,
     context: &Context,
 ) -> Result<(), Failure> {
-    let now = Instant::now();
-    let attempts_allowed = match breaker.open_until {
-        Some(until) if until > now => {
+    let attempts_allowed = match decision {
+        Decision::Skip { failures } => {
             let t = now_ms();
             return Err(Failure {
-                error: format!(
-                    "circuit open after {} failed batches",
-                    breaker.consecutive_failures
-                ),
+                error: format!("circuit open after {failures} failed batches"),
                 attempts: 0,
                 first_failed_ms: t,
                 last_failed_ms: t,
             });
         }
-        // Half-open: one probe, no retries.
-        Some(_) => 1,
-        None => config.max_retries + 1,
+        Decision::Probe => 1,
+        Decision::Deliver => config.max_retries + 1,
     };
     let mut first_failed_ms = None;
     let mut attempt = 0;
