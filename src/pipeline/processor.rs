@@ -15,11 +15,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use super::breaker::{Breaker, Decision, Policy};
 use super::messages::{BatcherMsg, Observation, ProcessorMsg};
 use super::{BATCHER, Context, StoreWriteKind, blocking};
-use crate::analytics::{Facts, Wanted};
+use crate::analytics::Wanted;
 use crate::config::Config;
 use crate::event::{Queued, now_ms};
 use crate::sinks::{Sink, SinkError};
-use crate::storage::{BatchAck, DlqEntry};
+use crate::storage::{BatchAck, SinkFailure};
 
 /// The Processor actor.
 pub struct Processor;
@@ -34,15 +34,6 @@ pub struct State {
 
 /// The Processor starts from the pipeline context.
 pub type Arguments = Arc<Context>;
-
-/// How one sink's delivery of one batch ended.
-#[derive(Clone)]
-struct Failure {
-    error: String,
-    attempts: u32,
-    first_failed_ms: i64,
-    last_failed_ms: i64,
-}
 
 impl Actor for Processor {
     type Msg = ProcessorMsg;
@@ -103,7 +94,7 @@ impl Actor for Processor {
                 .collect();
             let decision = state.breaker.allow(sink.name(), asked);
             async move {
-                let mut outcomes: Vec<(Vec<Queued>, Result<(), Failure>)> = Vec::new();
+                let mut outcomes: Vec<(Vec<Queued>, Result<(), SinkFailure>)> = Vec::new();
                 for chunk in events.chunks(config.batch_size.max(1)) {
                     let result = match outcomes.last() {
                         Some((_, Err(f))) => Err(f.clone()),
@@ -125,39 +116,7 @@ impl Actor for Processor {
             .collect();
 
         let now = now_ms();
-        let mut ack = BatchAck {
-            upto,
-            processed: records
-                .iter()
-                .map(|q| {
-                    let facts = q
-                        .record
-                        .only_sink
-                        .is_none()
-                        .then(|| Facts::of(&q.record, now, Wanted::of(config)));
-                    (q.seq, facts)
-                })
-                .collect(),
-            now_ms: now,
-            dead: Vec::new(),
-        };
-        for q in &records {
-            if let Some(target) = &q.record.only_sink
-                && !live.sinks.iter().any(|s| s.name() == target)
-            {
-                ack.dead.push((
-                    q.seq,
-                    dead_entry(
-                        q,
-                        target,
-                        &format!("sink `{target}` is not configured"),
-                        0,
-                        now,
-                        now,
-                    ),
-                ));
-            }
-        }
+        let mut dead = unroutable(&records, &live.sinks, now);
         let policy = Policy::of(config);
         for (sink, events, result) in &results {
             match result {
@@ -180,22 +139,12 @@ impl Actor for Processor {
                         sink: sink.name().to_owned(),
                         count: events.len() as u64,
                     });
-                    for q in events {
-                        ack.dead.push((
-                            q.seq,
-                            dead_entry(
-                                q,
-                                sink.name(),
-                                &f.error,
-                                f.attempts,
-                                f.first_failed_ms,
-                                f.last_failed_ms,
-                            ),
-                        ));
-                    }
+                    dead.extend(events.iter().map(|q| (q, f.clone())));
                 }
             }
         }
+
+        let ack = BatchAck::of(&records, upto, now, Wanted::of(config), dead);
 
         for sink in &live.sinks {
             if let Some(health) = state.breaker.health(sink.name(), Instant::now(), now_ms()) {
@@ -239,22 +188,30 @@ impl Actor for Processor {
     }
 }
 
-fn dead_entry(
-    q: &Queued,
-    sink: &str,
-    error: &str,
-    attempts: u32,
-    first: i64,
-    last: i64,
-) -> DlqEntry {
-    DlqEntry {
-        sink: sink.to_owned(),
-        error: error.to_owned(),
-        attempts,
-        first_failed_ms: first,
-        last_failed_ms: last,
-        record: q.record.clone(),
-    }
+/// The events of a batch addressed to a sink that is not configured (a
+/// DLQ replay after the sink was removed): each fails at once, untried.
+fn unroutable<'a>(
+    records: &'a [Queued],
+    sinks: &[Arc<dyn Sink>],
+    now_ms: i64,
+) -> Vec<(&'a Queued, SinkFailure)> {
+    records
+        .iter()
+        .filter_map(|q| {
+            let target = q.record.only_sink.as_ref()?;
+            if sinks.iter().any(|s| s.name() == target) {
+                return None;
+            }
+            let failure = SinkFailure {
+                sink: target.clone(),
+                error: format!("sink `{target}` is not configured"),
+                attempts: 0,
+                first_failed_ms: now_ms,
+                last_failed_ms: now_ms,
+            };
+            Some((q, failure))
+        })
+        .collect()
 }
 
 /// Commits the batch, retrying a failing store a few times before giving up
@@ -287,11 +244,12 @@ async fn deliver(
     config: &Config,
     decision: Decision,
     context: &Context,
-) -> Result<(), Failure> {
+) -> Result<(), SinkFailure> {
     let attempts_allowed = match decision {
         Decision::Skip { failures } => {
             let t = now_ms();
-            return Err(Failure {
+            return Err(SinkFailure {
+                sink: sink.name().to_owned(),
                 error: format!("circuit open after {failures} failed batches"),
                 attempts: 0,
                 first_failed_ms: t,
@@ -315,7 +273,8 @@ async fn deliver(
         };
         let t = now_ms();
         let first = *first_failed_ms.get_or_insert(t);
-        let give_up = |error| Failure {
+        let give_up = |error| SinkFailure {
+            sink: sink.name().to_owned(),
             error,
             attempts: attempt,
             first_failed_ms: first,
