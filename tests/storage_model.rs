@@ -18,12 +18,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use inletd::analytics::{self, Facts, WINDOW_RETENTION_MINUTES, Wanted};
+use inletd::analytics::{self, WINDOW_RETENTION_MINUTES, Wanted};
 use inletd::event::{Queued, WalRecord};
 use inletd::storage::memory::MemoryStorage;
 use inletd::storage::sled::{SledOptions, SledStorage};
 use inletd::storage::{
-    AppendOutcome, BatchAck, DlqEntry, NewEvent, QueueInfo, Storage, StorageError, encode_record,
+    AppendOutcome, BatchAck, NewEvent, QueueInfo, SinkFailure, Storage, StorageError, encode_record,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -406,49 +406,35 @@ impl Harness {
         self.check_state()
     }
 
-    /// The ack the Processor would build for `records`.
+    /// The ack the Processor builds for `records` when the records whose
+    /// bit is set in `dead` failed on their sink (their own, or the first),
+    /// and those also set in `dead_too` on the second sink as well.
     fn ack(&self, records: &[Queued], upto: u64, dead: u16, dead_too: u16) -> BatchAck {
         let now = self.now;
-        let mut ack = BatchAck {
-            upto,
-            processed: records
-                .iter()
-                .map(|q| {
-                    let facts = q
-                        .record
-                        .only_sink
-                        .is_none()
-                        .then(|| Facts::of(&q.record, now, Wanted::default()));
-                    (q.seq, facts)
-                })
-                .collect(),
-            now_ms: now,
-            dead: Vec::new(),
-        };
-        let entry = |q: &Queued, sink: &str| DlqEntry {
+        let failure = |sink: &str| SinkFailure {
             sink: sink.into(),
             error: format!("{sink} answered 503"),
             attempts: 3,
             first_failed_ms: now - 10,
             last_failed_ms: now,
-            record: q.record.clone(),
         };
+        let mut failed = Vec::new();
         for (i, q) in records.iter().enumerate() {
             let bit = 1u16 << (i % 16);
             if dead & bit == 0 {
                 continue;
             }
             match &q.record.only_sink {
-                Some(sink) => ack.dead.push((q.seq, entry(q, sink))),
+                Some(sink) => failed.push((q, failure(sink))),
                 None => {
-                    ack.dead.push((q.seq, entry(q, SINKS[0])));
+                    failed.push((q, failure(SINKS[0])));
                     if dead_too & bit != 0 {
-                        ack.dead.push((q.seq, entry(q, SINKS[1])));
+                        failed.push((q, failure(SINKS[1])));
                     }
                 }
             }
         }
-        ack
+        BatchAck::of(records, upto, now, Wanted::default(), failed)
     }
 
     /// Everything observable, compared; plus sled's own invariants.
@@ -529,32 +515,23 @@ fn ack_all(s: &dyn Storage, dead_seq: Option<u64>, now: i64) -> BatchAck {
     let cursor = s.queue_info().unwrap().cursor;
     let (records, damaged) = s.read_after(cursor, ALL).unwrap();
     assert!(damaged.is_empty());
+    assert!(
+        records.iter().all(|q| q.record.only_sink.is_none()),
+        "every record is counted"
+    );
     let upto = records.last().expect("a non-empty batch").seq;
-    BatchAck {
-        upto,
-        processed: records
-            .iter()
-            .map(|q| (q.seq, Some(Facts::of(&q.record, now, Wanted::default()))))
-            .collect(),
-        now_ms: now,
-        dead: records
-            .iter()
-            .filter(|q| Some(q.seq) == dead_seq)
-            .map(|q| {
-                (
-                    q.seq,
-                    DlqEntry {
-                        sink: "dashboard".into(),
-                        error: "503".into(),
-                        attempts: 3,
-                        first_failed_ms: now,
-                        last_failed_ms: now,
-                        record: q.record.clone(),
-                    },
-                )
-            })
-            .collect(),
-    }
+    let failure = SinkFailure {
+        sink: "dashboard".into(),
+        error: "503".into(),
+        attempts: 3,
+        first_failed_ms: now,
+        last_failed_ms: now,
+    };
+    let failed = records
+        .iter()
+        .filter(|q| Some(q.seq) == dead_seq)
+        .map(|q| (q, failure.clone()));
+    BatchAck::of(&records, upto, now, Wanted::default(), failed)
 }
 
 #[test]

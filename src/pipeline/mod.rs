@@ -13,6 +13,7 @@
 //! prefix so that several pipelines can live in one process (tests).
 
 pub mod batcher;
+mod breaker;
 pub mod deduper;
 pub mod dlq;
 mod handle;

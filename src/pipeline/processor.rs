@@ -4,8 +4,12 @@
 //! isolates a sink that keeps failing), then commits the batch: WAL entries
 //! removed, built-in counters added, failures parked in the DLQ and the
 //! cursor moved, all in one storage transaction.
+//!
+//! `handle` only strings the steps together: the breaker (`breaker.rs`)
+//! decides what each sink may do, `fan_out` delivers, the pure
+//! [`BatchAck::of`] builds the acknowledgement, `commit` writes it, and
+//! `settle`, `report_sinks` and `report_batch` tell the metrics.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -13,13 +17,14 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use super::messages::{BatcherMsg, Observation, ProcessorMsg, SinkHealth, SinkState};
-use super::{BATCHER, Context, StoreWriteKind, blocking};
-use crate::analytics::{Facts, Wanted};
+use super::breaker::{Breaker, Decision, Policy};
+use super::messages::{BatcherMsg, Observation, ProcessorMsg};
+use super::{BATCHER, Context, Names, StoreWriteKind, blocking};
+use crate::analytics::Wanted;
 use crate::config::Config;
 use crate::event::{Queued, now_ms};
 use crate::sinks::{Sink, SinkError};
-use crate::storage::{BatchAck, DlqEntry};
+use crate::storage::{BatchAck, SinkFailure};
 
 /// The Processor actor.
 pub struct Processor;
@@ -28,53 +33,12 @@ pub struct Processor;
 pub struct State {
     /// Storage, config, sinks and names.
     context: Arc<Context>,
-    /// Circuit breaker per sink name.
-    breakers: HashMap<String, Breaker>,
+    /// Each sink's circuit breaker.
+    breaker: Breaker,
 }
 
 /// The Processor starts from the pipeline context.
 pub type Arguments = Arc<Context>;
-
-/// A sink's circuit breaker.
-#[derive(Debug, Default, Clone)]
-struct Breaker {
-    /// Batches in a row that this sink failed.
-    consecutive_failures: u32,
-    /// While set and in the future, the sink is skipped.
-    open_until: Option<Instant>,
-    /// The error of the last failed batch, for `/stats/summary`.
-    last_error: Option<String>,
-}
-
-impl Breaker {
-    /// How `/stats/summary` and the dashboard show this breaker.
-    fn health(&self, sink: &str) -> SinkHealth {
-        let open_until_ms = self.open_until.map(|until| {
-            let left = until.saturating_duration_since(Instant::now());
-            now_ms() + left.as_millis() as i64
-        });
-        SinkHealth {
-            name: sink.to_owned(),
-            state: match (open_until_ms, self.consecutive_failures) {
-                (Some(_), _) => SinkState::Open,
-                (None, 0) => SinkState::Ok,
-                (None, _) => SinkState::Retrying,
-            },
-            consecutive_failures: self.consecutive_failures,
-            last_error: self.last_error.clone(),
-            open_until_ms,
-        }
-    }
-}
-
-/// How one sink's delivery of one batch ended.
-#[derive(Clone)]
-struct Failure {
-    error: String,
-    attempts: u32,
-    first_failed_ms: i64,
-    last_failed_ms: i64,
-}
 
 impl Actor for Processor {
     type Msg = ProcessorMsg;
@@ -91,7 +55,7 @@ impl Actor for Processor {
         context.status.processing.store(0, Ordering::SeqCst);
         Ok(State {
             context,
-            breakers: HashMap::new(),
+            breaker: Breaker::new(),
         })
     }
 
@@ -107,200 +71,217 @@ impl Actor for Processor {
         context.status.processing.store(upto, Ordering::SeqCst);
         let live = context.live();
         let config = &live.config;
-        let ctx = &context;
-        // Enrichment and derived fields: the sinks, the analytics and the
-        // DLQ all see the event with them.
-        for q in &mut records {
-            if let Some(body) =
-                crate::transform::apply(&q.record.body, &config.enrichment, &config.derive)
-            {
-                q.record.body = body;
-            }
-        }
+        enrich(&mut records, config);
 
-        // Each sink gets the micro-batches in order, one at a time; once one
-        // fails (after its retries), the rest go to the DLQ with the same error
-        // rather than wait through the retries again.
-        let deliveries = live.sinks.iter().map(|sink| {
-            let events: Vec<Queued> = records
-                .iter()
-                .filter(|q| {
-                    q.record
-                        .only_sink
-                        .as_deref()
-                        .is_none_or(|s| s == sink.name())
-                })
-                .cloned()
-                .collect();
-            let breaker = state.breakers.get(sink.name()).cloned().unwrap_or_default();
-            async move {
-                let mut outcomes: Vec<(Vec<Queued>, Result<(), Failure>)> = Vec::new();
-                for chunk in events.chunks(config.batch_size.max(1)) {
-                    let result = match outcomes.last() {
-                        Some((_, Err(f))) => Err(f.clone()),
-                        _ => deliver(sink.as_ref(), chunk, config, &breaker, ctx).await,
-                    };
-                    outcomes.push((chunk.to_vec(), result));
-                }
-                (sink.clone(), outcomes)
-            }
-        });
-        let results: Vec<_> = join_all(deliveries)
-            .await
-            .into_iter()
-            .flat_map(|(sink, outcomes)| {
-                outcomes
-                    .into_iter()
-                    .map(move |(events, result)| (sink.clone(), events, result))
-            })
+        let asked = Instant::now();
+        let plan: Vec<(Arc<dyn Sink>, Decision)> = live
+            .sinks
+            .iter()
+            .map(|sink| (sink.clone(), state.breaker.allow(sink.name(), asked)))
             .collect();
+        let outcomes = fan_out(&records, &plan, config, &context).await;
 
         let now = now_ms();
-        let mut ack = BatchAck {
-            upto,
-            processed: records
-                .iter()
-                .map(|q| {
-                    let facts = q
-                        .record
-                        .only_sink
-                        .is_none()
-                        .then(|| Facts::of(&q.record, now, Wanted::of(config)));
-                    (q.seq, facts)
-                })
-                .collect(),
-            now_ms: now,
-            dead: Vec::new(),
-        };
-        for q in &records {
-            if let Some(target) = &q.record.only_sink
-                && !live.sinks.iter().any(|s| s.name() == target)
-            {
-                ack.dead.push((
-                    q.seq,
-                    dead_entry(
-                        q,
-                        target,
-                        &format!("sink `{target}` is not configured"),
-                        0,
-                        now,
-                        now,
-                    ),
-                ));
-            }
-        }
-        for (sink, events, result) in &results {
-            let breaker = state.breakers.entry(sink.name().to_owned()).or_default();
-            match result {
-                Ok(()) => {
-                    if breaker.consecutive_failures > 0 || breaker.open_until.is_some() {
-                        tracing::info!(sink = sink.name(), "sink recovered; circuit closed");
-                    }
-                    *breaker = Breaker::default();
-                    if !events.is_empty() {
-                        context.names.observe(Observation::Delivered {
-                            sink: sink.name().to_owned(),
-                            count: events.len() as u64,
-                        });
-                    }
-                }
-                Err(f) => {
-                    breaker.consecutive_failures += 1;
-                    if breaker.consecutive_failures >= config.breaker_failures {
-                        breaker.open_until = Some(
-                            Instant::now() + Duration::from_millis(config.breaker_cooldown_ms),
-                        );
-                        tracing::warn!(
-                            sink = sink.name(),
-                            failures = breaker.consecutive_failures,
-                            cooldown_ms = config.breaker_cooldown_ms,
-                            "circuit open: sink isolated"
-                        );
-                    }
-                    tracing::warn!(sink = sink.name(), events = events.len(), attempts = f.attempts,
-                        error = %f.error, "delivery failed; events parked in the DLQ");
-                    breaker.last_error = Some(f.error.clone());
-                    context.names.observe(Observation::DeadLettered {
-                        sink: sink.name().to_owned(),
-                        count: events.len() as u64,
-                    });
-                    for q in events {
-                        ack.dead.push((
-                            q.seq,
-                            dead_entry(
-                                q,
-                                sink.name(),
-                                &f.error,
-                                f.attempts,
-                                f.first_failed_ms,
-                                f.last_failed_ms,
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
+        let dead = unroutable(&records, &live.sinks, now)
+            .into_iter()
+            .chain(outcomes.iter().flat_map(Outcome::dead_letters));
+        let ack = BatchAck::of(&records, upto, now, Wanted::of(config), dead);
+        settle(
+            &mut state.breaker,
+            &outcomes,
+            Policy::of(config),
+            &context.names,
+        );
+        report_sinks(&state.breaker, &live.sinks, &context.names);
 
-        for sink in &live.sinks {
-            if let Some(breaker) = state.breakers.get(sink.name()) {
-                context
-                    .names
-                    .observe(Observation::Sink(breaker.health(sink.name())));
-            }
-        }
-
-        commit(&context, ack.clone()).await?;
+        let failed = ack.dead.len() as u64;
+        commit(&context, ack).await?;
         // Cleared after the commit: a Batcher that reads 0 then reads a
         // cursor past this batch.
         context.status.processing.store(0, Ordering::SeqCst);
-
-        let done_ms = now_ms();
-        let latencies: Vec<f64> = records
-            .iter()
-            .map(|q| (done_ms - q.record.received_at_ms).max(0) as f64 / 1000.0)
-            .collect();
-        let failed = ack.dead.len() as u64;
-        if !records.is_empty() {
-            let max_latency_ms = latencies.iter().cloned().fold(0.0, f64::max) * 1000.0;
-            tracing::info!(
-                events = records.len(),
-                success = records.len() as u64 - failed.min(records.len() as u64),
-                failed,
-                max_latency_ms = format!("{max_latency_ms:.1}"),
-                took_ms = started.elapsed().as_millis() as u64,
-                "batch complete"
-            );
-            for q in &records {
-                tracing::debug!(event_type = %q.record.event_type, key = %q.record.key,
-                    latency_ms = done_ms - q.record.received_at_ms, "processed");
-            }
-        }
-        context.names.observe(Observation::Batch {
-            events: records.len() as u64,
-            failed,
-            latencies,
-        });
+        report_batch(&records, failed, started, &context.names);
         context.names.cast(BATCHER, BatcherMsg::Done(upto));
         Ok(())
     }
 }
 
-fn dead_entry(
-    q: &Queued,
-    sink: &str,
-    error: &str,
-    attempts: u32,
-    first: i64,
-    last: i64,
-) -> DlqEntry {
-    DlqEntry {
-        sink: sink.to_owned(),
-        error: error.to_owned(),
-        attempts,
-        first_failed_ms: first,
-        last_failed_ms: last,
-        record: q.record.clone(),
+/// Adds enrichment and derived fields: the sinks, the analytics and the
+/// DLQ all see the event with them.
+fn enrich(records: &mut [Queued], config: &Config) {
+    for q in records {
+        if let Some(body) =
+            crate::transform::apply(&q.record.body, &config.enrichment, &config.derive)
+        {
+            q.record.body = body;
+        }
     }
+}
+
+/// How one sink's delivery of one micro-batch ended.
+struct Outcome {
+    /// The sink the micro-batch went to.
+    sink: Arc<dyn Sink>,
+    /// The micro-batch: the events of the batch addressed to this sink,
+    /// at most `batch_size` of them.
+    events: Vec<Queued>,
+    /// Delivered, or how the sink failed it.
+    result: Result<(), SinkFailure>,
+}
+
+impl Outcome {
+    /// Each event of a failed micro-batch with the failure: what the DLQ
+    /// gets of it (nothing when it was delivered).
+    fn dead_letters(&self) -> impl Iterator<Item = (&Queued, SinkFailure)> {
+        self.result
+            .as_ref()
+            .err()
+            .into_iter()
+            .flat_map(|failure| self.events.iter().map(move |q| (q, failure.clone())))
+    }
+}
+
+/// Delivers `records` to every sink of `plan` at once, each as the breaker
+/// decided for it, and answers how each micro-batch ended: sink by sink in
+/// `plan`'s order, each sink's micro-batches in order.
+///
+/// A sink gets the events addressed to it (all but those a DLQ replay
+/// addressed to another sink) in micro-batches of `batch_size`, one at a
+/// time; once one fails (after its retries), the rest go to the DLQ with
+/// the same error rather than wait through the retries again.
+async fn fan_out(
+    records: &[Queued],
+    plan: &[(Arc<dyn Sink>, Decision)],
+    config: &Config,
+    context: &Context,
+) -> Vec<Outcome> {
+    let deliveries = plan.iter().map(|(sink, decision)| async move {
+        let events: Vec<Queued> = records
+            .iter()
+            .filter(|q| {
+                q.record
+                    .only_sink
+                    .as_deref()
+                    .is_none_or(|s| s == sink.name())
+            })
+            .cloned()
+            .collect();
+        let mut outcomes: Vec<Outcome> = Vec::new();
+        for chunk in events.chunks(config.batch_size.max(1)) {
+            let result = match outcomes.last() {
+                Some(Outcome {
+                    result: Err(failure),
+                    ..
+                }) => Err(failure.clone()),
+                _ => deliver(sink.as_ref(), chunk, config, *decision, context).await,
+            };
+            outcomes.push(Outcome {
+                sink: sink.clone(),
+                events: chunk.to_vec(),
+                result,
+            });
+        }
+        outcomes
+    });
+    join_all(deliveries).await.into_iter().flatten().collect()
+}
+
+/// Tells the breaker how each micro-batch went (a circuit may close or
+/// open), and the metrics what was delivered and what was dead-lettered.
+fn settle(breaker: &mut Breaker, outcomes: &[Outcome], policy: Policy, names: &Names) {
+    for Outcome {
+        sink,
+        events,
+        result,
+    } in outcomes
+    {
+        match result {
+            Ok(()) => {
+                breaker.record_success(sink.name());
+                if !events.is_empty() {
+                    names.observe(Observation::Delivered {
+                        sink: sink.name().to_owned(),
+                        count: events.len() as u64,
+                    });
+                }
+            }
+            Err(f) => {
+                breaker.record_failure(sink.name(), &f.error, policy, Instant::now());
+                tracing::warn!(sink = sink.name(), events = events.len(), attempts = f.attempts,
+                    error = %f.error, "delivery failed; events parked in the DLQ");
+                names.observe(Observation::DeadLettered {
+                    sink: sink.name().to_owned(),
+                    count: events.len() as u64,
+                });
+            }
+        }
+    }
+}
+
+/// Where each configured sink's circuit stands, for `/stats/summary`, the
+/// dashboard and `inletd_sink_circuit_open` (a sink no batch reached yet
+/// is left as it is shown: ok).
+fn report_sinks(breaker: &Breaker, sinks: &[Arc<dyn Sink>], names: &Names) {
+    for sink in sinks {
+        if let Some(health) = breaker.health(sink.name(), Instant::now(), now_ms()) {
+            names.observe(Observation::Sink(health));
+        }
+    }
+}
+
+/// Logs a committed batch and gives the metrics its size, failures and
+/// each event's receipt→processed latency.
+fn report_batch(records: &[Queued], failed: u64, started: Instant, names: &Names) {
+    let done_ms = now_ms();
+    let latencies: Vec<f64> = records
+        .iter()
+        .map(|q| (done_ms - q.record.received_at_ms).max(0) as f64 / 1000.0)
+        .collect();
+    if !records.is_empty() {
+        let max_latency_ms = latencies.iter().cloned().fold(0.0, f64::max) * 1000.0;
+        tracing::info!(
+            events = records.len(),
+            success = records.len() as u64 - failed.min(records.len() as u64),
+            failed,
+            max_latency_ms = format!("{max_latency_ms:.1}"),
+            took_ms = started.elapsed().as_millis() as u64,
+            "batch complete"
+        );
+        for q in records {
+            tracing::debug!(event_type = %q.record.event_type, key = %q.record.key,
+                latency_ms = done_ms - q.record.received_at_ms, "processed");
+        }
+    }
+    names.observe(Observation::Batch {
+        events: records.len() as u64,
+        failed,
+        latencies,
+    });
+}
+
+/// The events of a batch addressed to a sink that is not configured (a
+/// DLQ replay after the sink was removed): each fails at once, untried.
+fn unroutable<'a>(
+    records: &'a [Queued],
+    sinks: &[Arc<dyn Sink>],
+    now_ms: i64,
+) -> Vec<(&'a Queued, SinkFailure)> {
+    records
+        .iter()
+        .filter_map(|q| {
+            let target = q.record.only_sink.as_ref()?;
+            if sinks.iter().any(|s| s.name() == target) {
+                return None;
+            }
+            let failure = SinkFailure {
+                sink: target.clone(),
+                error: format!("sink `{target}` is not configured"),
+                attempts: 0,
+                first_failed_ms: now_ms,
+                last_failed_ms: now_ms,
+            };
+            Some((q, failure))
+        })
+        .collect()
 }
 
 /// Commits the batch, retrying a failing store a few times before giving up
@@ -331,26 +312,22 @@ async fn deliver(
     sink: &dyn Sink,
     events: &[Queued],
     config: &Config,
-    breaker: &Breaker,
+    decision: Decision,
     context: &Context,
-) -> Result<(), Failure> {
-    let now = Instant::now();
-    let attempts_allowed = match breaker.open_until {
-        Some(until) if until > now => {
+) -> Result<(), SinkFailure> {
+    let attempts_allowed = match decision {
+        Decision::Skip { failures } => {
             let t = now_ms();
-            return Err(Failure {
-                error: format!(
-                    "circuit open after {} failed batches",
-                    breaker.consecutive_failures
-                ),
+            return Err(SinkFailure {
+                sink: sink.name().to_owned(),
+                error: format!("circuit open after {failures} failed batches"),
                 attempts: 0,
                 first_failed_ms: t,
                 last_failed_ms: t,
             });
         }
-        // Half-open: one probe, no retries.
-        Some(_) => 1,
-        None => config.max_retries + 1,
+        Decision::Probe => 1,
+        Decision::Deliver => config.max_retries + 1,
     };
     let mut first_failed_ms = None;
     let mut attempt = 0;
@@ -366,7 +343,8 @@ async fn deliver(
         };
         let t = now_ms();
         let first = *first_failed_ms.get_or_insert(t);
-        let give_up = |error| Failure {
+        let give_up = |error| SinkFailure {
+            sink: sink.name().to_owned(),
             error,
             attempts: attempt,
             first_failed_ms: first,
@@ -401,7 +379,202 @@ fn backoff(config: &Config, attempt: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::event::WalRecord;
+    use crate::pipeline::Live;
+    use crate::sinks::Delivery;
+    use crate::storage::memory::MemoryStorage;
+
+    /// A sink that gives every delivery the same answer.
+    struct Scripted {
+        /// The sink's name.
+        name: &'static str,
+        /// What each delivery answers.
+        answer: Result<(), SinkError>,
+        /// The seqs of each delivery tried, in order.
+        tried: Mutex<Vec<Vec<u64>>>,
+    }
+
+    impl Scripted {
+        fn new(name: &'static str, answer: Result<(), SinkError>) -> Arc<Self> {
+            Arc::new(Scripted {
+                name,
+                answer,
+                tried: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn tried(&self) -> Vec<Vec<u64>> {
+            self.tried.lock().unwrap().clone()
+        }
+    }
+
+    impl Sink for Scripted {
+        fn name(&self) -> &str {
+            self.name
+        }
+
+        fn deliver<'a>(&'a self, events: &'a [Queued]) -> Delivery<'a> {
+            Box::pin(async move {
+                let seqs = events.iter().map(|q| q.seq).collect();
+                self.tried.lock().unwrap().push(seqs);
+                self.answer.clone()
+            })
+        }
+    }
+
+    fn queued(seq: u64, only_sink: Option<&str>) -> Queued {
+        Queued {
+            seq,
+            record: WalRecord {
+                source: "default".into(),
+                key: format!("k{seq}"),
+                event_type: "signup".into(),
+                received_at_ms: 0,
+                occurred_at_ms: 0,
+                only_sink: only_sink.map(Into::into),
+                body: "{}".into(),
+            },
+        }
+    }
+
+    fn context(config: &Config) -> Context {
+        Context::new(
+            Live::new(config.clone(), Some(Vec::new())),
+            Arc::new(MemoryStorage::new()),
+        )
+    }
+
+    /// An outcome as the tests compare it: the sink, the seqs, and the
+    /// error and attempts if it failed.
+    type Seen<'a> = (&'a str, Vec<u64>, Option<(&'a str, u32)>);
+
+    fn summary(outcomes: &[Outcome]) -> Vec<Seen<'_>> {
+        outcomes
+            .iter()
+            .map(|o| {
+                let seqs = o.events.iter().map(|q| q.seq).collect();
+                let failed = o.result.as_ref().err();
+                let failed = failed.map(|f| (f.error.as_str(), f.attempts));
+                (o.sink.name(), seqs, failed)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_fails_a_micro_batch_is_not_tried_with_the_rest() {
+        let config = Config {
+            batch_size: 2,
+            max_retries: 0,
+            ..Config::default()
+        };
+        let failing = Scripted::new("dashboard", Err(SinkError::Permanent("400".into())));
+        let healthy = Scripted::new("warehouse", Ok(()));
+        let plan: Vec<(Arc<dyn Sink>, Decision)> = vec![
+            (failing.clone(), Decision::Deliver),
+            (healthy.clone(), Decision::Deliver),
+        ];
+        // Seq 3 is a DLQ replay addressed to the warehouse only.
+        let records: Vec<Queued> = (1..=5)
+            .map(|seq| queued(seq, (seq == 3).then_some("warehouse")))
+            .collect();
+
+        let outcomes = fan_out(&records, &plan, &config, &context(&config)).await;
+
+        assert_eq!(failing.tried(), vec![vec![1, 2]]);
+        assert_eq!(healthy.tried(), vec![vec![1, 2], vec![3, 4], vec![5]]);
+        assert_eq!(
+            summary(&outcomes),
+            vec![
+                ("dashboard", vec![1, 2], Some(("400", 1))),
+                ("dashboard", vec![4, 5], Some(("400", 1))),
+                ("warehouse", vec![1, 2], None),
+                ("warehouse", vec![3, 4], None),
+                ("warehouse", vec![5], None),
+            ]
+        );
+        let dead: Vec<(u64, String)> = outcomes
+            .iter()
+            .flat_map(Outcome::dead_letters)
+            .map(|(q, f)| (q.seq, f.sink))
+            .collect();
+        let dashboard = |seq| (seq, "dashboard".to_owned());
+        assert_eq!(dead, [1, 2, 4, 5].map(dashboard));
+    }
+
+    #[tokio::test]
+    async fn an_open_circuit_sends_nothing_and_a_probe_is_not_retried() {
+        let config = Config {
+            batch_size: 2,
+            max_retries: 2,
+            retry_base_ms: 1,
+            retry_max_ms: 1,
+            ..Config::default()
+        };
+        let busy = || {
+            Err(SinkError::Retryable {
+                message: "503".into(),
+                retry_after: None,
+            })
+        };
+        let closed = Scripted::new("closed", busy());
+        let probed = Scripted::new("probed", busy());
+        let open = Scripted::new("open", Ok(()));
+        let plan: Vec<(Arc<dyn Sink>, Decision)> = vec![
+            (closed.clone(), Decision::Deliver),
+            (probed.clone(), Decision::Probe),
+            (open.clone(), Decision::Skip { failures: 4 }),
+        ];
+        let records: Vec<Queued> = (1..=3).map(|seq| queued(seq, None)).collect();
+
+        let outcomes = fan_out(&records, &plan, &config, &context(&config)).await;
+
+        assert_eq!(closed.tried(), vec![vec![1, 2]; 3], "max_retries = 2");
+        assert_eq!(probed.tried(), vec![vec![1, 2]], "one probe");
+        assert_eq!(open.tried(), Vec::<Vec<u64>>::new());
+        let skipped = "circuit open after 4 failed batches";
+        assert_eq!(
+            summary(&outcomes),
+            vec![
+                ("closed", vec![1, 2], Some(("503", 3))),
+                ("closed", vec![3], Some(("503", 3))),
+                ("probed", vec![1, 2], Some(("503", 1))),
+                ("probed", vec![3], Some(("503", 1))),
+                ("open", vec![1, 2], Some((skipped, 0))),
+                ("open", vec![3], Some((skipped, 0))),
+            ]
+        );
+        let Err(failure) = &outcomes[4].result else {
+            panic!("skipped, not delivered");
+        };
+        assert_eq!(failure.first_failed_ms, failure.last_failed_ms);
+    }
+
+    #[test]
+    fn an_event_for_a_sink_no_longer_configured_fails_untried() {
+        let dashboard: Arc<dyn Sink> = Scripted::new("dashboard", Ok(()));
+        let records = [
+            queued(1, None),
+            queued(2, Some("dashboard")),
+            queued(3, Some("gone")),
+        ];
+        let dead = unroutable(&records, &[dashboard], 77);
+        assert_eq!(
+            dead,
+            vec![(
+                &records[2],
+                SinkFailure {
+                    sink: "gone".into(),
+                    error: "sink `gone` is not configured".into(),
+                    attempts: 0,
+                    first_failed_ms: 77,
+                    last_failed_ms: 77,
+                }
+            )]
+        );
+    }
 
     #[test]
     fn backoff_grows_within_its_cap() {

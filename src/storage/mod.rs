@@ -115,7 +115,7 @@ pub mod sled;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analytics::{Facts, KvRead};
+use crate::analytics::{Facts, KvRead, Wanted};
 use crate::event::{Queued, WalRecord};
 
 /// The largest record body decoded: far above any record (bodies are at
@@ -224,6 +224,67 @@ pub struct BatchAck {
     pub now_ms: i64,
     /// Failures to park, each with the seq of the event it belongs to.
     pub dead: Vec<(u64, DlqEntry)>,
+}
+
+/// How a sink failed an event: a [`DlqEntry`] but for the event itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkFailure {
+    /// The sink that failed.
+    pub sink: String,
+    /// The last error that sink gave.
+    pub error: String,
+    /// How many deliveries were tried (0: none was, e.g. the circuit was open).
+    pub attempts: u32,
+    /// When the first attempt failed (ms since epoch).
+    pub first_failed_ms: i64,
+    /// When the last attempt failed (ms since epoch).
+    pub last_failed_ms: i64,
+}
+
+impl BatchAck {
+    /// The acknowledgement of a processed batch: `records` (as processed,
+    /// with their enrichment) done up to `upto` at `now_ms`, what analytics
+    /// counts of each (what `wanted` asks, and nothing of a DLQ replay, an
+    /// event addressed to one sink, which was counted the first time), and
+    /// one DLQ entry for each of `dead`, in its order. Pure: it reads no
+    /// clock and writes nothing.
+    pub fn of<'a>(
+        records: &[Queued],
+        upto: u64,
+        now_ms: i64,
+        wanted: Wanted,
+        dead: impl IntoIterator<Item = (&'a Queued, SinkFailure)>,
+    ) -> BatchAck {
+        BatchAck {
+            upto,
+            processed: records
+                .iter()
+                .map(|q| {
+                    let facts = q
+                        .record
+                        .only_sink
+                        .is_none()
+                        .then(|| Facts::of(&q.record, now_ms, wanted));
+                    (q.seq, facts)
+                })
+                .collect(),
+            now_ms,
+            dead: dead
+                .into_iter()
+                .map(|(q, failure)| {
+                    let entry = DlqEntry {
+                        sink: failure.sink,
+                        error: failure.error,
+                        attempts: failure.attempts,
+                        first_failed_ms: failure.first_failed_ms,
+                        last_failed_ms: failure.last_failed_ms,
+                        record: q.record.clone(),
+                    };
+                    (q.seq, entry)
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Queue figures for `/admin/queue` and the high-water check.
@@ -638,6 +699,70 @@ mod tests {
             only_sink: None,
             body: "{}".into(),
         }
+    }
+
+    fn failure(sink: &str, attempts: u32) -> SinkFailure {
+        SinkFailure {
+            sink: sink.into(),
+            error: format!("{sink} answered 503"),
+            attempts,
+            first_failed_ms: 90,
+            last_failed_ms: 100,
+        }
+    }
+
+    #[test]
+    fn an_ack_counts_new_events_and_parks_each_failure_in_order() {
+        let fresh = Queued {
+            seq: 7,
+            record: WalRecord {
+                body: r#"{"user_id":"u1"}"#.into(),
+                ..record()
+            },
+        };
+        let replayed = Queued {
+            seq: 9,
+            record: WalRecord {
+                only_sink: Some("warehouse".into()),
+                ..record()
+            },
+        };
+        let records = [fresh.clone(), replayed.clone()];
+        let dead = [
+            (&replayed, failure("warehouse", 0)),
+            (&fresh, failure("dashboard", 3)),
+            (&fresh, failure("warehouse", 1)),
+        ];
+        let ack = BatchAck::of(&records, 12, 500, Wanted::default(), dead);
+
+        assert_eq!(ack.upto, 12, "the cursor may pass a gap after the records");
+        assert_eq!(ack.now_ms, 500);
+        let facts = Facts::of(&fresh.record, 500, Wanted::default());
+        assert_eq!(facts.user_id.as_deref(), Some("u1"));
+        assert_eq!(facts.latency_ms, 499);
+        assert_eq!(ack.processed, vec![(7, Some(facts)), (9, None)]);
+        let parked: Vec<(u64, &str, u32, &WalRecord)> = ack
+            .dead
+            .iter()
+            .map(|(seq, e)| (*seq, e.sink.as_str(), e.attempts, &e.record))
+            .collect();
+        assert_eq!(
+            parked,
+            vec![
+                (9, "warehouse", 0, &replayed.record),
+                (7, "dashboard", 3, &fresh.record),
+                (7, "warehouse", 1, &fresh.record),
+            ]
+        );
+        let (_, entry) = &ack.dead[1];
+        assert_eq!(
+            (
+                entry.error.as_str(),
+                entry.first_failed_ms,
+                entry.last_failed_ms
+            ),
+            ("dashboard answered 503", 90, 100)
+        );
     }
 
     #[test]
