@@ -100,9 +100,11 @@ impl Breaker {
         *circuit = Circuit::default();
     }
 
-    /// `sink` failed a batch at `now` with `error` (or was skipped): once
-    /// it has failed `policy.failures` in a row, its circuit opens (again)
-    /// until `now + policy.cooldown`.
+    /// `sink` was tried with a batch at `now` and failed with `error` (a
+    /// batch its open circuit skipped is not a failure: it would push the
+    /// circuit's end forward, and a sink under steady traffic would never
+    /// be probed again). Once it has failed `policy.failures` in a row, its
+    /// circuit opens (again) until `now + policy.cooldown`.
     pub fn record_failure(&mut self, sink: &str, error: &str, policy: Policy, now: Instant) {
         let circuit = self.circuits.entry(sink.to_owned()).or_default();
         circuit.consecutive_failures += 1;

@@ -126,6 +126,12 @@ struct Outcome {
     events: Vec<Queued>,
     /// Delivered, or how the sink failed it.
     result: Result<(), SinkFailure>,
+    /// Whether the sink was called for it: not when its circuit was open,
+    /// nor after an earlier micro-batch failed. Only a tried micro-batch
+    /// tells the breaker anything: counting the untried ones as failures
+    /// would push an open circuit's end forward with every batch, and a
+    /// sink under steady traffic would never be probed again.
+    tried: bool,
 }
 
 impl Outcome {
@@ -167,17 +173,21 @@ async fn fan_out(
             .collect();
         let mut outcomes: Vec<Outcome> = Vec::new();
         for chunk in events.chunks(config.batch_size.max(1)) {
-            let result = match outcomes.last() {
+            let (result, tried) = match outcomes.last() {
                 Some(Outcome {
                     result: Err(failure),
                     ..
-                }) => Err(failure.clone()),
-                _ => deliver(sink.as_ref(), chunk, config, *decision, context).await,
+                }) => (Err(failure.clone()), false),
+                _ => (
+                    deliver(sink.as_ref(), chunk, config, *decision, context).await,
+                    !matches!(decision, Decision::Skip { .. }),
+                ),
             };
             outcomes.push(Outcome {
                 sink: sink.clone(),
                 events: chunk.to_vec(),
                 result,
+                tried,
             });
         }
         outcomes
@@ -185,13 +195,14 @@ async fn fan_out(
     join_all(deliveries).await.into_iter().flatten().collect()
 }
 
-/// Tells the breaker how each micro-batch went (a circuit may close or
-/// open), and the metrics what was delivered and what was dead-lettered.
+/// Tells the breaker how each tried micro-batch went (a circuit may close
+/// or open), and the metrics what was delivered and what was dead-lettered.
 fn settle(breaker: &mut Breaker, outcomes: &[Outcome], policy: Policy, names: &Names) {
     for Outcome {
         sink,
         events,
         result,
+        tried,
     } in outcomes
     {
         match result {
@@ -205,7 +216,9 @@ fn settle(breaker: &mut Breaker, outcomes: &[Outcome], policy: Policy, names: &N
                 }
             }
             Err(f) => {
-                breaker.record_failure(sink.name(), &f.error, policy, Instant::now());
+                if *tried {
+                    breaker.record_failure(sink.name(), &f.error, policy, Instant::now());
+                }
                 tracing::warn!(sink = sink.name(), events = events.len(), attempts = f.attempts,
                     error = %f.error, "delivery failed; events parked in the DLQ");
                 names.observe(Observation::DeadLettered {
@@ -502,6 +515,45 @@ mod tests {
             .collect();
         let dashboard = |seq| (seq, "dashboard".to_owned());
         assert_eq!(dead, [1, 2, 4, 5].map(dashboard));
+    }
+
+    #[tokio::test]
+    async fn an_open_circuit_under_steady_traffic_is_probed_after_its_cool_down() {
+        let config = Config {
+            max_retries: 0,
+            ..Config::default()
+        };
+        let policy = Policy {
+            failures: 1,
+            cooldown: Duration::from_secs(10),
+        };
+        let context = context(&config);
+        let sink = Scripted::new("dashboard", Err(SinkError::Permanent("500".into())));
+        let records: Vec<Queued> = (1..=2).map(|seq| queued(seq, None)).collect();
+        let mut breaker = Breaker::new();
+        let mut batch = async |breaker: &mut Breaker| {
+            let plan: Vec<(Arc<dyn Sink>, Decision)> =
+                vec![(sink.clone(), breaker.allow("dashboard", Instant::now()))];
+            let outcomes = fan_out(&records, &plan, &config, &context).await;
+            settle(breaker, &outcomes, policy, &context.names);
+            plan[0].1
+        };
+
+        assert_eq!(batch(&mut breaker).await, Decision::Deliver);
+        // The circuit opened no later than now, so it ends by `cool_down_over`.
+        let cool_down_over = Instant::now() + policy.cooldown + Duration::from_millis(1);
+        // Batches keep coming while it is open, each skipped: none may push
+        // its end further out (each is at least 5 ms later than the failure).
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(
+                batch(&mut breaker).await,
+                Decision::Skip { failures: 1 },
+                "the failure count stays that of the batches tried"
+            );
+        }
+        assert_eq!(breaker.allow("dashboard", cool_down_over), Decision::Probe);
+        assert_eq!(sink.tried().len(), 1, "the open circuit called nothing");
     }
 
     #[tokio::test]
