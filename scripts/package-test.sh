@@ -233,7 +233,7 @@ check "the store is in /var/lib/inletd, owned by inletd" \
 # The README's lines, as written but for the port when 5015 was taken here.
 post=$(readme_command 'curl *')
 post=${post//localhost:5015/localhost:$port}
-answer=$(eval "$post" 2>&1) || fail "$post (README): $answer"
+answer=$(eval "$post" 2>"$workdir/post.err") || fail "$post (README): $answer $(cat "$workdir/post.err")"
 check "$post (README) is accepted: $answer" grep -q '"status":"accepted"' <<<"$answer"
 readme_type=$(sed -n 's/.*"event_type":"\([^"]*\)".*/\1/p' <<<"$post")
 processed=
