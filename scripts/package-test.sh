@@ -2,14 +2,15 @@
 # The packages, tested the way an operator meets them, as far as a machine
 # without a running systemd allows (CI: root, no systemd as PID 1):
 #
-#   1. build the .deb and .rpm (packaging/build.sh);
+#   1. build the .deb and .rpm (the README's `bash packaging/build.sh`);
 #   2. `dpkg -i`: the system user, the files, the conffile, the enabled unit;
 #      `systemd-analyze verify` on the installed unit when systemd-analyze
 #      is there;
 #   3. run the installed binary as user inletd with the packaged config (as
 #      the unit would: check-config, then run), POST an event, see it
-#      processed in /stats/summary and in `inletd stats`, reload with SIGHUP,
-#      read the man page, stop with SIGTERM (a clean drain exits 0);
+#      processed in /stats/summary, run the README's `curl` and
+#      `inletd stats; man inletd` lines, reload with SIGHUP, read the man
+#      pages, stop with SIGTERM (a clean drain exits 0);
 #   4. `dpkg -r` keeps /var/lib/inletd; `dpkg --purge` removes it and the user;
 #   5. the .rpm: `rpm -qlp` lists the same files, `rpm -qp --scripts` has the
 #      user creation and the systemd scriptlets.
@@ -18,6 +19,12 @@
 # man-db, curl) unless present. Safe to run again: a leftover install or
 # daemon from an earlier run is cleaned up first. Exits non-zero naming the
 # first failed check.
+#
+# The README's "Packages and systemd" lines run here are read out of the
+# README (scripts/readme-commands.sh) and run as written; the others, which
+# want a booted systemd, are scripts/systemd-test.sh's. `--readme-plan`
+# prints the lines this script runs and exits (tests/readme.rs checks that
+# every line of that block is run by one of the two).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +49,23 @@ check() { # check DESCRIPTION COMMAND...
     shift
     if "$@"; then ok "$what"; else fail "$what"; fi
 }
+
+# The README lines this script runs, each by a pattern.
+readme_claims=('bash packaging/build.sh' 'curl *' 'inletd stats; man inletd')
+readme_command() { # readme_command PATTERN -> the one README line it matches
+    local line found=()
+    while IFS= read -r line; do
+        # shellcheck disable=SC2053 # $1 is a pattern
+        [[ $line == $1 ]] && found+=("$line")
+    done < <(bash scripts/readme-commands.sh "Packages and systemd")
+    [ "${#found[@]}" = 1 ] ||
+        fail "the README's \"Packages and systemd\" block has ${#found[@]} lines like '$1', not 1"
+    printf '%s\n' "${found[0]}"
+}
+if [ "${1:-}" = --readme-plan ]; then
+    for pattern in "${readme_claims[@]}"; do readme_command "$pattern"; done
+    exit 0
+fi
 
 [ "$(id -u)" = 0 ] || fail "run as root (dpkg -i, creating users)"
 command -v dpkg >/dev/null || fail "needs a Debian-like system (dpkg)"
@@ -92,10 +116,11 @@ fi
 rm -rf "$workdir"
 mkdir -p "$workdir"
 
-step "build the packages (packaging/build.sh)"
-bash packaging/build.sh >"$workdir/build.log" 2>&1 || {
+build=$(readme_command 'bash packaging/build.sh')
+step "build the packages: $build (README)"
+eval "$build" >"$workdir/build.log" 2>&1 || {
     tail -n 40 "$workdir/build.log" >&2
-    fail "packaging/build.sh (log: $workdir/build.log)"
+    fail "$build (log: $workdir/build.log)"
 }
 debs=(target/debian/inletd_*.deb)
 rpms=(target/generate-rpm/inletd-*.rpm)
@@ -205,8 +230,25 @@ done
 check "/stats/summary counts the event: $(curl -fsS "$base/stats/summary")" test -n "$processed"
 check "the store is in /var/lib/inletd, owned by inletd" \
     sh -c "test -n \"\$(find /var/lib/inletd -mindepth 1 -user inletd | head -n 1)\""
-/usr/bin/inletd stats >"$workdir/stats.txt" 2>&1 || fail "inletd stats: $(cat "$workdir/stats.txt")"
-check "inletd stats shows it" grep -q '^package_test *1$' "$workdir/stats.txt"
+# The README's lines, as written but for the port when 5015 was taken here.
+post=$(readme_command 'curl *')
+post=${post//localhost:5015/localhost:$port}
+answer=$(eval "$post" 2>"$workdir/post.err") || fail "$post (README): $answer $(cat "$workdir/post.err")"
+check "$post (README) is accepted: $answer" grep -q '"status":"accepted"' <<<"$answer"
+readme_type=$(sed -n 's/.*"event_type":"\([^"]*\)".*/\1/p' <<<"$post")
+processed=
+for _ in $(seq 1 150); do
+    curl -fsS "$base/stats/summary" | grep -q "\"$readme_type\":1" && processed=1 && break
+    sleep 0.2
+done
+check "/stats/summary counts the README's event ($readme_type)" test -n "$processed"
+look=$(readme_command 'inletd stats; man inletd')
+check "inletd on PATH is the installed one ($(command -v inletd))" test "$(command -v inletd)" = /usr/bin/inletd
+(export MANPAGER=cat MANWIDTH=100 && eval "$look") >"$workdir/look.txt" 2>&1 ||
+    fail "$look (README): $(head -n 20 "$workdir/look.txt")"
+check "$look (README): the table counts both events" \
+    sh -c "grep -q '^package_test *1\$' '$workdir/look.txt' && grep -q '^$readme_type *1\$' '$workdir/look.txt'"
+check "$look (README): the man page follows" grep -q 'inletd - Durable webhook intake' "$workdir/look.txt"
 /usr/bin/inletd dlq list >"$workdir/dlq.txt" 2>&1 || fail "inletd dlq list: $(cat "$workdir/dlq.txt")"
 check "inletd dlq list answers (empty DLQ)" grep -qx 'the DLQ is empty' "$workdir/dlq.txt"
 kill -HUP "$pid"

@@ -6,10 +6,12 @@
 # cgroup v1 + name=systemd + unified hybrid works), installs the .deb with
 # apt inside it, and checks what only a live systemd can show:
 #
-#   1. install: the postinst enables and starts inletd.service (Type=notify);
+#   1. install with the README's `sudo apt install ./target/debian/inletd_*.deb`
+#      (as root, no sudo): the postinst enables and starts inletd.service;
 #   2. notify: `systemctl restart` returns only once READY=1 came, and
 #      /health answers at once;
-#   3. reload: `systemctl reload` applies a good config (a new source
+#   3. reload: the README's `sudo systemctl reload inletd` applies a good
+#      config (a new source
 #      answers); with a bad config it fails (the unit's ExecReload runs
 #      check-config first), a bare SIGHUP is refused by inletd, and the old
 #      config stays in force (same MainPID, the new source still answers);
@@ -24,6 +26,13 @@
 # check, including when the container cannot boot (with nspawn's log).
 # Always tears the container down and leaves no mount behind.
 #
+# The README's "Packages and systemd" lines run here are read out of the
+# README (scripts/readme-commands.sh) and run as written but for `sudo`
+# (root in the container has no need of it, and minbase has none);
+# scripts/package-test.sh runs the others. `systemd-test.sh --readme-plan`
+# prints the lines this script runs and exits (tests/readme.rs checks that
+# every line of that block is run by one of the two).
+#
 # Environment:
 #   MIRROR        Debian mirror (default: the first deb.debian.org-style URI
 #                 in this host's apt sources, else http://deb.debian.org/debian)
@@ -35,6 +44,27 @@
 #   LOAD_SECS     seconds of load before `systemctl stop` (default 5)
 #   KEEP=1        keep the work directory (rootfs, logs) for inspection
 set -euo pipefail
+
+# The README lines this script runs, each by a pattern.
+readme_claims=('sudo apt install *' 'sudo systemctl reload *')
+readme_command() { # readme_command PATTERN -> the one README line it matches
+    local line found=()
+    while IFS= read -r line; do
+        # shellcheck disable=SC2053 # $1 is a pattern
+        [[ $line == $1 ]] && found+=("$line")
+    done < <(bash "$(dirname "$0")/readme-commands.sh" "Packages and systemd")
+    [ "${#found[@]}" = 1 ] || {
+        echo "systemd-test: FAILED: the README's \"Packages and systemd\" block has ${#found[@]} lines like '$1', not 1" >&2
+        exit 1
+    }
+    printf '%s\n' "${found[0]}"
+}
+if [ "${1:-}" = --readme-plan ]; then
+    for pattern in "${readme_claims[@]}"; do readme_command "$pattern"; done
+    exit 0
+fi
+install=$(readme_command 'sudo apt install *')
+reload=$(readme_command 'sudo systemctl reload *')
 
 deb=${1:?usage: systemd-test.sh path/to/inletd_VERSION_ARCH.deb}
 deb=$(readlink -f "$deb")
@@ -147,7 +177,9 @@ else
         tar -C "$root" -cf "$ROOTFS_CACHE" . && ok "saved as $ROOTFS_CACHE"
     fi
 fi
-cp "$deb" "$root/root/inletd.deb"
+# Where the README's install line finds it, from /root.
+mkdir -p "$root/root/target/debian"
+cp "$deb" "$root/root/target/debian/"
 
 step "boot the container (systemd-nspawn -b)"
 # --keep-unit: without a systemd on the host, nspawn would otherwise ask the
@@ -202,14 +234,14 @@ degraded)
 esac
 echo "   cgroups in the container: $(in_ct stat -fc %T /sys/fs/cgroup) at /sys/fs/cgroup (${CGROUP_MODE:-hybrid})"
 
-step "install the .deb with apt"
+step "install the .deb: $install (README)"
 # Its dependencies (adduser, procps, init-system-helpers, libc6) are in the
-# root file system, so apt needs no network.
-in_ct apt-get install -y -q /root/inletd.deb >"$work/apt-install.log" 2>&1 || {
+# root file system, so apt needs no network, and asks nothing.
+in_ct sh -c "cd /root && ${install#sudo }" </dev/null >"$work/apt-install.log" 2>&1 || {
     tail -n 20 "$work/apt-install.log" >&2
-    fail "apt-get install ./inletd.deb in the container"
+    fail "$install in the container"
 }
-ok "apt-get install $(basename "$deb")"
+ok "${install#sudo } in /root: $(basename "$deb")"
 check "inletd.service is enabled" test "$(in_ct systemctl is-enabled inletd)" = enabled
 check "the postinst started it (active)" test "$(in_ct systemctl is-active inletd || true)" = active
 check "Type=notify, WatchdogUSec=30s, TimeoutStopUSec=40s" \
@@ -289,7 +321,7 @@ type = "http"
 url = "http://127.0.0.1:9000/batch"
 EOF
 t=$(date +%s)
-in_ct systemctl reload inletd || fail "systemctl reload inletd (good config)"
+in_ct sh -c "${reload#sudo }" || fail "$reload (README; good config)"
 check "the good config is reloaded (journal: configuration reloaded)" wait_journal "$t" 'configuration reloaded' 10
 check "the new source answers 202" test "$(post /webhook/reloadcheck/events st-3)" = 202
 check "same MainPID after the reload" test "$(prop MainPID)" = "$pid"
@@ -299,8 +331,8 @@ sleep 1
 t=$(date +%s)
 # ExecReload checks the file first: `systemctl reload` fails, and no SIGHUP
 # is sent.
-if in_ct systemctl reload inletd 2>"$work/reload-bad.err"; then
-    fail "systemctl reload inletd succeeded with a broken config"
+if in_ct sh -c "${reload#sudo }" 2>"$work/reload-bad.err"; then
+    fail "$reload succeeded with a broken config"
 fi
 ok "systemctl reload fails on the broken config: $(head -c 200 "$work/reload-bad.err" | tr '\n' ' ')"
 check "still active, same MainPID" test "$(in_ct systemctl is-active inletd) $(prop MainPID)" = "active $pid"
