@@ -531,7 +531,7 @@ mod tests {
         let sink = Scripted::new("dashboard", Err(SinkError::Permanent("500".into())));
         let records: Vec<Queued> = (1..=2).map(|seq| queued(seq, None)).collect();
         let mut breaker = Breaker::new();
-        let mut batch = async |breaker: &mut Breaker| {
+        let batch = async |breaker: &mut Breaker| {
             let plan: Vec<(Arc<dyn Sink>, Decision)> =
                 vec![(sink.clone(), breaker.allow("dashboard", Instant::now()))];
             let outcomes = fan_out(&records, &plan, &config, &context).await;
