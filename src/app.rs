@@ -463,7 +463,8 @@ async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
 }
 
 /// Probes Redis if it was down, writes the key backlog, publishes this
-/// instance's processed counts.
+/// instance's processed counts and shares its users (all of its recent
+/// ones, a day at a time, when the deployment's DAU needs healing).
 async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
     let today = crate::analytics::day_of(crate::event::now_ms());
     let figures = blocking(&context.storage, move |s| {
@@ -481,6 +482,13 @@ async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
         }
         Err(e) => tracing::warn!(error = %e, "reading the counts to publish to redis failed"),
     }
+    mirror
+        .heal_dau(|day| {
+            blocking(&context.storage, move |s| {
+                crate::analytics::users_of_day(s, day)
+            })
+        })
+        .await;
 }
 
 async fn sweep_keys(context: Arc<Context>) {

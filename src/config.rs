@@ -219,6 +219,10 @@ pub struct RedisConfig {
     /// Keys accepted while Redis was unreachable, kept to be written to it
     /// once it is back; past this the oldest are dropped (and counted).
     pub backlog_max_keys: usize,
+    /// A day's distinct users are counted exactly (a Redis set) up to this
+    /// many; past it, by HyperLogLog (12 KiB a day, about 0.8 % off), and
+    /// `/stats/dau` says `"exact": false` for that day.
+    pub dau_exact_max: u64,
 }
 
 impl Default for RedisConfig {
@@ -231,6 +235,7 @@ impl Default for RedisConfig {
             claim_lease_ms: 30_000,
             publish_interval_ms: 1000,
             backlog_max_keys: 200_000,
+            dau_exact_max: 100_000,
         }
     }
 }
@@ -666,7 +671,7 @@ impl Config {
             ));
         }
         let redis = &self.redis;
-        let ranges: [(&str, u64, u64, u64); 22] = [
+        let ranges: [(&str, u64, u64, u64); 23] = [
             ("flush_interval_ms", self.flush_interval_ms, 1, 60_000),
             ("batch_size", self.batch_size as u64, 1, 100_000),
             ("batch_timeout_ms", self.batch_timeout_ms, 1, 3_600_000),
@@ -724,6 +729,7 @@ impl Config {
                 0,
                 100_000_000,
             ),
+            ("redis.dau_exact_max", redis.dau_exact_max, 0, 100_000_000),
         ];
         for (key, value, min, max) in ranges {
             if value < min || value > max {

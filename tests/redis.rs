@@ -139,8 +139,19 @@ fn two_instances_take_each_event_once_and_answer_for_the_deployment() {
             .get("/stats/top-events?from=2020-01-01&to=2020-01-31")
             .json();
         assert_eq!(old["scope"], "instance", "{old}");
-        let dau = d.get("/stats/dau").json();
-        assert_eq!(dau["scope"], "instance", "{dau}");
+        let old = d.get("/stats/dau?from=2020-01-01&to=2020-01-31").json();
+        assert_eq!(old["scope"], "instance", "{old}");
+        // Each event had its own user: 400 users today in the deployment,
+        // 200 on each instance.
+        let today = |d: &Daemon| {
+            let dau = d.get("/stats/dau").json();
+            assert_eq!(dau["scope"], "deployment", "{dau}");
+            dau["days"][29].clone()
+        };
+        eventually(Duration::from_secs(10), "400 users today", || {
+            today(d)["users"] == 400
+        });
+        assert_eq!(today(d)["exact"], true);
     }
     let metrics = a.get("/metrics").text();
     assert!(metrics.contains("inletd_redis_up 1"), "{metrics}");
@@ -317,6 +328,77 @@ fn a_redis_killed_and_restarted_or_flushed_is_healed_without_a_daemon_restart() 
             held.is_some_and(|v| v.ends_with(":a"))
         },
     );
+}
+
+/// One day's users in the deployment, as `/stats/dau` on `d` shows them:
+/// (users, exact).
+fn dau_of(d: &Daemon, day: &str) -> (Value, Value) {
+    let dau = d.get(&format!("/stats/dau?from={day}&to={day}")).json();
+    assert_eq!(dau["scope"], "deployment", "{dau}");
+    (
+        dau["days"][0]["users"].clone(),
+        dau["days"][0]["exact"].clone(),
+    )
+}
+
+#[test]
+fn daily_active_users_count_a_user_of_two_instances_once_and_heal_after_a_flush() {
+    let Some(redis) = RedisServer::start(RedisOptions::default()) else {
+        return;
+    };
+    let config = |instance| {
+        instance_config(&redis, instance, "").replace("[redis]\n", "[redis]\ndau_exact_max = 5\n")
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Daemon::start(dir_a.path(), &config("a"));
+    let b = Daemon::start(dir_b.path(), &config("b"));
+    let now = time::OffsetDateTime::now_utc();
+    let yesterday = now - time::Duration::days(1);
+    let date = |t: time::OffsetDateTime| t.date().to_string();
+    let at_noon = |t: time::OffsetDateTime| format!("{}T12:00:00Z", date(t));
+
+    // Yesterday x1..x3 used the app through a, x2..x4 through b; today
+    // y1..y5 through a and y4..y8 through b.
+    let visits = [
+        (&a, yesterday, 1..=3, "x"),
+        (&b, yesterday, 2..=4, "x"),
+        (&a, now, 1..=5, "y"),
+        (&b, now, 4..=8, "y"),
+    ];
+    for (d, day, users, prefix) in visits {
+        for u in users {
+            let id = format!("{prefix}{u}-{}", d.addr);
+            let e = json!({"event_id": id, "event_type": "visit",
+                "user_id": format!("{prefix}{u}"), "timestamp": at_noon(day)});
+            assert_eq!(d.post_json("/webhook/events", &e).status, 202);
+        }
+    }
+
+    // Yesterday's 4 users are counted once each, exactly; today's 8 are
+    // past dau_exact_max (5), so estimated and said so.
+    for d in [&a, &b] {
+        eventually(Duration::from_secs(10), "4 users yesterday", || {
+            dau_of(d, &date(yesterday)) == (json!(4), json!(true))
+        });
+        eventually(Duration::from_secs(10), "about 8 users today", || {
+            let (users, exact) = dau_of(d, &date(now));
+            exact == false && users.as_u64().is_some_and(|n| (7..=9).contains(&n))
+        });
+    }
+    // Someone flushes Redis: each instance notices its mark is gone and
+    // adds all its recent users again.
+    redis.command(&["FLUSHALL"]);
+    assert_eq!(
+        redis
+            .command(&["EXISTS", &format!("test:dau:{}", date(yesterday))])
+            .as_int(),
+        Some(0)
+    );
+    for d in [&a, &b] {
+        eventually(Duration::from_secs(10), "yesterday healed", || {
+            dau_of(d, &date(yesterday)) == (json!(4), json!(true))
+        });
+    }
 }
 
 #[test]

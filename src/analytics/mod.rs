@@ -887,6 +887,23 @@ pub fn dau<E>(kv: &dyn KvRead<Error = E>, from: i32, to: i32) -> Result<Vec<DauD
         .collect()
 }
 
+/// The users active on `day` (those with an event that day), from
+/// trends' user records: what an instance adds again to its deployment's
+/// shared DAU when Redis lost it.
+pub fn users_of_day<E>(kv: &dyn KvRead<Error = E>, day: i32) -> Result<BTreeSet<String>, E> {
+    let mut users = BTreeSet::new();
+    let (start, end) = user_record_range(day, day);
+    kv.scan(&start, &end, &mut |_, record| {
+        let mut rest = record;
+        while let Some((user, more)) = split_part(rest) {
+            users.insert(String::from_utf8_lossy(user).into_owned());
+            rest = more;
+        }
+        true
+    })?;
+    Ok(users)
+}
+
 /// One row of `/stats/top-events`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TypeCount {

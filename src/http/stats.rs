@@ -120,8 +120,25 @@ async fn answer(api: &Api, query: StatsQuery) -> Result<Response, Rejection> {
     })?;
     let day = analytics::format_day;
     let mut body = match answer {
-        StatsAnswer::Dau { from, to, days } => {
-            json!({"from": day(from), "to": day(to), "days": days})
+        StatsAnswer::Dau {
+            from,
+            to,
+            days,
+            exact,
+            deployment_error,
+        } => {
+            let mut body = json!({"from": day(from), "to": day(to), "days": days});
+            if let Some(exact) = exact {
+                body["scope"] = "deployment".into();
+                let days = body["days"].as_array_mut().into_iter().flatten();
+                for (day, exact) in days.zip(exact) {
+                    day["exact"] = exact.into();
+                }
+            }
+            if let Some(e) = deployment_error {
+                body["deployment_error"] = e.into();
+            }
+            body
         }
         StatsAnswer::TopEvents {
             from,

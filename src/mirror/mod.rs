@@ -4,12 +4,15 @@
 //! # What is shared, and what stays local
 //!
 //! Each instance's sled store stays the truth for what it accepted: its
-//! WAL, its processing, its DLQ and its analytics. Redis adds two things:
+//! WAL, its processing, its DLQ and its analytics. Redis adds three things:
 //!
 //! - **Idempotency keys.** Before a group commit, the Deduper claims the
 //!   group's keys in one Lua call. A key another instance holds is a
 //!   duplicate; a key this instance holds is left to the local index,
 //!   which stays authoritative for its own keys.
+//! - **Daily active users**, one set (a HyperLogLog past `dau_exact_max`)
+//!   per day that every instance adds its processed users to
+//!   (`dau.rs`).
 //! - **Figures.** Every `publish_interval_ms` each instance writes its
 //!   processed counts per event type, all time and per day for the last
 //!   [`PUBLISHED_DAYS`] days, absolute rather than as deltas, so a write
@@ -24,6 +27,7 @@
 //! | `P idem:{source}:{key}` | string | `p:{ms}:{instance}` while claimed by a commit in flight (expires after `claim_lease_ms`); `c:{ms}:{instance}` once accepted, `ms` the first receipt (expires with the idempotency window) |
 //! | `P instances` | set | every instance that published figures |
 //! | `P figures:{instance}` | hash | `type:{event_type}` → processed count; `updated_ms` |
+//! | `P dau:{day}`, `P dauh:{day}`, … | set, HyperLogLog | the deployment's users of a day (`dau.rs`) |
 //! | `P days:{instance}` | hash | `{day}:{event_type}` → processed count that day (days since 1970-01-01), for the last [`PUBLISHED_DAYS`] days |
 //!
 //! # A claim, step by step
@@ -56,6 +60,7 @@
 //! `publish_interval_ms`; once it answers, the backlog is written and the
 //! figures published again. Intake is never refused because of Redis.
 
+mod dau;
 mod stream;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -66,6 +71,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 
+pub use dau::DeploymentDay;
 pub use stream::StreamWriter;
 
 use crate::config::{RedisConfig, redacted_redis_url};
@@ -210,6 +216,13 @@ pub struct Mirror {
     last_error: Mutex<Option<String>>,
     /// Keys accepted while Redis was down, oldest first.
     backlog: Mutex<VecDeque<Accepted>>,
+    /// `dau_exact_max`.
+    dau_exact_max: u64,
+    /// Users of processed batches not yet added to the deployment's DAU.
+    pending: Mutex<dau::Pending>,
+    /// The deployment's DAU needs all of this instance's recent users
+    /// (at start, after `pending` overflowed, or when Redis lost them).
+    heal_due: AtomicBool,
     /// For `/metrics`.
     counters: Counters,
 }
@@ -274,6 +287,9 @@ impl Mirror {
             since_ms: AtomicI64::new(now_ms()),
             last_error: Mutex::new(None),
             backlog: Mutex::new(VecDeque::new()),
+            dau_exact_max: config.dau_exact_max,
+            pending: Mutex::new(dau::Pending::default()),
+            heal_due: AtomicBool::new(true),
             counters: Counters::default(),
         }))
     }
@@ -432,7 +448,8 @@ impl Mirror {
     }
 
     /// The background task's round: probes a Redis that was down, writes
-    /// the backlog, and publishes this instance's processed counts.
+    /// the backlog, publishes this instance's processed counts, and adds
+    /// the users noted since the last round to the deployment's DAU.
     pub async fn maintain(&self, figures: &Figures, ttl_ms: i64) {
         if !self.is_up() {
             let mut conn = self.conn.clone();
@@ -446,7 +463,9 @@ impl Mirror {
             }
         }
         self.write_backlog(ttl_ms).await;
-        let _ = self.publish(figures).await;
+        if self.publish(figures).await.is_ok() {
+            let _ = self.share_users().await;
+        }
     }
 
     async fn write_backlog(&self, ttl_ms: i64) {

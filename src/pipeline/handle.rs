@@ -21,7 +21,7 @@ use crate::analytics::{
 };
 use crate::config::{Config, WindowConfig};
 use crate::event::now_ms;
-use crate::mirror::{Deployment, MirrorError, MirrorHealth, PUBLISHED_DAYS};
+use crate::mirror::{Deployment, DeploymentDay, MirrorError, MirrorHealth, PUBLISHED_DAYS};
 use crate::signature::Scheme;
 use crate::storage::{QueueInfo, StorageError};
 
@@ -129,6 +129,11 @@ pub enum StatsAnswer {
         from: i32,
         to: i32,
         days: Vec<DauDay>,
+        /// With Redis, over recent days: the days are the deployment's, and
+        /// this says of each whether it is exact (not a HyperLogLog estimate).
+        exact: Option<Vec<bool>>,
+        /// Why the deployment's could not be read (these are then this instance's).
+        deployment_error: Option<String>,
     },
     /// Event types of `from..=to` ranked.
     TopEvents {
@@ -345,10 +350,27 @@ impl Pipeline {
         let config = self.config();
         let storage = &self.context.storage;
         Ok(match query {
-            StatsQuery::Dau { from, to } => StatsAnswer::Dau {
-                from,
-                to,
-                days: blocking(storage, move |s| analytics::dau(s, from, to)).await?,
+            StatsQuery::Dau { from, to } => match self.deployment_dau(from, to).await {
+                Some(Ok(deployment)) => StatsAnswer::Dau {
+                    from,
+                    to,
+                    exact: Some(deployment.iter().map(|d| d.exact).collect()),
+                    days: deployment
+                        .into_iter()
+                        .map(|d| DauDay {
+                            date: analytics::format_day(d.day),
+                            users: d.users,
+                        })
+                        .collect(),
+                    deployment_error: None,
+                },
+                deployment => StatsAnswer::Dau {
+                    from,
+                    to,
+                    days: blocking(storage, move |s| analytics::dau(s, from, to)).await?,
+                    exact: None,
+                    deployment_error: deployment.and_then(|d| d.err().map(|e| e.to_string())),
+                },
             },
             StatsQuery::TopEvents {
                 from,
@@ -422,6 +444,20 @@ impl Pipeline {
                 StatsAnswer::Window { window, groups }
             }
         })
+    }
+
+    /// The deployment's DAU over `from..=to`: `None` when Redis is off or
+    /// the range reaches past the days instances share.
+    async fn deployment_dau(
+        &self,
+        from: i32,
+        to: i32,
+    ) -> Option<Result<Vec<DeploymentDay>, MirrorError>> {
+        let mirror = self.context.mirror.as_ref()?;
+        if from < analytics::day_of(now_ms()) - (PUBLISHED_DAYS - 1) {
+            return None;
+        }
+        Some(mirror.deployment_dau(from, to).await)
     }
 
     /// The deployment's top events over `from..=to` (by count): `None` when

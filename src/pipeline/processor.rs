@@ -95,10 +95,14 @@ impl Actor for Processor {
         report_sinks(&state.breaker, &live.sinks, &context.names);
 
         let failed = ack.dead.len() as u64;
-        commit(&context, ack).await?;
+        let ack = Arc::new(ack);
+        commit(&context, &ack).await?;
         // Cleared after the commit: a Batcher that reads 0 then reads a
         // cursor past this batch.
         context.status.processing.store(0, Ordering::SeqCst);
+        if let Some(mirror) = &context.mirror {
+            mirror.note_active(ack.active_users());
+        }
         report_batch(&records, failed, started, &context.names);
         context.names.cast(BATCHER, BatcherMsg::Done(upto));
         Ok(())
@@ -299,7 +303,7 @@ fn unroutable<'a>(
 
 /// Commits the batch, retrying a failing store a few times before giving up
 /// (the actor then fails, is restarted, and the batch is read again).
-async fn commit(context: &Arc<Context>, ack: BatchAck) -> Result<(), ActorProcessingErr> {
+async fn commit(context: &Arc<Context>, ack: &Arc<BatchAck>) -> Result<(), ActorProcessingErr> {
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=5 {
         let _writing = context.status.store_writes.begin(StoreWriteKind::BatchAck {

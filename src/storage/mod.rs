@@ -242,6 +242,16 @@ pub struct SinkFailure {
 }
 
 impl BatchAck {
+    /// Each user the batch counts, with the day of the event (as DAU
+    /// counts it); a user may come more than once.
+    pub fn active_users(&self) -> impl Iterator<Item = (i32, &str)> {
+        self.processed.iter().filter_map(|(_, facts)| {
+            let facts = facts.as_ref()?;
+            let user = facts.user_id.as_deref()?;
+            Some((crate::analytics::day_of(facts.occurred_at_ms), user))
+        })
+    }
+
     /// The acknowledgement of a processed batch: `records` (as processed,
     /// with their enrichment) done up to `upto` at `now_ms`, what analytics
     /// counts of each (what `wanted` asks, and nothing of a DLQ replay, an

@@ -213,13 +213,17 @@
       today = d.to;
     }
     const days = d.days || [];
-    $("dau-today").textContent = fmt(days.length ? days[days.length - 1].users : 0);
+    // With Redis the users are the deployment's; a day past dau_exact_max
+    // is an estimate (`exact: false`), shown with "≈".
+    const count = (x) => (x.exact === false ? "≈" : "") + fmt(x.users);
+    $("dau-today").textContent = days.length ? count(days[days.length - 1]) : fmt(0);
+    $("dau-scope").textContent = d.scope === "deployment" ? " (all instances)" : "";
     barChart(
       $("dau-chart"),
       days.map((x) => ({
         label: x.date,
         value: x.users,
-        title: x.date + ": " + fmt(x.users) + " users",
+        title: x.date + ": " + count(x) + " users",
       })),
     );
   }
