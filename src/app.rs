@@ -451,7 +451,7 @@ fn abort_all(tasks: &[JoinHandle<()>]) {
 }
 
 /// Every `publish_interval_ms`: the Redis mirror's round (module docs of
-/// [`crate::mirror`]).
+/// [`crate::mirror`]), then the heal of the deployment's DAU when it is due.
 async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
     let period = Duration::from_millis(context.live().config.redis.publish_interval_ms);
     let mut every = tokio::time::interval(period);
@@ -459,12 +459,20 @@ async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
     loop {
         every.tick().await;
         mirror_round(&context, &mirror).await;
+        // Not in the last round at a stop: it may read a month of users.
+        mirror
+            .heal_dau(|day| {
+                blocking(&context.storage, move |s| {
+                    crate::analytics::users_of_day(s, day)
+                })
+            })
+            .await;
     }
 }
 
 /// Probes Redis if it was down, writes the key backlog, publishes this
-/// instance's processed counts and shares its users (all of its recent
-/// ones, a day at a time, when the deployment's DAU needs healing).
+/// instance's processed counts and shares the users it processed since
+/// the last round.
 async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
     let today = crate::analytics::day_of(crate::event::now_ms());
     let figures = blocking(&context.storage, move |s| {
@@ -482,13 +490,6 @@ async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
         }
         Err(e) => tracing::warn!(error = %e, "reading the counts to publish to redis failed"),
     }
-    mirror
-        .heal_dau(|day| {
-            blocking(&context.storage, move |s| {
-                crate::analytics::users_of_day(s, day)
-            })
-        })
-        .await;
 }
 
 async fn sweep_keys(context: Arc<Context>) {
