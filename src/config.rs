@@ -585,12 +585,31 @@ impl Config {
                     .collect(),
             ));
         }
-        // Where each setting came from, to name it in a problem.
-        let mut origin: BTreeMap<String, String> = document
-            .get_ref()
-            .iter()
-            .map(|(k, _)| (k.get_ref().to_string(), position(file_text, k.span().start)))
-            .collect();
+        // Where each setting came from, to name it in a problem: the
+        // top-level ones, and those inside a table (`redis.timeout_ms`) or
+        // an array of tables (`sinks[0].url`), as validate() names them.
+        let mut origin: BTreeMap<String, String> = BTreeMap::new();
+        for (key, value) in document.get_ref() {
+            let name = key.get_ref().to_string();
+            origin.insert(name.clone(), position(file_text, key.span().start));
+            let mut inner = |prefix: String, table: &toml::de::DeTable| {
+                for (k, _) in table {
+                    let at = position(file_text, k.span().start);
+                    origin.insert(format!("{prefix}.{}", k.get_ref()), at);
+                }
+            };
+            match value.get_ref() {
+                toml::de::DeValue::Table(table) => inner(name, table),
+                toml::de::DeValue::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        if let toml::de::DeValue::Table(table) = item.get_ref() {
+                            inner(format!("{name}[{i}]"), table);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
         let mut table: toml::Table =
             toml::from_str(file_text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         let scalar_keys = scalar_keys();
@@ -647,9 +666,16 @@ impl Config {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         if let Err(ConfigError::Invalid(bad)) = config.validate() {
-            // "sinks[0].url: …" names the setting `sinks`: say where it is.
+            // "sinks[0].url: …": say where that setting is, else where the
+            // nearest enclosing one is (`sinks[0]`, then `sinks`).
             problems.extend(bad.into_iter().map(|b| {
-                let key = b.split([':', '[', '.']).next().unwrap_or("");
+                let mut key = b.split(':').next().unwrap_or("");
+                while !origin.contains_key(key) {
+                    match key.rfind(['.', '[']) {
+                        Some(end) => key = &key[..end],
+                        None => break,
+                    }
+                }
                 format!("{}{b}", place(key))
             }));
         }

@@ -533,6 +533,10 @@ fn check_config_names_every_problem_with_its_line() {
             "name = \"dash\"\n",
             "type = \"http\"\n",
             "url = \"ftp://x\"\n",
+            "\n",
+            "[redis]\n",
+            "url = \"redis://127.0.0.1:6379\"\n",
+            "timeout_ms = 0\n",
         ),
     );
     let run = inletd(&["--config", &path, "check-config"]);
@@ -551,7 +555,9 @@ fn check_config_names_every_problem_with_its_line() {
         ("line 3, column 1: batch_timeout_ms:", "invalid type"),
         ("line 4, column 1: max_retries:", "out of range"),
         ("line 5, column 1: durability:", "sometimes"),
-        ("line 7, column 3: sinks[0].url:", "plain http:// URL"),
+        // A setting inside a table is found where it is, not at the table.
+        ("line 10, column 1: sinks[0].url:", "plain http:// URL"),
+        ("line 14, column 1: redis.timeout_ms:", "out of range"),
     ];
     assert_eq!(problems.len(), expected.len(), "{}", run.stderr);
     for (problem, (starts, has)) in problems.iter().zip(expected) {
