@@ -1,6 +1,7 @@
 //! The live dashboard at `GET /`, opened in a real headless Chromium: it
 //! shows what `/stats` says, moves without a reload, replays the DLQ from
-//! its buttons, fits a phone, and reconnects by itself after a restart.
+//! its buttons, fits a phone, reconnects by itself after a restart, and
+//! says whose figures it shows when several instances share a Redis.
 //! Screenshots go to `target/dashboard.png` and `target/dashboard-phone.png`.
 
 mod common;
@@ -443,5 +444,85 @@ fn the_dashboard_asks_for_the_stats_token() {
     assert_eq!(
         browser.run("return sessionStorage.getItem('inletd.token');", &[]),
         "figures-only"
+    );
+}
+
+/// An operator of two instances sharing a Redis opens the dashboard of
+/// one: the totals say they are the deployment's, the DAU card says it
+/// counts every instance's users, and a day past `dau_exact_max` is shown
+/// as an estimate ("≈").
+#[test]
+fn the_dashboard_of_a_deployment_says_whose_figures_it_shows() {
+    let Some(redis) = common::redis::RedisServer::start(Default::default()) else {
+        return;
+    };
+    let config = |instance: &str| {
+        format!(
+            "[redis]\nurl = \"{}\"\ninstance = \"{instance}\"\npublish_interval_ms = 100\n\
+             dau_exact_max = 2\n",
+            redis.url()
+        )
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Daemon::start(dir_a.path(), &config("a"));
+    let b = Daemon::start(dir_b.path(), &config("b"));
+    // Yesterday ann came through both; today ann and bob through a, bob
+    // and cy through b: 1 user yesterday, 3 today (past the cap of 2).
+    let visit = |d: &Daemon, id: &str, user: &str, ago: i64| {
+        json!({"event_id": format!("{id}-{}", d.addr), "event_type": "visit",
+            "user_id": user, "timestamp": days_ago(ago)})
+    };
+    post_batch(
+        &a,
+        &[
+            visit(&a, "1", "ann", 1),
+            visit(&a, "2", "ann", 0),
+            visit(&a, "3", "bob", 0),
+        ],
+    );
+    post_batch(
+        &b,
+        &[
+            visit(&b, "1", "ann", 1),
+            visit(&b, "2", "bob", 0),
+            visit(&b, "3", "cy", 0),
+        ],
+    );
+    common::eventually(Duration::from_secs(30), "the deployment's DAU", || {
+        let dau = a.get("/stats/dau").json();
+        dau["days"][29]["users"] == 3 && dau["days"][28]["users"] == 1
+    });
+
+    let Some(browser) = Browser::start(1280, 1000) else {
+        return;
+    };
+    browser.open(&format!("http://{}/", a.addr));
+    browser.wait_for(PAGE, "the deployment's figures", |b| {
+        b.text("#total-scope")
+            .is_some_and(|t| t.contains("by 2 instances"))
+            && b.text("#dau-today").as_deref() == Some("≈3")
+    });
+    assert_eq!(
+        browser.text("#dau-scope").as_deref().map(str::trim),
+        Some("(all instances)")
+    );
+    let bars = browser.run(
+        "return [...document.querySelectorAll('#dau-chart rect title')].map(t => t.textContent);",
+        &[],
+    );
+    let bars: Vec<&str> = bars
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(bars.len(), 30, "{bars:?}");
+    assert!(
+        bars[28].ends_with(": 1 users"),
+        "yesterday, exact: {bars:?}"
+    );
+    assert!(
+        bars[29].ends_with(": ≈3 users"),
+        "today, estimated: {bars:?}"
     );
 }
