@@ -398,6 +398,12 @@ fn daily_active_users_count_a_user_of_two_instances_once_and_heal_after_a_flush(
         eventually(Duration::from_secs(10), "yesterday healed", || {
             dau_of(d, &date(yesterday)) == (json!(4), json!(true))
         });
+        // Healed twice: at start, and after the flush.
+        eventually(Duration::from_secs(10), "the second heal counted", || {
+            let metrics = d.get("/metrics").text();
+            metrics.contains("inletd_redis_dau_heals_total 2")
+                && metrics.contains("inletd_redis_dau_pending_users 0")
+        });
     }
 }
 

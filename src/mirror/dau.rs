@@ -74,6 +74,11 @@ pub struct DeploymentDay {
 }
 
 impl Mirror {
+    /// Users noted and not yet added to Redis.
+    pub(super) fn pending_users(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len
+    }
+
     /// Notes the users of a processed batch, by the day of their event;
     /// the next round adds them to the deployment's DAU. Days older than
     /// [`PUBLISHED_DAYS`] are not shared.
@@ -157,7 +162,13 @@ impl Mirror {
         set.arg(&mark).arg(now_ms()).arg("PX").arg(KEEP_MS);
         if self.call(set.query_async::<()>(&mut conn)).await.is_err() {
             self.heal_due.store(true, Ordering::Relaxed);
+            return;
         }
+        self.counters.dau_heals.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            days = PUBLISHED_DAYS,
+            "added this instance's recent users to the deployment's daily active users"
+        );
     }
 
     /// Adds `days`' users, in one pipeline of scripts.

@@ -190,6 +190,8 @@ struct Counters {
     outages: AtomicU64,
     /// Backlog keys dropped because the backlog was full.
     backlog_dropped: AtomicU64,
+    /// Heals of the deployment's DAU completed (see `dau.rs`).
+    dau_heals: AtomicU64,
 }
 
 /// The connection to the deployment's Redis and what is known of it.
@@ -659,7 +661,7 @@ impl Mirror {
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;
         let c = &self.counters;
-        let lines: [(&str, &str, &str, u64); 7] = [
+        let lines: [(&str, &str, &str, u64); 9] = [
             (
                 "inletd_redis_up",
                 "gauge",
@@ -701,6 +703,18 @@ impl Mirror {
                 "counter",
                 "Backlog keys dropped because backlog_max_keys was reached.",
                 c.backlog_dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "inletd_redis_dau_pending_users",
+                "gauge",
+                "Users of processed batches not yet added to the deployment's daily active users.",
+                self.pending_users() as u64,
+            ),
+            (
+                "inletd_redis_dau_heals_total",
+                "counter",
+                "Times this instance added all its users of the last 31 days to Redis again.",
+                c.dau_heals.load(Ordering::Relaxed),
             ),
         ];
         for (name, kind, help, value) in lines {
