@@ -176,7 +176,7 @@ fn a_jsonl_import_reports_the_line_that_is_not_json_and_a_clean_one_exits_0() {
     let run = against(&daemon, &["import", &clean, "--format", "jsonl"]);
     assert_eq!(run.code, 0, "{run:?}");
     assert!(
-        run.stdout.contains("1 accepted, 1 duplicates, 0 rejected"),
+        run.stdout.contains("1 accepted, 1 duplicate, 0 rejected"),
         "{run:?}"
     );
     assert!(!run.stdout.contains("rejected lines"), "{run:?}");

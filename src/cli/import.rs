@@ -160,14 +160,16 @@ pub struct Report {
 impl Report {
     /// Prints the report: a summary line, then each rejected line.
     pub fn write(&self, out: &mut impl io::Write, input: &str) -> io::Result<()> {
+        let s = |n: u64| if n == 1 { "" } else { "s" };
         writeln!(
             out,
-            "imported {}: {} accepted, {} duplicates, {} rejected ({} records read)",
-            input,
+            "imported {input}: {} accepted, {} duplicate{}, {} rejected ({} record{} read)",
             self.accepted,
             self.duplicates,
+            s(self.duplicates),
             self.rejected.len(),
-            self.records
+            self.records,
+            s(self.records)
         )?;
         if !self.rejected.is_empty() {
             writeln!(out, "rejected lines:")?;
@@ -887,5 +889,29 @@ mod tests {
         assert!(!valid_source("a/b"));
         assert!(!valid_source(""));
         assert!(!valid_source("Stripe"));
+    }
+
+    #[test]
+    fn the_report_says_one_record_and_one_duplicate_in_the_singular() {
+        let report = |records, duplicates| {
+            let mut out = Vec::new();
+            Report {
+                records,
+                accepted: records - duplicates,
+                duplicates,
+                ..Report::default()
+            }
+            .write(&mut out, "a.csv")
+            .unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            report(1, 1),
+            "imported a.csv: 0 accepted, 1 duplicate, 0 rejected (1 record read)\n"
+        );
+        assert_eq!(
+            report(3, 2),
+            "imported a.csv: 1 accepted, 2 duplicates, 0 rejected (3 records read)\n"
+        );
     }
 }
