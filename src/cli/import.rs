@@ -157,19 +157,23 @@ pub struct Report {
     pub sent: u64,
 }
 
+/// The `s` of a count's noun: "1 duplicate", "2 duplicates".
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
 impl Report {
     /// Prints the report: a summary line, then each rejected line.
     pub fn write(&self, out: &mut impl io::Write, input: &str) -> io::Result<()> {
-        let s = |n: u64| if n == 1 { "" } else { "s" };
         writeln!(
             out,
             "imported {input}: {} accepted, {} duplicate{}, {} rejected ({} record{} read)",
             self.accepted,
             self.duplicates,
-            s(self.duplicates),
+            plural(self.duplicates),
             self.rejected.len(),
             self.records,
-            s(self.records)
+            plural(self.records)
         )?;
         if !self.rejected.is_empty() {
             writeln!(out, "rejected lines:")?;
@@ -755,9 +759,10 @@ impl Importer<'_> {
 
     fn update_message(&self) {
         self.progress.set_message(format!(
-            "{} accepted, {} duplicates, {} rejected",
+            "{} accepted, {} duplicate{}, {} rejected",
             self.report.accepted,
             self.report.duplicates,
+            plural(self.report.duplicates),
             self.report.rejected.len()
         ));
     }
