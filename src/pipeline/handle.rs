@@ -21,7 +21,7 @@ use crate::analytics::{
 };
 use crate::config::{Config, WindowConfig};
 use crate::event::now_ms;
-use crate::mirror::{Deployment, DeploymentDay, MirrorError, MirrorHealth, PUBLISHED_DAYS};
+use crate::mirror::{Deployment, DeploymentDay, Mirror, MirrorError, MirrorHealth, PUBLISHED_DAYS};
 use crate::signature::Scheme;
 use crate::storage::{QueueInfo, StorageError};
 
@@ -62,8 +62,8 @@ pub struct Admission<'a> {
     _in_flight: InFlight<'a>,
     /// The config, sources and sinks in force when the request came in.
     live: Arc<Live>,
-    /// The source it came in on (present in `live.sources`).
-    source: String,
+    /// The signature scheme of the source it came in on, if it has one.
+    scheme: Option<Scheme>,
 }
 
 impl Admission<'_> {
@@ -75,11 +75,7 @@ impl Admission<'_> {
     /// The signature scheme of the request's source, if it has one: it
     /// decides where a single event's key may come from.
     pub fn scheme(&self) -> Option<Scheme> {
-        self.live
-            .sources
-            .get(&self.source)
-            .and_then(|s| s.verifier.as_ref())
-            .map(|v| v.scheme())
+        self.scheme
     }
 }
 
@@ -242,7 +238,7 @@ impl Pipeline {
         }
         Ok(Admission {
             _in_flight: in_flight,
-            source: source.to_owned(),
+            scheme: parts.verifier.as_ref().map(|v| v.scheme()),
             live,
         })
     }
@@ -446,6 +442,13 @@ impl Pipeline {
         })
     }
 
+    /// The deployment's Redis, when it is on and holds the days from
+    /// `from` on (the last [`PUBLISHED_DAYS`], which instances share).
+    fn shared_from(&self, from: i32) -> Option<&Mirror> {
+        let mirror = self.context.mirror.as_deref()?;
+        (from >= analytics::day_of(now_ms()) - (PUBLISHED_DAYS - 1)).then_some(mirror)
+    }
+
     /// The deployment's DAU over `from..=to`: `None` when Redis is off or
     /// the range reaches past the days instances share.
     async fn deployment_dau(
@@ -453,10 +456,7 @@ impl Pipeline {
         from: i32,
         to: i32,
     ) -> Option<Result<Vec<DeploymentDay>, MirrorError>> {
-        let mirror = self.context.mirror.as_ref()?;
-        if from < analytics::day_of(now_ms()) - (PUBLISHED_DAYS - 1) {
-            return None;
-        }
+        let mirror = self.shared_from(from)?;
         Some(mirror.deployment_dau(from, to).await)
     }
 
@@ -469,11 +469,7 @@ impl Pipeline {
         to: i32,
         limit: usize,
     ) -> Option<Result<Vec<TypeCount>, String>> {
-        let mirror = self.context.mirror.as_ref()?;
-        let today = analytics::day_of(now_ms());
-        if from < today - (PUBLISHED_DAYS - 1) {
-            return None;
-        }
+        let mirror = self.shared_from(from)?;
         let own = blocking(&self.context.storage, move |s| {
             analytics::day_type_counts(s, from, to)
         })
