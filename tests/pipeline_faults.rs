@@ -15,7 +15,8 @@ use inletd::pipeline::{BATCHER, METRICS};
 use inletd::sinks::{Delivery, Sink};
 use inletd::storage::memory::MemoryStorage;
 use inletd::storage::{
-    AppendOutcome, BatchAck, DlqEntry, NewEvent, Quarantined, QueueInfo, Storage, StorageError,
+    AppendOutcome, BatchAck, Counted, DlqEntry, NewEvent, Quarantined, QueueInfo, Storage,
+    StorageError,
 };
 
 /// The in-memory store with faults that a test can switch on.
@@ -85,6 +86,12 @@ impl Storage for Faulty {
     }
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
         self.inner.counts()
+    }
+    fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError> {
+        self.inner.counted(from_day, to_day)
+    }
+    fn park(&self, entries: &[DlqEntry]) -> Result<(), StorageError> {
+        self.inner.park(entries)
     }
     fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
         self.inner.prune_windows(before_ms)

@@ -23,7 +23,8 @@ use inletd::event::{Queued, WalRecord};
 use inletd::storage::memory::MemoryStorage;
 use inletd::storage::sled::{SledOptions, SledStorage};
 use inletd::storage::{
-    AppendOutcome, BatchAck, NewEvent, QueueInfo, SinkFailure, Storage, StorageError, encode_record,
+    AppendOutcome, BatchAck, DlqEntry, NewEvent, QueueInfo, SinkFailure, Storage, StorageError,
+    encode_record,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -95,6 +96,9 @@ enum Op {
         limit: usize,
     },
     DlqGet(IdSel),
+    /// Parks this many failures of events delivered for another instance
+    /// (a takeover): DLQ entries that belong to no seq here.
+    Park(usize),
     /// Drops sled and reopens it on the same directory. Without `flush`,
     /// sled still flushes: dropping the last handle of a tree
     /// (`TreeInner::drop`) flushes the page cache until nothing is dirty.
@@ -162,6 +166,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => proptest::collection::vec(id_sel(), 0..4).prop_map(Op::DlqRemove),
         1 => (id_sel(), 0..5usize).prop_map(|(after, limit)| Op::DlqList { after, limit }),
         1 => id_sel().prop_map(Op::DlqGet),
+        1 => (0..3usize).prop_map(Op::Park),
         1 => any::<bool>().prop_map(|flush| Op::Restart { flush }),
     ]
 }
@@ -394,6 +399,27 @@ impl Harness {
                 let id = self.resolve(sel);
                 both!(self, s => s.dlq_get(id).expect("get"));
             }
+            Op::Park(n) => {
+                let entries: Vec<DlqEntry> = (0..*n)
+                    .map(|i| DlqEntry {
+                        sink: SINKS[i % SINKS.len()].into(),
+                        error: "taken over, then 503".into(),
+                        attempts: 2,
+                        first_failed_ms: self.now - 5,
+                        last_failed_ms: self.now,
+                        record: WalRecord {
+                            source: "orphan".into(),
+                            key: format!("taken-{i}"),
+                            event_type: "signup".into(),
+                            received_at_ms: self.now - 100,
+                            occurred_at_ms: self.now - 100,
+                            only_sink: None,
+                            body: "{}".into(),
+                        },
+                    })
+                    .collect();
+                both!(self, s => s.park(&entries).expect("park"));
+            }
             Op::Restart { flush } => {
                 let sled = self.sled.take().expect("sled is open");
                 if *flush {
@@ -442,7 +468,14 @@ impl Harness {
         let info: QueueInfo = both!(self, s => s.queue_info().expect("queue_info"));
         prop_assert_eq!(info.depth, info.last_seq - info.cursor);
         prop_assert_eq!(info.last_seq, self.high_water);
-        both!(self, s => s.counts().expect("counts"));
+        let counts = both!(self, s => s.counts().expect("counts"));
+        // What a publish to Redis reads: the same counts, with the cursor
+        // they count up to.
+        let counted = both!(self, s => s.counted(0, 100_000).expect("counted"));
+        prop_assert_eq!(&counted.by_type, &counts);
+        prop_assert_eq!(counted.cursor, info.cursor);
+        let per_day: u64 = counted.by_day.iter().map(|(_, _, n)| n).sum();
+        prop_assert_eq!(per_day, counts.iter().map(|(_, n)| n).sum::<u64>());
         let dlq_len = both!(self, s => s.dlq_len().expect("dlq_len"));
         let dlq = both!(self, s => s.dlq_list(0, ALL).expect("dlq_list"));
         prop_assert_eq!(dlq.len() as u64, dlq_len);

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    AppendOutcome, BatchAck, DlqEntry, NewEvent, Quarantined, QueueInfo, Storage, StorageError,
-    encode_record, scoped_key,
+    AppendOutcome, BatchAck, Counted, DlqEntry, NewEvent, Quarantined, QueueInfo, Storage,
+    StorageError, encode_record, scoped_key,
 };
 use crate::analytics::{self, KvRead, KvWrite};
 use crate::event::{Queued, WalRecord};
@@ -54,6 +54,32 @@ impl KvWrite for MapTx<'_> {
     }
 }
 
+/// The aggregates map, read under a lock already held.
+struct MapRead<'a>(&'a BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl KvRead for MapRead<'_> {
+    type Error = std::convert::Infallible;
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error> {
+        Ok(self.0.get(key).cloned())
+    }
+
+    fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), Self::Error> {
+        if from < to {
+            for (k, v) in self.0.range(from.to_vec()..to.to_vec()) {
+                if !f(k, v) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl KvRead for MemoryStorage {
     type Error = StorageError;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
@@ -66,15 +92,7 @@ impl KvRead for MemoryStorage {
         to: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StorageError> {
-        if from >= to {
-            return Ok(());
-        }
-        let g = self.lock();
-        for (k, v) in g.aggregates.range(from.to_vec()..to.to_vec()) {
-            if !f(k, v) {
-                break;
-            }
-        }
+        let Ok(()) = MapRead(&self.lock().aggregates).scan(from, to, f);
         Ok(())
     }
 }
@@ -198,6 +216,26 @@ impl Storage for MemoryStorage {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect())
+    }
+
+    fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError> {
+        let g = self.lock();
+        let Ok(by_day) = analytics::day_type_counts(&MapRead(&g.aggregates), from_day, to_day);
+        Ok(Counted {
+            cursor: g.cursor,
+            by_type: g.counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            by_day,
+        })
+    }
+
+    fn park(&self, entries: &[DlqEntry]) -> Result<(), StorageError> {
+        let mut g = self.lock();
+        for entry in entries {
+            g.dlq_last += 1;
+            let id = g.dlq_last;
+            g.dlq.insert(id, entry.clone());
+        }
+        Ok(())
     }
 
     fn merge_user_records(&self, from_day: i32, to_day: i32) -> Result<usize, StorageError> {

@@ -297,6 +297,17 @@ impl BatchAck {
     }
 }
 
+/// The built-in counts as of one cursor ([`Storage::counted`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counted {
+    /// Every seq at or below it is counted here, and none above.
+    pub cursor: u64,
+    /// Processed events per type, all time.
+    pub by_type: Vec<(String, u64)>,
+    /// Processed events per day (days since 1970-01-01) and type.
+    pub by_day: Vec<(i32, String, u64)>,
+}
+
 /// Queue figures for `/admin/queue` and the high-water check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct QueueInfo {
@@ -357,6 +368,17 @@ pub trait Storage: KvRead<Error = StorageError> + Send + Sync + 'static {
 
     /// Accepted-event counts by type, from the built-in counter.
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError>;
+
+    /// The built-in counts, all time and per day and type for the days
+    /// `from_day..=to_day`, with the cursor they count up to, read as one
+    /// (no batch commits between the reads): what an instance publishes to
+    /// Redis, so that another can take over exactly the events after it.
+    fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError>;
+
+    /// Parks `entries` in the DLQ, in one transaction: the failures of
+    /// events this instance delivered for another (a takeover, see
+    /// [`crate::mirror`]); they belong to no seq of this WAL.
+    fn park(&self, entries: &[DlqEntry]) -> Result<(), StorageError>;
 
     /// Removes rolling-window buckets of events older than `before_ms`.
     fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError>;

@@ -21,9 +21,9 @@ use sled::{Db, IVec, Tree};
 use super::index::KeyIndex;
 use super::mark::{self, Mark, Summary};
 use super::{
-    AppendOutcome, BatchAck, DlqEntry, FORMAT_VERSION, NewEvent, Quarantined, QueueInfo, Storage,
-    StorageError, decode_key_list, decode_record, decode_segment, encode_key_list, encode_record,
-    encode_segment, scoped_key, visit_key_list,
+    AppendOutcome, BatchAck, Counted, DlqEntry, FORMAT_VERSION, NewEvent, Quarantined, QueueInfo,
+    Storage, StorageError, decode_key_list, decode_record, decode_segment, encode_key_list,
+    encode_record, encode_segment, scoped_key, visit_key_list,
 };
 use crate::analytics::{self, KvRead, KvWrite};
 use crate::event::{Queued, WalRecord};
@@ -1305,6 +1305,40 @@ impl Storage for Store {
             .collect()
     }
 
+    fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError> {
+        // Batch commits take this lock: none lands between the reads. Not
+        // `lock()`: a read does not withdraw the clean mark.
+        let _guard = self.write_lock.lock();
+        Ok(Counted {
+            cursor: self.cursor()?,
+            by_type: self.counts()?,
+            by_day: analytics::day_type_counts(self, from_day, to_day)?,
+        })
+    }
+
+    fn park(&self, entries: &[DlqEntry]) -> Result<(), StorageError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let _guard = self.lock();
+        let encoded: Vec<Vec<u8>> = entries.iter().map(encode_record).collect();
+        let dlq_len = (&self.dlq, &self.meta)
+            .transaction(|(dlq, meta)| {
+                let mut dlq_last = u64_of(meta.get(DLQ_LAST)?);
+                for entry in &encoded {
+                    dlq_last += 1;
+                    dlq.insert(&dlq_last.to_be_bytes(), entry.as_slice())?;
+                }
+                meta.insert(DLQ_LAST, &dlq_last.to_be_bytes())?;
+                let dlq_len = u64_of(meta.get(DLQ_LEN)?) + encoded.len() as u64;
+                meta.insert(DLQ_LEN, &dlq_len.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<StorageError>>(dlq_len)
+            })
+            .map_err(tx_err)?;
+        self.dlq_len.store(dlq_len, Ordering::SeqCst);
+        Ok(())
+    }
+
     fn merge_user_records(&self, from_day: i32, to_day: i32) -> Result<usize, StorageError> {
         let (from, to) = analytics::user_record_range(from_day, to_day);
         // Keys first: once merged, a day has one record per type, and its
@@ -1727,6 +1761,12 @@ impl Storage for SledStorage {
     }
     fn counts(&self) -> Result<Vec<(String, u64)>, StorageError> {
         self.with(|s| s.counts())
+    }
+    fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError> {
+        self.with(|s| s.counted(from_day, to_day))
+    }
+    fn park(&self, entries: &[DlqEntry]) -> Result<(), StorageError> {
+        self.with(|s| s.park(entries))
     }
     fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
         self.with(|s| s.prune_windows(before_ms))
