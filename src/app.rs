@@ -29,8 +29,9 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use crate::config::{Config, Durability, LogFormat, redacted_redis_url};
 use crate::http::{self, Api};
-use crate::mirror::{Figures, Mirror, PUBLISHED_DAYS};
+use crate::mirror::{Mirror, PUBLISHED_DAYS};
 use crate::pipeline::supervisor::{Supervisor, SupervisorMsg};
+use crate::pipeline::takeover::takeover_rounds;
 use crate::pipeline::{Context, Live, Pipeline, blocking};
 use crate::storage::sled::{SledOptions, SledStorage};
 use crate::storage::{Storage, StorageError};
@@ -226,7 +227,8 @@ pub async fn start(
         background.push(tokio::spawn(settle_acks(context.clone())));
     }
     if let Some(mirror) = mirror {
-        background.push(tokio::spawn(mirror_rounds(context.clone(), mirror)));
+        background.push(tokio::spawn(mirror_rounds(context.clone(), mirror.clone())));
+        background.push(tokio::spawn(takeover_rounds(context.clone(), mirror)));
     }
     tracing::info!(%addr, data_dir = %config.data_dir.display(), durability = ?config.durability,
         sinks = sink_count, "inletd is accepting events");
@@ -475,17 +477,14 @@ async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
 /// the last round.
 async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
     let today = crate::analytics::day_of(crate::event::now_ms());
-    let figures = blocking(&context.storage, move |s| {
-        Ok(Figures {
-            by_type: s.counts()?,
-            by_day: crate::analytics::day_type_counts(s, today - (PUBLISHED_DAYS - 1), today)?,
-        })
+    let counted = blocking(&context.storage, move |s| {
+        s.counted(today - (PUBLISHED_DAYS - 1), today)
     })
     .await;
-    match figures {
-        Ok(figures) => {
+    match counted {
+        Ok(counted) => {
             mirror
-                .maintain(&figures, context.live().config.idempotency_ttl_ms())
+                .maintain(&counted, context.live().config.idempotency_ttl_ms())
                 .await
         }
         Err(e) => tracing::warn!(error = %e, "reading the counts to publish to redis failed"),

@@ -223,6 +223,9 @@ pub struct RedisConfig {
     /// many; past it, by HyperLogLog (12 KiB a day, about 0.8 % off), and
     /// `/stats/dau` says `"exact": false` for that day.
     pub dau_exact_max: u64,
+    /// An instance silent this long (no publish round reached Redis) has
+    /// the events it acknowledged and left queued delivered by another.
+    pub takeover_after_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -236,6 +239,7 @@ impl Default for RedisConfig {
             publish_interval_ms: 1000,
             backlog_max_keys: 200_000,
             dau_exact_max: 100_000,
+            takeover_after_ms: 10_000,
         }
     }
 }
@@ -697,7 +701,7 @@ impl Config {
             ));
         }
         let redis = &self.redis;
-        let ranges: [(&str, u64, u64, u64); 23] = [
+        let ranges: [(&str, u64, u64, u64); 24] = [
             ("flush_interval_ms", self.flush_interval_ms, 1, 60_000),
             ("batch_size", self.batch_size as u64, 1, 100_000),
             ("batch_timeout_ms", self.batch_timeout_ms, 1, 3_600_000),
@@ -756,11 +760,25 @@ impl Config {
                 100_000_000,
             ),
             ("redis.dau_exact_max", redis.dau_exact_max, 0, 100_000_000),
+            (
+                "redis.takeover_after_ms",
+                redis.takeover_after_ms,
+                1000,
+                86_400_000,
+            ),
         ];
         for (key, value, min, max) in ranges {
             if value < min || value > max {
                 bad.push(format!("{key}: {value} is out of range ({min}..={max})"));
             }
+        }
+        if redis.takeover_after_ms < redis.publish_interval_ms.saturating_mul(3) {
+            bad.push(format!(
+                "redis.takeover_after_ms: {} must be at least three publish rounds \
+                 (3 × redis.publish_interval_ms = {}), or a live instance would be taken over",
+                redis.takeover_after_ms,
+                redis.publish_interval_ms.saturating_mul(3)
+            ));
         }
         if self.retry_max_ms < self.retry_base_ms {
             bad.push("retry_max_ms: must not be below retry_base_ms".into());
@@ -1161,7 +1179,7 @@ mod tests {
     #[test]
     fn redis_settings_are_checked_and_the_password_never_shown() {
         let bad = Config::from_parts(
-            "[redis]\nurl = \"http://x\"\ntimeout_ms = 0\n\n[[sinks]]\nname = \"out\"\ntype = \"redis-stream\"\n",
+            "[redis]\nurl = \"http://x\"\ntimeout_ms = 0\npublish_interval_ms = 5000\n\n[[sinks]]\nname = \"out\"\ntype = \"redis-stream\"\n",
             &[],
             &[],
         );
@@ -1172,6 +1190,9 @@ mod tests {
         for expected in [
             "redis.url: `http://x` must be a redis:// or rediss:// URL",
             "redis.timeout_ms: 0 is out of range",
+            // A heartbeat that lasts less than three rounds would let a
+            // live instance be taken over.
+            "redis.takeover_after_ms: 10000 must be at least three publish rounds",
             "sinks[0].stream: required",
         ] {
             assert!(text.contains(expected), "{expected} not in:\n{text}");

@@ -500,3 +500,152 @@ fn the_redis_stream_sink_adds_every_processed_event() {
         ["event_type", "signup", "source", "default", "key", "s0"]
     );
 }
+
+/// Posts batches of 25 new events to `d` from 4 threads until `stop`;
+/// answers every event id it holds a 202 for.
+fn load_until(d: &Daemon, stop: &std::sync::atomic::AtomicBool, prefix: &str) -> Vec<String> {
+    use std::sync::atomic::Ordering;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                scope.spawn(move || {
+                    let mut acked = Vec::new();
+                    let mut n = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let ids: Vec<String> =
+                            (0..25).map(|i| format!("{prefix}-{w}-{n}-{i}")).collect();
+                        n += 1;
+                        let events: Vec<Value> = ids.iter().map(|id| event(id)).collect();
+                        let r = common::http::try_request(
+                            d.addr,
+                            "POST",
+                            "/webhook/batch",
+                            &[("Content-Type", "application/json")],
+                            json!({ "events": events }).to_string().as_bytes(),
+                        );
+                        // A request cut by the kill was not acknowledged.
+                        let Ok(r) = r else { break };
+                        if r.status == 202 && r.json()["accepted"] == 25 {
+                            acked.extend(ids);
+                        }
+                    }
+                    acked
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a load thread panicked"))
+            .collect()
+    })
+}
+
+#[test]
+fn an_instance_killed_under_load_has_what_it_acknowledged_delivered_and_counted_by_another() {
+    let Some(redis) = RedisServer::start(RedisOptions {
+        appendonly: true,
+        ..RedisOptions::default()
+    }) else {
+        return;
+    };
+    // A dashboard that takes 20 ms a request: instance a falls behind its
+    // intake, so it dies with a queue.
+    let sink = SinkServer::start(Box::new(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        200
+    }));
+    let sinks = format!("batch_size = 20\n{}", http_sink(&sink.url()));
+    let config = |instance| {
+        let mut c = instance_config(&redis, instance, &sinks);
+        c.push_str("takeover_after_ms = 1500\n");
+        c
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Daemon::start(dir_a.path(), &config("a"));
+    let b = Daemon::start(dir_b.path(), &config("b"));
+
+    // Under load, a is killed -9 and not restarted.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let acked = std::thread::scope(|scope| {
+        let load = scope.spawn(|| load_until(&a, &stop, "k"));
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        load.join().expect("load")
+    });
+    let queued = a.get("/admin/queue").json();
+    assert!(
+        queued["depth"].as_u64().unwrap_or(0) > 0,
+        "a has processed everything already; the test needs a queue: {queued}"
+    );
+    a.kill9();
+    let killed = Instant::now();
+    assert!(
+        acked.len() >= 100,
+        "only {} events acknowledged",
+        acked.len()
+    );
+
+    // b delivers every event a acknowledged, within the lease plus 30 s.
+    let delivered = || -> std::collections::HashSet<String> {
+        sink.events()
+            .iter()
+            .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    eventually(
+        Duration::from_secs(32),
+        "every acknowledged event delivered",
+        || {
+            let seen = delivered();
+            acked.iter().all(|id| seen.contains(id))
+        },
+    );
+    eprintln!(
+        "{} acknowledged, {} queued at the kill; all delivered {:?} after it",
+        acked.len(),
+        queued["depth"],
+        killed.elapsed()
+    );
+
+    // And counted once: the deployment's total is what a acknowledged,
+    // whatever a had counted locally since its last publish.
+    let total = acked.len() as u64;
+    wait_for_deployment_total(&b, total, Duration::from_secs(10));
+    let s = summary(&b);
+    assert_eq!(s["local"]["total_events"], 0, "{s}");
+    assert_eq!(s["by_type"]["signup"], total, "{s}");
+    let metrics = b.get("/metrics").text();
+    let taken: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("inletd_redis_taken_events_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no taken-events metric: {metrics}"));
+    assert!(taken > 0, "b took nothing over: {metrics}");
+    eprintln!("b took {taken} events over");
+    assert!(
+        redis
+            .command(&["XLEN", "test:wal:a"])
+            .as_int()
+            .is_some_and(|n| n == 0),
+        "a's stream is emptied once taken over"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the users taken over count in the DAU",
+        || {
+            let dau = b.get("/stats/dau").json();
+            dau["days"][29]["users"] == total
+        },
+    );
+
+    // a comes back: it delivers its queue again (sinks are at-least-once),
+    // and its own figures replace what b added for it, counted once.
+    let a = Daemon::start_with(dir_a.path(), &a.config_path, &[]);
+    a.wait_processed(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    wait_for_deployment_total(&b, total, Duration::from_secs(10));
+    wait_for_deployment_total(&a, total, Duration::from_secs(10));
+    assert_eq!(summary(&a)["local"]["total_events"], total);
+    let r = b.post_json("/webhook/events", &event(&acked[0]));
+    assert_eq!(r.json()["status"], "duplicate", "{}", r.text());
+}

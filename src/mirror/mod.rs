@@ -4,7 +4,7 @@
 //! # What is shared, and what stays local
 //!
 //! Each instance's sled store stays the truth for what it accepted: its
-//! WAL, its processing, its DLQ and its analytics. Redis adds three things:
+//! WAL, its processing, its DLQ and its analytics. Redis adds four things:
 //!
 //! - **Idempotency keys.** Before a group commit, the Deduper claims the
 //!   group's keys in one Lua call. A key another instance holds is a
@@ -19,6 +19,10 @@
 //!   repeated or lost changes nothing once the next one lands.
 //!   `/stats/summary` and `/stats/top-events` add them up across
 //!   instances.
+//! - **Handoff.** Each group commit's events are mirrored to the
+//!   instance's stream before it answers; when an instance stops beating,
+//!   a live one delivers what it left and adds it to its figures
+//!   (`handoff.rs`).
 //!
 //! # Keys (`P` is `key_prefix`)
 //!
@@ -26,9 +30,10 @@
 //! |---|---|---|
 //! | `P idem:{source}:{key}` | string | `p:{ms}:{instance}` while claimed by a commit in flight (expires after `claim_lease_ms`); `c:{ms}:{instance}` once accepted, `ms` the first receipt (expires with the idempotency window) |
 //! | `P instances` | set | every instance that published figures |
-//! | `P figures:{instance}` | hash | `type:{event_type}` → processed count; `updated_ms` |
+//! | `P figures:{instance}` | hash | `type:{event_type}` → processed count; `updated_ms`; `cursor`, the last seq counted (`handoff.rs`) |
 //! | `P dau:{day}`, `P dauh:{day}`, … | set, HyperLogLog | the deployment's users of a day (`dau.rs`) |
 //! | `P days:{instance}` | hash | `{day}:{event_type}` → processed count that day (days since 1970-01-01), for the last [`PUBLISHED_DAYS`] days |
+//! | `P wal:{instance}`, `P alive:{instance}`, `P owner:{instance}` | stream, string, string | the queue mirrored for takeover, the heartbeat, a taker's lock (`handoff.rs`) |
 //!
 //! # A claim, step by step
 //!
@@ -61,6 +66,7 @@
 //! figures published again. Intake is never refused because of Redis.
 
 mod dau;
+mod handoff;
 mod stream;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -72,10 +78,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 
 pub use dau::DeploymentDay;
+pub use handoff::{Orphan, Taken, TakenCounts};
 pub use stream::StreamWriter;
 
 use crate::config::{RedisConfig, redacted_redis_url};
-use crate::event::now_ms;
+use crate::event::{WalRecord, now_ms};
+use crate::storage::Counted;
 
 /// Why a Redis call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -131,15 +139,6 @@ pub struct Accepted {
 /// for the deployment.
 pub const PUBLISHED_DAYS: i32 = 31;
 
-/// What an instance publishes: its processed counts.
-#[derive(Debug, Clone, Default)]
-pub struct Figures {
-    /// Per event type, all time.
-    pub by_type: Vec<(String, u64)>,
-    /// Per day and event type, for the last [`PUBLISHED_DAYS`] days.
-    pub by_day: Vec<(i32, String, u64)>,
-}
-
 /// The deployment's figures: every instance's processed counts, summed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Deployment {
@@ -175,6 +174,11 @@ pub struct MirrorHealth {
     pub last_error: Option<String>,
     /// Keys accepted while Redis was down, not yet written to it.
     pub backlog: usize,
+    /// Whether Redis keeps its data over a restart (`appendonly`); `None`
+    /// until read, or where `CONFIG` is disabled. Without it a restart of
+    /// Redis forgets the queues mirrored for takeover (each instance's
+    /// store still holds its own).
+    pub persistent: Option<bool>,
 }
 
 /// Counters for `/metrics`.
@@ -192,6 +196,15 @@ struct Counters {
     backlog_dropped: AtomicU64,
     /// Heals of the deployment's DAU completed (see `dau.rs`).
     dau_heals: AtomicU64,
+    /// Group commits not mirrored to this instance's stream (see
+    /// `handoff.rs`).
+    unmirrored: AtomicU64,
+    /// Stream entries taken over that did not decode.
+    undecodable: AtomicU64,
+    /// Orphans this instance began to take over.
+    takeovers: AtomicU64,
+    /// Events of orphans this instance delivered and counted.
+    taken_events: AtomicU64,
 }
 
 /// The connection to the deployment's Redis and what is known of it.
@@ -208,6 +221,9 @@ pub struct Mirror {
     timeout: Duration,
     /// `claim_lease_ms`.
     lease_ms: u64,
+    /// `takeover_after_ms`: this instance's heartbeat lasts this long, and
+    /// a lock on an orphan until its next chunk.
+    takeover_after_ms: u64,
     /// `backlog_max_keys`.
     backlog_max: usize,
     /// Redis answered the last call.
@@ -220,6 +236,8 @@ pub struct Mirror {
     backlog: Mutex<VecDeque<Accepted>>,
     /// `dau_exact_max`.
     dau_exact_max: u64,
+    /// `appendonly` as Redis last answered it (0 unknown, 1 no, 2 yes).
+    persistent: std::sync::atomic::AtomicU8,
     /// Users of processed batches not yet added to the deployment's DAU.
     pending: Mutex<dau::Pending>,
     /// The deployment's DAU needs all of this instance's recent users
@@ -284,12 +302,14 @@ impl Mirror {
             instance: config.instance_name(),
             timeout,
             lease_ms: config.claim_lease_ms,
+            takeover_after_ms: config.takeover_after_ms,
             backlog_max: config.backlog_max_keys,
             up: AtomicBool::new(true),
             since_ms: AtomicI64::new(now_ms()),
             last_error: Mutex::new(None),
             backlog: Mutex::new(VecDeque::new()),
             dau_exact_max: config.dau_exact_max,
+            persistent: std::sync::atomic::AtomicU8::new(0),
             pending: Mutex::new(dau::Pending::default()),
             heal_due: AtomicBool::new(true),
             counters: Counters::default(),
@@ -382,18 +402,29 @@ impl Mirror {
     }
 
     /// Marks accepted keys as this instance's for the rest of their window
-    /// (`ttl_ms` from `first_seen_ms`). While Redis is down, or when this
-    /// fails, they wait in the backlog.
-    pub async fn confirm(&self, keys: Vec<Accepted>, ttl_ms: i64) {
-        if keys.is_empty() {
+    /// (`ttl_ms` from `first_seen_ms`), and mirrors the group's accepted
+    /// events to this instance's stream (`handoff.rs`), in one pipeline.
+    /// While Redis is down, or when this fails, the keys wait in the
+    /// backlog; the group is not mirrored (counted).
+    pub async fn confirm(&self, keys: Vec<Accepted>, group: &[(u64, &WalRecord)], ttl_ms: i64) {
+        if keys.is_empty() && group.is_empty() {
             return;
         }
-        if !self.is_up() || self.write_confirmed(&keys, ttl_ms).await.is_err() {
+        let written = self.is_up() && self.write_confirmed(&keys, group, ttl_ms).await.is_ok();
+        if !written {
+            if !group.is_empty() {
+                self.counters.unmirrored.fetch_add(1, Ordering::Relaxed);
+            }
             self.keep(keys);
         }
     }
 
-    async fn write_confirmed(&self, keys: &[Accepted], ttl_ms: i64) -> Result<(), MirrorError> {
+    async fn write_confirmed(
+        &self,
+        keys: &[Accepted],
+        group: &[(u64, &WalRecord)],
+        ttl_ms: i64,
+    ) -> Result<(), MirrorError> {
         let now = now_ms();
         let mut pipe = redis::pipe();
         let mut any = false;
@@ -410,13 +441,18 @@ impl Mirror {
                     .ignore();
             }
         }
-        if !any {
+        self.append_group(&mut pipe, group);
+        if !any && group.is_empty() {
             // Every key's window is over: nothing to keep (and redis refuses
             // an empty pipeline).
             return Ok(());
         }
         let mut conn = self.conn.clone();
-        self.call(pipe.query_async::<()>(&mut conn)).await
+        let appended: Vec<i64> = self.call(pipe.query_async(&mut conn)).await?;
+        if let Some(added) = appended.first() {
+            self.appended(*added);
+        }
+        Ok(())
     }
 
     /// Keeps keys for a Redis that comes back, dropping the oldest past
@@ -450,9 +486,10 @@ impl Mirror {
     }
 
     /// The background task's round: probes a Redis that was down, writes
-    /// the backlog, publishes this instance's processed counts, and adds
-    /// the users noted since the last round to the deployment's DAU.
-    pub async fn maintain(&self, figures: &Figures, ttl_ms: i64) {
+    /// the backlog, publishes this instance's processed counts with its
+    /// heartbeat, and adds the users noted since the last round to the
+    /// deployment's DAU.
+    pub async fn maintain(&self, counted: &Counted, ttl_ms: i64) {
         if !self.is_up() {
             let mut conn = self.conn.clone();
             let ping = redis::cmd("PING");
@@ -465,8 +502,39 @@ impl Mirror {
             }
         }
         self.write_backlog(ttl_ms).await;
-        if self.publish(figures).await.is_ok() {
+        if self.publish(counted).await.is_ok() {
             let _ = self.share_users().await;
+            self.read_persistence().await;
+        }
+    }
+
+    /// Reads `appendonly` once Redis answers (and again after an outage:
+    /// it may have been restarted with another config); warns when Redis
+    /// does not persist.
+    async fn read_persistence(&self) {
+        if self.persistent.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let answer: Result<Vec<String>, _> = self
+            .bounded(
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("appendonly")
+                    .query_async(&mut conn),
+            )
+            .await;
+        let Ok(answer) = answer else {
+            // CONFIG may be disabled or renamed: unknown, not down.
+            return;
+        };
+        let yes = answer.get(1).is_some_and(|v| v == "yes");
+        self.persistent
+            .store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+        if !yes {
+            tracing::warn!(url = %self.shown_url,
+                "redis does not persist (appendonly no): if it restarts, the queues mirrored \
+                 for takeover are forgotten (each instance's store still holds its own)");
         }
     }
 
@@ -480,7 +548,7 @@ impl Mirror {
             if chunk.is_empty() {
                 return;
             }
-            if self.write_confirmed(&chunk, ttl_ms).await.is_err() {
+            if self.write_confirmed(&chunk, &[], ttl_ms).await.is_err() {
                 // Back to the front, in order: the next round tries again.
                 let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
                 for a in chunk.into_iter().rev() {
@@ -491,17 +559,19 @@ impl Mirror {
         }
     }
 
-    /// Writes this instance's processed counts, whole, in one transaction.
-    async fn publish(&self, figures: &Figures) -> Result<(), MirrorError> {
+    /// Writes this instance's processed counts, whole, with the cursor they
+    /// count up to and its heartbeat, in one transaction.
+    async fn publish(&self, counted: &Counted) -> Result<(), MirrorError> {
         let totals = format!("{}figures:{}", self.prefix, self.instance);
         let days = format!("{}days:{}", self.prefix, self.instance);
-        let mut fields: Vec<(String, String)> = figures
+        let mut fields: Vec<(String, String)> = counted
             .by_type
             .iter()
             .map(|(t, n)| (format!("type:{t}"), n.to_string()))
             .collect();
         fields.push(("updated_ms".into(), now_ms().to_string()));
-        let day_fields: Vec<(String, String)> = figures
+        fields.push(("cursor".into(), counted.cursor.to_string()));
+        let day_fields: Vec<(String, String)> = counted
             .by_day
             .iter()
             .map(|(day, t, n)| (format!("{day}:{t}"), n.to_string()))
@@ -523,6 +593,7 @@ impl Mirror {
             .arg(format!("{}instances", self.prefix))
             .arg(&self.instance)
             .ignore();
+        self.beat(&mut pipe, counted.cursor);
         let mut conn = self.conn.clone();
         self.call(pipe.query_async::<()>(&mut conn)).await
     }
@@ -650,6 +721,11 @@ impl Mirror {
                     .clone()
             },
             backlog: self.backlog_len(),
+            persistent: match self.persistent.load(Ordering::Relaxed) {
+                1 => Some(false),
+                2 => Some(true),
+                _ => None,
+            },
         }
     }
 
@@ -661,7 +737,7 @@ impl Mirror {
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;
         let c = &self.counters;
-        let lines: [(&str, &str, &str, u64); 9] = [
+        let lines: [(&str, &str, &str, u64); 13] = [
             (
                 "inletd_redis_up",
                 "gauge",
@@ -715,6 +791,30 @@ impl Mirror {
                 "counter",
                 "Times this instance added all its users of the last 31 days to Redis again.",
                 c.dau_heals.load(Ordering::Relaxed),
+            ),
+            (
+                "inletd_redis_unmirrored_groups_total",
+                "counter",
+                "Group commits not mirrored to this instance's stream for takeover (Redis unreachable, or the stream ahead of the store).",
+                c.unmirrored.load(Ordering::Relaxed),
+            ),
+            (
+                "inletd_redis_takeovers_total",
+                "counter",
+                "Instances that stopped beating whose queued events this instance began to deliver.",
+                c.takeovers.load(Ordering::Relaxed),
+            ),
+            (
+                "inletd_redis_taken_events_total",
+                "counter",
+                "Events of stopped instances this instance delivered and counted in their figures.",
+                c.taken_events.load(Ordering::Relaxed),
+            ),
+            (
+                "inletd_redis_taken_undecodable_total",
+                "counter",
+                "Stream entries taken over that did not decode, skipped.",
+                c.undecodable.load(Ordering::Relaxed),
             ),
         ];
         for (name, kind, help, value) in lines {
@@ -817,11 +917,21 @@ mod tests {
         let keys = vec![m.idempotency_key("default", "k1")];
         assert_eq!(m.claim(&keys, 1).await, vec![Claim::Unchecked]);
         assert!(!m.is_up());
+        let record = WalRecord {
+            source: "default".into(),
+            key: "k1".into(),
+            event_type: "signup".into(),
+            received_at_ms: 0,
+            occurred_at_ms: 0,
+            only_sink: None,
+            body: "{}".into(),
+        };
         m.confirm(
             vec![Accepted {
                 key: keys[0].clone(),
                 first_seen_ms: now_ms(),
             }],
+            &[(1, &record)],
             60_000,
         )
         .await;
@@ -831,6 +941,11 @@ mod tests {
         m.render_metrics(&mut text);
         assert!(text.contains("inletd_redis_up 0"), "{text}");
         assert!(text.contains("inletd_redis_fail_open_total 1"), "{text}");
+        // The group could not be mirrored for a takeover either.
+        assert!(
+            text.contains("inletd_redis_unmirrored_groups_total 1"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

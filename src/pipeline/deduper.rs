@@ -190,28 +190,29 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         });
     let fsync = config.durability == Durability::Fsync;
     let written = if to_store.is_empty() {
-        Ok(Vec::new())
+        Ok((Vec::new(), Vec::new()))
     } else {
         blocking(&context.storage, move |s| {
             let outcomes = s.append(&to_store, now_ms(), ttl_ms)?;
             if fsync {
                 s.flush()?;
             }
-            Ok(outcomes)
+            // The events come back for the mirror's copy of the group.
+            Ok((outcomes, to_store))
         })
         .await
     };
     let stored = match written {
         // One outcome per event, or no answer can be trusted: a 202 is
         // only ever sent for an event the store said it holds.
-        Ok(outcomes) if outcomes.len() != storing => Err(format!(
+        Ok((outcomes, _)) if outcomes.len() != storing => Err(format!(
             "the store answered {} outcomes for {storing} events",
             outcomes.len()
         )),
-        Ok(outcomes) => Ok(outcomes),
+        Ok(written) => Ok(written),
         Err(e) => Err(e.to_string()),
     };
-    let stored = match stored {
+    let (stored, stored_events) = match stored {
         Ok(stored) => stored,
         Err(error) => {
             if let Some(mirror) = &context.mirror {
@@ -230,7 +231,17 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         .status
         .storage_failed
         .store(false, Ordering::Relaxed);
-    let mut stored = stored.into_iter();
+    // The events this group added to the WAL, with their seqs: the
+    // mirror's copy for a takeover.
+    let group_events: Vec<(u64, &crate::event::WalRecord)> = stored
+        .iter()
+        .zip(&stored_events)
+        .filter_map(|(outcome, event)| match outcome {
+            AppendOutcome::Accepted { seq } => Some((*seq, &event.record)),
+            AppendOutcome::Duplicate { .. } => None,
+        })
+        .collect();
+    let mut stored = stored.iter().copied();
     let outcomes: Vec<Outcome> = claims
         .into_iter()
         .map(|claim| match claim {
@@ -258,7 +269,7 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
             .collect();
         // Before the answers: once a client holds a 202, every other
         // instance calls a retry a duplicate, not "in progress".
-        mirror.confirm(accepted, ttl_ms).await;
+        mirror.confirm(accepted, &group_events, ttl_ms).await;
     }
     let mut outcomes = outcomes.into_iter();
     let mut last_seq = 0;

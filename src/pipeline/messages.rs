@@ -7,7 +7,7 @@ use ractor::RpcReplyPort;
 
 use crate::event::{BodyError, FieldError, Queued};
 use crate::signature::{SignatureError, SignedHeaders};
-use crate::storage::{DlqEntry, NewEvent};
+use crate::storage::{BatchAck, DlqEntry, NewEvent};
 
 /// What the HTTP layer hands the Receiver.
 #[derive(Debug)]
@@ -117,6 +117,14 @@ pub enum ProcessorMsg {
     /// sent to the sinks on its own) and move the cursor to `upto` (its last
     /// seq, or past a gap of quarantined records) in one commit.
     Process { records: Vec<Queued>, upto: u64 },
+    /// Deliver events taken over from a dead instance (they are not in
+    /// this WAL), park what fails in this DLQ, and answer what analytics
+    /// counts of them: the takeover adds it to that instance's figures in
+    /// Redis, not to this instance's counts.
+    Foreign {
+        records: Vec<Queued>,
+        reply: RpcReplyPort<Result<BatchAck, String>>,
+    },
 }
 
 /// One DLQ entry and its id.

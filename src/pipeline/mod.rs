@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod processor;
 pub mod receiver;
 pub mod supervisor;
+pub mod takeover;
 
 pub use handle::{
     Admission, Pipeline, QueueStatus, Readiness, Refusal, StatsAnswer, StatsError, Summary,

@@ -21,10 +21,10 @@ use super::breaker::{Breaker, Decision, Policy};
 use super::messages::{BatcherMsg, Observation, ProcessorMsg};
 use super::{BATCHER, Context, Names, StoreWriteKind, blocking};
 use crate::analytics::Wanted;
-use crate::config::Config;
+use crate::config::{Config, Durability};
 use crate::event::{Queued, now_ms};
 use crate::sinks::{Sink, SinkError};
-use crate::storage::{BatchAck, SinkFailure};
+use crate::storage::{BatchAck, DlqEntry, SinkFailure};
 
 /// The Processor actor.
 pub struct Processor;
@@ -65,48 +65,76 @@ impl Actor for Processor {
         message: Self::Msg,
         state: &mut State,
     ) -> Result<(), ActorProcessingErr> {
-        let ProcessorMsg::Process { mut records, upto } = message;
-        let started = Instant::now();
-        let context = state.context.clone();
-        context.status.processing.store(upto, Ordering::SeqCst);
-        let live = context.live();
-        let config = &live.config;
-        enrich(&mut records, config);
-
-        let asked = Instant::now();
-        let plan: Vec<(Arc<dyn Sink>, Decision)> = live
-            .sinks
-            .iter()
-            .map(|sink| (sink.clone(), state.breaker.allow(sink.name(), asked)))
-            .collect();
-        let outcomes = fan_out(&records, &plan, config, &context).await;
-
-        let now = now_ms();
-        let dead = unroutable(&records, &live.sinks, now)
-            .into_iter()
-            .chain(outcomes.iter().flat_map(Outcome::dead_letters));
-        let ack = BatchAck::of(&records, upto, now, Wanted::of(config), dead);
-        settle(
-            &mut state.breaker,
-            &outcomes,
-            Policy::of(config),
-            &context.names,
-        );
-        report_sinks(&state.breaker, &live.sinks, &context.names);
-
-        let failed = ack.dead.len() as u64;
-        let ack = Arc::new(ack);
-        commit(&context, &ack).await?;
-        // Cleared after the commit: a Batcher that reads 0 then reads a
-        // cursor past this batch.
-        context.status.processing.store(0, Ordering::SeqCst);
-        if let Some(mirror) = &context.mirror {
-            mirror.note_active(ack.active_users());
+        match message {
+            ProcessorMsg::Process { mut records, upto } => {
+                let started = Instant::now();
+                let context = state.context.clone();
+                context.status.processing.store(upto, Ordering::SeqCst);
+                let ack = deliver_batch(state, &mut records, upto).await;
+                let failed = ack.dead.len() as u64;
+                let ack = Arc::new(ack);
+                commit(&context, &ack).await?;
+                // Cleared after the commit: a Batcher that reads 0 then reads a
+                // cursor past this batch.
+                context.status.processing.store(0, Ordering::SeqCst);
+                if let Some(mirror) = &context.mirror {
+                    mirror.note_active(ack.active_users());
+                }
+                report_batch(&records, failed, started, &context.names);
+                context.names.cast(BATCHER, BatcherMsg::Done(upto));
+            }
+            ProcessorMsg::Foreign { mut records, reply } => {
+                let started = Instant::now();
+                let context = state.context.clone();
+                let ack = deliver_batch(state, &mut records, 0).await;
+                let entries: Vec<DlqEntry> = ack.dead.iter().map(|(_, e)| e.clone()).collect();
+                let fsync = context.live().config.durability == Durability::Fsync;
+                let parked = blocking(&context.storage, move |s| {
+                    s.park(&entries)?;
+                    if fsync {
+                        s.flush()?;
+                    }
+                    Ok(())
+                })
+                .await;
+                report_batch(&records, ack.dead.len() as u64, started, &context.names);
+                let _ = reply.send(parked.map(|()| ack).map_err(|e| e.to_string()));
+            }
         }
-        report_batch(&records, failed, started, &context.names);
-        context.names.cast(BATCHER, BatcherMsg::Done(upto));
         Ok(())
     }
+}
+
+/// Enriches `records`, delivers them to every sink as the breakers allow,
+/// tells the breakers and the metrics how it went, and answers the batch's
+/// acknowledgement up to `upto` (nothing is written yet).
+async fn deliver_batch(state: &mut State, records: &mut [Queued], upto: u64) -> BatchAck {
+    let context = &state.context;
+    let live = context.live();
+    let config = &live.config;
+    enrich(records, config);
+
+    let asked = Instant::now();
+    let plan: Vec<(Arc<dyn Sink>, Decision)> = live
+        .sinks
+        .iter()
+        .map(|sink| (sink.clone(), state.breaker.allow(sink.name(), asked)))
+        .collect();
+    let outcomes = fan_out(records, &plan, config, context).await;
+
+    let now = now_ms();
+    let dead = unroutable(records, &live.sinks, now)
+        .into_iter()
+        .chain(outcomes.iter().flat_map(Outcome::dead_letters));
+    let ack = BatchAck::of(records, upto, now, Wanted::of(config), dead);
+    settle(
+        &mut state.breaker,
+        &outcomes,
+        Policy::of(config),
+        &context.names,
+    );
+    report_sinks(&state.breaker, &live.sinks, &context.names);
+    ack
 }
 
 /// Adds enrichment and derived fields: the sinks, the analytics and the

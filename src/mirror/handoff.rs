@@ -1,0 +1,389 @@
+//! Handoff: the events an instance acknowledged are not stranded when it
+//! dies. Its queue is mirrored to Redis, and a live instance delivers
+//! and counts what it left.
+//!
+//! # Design
+//!
+//! Each instance still processes its own WAL: sled stays the truth of
+//! what it accepted, and the Redis stream is a copy for the day it does
+//! not come back. That keeps Redis off the processing path, and keeps
+//! every analytics figure exact in each instance's own store.
+//!
+//! - **Mirror.** A group commit's accepted events go to the instance's
+//!   stream as one entry, in the pipeline that confirms the group's keys:
+//!   before any request of the group is answered, and without another
+//!   round trip. The entry's id is `{last seq}-1`, so ids grow with the
+//!   seqs and `MINID` trims by seq. A group that could not be mirrored
+//!   (Redis down, or a stream whose top is above the seq: a data directory
+//!   started afresh under the same `instance`) is counted and left out.
+//! - **Heartbeat and trim.** Every publish round writes, in one
+//!   transaction, the instance's counts with the cursor they count up to
+//!   ([`crate::storage::Storage::counted`]), its `alive:` key (expiring
+//!   after `takeover_after_ms`), and trims its stream below that cursor.
+//! - **Takeover.** An instance whose `alive:` key is gone and whose stream
+//!   holds entries is an orphan. A live instance locks it (`owner:`,
+//!   refreshed with each chunk) and, chunk by chunk from the orphan's
+//!   published cursor: delivers the events through its own sinks (what
+//!   fails goes to its own DLQ), then in one script, only while it still
+//!   holds the lock, the orphan is still not alive and the cursor is the
+//!   one it read, adds the chunk's counts to the orphan's published
+//!   figures, moves the cursor and trims the stream. The users go to the
+//!   deployment's DAU.
+//!
+//! # Why the counts stay exact
+//!
+//! The deployment's figures are the sum of every instance's published
+//! record. An orphan's record counted exactly the seqs up to its cursor;
+//! the takeover adds exactly the seqs after it, each chunk once (the
+//! script compares the cursor), so the sum stays exact whatever the
+//! orphan counted locally after its last publish. If the orphan comes
+//! back, its first round makes it alive again, which fences the taker's
+//! next chunk out, and replaces the record with its own exact counts; it
+//! then processes its queue as usual. A chunk delivered but not yet
+//! recorded, or taken and then processed again by the instance that came
+//! back, is delivered twice: sinks are at-least-once, and they get each
+//! event's idempotency key.
+//!
+//! # Keys (`P` is `key_prefix`)
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P wal:{instance}` | stream | one entry per group commit: field `e`, the group's `(seq, record)` list as a record envelope |
+//! | `P alive:{instance}` | string | the instance is alive (ms of its last round); expires after its `takeover_after_ms` |
+//! | `P owner:{instance}` | string | the instance taking this orphan over; expires after the taker's `takeover_after_ms` |
+//! | `P figures:{instance}` | hash | also `cursor`: the last seq its counts include |
+//!
+//! # What is not handed over
+//!
+//! Events accepted while Redis was unreachable, and DLQ replays (written
+//! to the WAL, not received), wait for their instance to start again.
+//! Per-instance figures (retention, trends, windows) of the events taken
+//! over are the orphan's; they are counted when it comes back.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use super::{Mirror, MirrorError};
+use crate::analytics::day_of;
+use crate::event::{Queued, WalRecord, now_ms};
+use crate::storage::{BatchAck, decode_record, encode_record};
+
+/// Appends a group's entry (`ARGV[2]`) at id `ARGV[1]` to the stream
+/// (`KEYS[1]`) and names the instance (`ARGV[3]`) in the set of instances
+/// (`KEYS[2]`); answers 0, writing nothing, when the stream's top id is not
+/// below `ARGV[1]`.
+const APPEND: &str = r"
+local added = redis.pcall('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])
+if type(added) == 'table' and added.err then return 0 end
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+";
+
+/// Locks an orphan for `ARGV[1]` for `ARGV[2]` ms: answers 1 when its
+/// `alive:` key (`KEYS[1]`) is gone and its `owner:` key (`KEYS[2]`) is free
+/// or already `ARGV[1]`'s.
+const LOCK: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// Records a chunk taken over. `KEYS`: alive, owner, figures, days,
+/// stream. `ARGV`: the taker, the cursor read, the new cursor, the stream
+/// id to trim below, the lock's lease, now, the number of type pairs, then
+/// `type:{t}` / count pairs, then `{day}:{t}` / count pairs. Answers 0,
+/// writing nothing, when the orphan is alive again, the lock is another's,
+/// or the cursor moved.
+const RECORD: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if (redis.call('HGET', KEYS[3], 'cursor') or '0') ~= ARGV[2] then return 0 end
+local i = 8
+for _ = 1, tonumber(ARGV[7]) do
+  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+while i <= #ARGV do
+  redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+redis.call('HSET', KEYS[3], 'cursor', ARGV[3], 'updated_ms', ARGV[6])
+redis.call('XTRIM', KEYS[5], 'MINID', ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return 1
+";
+
+/// Stream entries read per chunk (each is one group commit, at most
+/// 1,000 events).
+const ENTRIES_PER_CHUNK: usize = 8;
+
+/// An orphan this instance holds the lock of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    /// Its instance name.
+    pub name: String,
+}
+
+/// Events taken over from an orphan, to deliver and then [`record`].
+///
+/// [`record`]: Mirror::record_taken
+#[derive(Debug)]
+pub struct Taken {
+    /// The orphan's cursor before this chunk.
+    pub from: u64,
+    /// Its cursor after it: the last seq of the last entry read.
+    pub to: u64,
+    /// The events after `from`, in seq order.
+    pub events: Vec<Queued>,
+}
+
+/// What a chunk adds to its orphan's figures.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TakenCounts {
+    /// Per event type.
+    pub by_type: Vec<(String, u64)>,
+    /// Per day (days since 1970-01-01) and event type.
+    pub by_day: Vec<(i32, String, u64)>,
+}
+
+impl TakenCounts {
+    /// What `ack` counts, as the local counters would: per type, and per
+    /// day of each event and type.
+    pub fn of(ack: &BatchAck) -> TakenCounts {
+        let mut by_type: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut by_day: BTreeMap<(i32, &str), u64> = BTreeMap::new();
+        for facts in ack.processed.iter().filter_map(|(_, f)| f.as_ref()) {
+            let t = facts.event_type.as_str();
+            *by_type.entry(t).or_default() += 1;
+            *by_day.entry((day_of(facts.occurred_at_ms), t)).or_default() += 1;
+        }
+        TakenCounts {
+            by_type: by_type
+                .into_iter()
+                .map(|(t, n)| (t.to_owned(), n))
+                .collect(),
+            by_day: by_day
+                .into_iter()
+                .map(|((day, t), n)| (day, t.to_owned(), n))
+                .collect(),
+        }
+    }
+}
+
+/// A stream id below every entry whose last seq is at or above `seq`.
+fn id_from(seq: u64) -> String {
+    format!("{seq}-0")
+}
+
+impl Mirror {
+    /// The key of `instance`'s `what` (`wal`, `alive`, `owner`).
+    pub(super) fn handoff_key(&self, what: &str, instance: &str) -> String {
+        format!("{}{what}:{instance}", self.prefix)
+    }
+
+    /// Adds a group's accepted events to `pipe`, as this instance's stream
+    /// entry (the confirm's pipeline); nothing when there are none.
+    pub(super) fn append_group(&self, pipe: &mut redis::Pipeline, group: &[(u64, &WalRecord)]) {
+        let Some(last) = group.iter().map(|(seq, _)| *seq).max() else {
+            return;
+        };
+        pipe.cmd("EVAL")
+            .arg(APPEND)
+            .arg(2)
+            .arg(self.handoff_key("wal", &self.instance))
+            .arg(format!("{}instances", self.prefix))
+            .arg(format!("{last}-1"))
+            .arg(encode_record(&group))
+            .arg(&self.instance);
+    }
+
+    /// Reads the answer of [`append_group`]'s script: 0 means the stream's
+    /// top was above the group (counted, and logged once).
+    ///
+    /// [`append_group`]: Mirror::append_group
+    pub(super) fn appended(&self, added: i64) {
+        if added == 0 && self.counters.unmirrored.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                stream = %self.handoff_key("wal", &self.instance),
+                "this instance's stream in redis is ahead of its store (a new data directory \
+                 under the same instance name?): its queue is not mirrored for takeover; \
+                 give it another `instance` name"
+            );
+        }
+    }
+
+    /// Adds the heartbeat and the trim to the publish transaction: alive
+    /// for `takeover_after_ms`, and the stream cut below `cursor`.
+    pub(super) fn beat(&self, pipe: &mut redis::Pipeline, cursor: u64) {
+        pipe.cmd("SET")
+            .arg(self.handoff_key("alive", &self.instance))
+            .arg(now_ms())
+            .arg("PX")
+            .arg(self.takeover_after_ms)
+            .ignore()
+            .cmd("XTRIM")
+            .arg(self.handoff_key("wal", &self.instance))
+            .arg("MINID")
+            .arg(id_from(cursor.saturating_add(1)))
+            .ignore();
+    }
+
+    /// Finds an instance that stopped beating with entries left in its
+    /// stream, and locks it for this one; `None` when there is none.
+    pub async fn find_orphan(&self) -> Result<Option<Orphan>, MirrorError> {
+        let others = self.others().await?;
+        if others.is_empty() {
+            return Ok(None);
+        }
+        let mut pipe = redis::pipe();
+        for name in &others {
+            pipe.cmd("EXISTS")
+                .arg(self.handoff_key("alive", name))
+                .cmd("XLEN")
+                .arg(self.handoff_key("wal", name));
+        }
+        let mut conn = self.conn.clone();
+        let found: Vec<u64> = self.call(pipe.query_async(&mut conn)).await?;
+        for (name, state) in others.iter().zip(found.chunks(2)) {
+            let [alive, entries] = state else { continue };
+            if *alive == 1 || *entries == 0 {
+                continue;
+            }
+            let locked: i64 = self
+                .call(
+                    redis::cmd("EVAL")
+                        .arg(LOCK)
+                        .arg(2)
+                        .arg(self.handoff_key("alive", name))
+                        .arg(self.handoff_key("owner", name))
+                        .arg(&self.instance)
+                        .arg(self.takeover_after_ms)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if locked == 1 {
+                return Ok(Some(Orphan { name: name.clone() }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The orphan's next chunk of events after its published cursor;
+    /// `None` once its stream holds nothing after it.
+    pub async fn take(&self, orphan: &Orphan) -> Result<Option<Taken>, MirrorError> {
+        let mut conn = self.conn.clone();
+        let cursor: Option<u64> = self
+            .call(
+                redis::cmd("HGET")
+                    .arg(self.handoff_key("figures", &orphan.name))
+                    .arg("cursor")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let from = cursor.unwrap_or(0);
+        let entries: redis::streams::StreamRangeReply = self
+            .call(
+                redis::cmd("XRANGE")
+                    .arg(self.handoff_key("wal", &orphan.name))
+                    .arg(id_from(from.saturating_add(1)))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(ENTRIES_PER_CHUNK)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let entries = entries.ids;
+        let mut to = from;
+        let mut events = Vec::new();
+        for entry in &entries {
+            let last: u64 = entry
+                .id
+                .split('-')
+                .next()
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(0);
+            to = to.max(last);
+            let group: Option<Vec<(u64, WalRecord)>> = entry
+                .get::<Vec<u8>>("e")
+                .and_then(|bytes| decode_record(&bytes).ok());
+            let Some(group) = group else {
+                // Not written by inletd, or damaged: nothing to deliver.
+                self.counters.undecodable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(orphan = %orphan.name, id = %entry.id,
+                    "a stream entry taken over does not decode; skipped");
+                continue;
+            };
+            events.extend(
+                group
+                    .into_iter()
+                    .filter(|(seq, _)| *seq > from)
+                    .map(|(seq, record)| Queued { seq, record }),
+            );
+        }
+        if entries.is_empty() {
+            // Entries at or below the cursor are counted: clear them, or
+            // the orphan would be found again every round.
+            let _: () = self
+                .call(
+                    redis::cmd("XTRIM")
+                        .arg(self.handoff_key("wal", &orphan.name))
+                        .arg("MINID")
+                        .arg(id_from(from.saturating_add(1)))
+                        .query_async(&mut conn),
+                )
+                .await?;
+            return Ok(None);
+        }
+        Ok(Some(Taken { from, to, events }))
+    }
+
+    /// Records a chunk delivered: adds its counts to the orphan's figures,
+    /// moves its cursor and trims its stream, only while this instance
+    /// still holds the lock and the orphan is not alive again. Answers
+    /// whether it did (false: the takeover is over).
+    pub async fn record_taken(
+        &self,
+        orphan: &Orphan,
+        taken: &Taken,
+        counts: &TakenCounts,
+    ) -> Result<bool, MirrorError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(RECORD)
+            .arg(5)
+            .arg(self.handoff_key("alive", &orphan.name))
+            .arg(self.handoff_key("owner", &orphan.name))
+            .arg(self.handoff_key("figures", &orphan.name))
+            .arg(self.handoff_key("days", &orphan.name))
+            .arg(self.handoff_key("wal", &orphan.name))
+            .arg(&self.instance)
+            .arg(taken.from)
+            .arg(taken.to)
+            .arg(id_from(taken.to.saturating_add(1)))
+            .arg(self.takeover_after_ms)
+            .arg(now_ms())
+            .arg(counts.by_type.len());
+        for (event_type, n) in &counts.by_type {
+            cmd.arg(format!("type:{event_type}")).arg(n);
+        }
+        for (day, event_type, n) in &counts.by_day {
+            cmd.arg(format!("{day}:{event_type}")).arg(n);
+        }
+        let mut conn = self.conn.clone();
+        let recorded: i64 = self.call(cmd.query_async(&mut conn)).await?;
+        if recorded == 1 {
+            self.counters
+                .taken_events
+                .fetch_add(taken.events.len() as u64, Ordering::Relaxed);
+        }
+        Ok(recorded == 1)
+    }
+
+    /// Counts an orphan whose takeover began.
+    pub fn took_over(&self, orphan: &Orphan) {
+        self.counters.takeovers.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(orphan = %orphan.name,
+            "an instance stopped beating with events queued; delivering them here");
+    }
+}
