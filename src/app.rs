@@ -228,6 +228,7 @@ pub async fn start(
     }
     if let Some(mirror) = mirror {
         background.push(tokio::spawn(mirror_rounds(context.clone(), mirror.clone())));
+        background.push(tokio::spawn(dau_heals(context.clone(), mirror.clone())));
         background.push(tokio::spawn(takeover_rounds(context.clone(), mirror)));
     }
     tracing::info!(%addr, data_dir = %config.data_dir.display(), durability = ?config.durability,
@@ -453,15 +454,22 @@ fn abort_all(tasks: &[JoinHandle<()>]) {
 }
 
 /// Every `publish_interval_ms`: the Redis mirror's round (module docs of
-/// [`crate::mirror`]), then the heal of the deployment's DAU when it is due.
+/// [`crate::mirror`]), which carries this instance's heartbeat.
 async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
-    let period = Duration::from_millis(context.live().config.redis.publish_interval_ms);
-    let mut every = tokio::time::interval(period);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut every = every_publish_interval(&context);
     loop {
         every.tick().await;
         mirror_round(&context, &mirror).await;
-        // Not in the last round at a stop: it may read a month of users.
+    }
+}
+
+/// Every `publish_interval_ms`, the heal of the deployment's DAU when it
+/// is due. Its own task: it may read a month of users, and the heartbeat
+/// must not wait for it (nor does the last round at a stop).
+async fn dau_heals(context: Arc<Context>, mirror: Arc<Mirror>) {
+    let mut every = every_publish_interval(&context);
+    loop {
+        every.tick().await;
         mirror
             .heal_dau(|day| {
                 blocking(&context.storage, move |s| {
@@ -470,6 +478,13 @@ async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
             })
             .await;
     }
+}
+
+fn every_publish_interval(context: &Context) -> tokio::time::Interval {
+    let period = Duration::from_millis(context.live().config.redis.publish_interval_ms);
+    let mut every = tokio::time::interval(period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every
 }
 
 /// Probes Redis if it was down, writes the key backlog, publishes this

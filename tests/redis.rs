@@ -271,6 +271,16 @@ fn a_frozen_redis_costs_no_answer_and_the_totals_heal_after() {
             h["redis"]["state"] == "up" && h["redis"]["backlog"] == 0
         });
     }
+    // Every heartbeat expired during the freeze; neither instance took
+    // the other, alive, over.
+    std::thread::sleep(Duration::from_secs(1));
+    for d in [&a, &b] {
+        let metrics = d.get("/metrics").text();
+        assert!(
+            metrics.contains("inletd_redis_takeovers_total 0\n"),
+            "{metrics}"
+        );
+    }
     // A key accepted by a while Redis was frozen is known to b now.
     let r = b.post_json("/webhook/events", &event("during0"));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -622,13 +632,14 @@ fn an_instance_killed_under_load_has_what_it_acknowledged_delivered_and_counted_
         .unwrap_or_else(|| panic!("no taken-events metric: {metrics}"));
     assert!(taken > 0, "b took nothing over: {metrics}");
     eprintln!("b took {taken} events over");
-    assert!(
+    // Only a trims its own stream; taken over, it is left to expire with
+    // the idempotency window (a that came back would keep it).
+    eventually(Duration::from_secs(5), "a's stream set to expire", || {
         redis
-            .command(&["XLEN", "test:wal:a"])
+            .command(&["PTTL", "test:wal:a"])
             .as_int()
-            .is_some_and(|n| n == 0),
-        "a's stream is emptied once taken over"
-    );
+            .is_some_and(|ms| ms > 0)
+    });
     eventually(
         Duration::from_secs(10),
         "the users taken over count in the DAU",
@@ -648,4 +659,136 @@ fn an_instance_killed_under_load_has_what_it_acknowledged_delivered_and_counted_
     assert_eq!(summary(&a)["local"]["total_events"], total);
     let r = b.post_json("/webhook/events", &event(&acked[0]));
     assert_eq!(r.json()["status"], "duplicate", "{}", r.text());
+}
+
+#[test]
+fn a_redis_flushed_under_load_loses_nothing_and_takes_over_no_live_instance() {
+    // Redis without persistence: a FLUSHALL, like its restart, forgets the
+    // streams, the figures and every heartbeat at once.
+    let Some(redis) = RedisServer::start(RedisOptions::default()) else {
+        return;
+    };
+    let sink = SinkServer::start(Box::new(|_| {
+        std::thread::sleep(Duration::from_millis(5));
+        200
+    }));
+    let sinks = format!("batch_size = 20\n{}", http_sink(&sink.url()));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Daemon::start(dir_a.path(), &instance_config(&redis, "a", &sinks));
+    let b = Daemon::start(dir_b.path(), &instance_config(&redis, "b", &sinks));
+
+    // Someone flushes Redis twenty times while a takes events and works
+    // through its queue.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let acked = std::thread::scope(|scope| {
+        let load = scope.spawn(|| load_until(&a, &stop, "f"));
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(150));
+            redis.command(&["FLUSHALL"]);
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        load.join().expect("load")
+    });
+
+    // Processing stays with a: nothing acknowledged is lost, each event is
+    // delivered once, and the deployment's total is exact again.
+    a.wait_processed(Duration::from_secs(60));
+    let delivered: Vec<String> = sink
+        .events()
+        .iter()
+        .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
+        .collect();
+    let distinct: std::collections::HashSet<&String> = delivered.iter().collect();
+    assert!(acked.iter().all(|id| distinct.contains(id)));
+    assert_eq!(delivered.len(), acked.len(), "an event was delivered twice");
+    wait_for_deployment_total(&b, acked.len() as u64, Duration::from_secs(10));
+    // No live instance was taken for a stopped one.
+    for d in [&a, &b] {
+        let metrics = d.get("/metrics").text();
+        assert!(
+            metrics.contains("inletd_redis_takeovers_total 0\n"),
+            "{metrics}"
+        );
+    }
+}
+
+/// The cursor a's figures in Redis count up to.
+fn published_cursor(redis: &RedisServer, instance: &str) -> u64 {
+    redis
+        .command(&["HGET", &format!("test:figures:{instance}"), "cursor"])
+        .as_text()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_takeover_slower_than_its_lock_and_an_instance_that_comes_back_and_dies_again_count_once() {
+    let Some(redis) = RedisServer::start(RedisOptions {
+        appendonly: true,
+        ..RedisOptions::default()
+    }) else {
+        return;
+    };
+    // 20 ms a request of 10 events: a chunk of 1,000 takes about 2 s to
+    // deliver, longer than the 1.5 s lock on the instance taken over.
+    let sink = SinkServer::start(Box::new(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        200
+    }));
+    let sinks = format!("batch_size = 10\n{}", http_sink(&sink.url()));
+    let config = |instance| {
+        let mut c = instance_config(&redis, instance, &sinks);
+        c.push_str("takeover_after_ms = 1500\n");
+        c
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Daemon::start(dir_a.path(), &config("a"));
+    let b = Daemon::start(dir_b.path(), &config("b"));
+
+    // a takes 5 batches of 1,000 events, one group commit each, and dies.
+    let mut acked: Vec<String> = Vec::new();
+    for n in 0..5 {
+        let ids: Vec<String> = (0..1000).map(|i| format!("big-{n}-{i}")).collect();
+        let events: Vec<Value> = ids.iter().map(|id| event(id)).collect();
+        let r = a.post_json("/webhook/batch", &json!({ "events": events }));
+        assert_eq!(r.json()["accepted"], 1000, "{}", r.text());
+        acked.extend(ids);
+    }
+    a.kill9();
+    let published = published_cursor(&redis, "a");
+
+    // b records at least one chunk although each outlasts its lock.
+    eventually(Duration::from_secs(30), "b records a chunk", || {
+        published_cursor(&redis, "a") >= published + 1000
+    });
+    let taken = published_cursor(&redis, "a");
+
+    // a comes back, publishes its own (lower) cursor, and dies again
+    // before it has caught up.
+    let mut a = Daemon::start_with(dir_a.path(), &a.config_path, &[]);
+    eventually(
+        Duration::from_secs(10),
+        "a publishes its own cursor",
+        || published_cursor(&redis, "a") < taken,
+    );
+    a.kill9();
+
+    // b takes over again from a's cursor: every event is delivered, and
+    // the deployment counts each once.
+    let total = acked.len() as u64;
+    eventually(
+        Duration::from_secs(60),
+        "every acknowledged event delivered",
+        || {
+            let seen: std::collections::HashSet<String> = sink
+                .events()
+                .iter()
+                .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
+                .collect();
+            acked.iter().all(|id| seen.contains(id))
+        },
+    );
+    wait_for_deployment_total(&b, total, Duration::from_secs(30));
+    let s = summary(&b);
+    assert_eq!(s["by_type"]["signup"], total, "{s}");
 }

@@ -99,17 +99,8 @@ impl Mirror {
         }
     }
 
-    /// The round's DAU part: adds the users noted since the last round,
-    /// and checks the heal mark (a Redis that lost it lost the users too).
+    /// The round's DAU part: adds the users noted since the last round.
     pub(super) async fn share_users(&self) -> Result<(), MirrorError> {
-        let mark = format!("{}dau:healed:{}", self.prefix, self.instance);
-        let mut conn = self.conn.clone();
-        let there: bool = self
-            .call(redis::cmd("EXISTS").arg(&mark).query_async(&mut conn))
-            .await?;
-        if !there {
-            self.heal_due.store(true, Ordering::Relaxed);
-        }
         let noted = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         if let Err(e) = self.add_users(&noted.days).await {
             // Back for the next round (merged with what came meanwhile).
@@ -126,16 +117,30 @@ impl Mirror {
 
     /// Heals the deployment's DAU with every user this instance saw in the
     /// last [`PUBLISHED_DAYS`] days, read a day at a time by `users_of`
-    /// (so that one day's users are in memory at once), then sets the mark.
-    /// A heal that fails is due again.
+    /// (so that one day's users are in memory at once), then sets the mark,
+    /// when a heal is due or the mark is gone (a Redis that lost it lost
+    /// the users too). A heal that fails is due again. Called from its own
+    /// task: one check and one heal at a time.
     pub async fn heal_dau<F, Fut, E>(&self, mut users_of: F)
     where
         F: FnMut(i32) -> Fut,
         Fut: std::future::Future<Output = Result<BTreeSet<String>, E>>,
         E: std::fmt::Display,
     {
-        if !self.is_up() || !self.heal_due.swap(false, Ordering::Relaxed) {
+        if !self.is_up() {
             return;
+        }
+        let mark = format!("{}dau:healed:{}", self.prefix, self.instance);
+        let mut conn = self.conn.clone();
+        if !self.heal_due.swap(false, Ordering::Relaxed) {
+            // Not due, unless Redis lost this instance's users (the mark is
+            // gone: a FLUSHALL, a restart without persistence).
+            let there: Result<bool, _> = self
+                .call(redis::cmd("EXISTS").arg(&mark).query_async(&mut conn))
+                .await;
+            if !matches!(there, Ok(false)) {
+                return;
+            }
         }
         let today = day_of(now_ms());
         for day in today - (PUBLISHED_DAYS - 1)..=today + 1 {
@@ -156,8 +161,6 @@ impl Mirror {
                 return;
             }
         }
-        let mark = format!("{}dau:healed:{}", self.prefix, self.instance);
-        let mut conn = self.conn.clone();
         let mut set = redis::cmd("SET");
         set.arg(&mark).arg(now_ms()).arg("PX").arg(KEEP_MS);
         if self.call(set.query_async::<()>(&mut conn)).await.is_err() {

@@ -21,14 +21,22 @@
 //!   ([`crate::storage::Storage::counted`]), its `alive:` key (expiring
 //!   after `takeover_after_ms`), and trims its stream below that cursor.
 //! - **Takeover.** An instance whose `alive:` key is gone and whose stream
-//!   holds entries is an orphan. A live instance locks it (`owner:`,
+//!   holds entries after its published cursor is an orphan, once a live instance has also seen it so
+//!   for three of its own rounds: a Redis that lost its data (FLUSHALL, a
+//!   restart without persistence) or was frozen past the lease has lost
+//!   every heartbeat at once, and the live instances beat again within a
+//!   round. A live instance locks it (`owner:`,
 //!   refreshed with each chunk) and, chunk by chunk from the orphan's
 //!   published cursor: delivers the events through its own sinks (what
 //!   fails goes to its own DLQ), then in one script, only while it still
 //!   holds the lock, the orphan is still not alive and the cursor is the
 //!   one it read, adds the chunk's counts to the orphan's published
-//!   figures, moves the cursor and trims the stream. The users go to the
-//!   deployment's DAU.
+//!   figures and moves the cursor. The users go to the deployment's DAU.
+//!   Only an instance trims its own stream, to its own published cursor:
+//!   if it comes back, publishes a cursor below the taker's and stops
+//!   again, the next takeover still finds what lies after it. A takeover
+//!   that finds nothing more leaves the stream to expire after the
+//!   idempotency window (an instance that beats again keeps it).
 //!
 //! # Why the counts stay exact
 //!
@@ -48,7 +56,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P wal:{instance}` | stream | one entry per group commit: field `e`, the group's `(seq, record)` list as a record envelope |
+//! | `P wal:{instance}` | stream | one entry per group commit: field `e`, the group's `(seq, record)` list as a record envelope (a group over 8 MiB is not mirrored) |
 //! | `P alive:{instance}` | string | the instance is alive (ms of its last round); expires after its `takeover_after_ms` |
 //! | `P owner:{instance}` | string | the instance taking this orphan over; expires after the taker's `takeover_after_ms` |
 //! | `P figures:{instance}` | hash | also `cursor`: the last seq its counts include |
@@ -74,7 +82,10 @@ use crate::storage::{BatchAck, decode_record, encode_record};
 /// below `ARGV[1]`.
 const APPEND: &str = r"
 local added = redis.pcall('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])
-if type(added) == 'table' and added.err then return 0 end
+if type(added) == 'table' and added.err then
+  if string.find(added.err, 'equal or smaller', 1, true) then return 0 end
+  return redis.error_reply(added.err)
+end
 redis.call('SADD', KEYS[2], ARGV[3])
 return 1
 ";
@@ -90,18 +101,20 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
-/// Records a chunk taken over. `KEYS`: alive, owner, figures, days,
-/// stream. `ARGV`: the taker, the cursor read, the new cursor, the stream
-/// id to trim below, the lock's lease, now, the number of type pairs, then
-/// `type:{t}` / count pairs, then `{day}:{t}` / count pairs. Answers 0,
-/// writing nothing, when the orphan is alive again, the lock is another's,
-/// or the cursor moved.
+/// Records a chunk taken over. `KEYS`: alive, owner, figures, days.
+/// `ARGV`: the taker, the cursor read, the new cursor, the lock's lease,
+/// now, the number of type pairs, then `type:{t}` / count pairs, then
+/// `{day}:{t}` / count pairs. Answers 0, writing nothing, when the orphan
+/// is alive again, another instance holds the lock, or the cursor moved.
+/// A lock that expired while the chunk was delivered is taken again: the
+/// cursor alone keeps the counts exact.
 const RECORD: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local owner = redis.call('GET', KEYS[2])
+if owner and owner ~= ARGV[1] then return 0 end
 if (redis.call('HGET', KEYS[3], 'cursor') or '0') ~= ARGV[2] then return 0 end
-local i = 8
-for _ = 1, tonumber(ARGV[7]) do
+local i = 7
+for _ = 1, tonumber(ARGV[6]) do
   redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
@@ -109,15 +122,23 @@ while i <= #ARGV do
   redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-redis.call('HSET', KEYS[3], 'cursor', ARGV[3], 'updated_ms', ARGV[6])
-redis.call('XTRIM', KEYS[5], 'MINID', ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[3], 'cursor', ARGV[3], 'updated_ms', ARGV[5])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
 return 1
 ";
 
-/// Stream entries read per chunk (each is one group commit, at most
+/// Stream entries read at a time (each is one group commit, at most
 /// 1,000 events).
-const ENTRIES_PER_CHUNK: usize = 8;
+const ENTRIES_PER_READ: usize = 8;
+
+/// A chunk stops taking entries once it holds this many events (it takes
+/// at least one entry): a chunk is delivered in about the time of a
+/// batch of the instance's own.
+const CHUNK_EVENTS: usize = 1000;
+
+/// A group whose entry would be larger is not mirrored (counted): one
+/// call must not hold Redis, or the group's answers, for long.
+const MAX_ENTRY_BYTES: usize = 8 << 20;
 
 /// An orphan this instance holds the lock of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,18 +206,34 @@ impl Mirror {
 
     /// Adds a group's accepted events to `pipe`, as this instance's stream
     /// entry (the confirm's pipeline); nothing when there are none.
-    pub(super) fn append_group(&self, pipe: &mut redis::Pipeline, group: &[(u64, &WalRecord)]) {
+    /// Answers whether it did: not for an empty group, nor for one past
+    /// [`MAX_ENTRY_BYTES`] (counted).
+    pub(super) fn append_group(
+        &self,
+        pipe: &mut redis::Pipeline,
+        group: &[(u64, &WalRecord)],
+    ) -> bool {
         let Some(last) = group.iter().map(|(seq, _)| *seq).max() else {
-            return;
+            return false;
         };
+        let entry = encode_record(&group);
+        if entry.len() > MAX_ENTRY_BYTES {
+            self.counters.unmirrored.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                bytes = entry.len(),
+                "a group too large to mirror for takeover"
+            );
+            return false;
+        }
         pipe.cmd("EVAL")
             .arg(APPEND)
             .arg(2)
             .arg(self.handoff_key("wal", &self.instance))
             .arg(format!("{}instances", self.prefix))
             .arg(format!("{last}-1"))
-            .arg(encode_record(&group))
+            .arg(entry)
             .arg(&self.instance);
+        true
     }
 
     /// Reads the answer of [`append_group`]'s script: 0 means the stream's
@@ -204,20 +241,30 @@ impl Mirror {
     ///
     /// [`append_group`]: Mirror::append_group
     pub(super) fn appended(&self, added: i64) {
-        if added == 0 && self.counters.unmirrored.fetch_add(1, Ordering::Relaxed) == 0 {
+        if added != 0 {
+            return;
+        }
+        self.counters.unmirrored.fetch_add(1, Ordering::Relaxed);
+        if self.counters.stream_ahead.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(
                 stream = %self.handoff_key("wal", &self.instance),
-                "this instance's stream in redis is ahead of its store (a new data directory \
-                 under the same instance name?): its queue is not mirrored for takeover; \
-                 give it another `instance` name"
+                "this instance's stream in redis is ahead of its store: a new data directory \
+                 under the same instance name, or acknowledged events this store lost \
+                 (durability = \"interval\" and a crash). Groups are mirrored for takeover \
+                 again once their seqs pass the stream's; a new data directory should take \
+                 another `instance` name"
             );
         }
     }
 
     /// Adds the heartbeat and the trim to the publish transaction: alive
-    /// for `takeover_after_ms`, and the stream cut below `cursor`.
+    /// for `takeover_after_ms`, the stream cut below `cursor`, and kept
+    /// (a takeover that ended left it to expire).
     pub(super) fn beat(&self, pipe: &mut redis::Pipeline, cursor: u64) {
-        pipe.cmd("SET")
+        pipe.cmd("PERSIST")
+            .arg(self.handoff_key("wal", &self.instance))
+            .ignore()
+            .cmd("SET")
             .arg(self.handoff_key("alive", &self.instance))
             .arg(now_ms())
             .arg("PX")
@@ -230,44 +277,72 @@ impl Mirror {
             .ignore();
     }
 
-    /// Finds an instance that stopped beating with entries left in its
-    /// stream, and locks it for this one; `None` when there is none.
-    pub async fn find_orphan(&self) -> Result<Option<Orphan>, MirrorError> {
+    /// The other instances that are not beating (their `alive:` key is
+    /// gone) and whose stream holds entries.
+    pub async fn silent_with_events(&self) -> Result<Vec<String>, MirrorError> {
         let others = self.others().await?;
         if others.is_empty() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for name in &others {
             pipe.cmd("EXISTS")
                 .arg(self.handoff_key("alive", name))
-                .cmd("XLEN")
-                .arg(self.handoff_key("wal", name));
+                .cmd("HGET")
+                .arg(self.handoff_key("figures", name))
+                .arg("cursor");
         }
         let mut conn = self.conn.clone();
-        let found: Vec<u64> = self.call(pipe.query_async(&mut conn)).await?;
-        for (name, state) in others.iter().zip(found.chunks(2)) {
-            let [alive, entries] = state else { continue };
-            if *alive == 1 || *entries == 0 {
-                continue;
-            }
-            let locked: i64 = self
-                .call(
-                    redis::cmd("EVAL")
-                        .arg(LOCK)
-                        .arg(2)
-                        .arg(self.handoff_key("alive", name))
-                        .arg(self.handoff_key("owner", name))
-                        .arg(&self.instance)
-                        .arg(self.takeover_after_ms)
-                        .query_async(&mut conn),
-                )
-                .await?;
-            if locked == 1 {
-                return Ok(Some(Orphan { name: name.clone() }));
-            }
+        let found: Vec<(u64, Option<u64>)> = self.call(pipe.query_async(&mut conn)).await?;
+        let silent: Vec<(String, u64)> = others
+            .into_iter()
+            .zip(found)
+            .filter(|(_, (alive, _))| *alive == 0)
+            .map(|(name, (_, cursor))| (name, cursor.unwrap_or(0)))
+            .collect();
+        if silent.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(None)
+        // Entries at or below the cursor were counted (and delivered): only
+        // one after it makes an orphan.
+        let mut pipe = redis::pipe();
+        for (name, cursor) in &silent {
+            pipe.cmd("XRANGE")
+                .arg(self.handoff_key("wal", name))
+                .arg(id_from(cursor.saturating_add(1)))
+                .arg("+")
+                .arg("COUNT")
+                .arg(1);
+        }
+        let after: Vec<redis::streams::StreamRangeReply> =
+            self.call(pipe.query_async(&mut conn)).await?;
+        Ok(silent
+            .into_iter()
+            .zip(after)
+            .filter(|(_, after)| !after.ids.is_empty())
+            .map(|((name, _), _)| name)
+            .collect())
+    }
+
+    /// Locks `name` for this instance; `None` when it beats again or
+    /// another instance holds it.
+    pub async fn lock_orphan(&self, name: &str) -> Result<Option<Orphan>, MirrorError> {
+        let mut conn = self.conn.clone();
+        let locked: i64 = self
+            .call(
+                redis::cmd("EVAL")
+                    .arg(LOCK)
+                    .arg(2)
+                    .arg(self.handoff_key("alive", name))
+                    .arg(self.handoff_key("owner", name))
+                    .arg(&self.instance)
+                    .arg(self.takeover_after_ms)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok((locked == 1).then(|| Orphan {
+            name: name.to_owned(),
+        }))
     }
 
     /// The orphan's next chunk of events after its published cursor;
@@ -290,7 +365,7 @@ impl Mirror {
                     .arg(id_from(from.saturating_add(1)))
                     .arg("+")
                     .arg("COUNT")
-                    .arg(ENTRIES_PER_CHUNK)
+                    .arg(ENTRIES_PER_READ)
                     .query_async(&mut conn),
             )
             .await?;
@@ -298,6 +373,9 @@ impl Mirror {
         let mut to = from;
         let mut events = Vec::new();
         for entry in &entries {
+            if events.len() >= CHUNK_EVENTS {
+                break;
+            }
             let last: u64 = entry
                 .id
                 .split('-')
@@ -323,26 +401,18 @@ impl Mirror {
             );
         }
         if entries.is_empty() {
-            // Entries at or below the cursor are counted: clear them, or
-            // the orphan would be found again every round.
-            let _: () = self
-                .call(
-                    redis::cmd("XTRIM")
-                        .arg(self.handoff_key("wal", &orphan.name))
-                        .arg("MINID")
-                        .arg(id_from(from.saturating_add(1)))
-                        .query_async(&mut conn),
-                )
-                .await?;
             return Ok(None);
         }
         Ok(Some(Taken { from, to, events }))
     }
 
-    /// Records a chunk delivered: adds its counts to the orphan's figures,
-    /// moves its cursor and trims its stream, only while this instance
-    /// still holds the lock and the orphan is not alive again. Answers
-    /// whether it did (false: the takeover is over).
+    /// Records a chunk delivered: adds its counts to the orphan's figures
+    /// and moves its cursor, only while no other instance holds the lock,
+    /// the orphan is not alive again, and the cursor is still `taken.from`.
+    /// Answers whether it did (false: the takeover is over). The stream is
+    /// not trimmed here: only its own instance trims it, to what its own
+    /// counts include, so that if it comes back, publishes a lower cursor
+    /// and stops again, the next takeover still finds those events.
     pub async fn record_taken(
         &self,
         orphan: &Orphan,
@@ -351,16 +421,14 @@ impl Mirror {
     ) -> Result<bool, MirrorError> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(RECORD)
-            .arg(5)
+            .arg(4)
             .arg(self.handoff_key("alive", &orphan.name))
             .arg(self.handoff_key("owner", &orphan.name))
             .arg(self.handoff_key("figures", &orphan.name))
             .arg(self.handoff_key("days", &orphan.name))
-            .arg(self.handoff_key("wal", &orphan.name))
             .arg(&self.instance)
             .arg(taken.from)
             .arg(taken.to)
-            .arg(id_from(taken.to.saturating_add(1)))
             .arg(self.takeover_after_ms)
             .arg(now_ms())
             .arg(counts.by_type.len());
@@ -378,6 +446,22 @@ impl Mirror {
                 .fetch_add(taken.events.len() as u64, Ordering::Relaxed);
         }
         Ok(recorded == 1)
+    }
+
+    /// Ends a takeover that found nothing more after the cursor: the
+    /// orphan's stream expires after `keep_ms` unless its instance beats
+    /// again (which keeps it).
+    pub async fn finish(&self, orphan: &Orphan, keep_ms: i64) -> Result<(), MirrorError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .call(
+                redis::cmd("PEXPIRE")
+                    .arg(self.handoff_key("wal", &orphan.name))
+                    .arg(keep_ms.max(1))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
     }
 
     /// Counts an orphan whose takeover began.

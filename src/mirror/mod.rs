@@ -199,6 +199,9 @@ struct Counters {
     /// Group commits not mirrored to this instance's stream (see
     /// `handoff.rs`).
     unmirrored: AtomicU64,
+    /// Groups not mirrored because the stream's top was above them (logged
+    /// once).
+    stream_ahead: AtomicU64,
     /// Stream entries taken over that did not decode.
     undecodable: AtomicU64,
     /// Orphans this instance began to take over.
@@ -441,8 +444,8 @@ impl Mirror {
                     .ignore();
             }
         }
-        self.append_group(&mut pipe, group);
-        if !any && group.is_empty() {
+        let appending = self.append_group(&mut pipe, group);
+        if !any && !appending {
             // Every key's window is over: nothing to keep (and redis refuses
             // an empty pipeline).
             return Ok(());
@@ -501,8 +504,10 @@ impl Mirror {
                 return;
             }
         }
+        // The heartbeat first: the backlog may take a while.
+        let published = self.publish(counted).await.is_ok();
         self.write_backlog(ttl_ms).await;
-        if self.publish(counted).await.is_ok() {
+        if published {
             let _ = self.share_users().await;
             self.read_persistence().await;
         }

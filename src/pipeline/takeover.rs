@@ -6,9 +6,10 @@
 //! (its failures go to this instance's DLQ), record it, until the orphan's
 //! stream is empty or the lock is lost.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::messages::ProcessorMsg;
 use super::{Context, PROCESSOR};
@@ -17,23 +18,47 @@ use crate::mirror::{Mirror, MirrorError, Orphan, TakenCounts};
 /// Every `publish_interval_ms`: look for an orphan and take it over.
 pub async fn takeover_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
     let period = Duration::from_millis(context.live().config.redis.publish_interval_ms);
+    // An instance is taken over only once this one has also seen it silent
+    // this long (`handoff.rs`): a Redis that lost its data has lost every
+    // heartbeat at once.
+    let grace = period * 3;
+    let mut silent_since: HashMap<String, Instant> = HashMap::new();
     let mut every = tokio::time::interval(period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         if !mirror.is_up() || context.status.draining.load(Ordering::SeqCst) {
+            // Silence seen before an outage of our own proves nothing.
+            silent_since.clear();
             continue;
         }
-        match mirror.find_orphan().await {
-            Ok(Some(orphan)) => {
-                mirror.took_over(&orphan);
-                if let Err(e) = take_over(&context, &mirror, &orphan).await {
-                    tracing::warn!(orphan = %orphan.name, error = %e,
-                        "taking over a stopped instance's events paused; the next round goes on");
-                }
+        let silent = match mirror.silent_with_events().await {
+            Ok(silent) => silent,
+            Err(e) => {
+                tracing::debug!(error = %e, "looking for stopped instances failed");
+                silent_since.clear();
+                continue;
             }
-            Ok(None) => {}
-            Err(e) => tracing::debug!(error = %e, "looking for stopped instances failed"),
+        };
+        let now = Instant::now();
+        silent_since.retain(|name, _| silent.contains(name));
+        for name in silent {
+            let since = *silent_since.entry(name.clone()).or_insert(now);
+            if now.duration_since(since) < grace {
+                continue;
+            }
+            match mirror.lock_orphan(&name).await {
+                Ok(Some(orphan)) => {
+                    mirror.took_over(&orphan);
+                    if let Err(e) = take_over(&context, &mirror, &orphan).await {
+                        tracing::warn!(orphan = %orphan.name, error = %e,
+                            "taking over a stopped instance's events paused; the next round goes on");
+                    }
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "locking a stopped instance failed"),
+            }
         }
     }
 }
@@ -93,6 +118,9 @@ async fn take_over(
         mirror.note_active(ack.active_users());
         delivered += taken.events.len();
     }
+    mirror
+        .finish(orphan, context.live().config.idempotency_ttl_ms())
+        .await?;
     tracing::info!(orphan = %orphan.name, events = delivered,
         "a stopped instance's queued events are delivered");
     Ok(())
