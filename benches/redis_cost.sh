@@ -13,6 +13,10 @@
 # persistence of Redis is not on intake's path). Prints the medians; every
 # run is one JSON line in target/bench/redis_cost.jsonl.
 #
+# BASELINE=path/to/an/older/inletd adds its runs with Redis on to each
+# round (labels base-single, base-batch100): what a change costs, side by
+# side in one run.
+#
 #   benches/redis_cost.sh        # about 3 minutes on 2 cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,10 +43,10 @@ sleep 0.5
 
 redis_cpu_ticks() { awk '{print $14 + $15}' "/proc/$REDIS_PID/stat"; }
 
-run() { # label batch extra-config
+run() { # label batch extra-config [binary]
   local before after started ended
   before=$(redis_cpu_ticks); started=$(date +%s.%N)
-  target/release/examples/load --spawn target/release/inletd --durability fsync \
+  target/release/examples/load --spawn "${4:-target/release/inletd}" --durability fsync \
     --connections "$CONNS" --batch "$2" --duration "$DURATION" --warmup "$WARMUP" \
     --mode closed --label "$1" --config-extra "$3" --json >> "$OUT"
   after=$(redis_cpu_ticks); ended=$(date +%s.%N)
@@ -55,8 +59,10 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round of $ROUNDS"
   run alone-single 1 ""
   run redis-single 1 "$REDIS_CONFIG"
+  [ -n "${BASELINE:-}" ] && run base-single 1 "$REDIS_CONFIG" "$BASELINE"
   run alone-batch100 100 ""
   run redis-batch100 100 "$REDIS_CONFIG"
+  [ -n "${BASELINE:-}" ] && run base-batch100 100 "$REDIS_CONFIG" "$BASELINE"
 done
 
 python3 - "$OUT" "$(getconf CLK_TCK)" <<'PY'
@@ -72,7 +78,8 @@ def med(label, key):
     v = [r[key] for r in runs if r["label"] == label and r.get(key) is not None]
     return statistics.median(v) if v else float("nan")
 print(f"{'run':<16} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU %':>7} {'µs CPU/event':>13} {'redis CPU %':>12} {'non-2xx':>8}")
-for label in ["alone-single", "redis-single", "alone-batch100", "redis-batch100"]:
+labels = ["alone-single", "redis-single", "base-single", "alone-batch100", "redis-batch100", "base-batch100"]
+for label in [l for l in labels if any(r["label"] == l for r in runs)]:
     eps, cpu = med(label, "events_per_s"), med(label, "server_cpu_pct")
     errors = sum(r["non2xx"] + r["errors"] for r in runs if r["label"] == label)
     rc = statistics.median(redis_cpu.get(label, [0.0]))
@@ -80,4 +87,7 @@ for label in ["alone-single", "redis-single", "alone-batch100", "redis-batch100"
 for kind in ["single", "batch100"]:
     a, r = med(f"alone-{kind}", "events_per_s"), med(f"redis-{kind}", "events_per_s")
     print(f"{kind}: with redis / alone = {r/a:.2f}")
+    if any(x["label"] == f"base-{kind}" for x in runs):
+        b = med(f"base-{kind}", "events_per_s")
+        print(f"{kind}: with redis, this build / baseline = {r/b:.2f}")
 PY
