@@ -511,6 +511,57 @@ fn the_redis_stream_sink_adds_every_processed_event() {
     );
 }
 
+/// Two instances, a and b, of one deployment on a Redis that persists,
+/// both delivering to a dashboard that takes 20 ms a request of
+/// `batch_size` events; a's heartbeat lasts 1.5 s (`takeover_after_ms`).
+struct SlowDeployment {
+    redis: RedisServer,
+    sink: SinkServer,
+    dir_a: tempfile::TempDir,
+    _dir_b: tempfile::TempDir,
+    a: Daemon,
+    b: Daemon,
+}
+
+impl SlowDeployment {
+    /// `None` where redis-server cannot run (`RedisServer::start`).
+    fn start(batch_size: usize) -> Option<SlowDeployment> {
+        let redis = RedisServer::start(RedisOptions {
+            appendonly: true,
+            ..RedisOptions::default()
+        })?;
+        let sink = SinkServer::start(Box::new(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            200
+        }));
+        let sinks = format!("batch_size = {batch_size}\n{}", http_sink(&sink.url()));
+        let config = |instance| {
+            let mut c = instance_config(&redis, instance, &sinks);
+            c.push_str("takeover_after_ms = 1500\n");
+            c
+        };
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = Daemon::start(dir_a.path(), &config("a"));
+        let b = Daemon::start(dir_b.path(), &config("b"));
+        Some(SlowDeployment {
+            redis,
+            sink,
+            dir_a,
+            _dir_b: dir_b,
+            a,
+            b,
+        })
+    }
+}
+
+/// The ids of the events `sink` was delivered, each once.
+fn delivered_ids(sink: &SinkServer) -> std::collections::HashSet<String> {
+    sink.events()
+        .iter()
+        .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// Posts batches of 25 new events to `d` from 4 threads until `stop`;
 /// answers every event id it holds a 202 for.
 fn load_until(d: &Daemon, stop: &std::sync::atomic::AtomicBool, prefix: &str) -> Vec<String> {
@@ -552,27 +603,19 @@ fn load_until(d: &Daemon, stop: &std::sync::atomic::AtomicBool, prefix: &str) ->
 
 #[test]
 fn an_instance_killed_under_load_has_what_it_acknowledged_delivered_and_counted_by_another() {
-    let Some(redis) = RedisServer::start(RedisOptions {
-        appendonly: true,
-        ..RedisOptions::default()
-    }) else {
+    // A dashboard that takes 20 ms a request of 20 events: instance a
+    // falls behind its intake, so it dies with a queue.
+    let Some(SlowDeployment {
+        redis,
+        sink,
+        dir_a,
+        mut a,
+        b,
+        ..
+    }) = SlowDeployment::start(20)
+    else {
         return;
     };
-    // A dashboard that takes 20 ms a request: instance a falls behind its
-    // intake, so it dies with a queue.
-    let sink = SinkServer::start(Box::new(|_| {
-        std::thread::sleep(Duration::from_millis(20));
-        200
-    }));
-    let sinks = format!("batch_size = 20\n{}", http_sink(&sink.url()));
-    let config = |instance| {
-        let mut c = instance_config(&redis, instance, &sinks);
-        c.push_str("takeover_after_ms = 1500\n");
-        c
-    };
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = Daemon::start(dir_a.path(), &config("a"));
-    let b = Daemon::start(dir_b.path(), &config("b"));
 
     // Under load, a is killed -9 and not restarted.
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -596,17 +639,11 @@ fn an_instance_killed_under_load_has_what_it_acknowledged_delivered_and_counted_
     );
 
     // b delivers every event a acknowledged, within the lease plus 30 s.
-    let delivered = || -> std::collections::HashSet<String> {
-        sink.events()
-            .iter()
-            .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
-            .collect()
-    };
     eventually(
         Duration::from_secs(32),
         "every acknowledged event delivered",
         || {
-            let seen = delivered();
+            let seen = delivered_ids(&sink);
             acked.iter().all(|id| seen.contains(id))
         },
     );
@@ -693,14 +730,13 @@ fn a_redis_flushed_under_load_loses_nothing_and_takes_over_no_live_instance() {
     // Processing stays with a: nothing acknowledged is lost, each event is
     // delivered once, and the deployment's total is exact again.
     a.wait_processed(Duration::from_secs(60));
-    let delivered: Vec<String> = sink
-        .events()
-        .iter()
-        .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
-        .collect();
-    let distinct: std::collections::HashSet<&String> = delivered.iter().collect();
+    let distinct = delivered_ids(&sink);
     assert!(acked.iter().all(|id| distinct.contains(id)));
-    assert_eq!(delivered.len(), acked.len(), "an event was delivered twice");
+    assert_eq!(
+        sink.events().len(),
+        acked.len(),
+        "an event was delivered twice"
+    );
     wait_for_deployment_total(&b, acked.len() as u64, Duration::from_secs(10));
     // No live instance was taken for a stopped one.
     for d in [&a, &b] {
@@ -723,27 +759,19 @@ fn published_cursor(redis: &RedisServer, instance: &str) -> u64 {
 
 #[test]
 fn a_takeover_slower_than_its_lock_and_an_instance_that_comes_back_and_dies_again_count_once() {
-    let Some(redis) = RedisServer::start(RedisOptions {
-        appendonly: true,
-        ..RedisOptions::default()
-    }) else {
-        return;
-    };
     // 20 ms a request of 10 events: a chunk of 1,000 takes about 2 s to
     // deliver, longer than the 1.5 s lock on the instance taken over.
-    let sink = SinkServer::start(Box::new(|_| {
-        std::thread::sleep(Duration::from_millis(20));
-        200
-    }));
-    let sinks = format!("batch_size = 10\n{}", http_sink(&sink.url()));
-    let config = |instance| {
-        let mut c = instance_config(&redis, instance, &sinks);
-        c.push_str("takeover_after_ms = 1500\n");
-        c
+    let Some(SlowDeployment {
+        redis,
+        sink,
+        dir_a,
+        mut a,
+        b,
+        ..
+    }) = SlowDeployment::start(10)
+    else {
+        return;
     };
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = Daemon::start(dir_a.path(), &config("a"));
-    let b = Daemon::start(dir_b.path(), &config("b"));
 
     // a takes 5 batches of 1,000 events, one group commit each, and dies.
     let mut acked: Vec<String> = Vec::new();
@@ -780,11 +808,7 @@ fn a_takeover_slower_than_its_lock_and_an_instance_that_comes_back_and_dies_agai
         Duration::from_secs(60),
         "every acknowledged event delivered",
         || {
-            let seen: std::collections::HashSet<String> = sink
-                .events()
-                .iter()
-                .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
-                .collect();
+            let seen = delivered_ids(&sink);
             acked.iter().all(|id| seen.contains(id))
         },
     );
