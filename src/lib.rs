@@ -15,10 +15,10 @@
 //! | [`config`]   | settings: defaults, TOML file, `INLETD_*` environment, flags; validation |
 //! | [`event`]    | events, their validation, the WAL record |
 //! | [`storage`]  | the `Storage` trait, its design (layout, invariants, flushing), sled and memory stores; they implement analytics' traits and apply its aggregates in their transactions (storage → analytics, never back) |
-//! | [`pipeline`] | the supervised actors and their messages, and [`pipeline::Pipeline`], the one handle HTTP and `app` use: admission, queries, calls to actors |
+//! | [`pipeline`] | the supervised actors and their messages, [`pipeline::Pipeline`], the one handle HTTP and `app` use: admission, queries, calls to actors; and the takeover task (delivers what a stopped instance of the deployment left) |
 //! | [`process`]  | the standard `process_*` metrics (from `/proc`) and `inletd_build_info` |
 //! | [`sinks`]    | forwarding sinks (HTTP, file, Redis stream) |
-//! | [`mirror`]   | the Redis a deployment of several instances shares: idempotency keys, figures |
+//! | [`mirror`]   | the Redis a deployment of several instances shares: idempotency keys, figures, DAU, each instance's queue mirrored for a takeover (`handoff`) |
 //! | [`http`]     | warp routes, thin handlers (ingest, admin, stats), the JSON answer shapes, the error type, the accept loop; it sees only the `Pipeline` |
 //! | [`app`]      | start-up wiring and the shutdown sequence |
 //! | [`ratelimit`]| the per-source token bucket |
