@@ -1,7 +1,7 @@
 //! The HTTP layer: warp filters and thin handlers. Handlers ask the
 //! [`Pipeline`] (admission, queries, the actors), read a body within its
 //! limit, and map the pipeline's answers to status codes and JSON: the
-//! answer shapes are here ([`answers`]), not in the pipeline. Errors are [`error::ApiError`], turned into responses by one
+//! answer shapes are here (`answers`), not in the pipeline. Errors are [`error::ApiError`], turned into responses by one
 //! `recover()`.
 //!
 //! Here: the routes, `/health`, `/ready`, `/metrics`. Intake is in

@@ -606,7 +606,7 @@ pub fn decode_segment(key: u64, bytes: &[u8]) -> Result<Segment<'_>, RecordError
 const FRONT_CODED: u8 = 1;
 
 /// Encodes one group's scoped idempotency keys for its `idem_expiry` entry,
-/// in an envelope: [`FRONT_CODED`], then the keys in byte order, each as
+/// in an envelope: `FRONT_CODED`, then the keys in byte order, each as
 /// varint(bytes shared with the key before) ‖ varint(bytes of the rest) ‖
 /// the rest. Keys of one source share its name, and ids that count up or
 /// start with a time share most of their bytes: 3–6 bytes a key for such
