@@ -471,3 +471,49 @@ impl Mirror {
             "an instance stopped beating with events queued; delivering them here");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analytics::Wanted;
+
+    fn queued(seq: u64, event_type: &str, day: i64, only_sink: Option<&str>) -> Queued {
+        Queued {
+            seq,
+            record: WalRecord {
+                source: "default".into(),
+                key: format!("k{seq}"),
+                event_type: event_type.into(),
+                received_at_ms: day * 86_400_000,
+                occurred_at_ms: day * 86_400_000 + 1,
+                only_sink: only_sink.map(Into::into),
+                body: "{}".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_chunk_counts_per_type_and_per_day_as_the_local_counters_do() {
+        let records = [
+            queued(1, "signup", 20_000, None),
+            queued(2, "signup", 20_001, None),
+            queued(3, "click", 20_001, None),
+            // A DLQ replay was counted the first time: not again.
+            queued(4, "click", 20_001, Some("dashboard")),
+        ];
+        let ack = BatchAck::of(&records, 0, 1, Wanted::default(), []);
+        let counts = TakenCounts::of(&ack);
+        assert_eq!(
+            counts.by_type,
+            [("click".to_owned(), 1), ("signup".to_owned(), 2)]
+        );
+        assert_eq!(
+            counts.by_day,
+            [
+                (20_000, "signup".to_owned(), 1),
+                (20_001, "click".to_owned(), 1),
+                (20_001, "signup".to_owned(), 1)
+            ]
+        );
+    }
+}

@@ -231,21 +231,11 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         .status
         .storage_failed
         .store(false, Ordering::Relaxed);
-    // The events this group added to the WAL, with their seqs: the
-    // mirror's copy for a takeover.
-    let group_events: Vec<(u64, &crate::event::WalRecord)> = stored
-        .iter()
-        .zip(&stored_events)
-        .filter_map(|(outcome, event)| match outcome {
-            AppendOutcome::Accepted { seq } => Some((*seq, &event.record)),
-            AppendOutcome::Duplicate { .. } => None,
-        })
-        .collect();
-    let mut stored = stored.iter().copied();
+    let mut stored_outcomes = stored.iter().copied();
     let outcomes: Vec<Outcome> = claims
         .into_iter()
         .map(|claim| match claim {
-            local if local.is_local() => stored
+            local if local.is_local() => stored_outcomes
                 .next()
                 .map_or(Outcome::Shared(Claim::InProgress), Outcome::Stored),
             shared => Outcome::Shared(shared),
@@ -269,6 +259,16 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
             .collect();
         // Before the answers: once a client holds a 202, every other
         // instance calls a retry a duplicate, not "in progress".
+        // The events this group added to the WAL, with their seqs: the
+        // mirror's copy for a takeover.
+        let group_events: Vec<(u64, &crate::event::WalRecord)> = stored
+            .iter()
+            .zip(&stored_events)
+            .filter_map(|(outcome, event)| match outcome {
+                AppendOutcome::Accepted { seq } => Some((*seq, &event.record)),
+                AppendOutcome::Duplicate { .. } => None,
+            })
+            .collect();
         mirror.confirm(accepted, &group_events, ttl_ms).await;
     }
     let mut outcomes = outcomes.into_iter();
