@@ -187,6 +187,11 @@ pub async fn start(
         None
     };
     let context = Arc::new(Context::new(live, storage).with_mirror(mirror.clone()));
+    if let Some(mirror) = &mirror {
+        // Before the Processor starts, and before the first publish
+        // replaces what a takeover left.
+        resume_after_takeover(&context, mirror).await;
+    }
     let (supervisor, supervisor_done) = Actor::spawn(None, Supervisor, context.clone())
         .await
         .map_err(|e| AppError::Spawn(e.to_string()))?;
@@ -450,6 +455,38 @@ async fn settle_acks(context: Arc<Context>) {
 fn abort_all(tasks: &[JoinHandle<()>]) {
     for task in tasks {
         task.abort();
+    }
+}
+
+/// With Redis on, at start: the events of this store that another
+/// instance delivered while it was stopped (from this store's last
+/// publish to the taker's cursor, `crate::mirror`'s `handoff.rs`) are
+/// counted here but not delivered again. Those between the store's durable
+/// cursor and its last publish are delivered again: what this store did
+/// not make durable (a DLQ entry too) is done again.
+async fn resume_after_takeover(context: &Context, mirror: &Mirror) {
+    let read = blocking(&context.storage, |s| Ok((s.store_id()?, s.queue_info()?))).await;
+    let Ok((store_id, queue)) = read else {
+        return;
+    };
+    let Some((from, upto)) = mirror.taken_while_stopped(store_id).await else {
+        return;
+    };
+    // Only what this store still holds and has not processed.
+    let (from, upto) = (from.max(queue.cursor), upto.min(queue.last_seq));
+    if upto > from {
+        *context
+            .status
+            .delivered_elsewhere
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = (from, upto);
+        tracing::info!(
+            events = upto - from,
+            after = from,
+            upto,
+            "events of this store were delivered while it was stopped, by the instance \
+             that took its queue over: counted here, not delivered again"
+        );
     }
 }
 

@@ -686,11 +686,23 @@ fn an_instance_killed_under_load_has_what_it_acknowledged_delivered_and_counted_
         },
     );
 
-    // a comes back: it delivers its queue again (sinks are at-least-once),
-    // and its own figures replace what b added for it, counted once.
+    // a comes back: it counts its queue but does not deliver again what b
+    // delivered for it, and its own figures replace what b added for it,
+    // counted once.
+    let delivered_before = sink.events().len();
     let a = Daemon::start_with(dir_a.path(), &a.config_path, &[]);
     a.wait_processed(Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        sink.events().len(),
+        delivered_before,
+        "a delivered again what b had delivered for it"
+    );
+    assert!(
+        a.log_text().contains("not delivered again"),
+        "{}",
+        a.log_text()
+    );
     wait_for_deployment_total(&b, total, Duration::from_secs(10));
     wait_for_deployment_total(&a, total, Duration::from_secs(10));
     assert_eq!(summary(&a)["local"]["total_events"], total);

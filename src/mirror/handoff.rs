@@ -47,10 +47,12 @@
 //! orphan counted locally after its last publish. If the orphan comes
 //! back, its first round makes it alive again, which fences the taker's
 //! next chunk out, and replaces the record with its own exact counts; it
-//! then processes its queue as usual. A chunk delivered but not yet
-//! recorded, or taken and then processed again by the instance that came
-//! back, is delivered twice: sinks are at-least-once, and they get each
-//! event's idempotency key.
+//! then processes its queue as usual, counting every event but delivering
+//! none of those the taker recorded (`taken_from` to `cursor` in the
+//! figures, for the same store: they carry the store's id). Events
+//! between its durable cursor and `taken_from`, and a chunk delivered but
+//! not yet recorded, are delivered twice: sinks are at-least-once, and
+//! they get each event's idempotency key.
 //!
 //! # Keys (`P` is `key_prefix`)
 //!
@@ -59,7 +61,7 @@
 //! | `P wal:{instance}` | stream | one entry per group commit: field `e`, the group's `(seq, record)` list as a record envelope (a group over 8 MiB is not mirrored) |
 //! | `P alive:{instance}` | string | the instance is alive (ms of its last round); expires after its `takeover_after_ms` |
 //! | `P owner:{instance}` | string | the instance taking this orphan over; expires after the taker's `takeover_after_ms` |
-//! | `P figures:{instance}` | hash | also `cursor`: the last seq its counts include |
+//! | `P figures:{instance}` | hash | also `cursor`, the last seq its counts include; `store`, the id of the store they count; `taken_from`, where a takeover began |
 //!
 //! # What is not handed over
 //!
@@ -106,6 +108,7 @@ return 1
 /// now, the number of type pairs, then `type:{t}` / count pairs, then
 /// `{day}:{t}` / count pairs. Answers 0, writing nothing, when the orphan
 /// is alive again, another instance holds the lock, or the cursor moved.
+/// The first chunk also notes where the takeover began (`taken_from`).
 /// A lock that expired while the chunk was delivered is taken again: the
 /// cursor alone keeps the counts exact.
 const RECORD: &str = r"
@@ -122,6 +125,7 @@ while i <= #ARGV do
   redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
+redis.call('HSETNX', KEYS[3], 'taken_from', ARGV[2])
 redis.call('HSET', KEYS[3], 'cursor', ARGV[3], 'updated_ms', ARGV[5])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
 return 1
@@ -462,6 +466,29 @@ impl Mirror {
             )
             .await?;
         Ok(())
+    }
+
+    /// At start, before the first publish: names this instance's store, and
+    /// answers the seqs `(from, upto]` that another instance took over and
+    /// recorded while it was stopped: from the cursor of this store's last
+    /// publish to the taker's. `None` when there was no takeover, Redis
+    /// does not answer, or the figures are another store's (a new data
+    /// directory under the same name).
+    pub async fn taken_while_stopped(&self, store_id: u64) -> Option<(u64, u64)> {
+        self.store_id.store(store_id, Ordering::Relaxed);
+        let mut conn = self.conn.clone();
+        let (from, upto, store): (Option<u64>, Option<u64>, Option<u64>) = self
+            .call(
+                redis::cmd("HMGET")
+                    .arg(self.handoff_key("figures", &self.instance))
+                    .arg("taken_from")
+                    .arg("cursor")
+                    .arg("store")
+                    .query_async(&mut conn),
+            )
+            .await
+            .ok()?;
+        (store_id != 0 && store == Some(store_id)).then_some((from?, upto?))
     }
 
     /// Counts an orphan whose takeover began.

@@ -239,6 +239,9 @@ pub struct Mirror {
     backlog: Mutex<VecDeque<Accepted>>,
     /// `dau_exact_max`.
     dau_exact_max: u64,
+    /// This instance's store (`Storage::store_id`), published with its
+    /// figures: a takeover's cursor is trusted only by the same store.
+    store_id: AtomicU64,
     /// `appendonly` as Redis last answered it (0 unknown, 1 no, 2 yes).
     persistent: std::sync::atomic::AtomicU8,
     /// Users of processed batches not yet added to the deployment's DAU.
@@ -313,6 +316,7 @@ impl Mirror {
             backlog: Mutex::new(VecDeque::new()),
             dau_exact_max: config.dau_exact_max,
             persistent: std::sync::atomic::AtomicU8::new(0),
+            store_id: AtomicU64::new(0),
             pending: Mutex::new(dau::Pending::default()),
             heal_due: AtomicBool::new(true),
             counters: Counters::default(),
@@ -576,6 +580,10 @@ impl Mirror {
             .collect();
         fields.push(("updated_ms".into(), now_ms().to_string()));
         fields.push(("cursor".into(), counted.cursor.to_string()));
+        fields.push((
+            "store".into(),
+            self.store_id.load(Ordering::Relaxed).to_string(),
+        ));
         let day_fields: Vec<(String, String)> = counted
             .by_day
             .iter()

@@ -67,6 +67,11 @@ pub struct Status {
     intake_in_flight: AtomicUsize,
     /// Storage writes in flight, watched for a store that stopped answering.
     pub store_writes: StoreWrites,
+    /// The seqs after the first and up to the second were delivered by
+    /// another instance that took this one's queue over while it was
+    /// stopped (Redis, `handoff.rs`): the Processor counts them but does
+    /// not deliver them again. Set once at start.
+    pub delivered_elsewhere: Mutex<(u64, u64)>,
 }
 
 /// Storage writes in flight (group commits, batch commits): a store that

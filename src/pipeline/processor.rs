@@ -70,7 +70,12 @@ impl Actor for Processor {
                 let started = Instant::now();
                 let context = state.context.clone();
                 context.status.processing.store(upto, Ordering::SeqCst);
-                let ack = deliver_batch(state, &mut records, upto).await;
+                let delivered_elsewhere = *context
+                    .status
+                    .delivered_elsewhere
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let ack = deliver_batch(state, &mut records, upto, delivered_elsewhere).await;
                 let failed = ack.dead.len() as u64;
                 let ack = Arc::new(ack);
                 commit(&context, &ack).await?;
@@ -86,7 +91,8 @@ impl Actor for Processor {
             ProcessorMsg::Foreign { mut records, reply } => {
                 let started = Instant::now();
                 let context = state.context.clone();
-                let ack = deliver_batch(state, &mut records, 0).await;
+                // Another instance's seqs: none was delivered elsewhere.
+                let ack = deliver_batch(state, &mut records, 0, (0, 0)).await;
                 let entries: Vec<DlqEntry> = ack.dead.iter().map(|(_, e)| e.clone()).collect();
                 let fsync = context.live().config.durability == Durability::Fsync;
                 let parked = blocking(&context.storage, move |s| {
@@ -105,10 +111,18 @@ impl Actor for Processor {
     }
 }
 
-/// Enriches `records`, delivers them to every sink as the breakers allow,
+/// Enriches `records`, delivers them to every sink as the breakers allow
+/// (but for the seqs in `delivered_elsewhere`, `(after, upto]`, delivered
+/// by another instance that took this one's queue over: counted, not sent
+/// again),
 /// tells the breakers and the metrics how it went, and answers the batch's
 /// acknowledgement up to `upto` (nothing is written yet).
-async fn deliver_batch(state: &mut State, records: &mut [Queued], upto: u64) -> BatchAck {
+async fn deliver_batch(
+    state: &mut State,
+    records: &mut [Queued],
+    upto: u64,
+    delivered_elsewhere: (u64, u64),
+) -> BatchAck {
     let context = &state.context;
     let live = context.live();
     let config = &live.config;
@@ -120,7 +134,15 @@ async fn deliver_batch(state: &mut State, records: &mut [Queued], upto: u64) -> 
         .iter()
         .map(|sink| (sink.clone(), state.breaker.allow(sink.name(), asked)))
         .collect();
-    let outcomes = fan_out(records, &plan, config, context).await;
+    let (after, upto_elsewhere) = delivered_elsewhere;
+    let elsewhere = |q: &Queued| after < q.seq && q.seq <= upto_elsewhere;
+    let outcomes = if records.iter().any(elsewhere) {
+        // DLQ replays come later, with seqs above the range.
+        let to_send: Vec<Queued> = records.iter().filter(|q| !elsewhere(q)).cloned().collect();
+        fan_out(&to_send, &plan, config, context).await
+    } else {
+        fan_out(records, &plan, config, context).await
+    };
 
     let now = now_ms();
     let dead = unroutable(records, &live.sinks, now)

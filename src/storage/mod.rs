@@ -13,7 +13,7 @@
 //! |---------------|---------------------------------------|---------------------------------------|
 //! | `wal`         | last seq of the segment (u64 BE)      | a segment: up to ~96 KiB of one group commit's records ([`encode_segment`]) |
 //! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys, front-coded ([`encode_key_list`]): the durable idempotency index |
-//! | `meta`        | `cursor`, `format_version`, `dlq_last`, `dlq_len`, `queue_bytes` | u64 BE     |
+//! | `meta`        | `cursor`, `format_version`, `dlq_last`, `dlq_len`, `queue_bytes`, `store_id` | u64 BE     |
 //! | `counts`      | event type                            | u64 BE                                |
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |
 //! | `aggregates`  | see [`crate::analytics`]              | counts, user days, cohorts, windows   |
@@ -374,6 +374,13 @@ pub trait Storage: KvRead<Error = StorageError> + Send + Sync + 'static {
     /// (no batch commits between the reads): what an instance publishes to
     /// Redis, so that another can take over exactly the events after it.
     fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError>;
+
+    /// A random number drawn when the store was created: tells this store
+    /// from another started under the same `[redis] instance` name (a new
+    /// data directory). 0: the store has none (the in-memory one).
+    fn store_id(&self) -> Result<u64, StorageError> {
+        Ok(0)
+    }
 
     /// Parks `entries` in the DLQ, in one transaction: the failures of
     /// events this instance delivered for another (a takeover, see

@@ -30,6 +30,7 @@ use crate::event::{Queued, WalRecord};
 
 const CURSOR: &[u8] = b"cursor";
 const FORMAT: &[u8] = b"format_version";
+const STORE_ID: &[u8] = b"store_id";
 const DLQ_LAST: &[u8] = b"dlq_last";
 const QUEUE_BYTES: &[u8] = b"queue_bytes";
 const DLQ_LEN: &[u8] = b"dlq_len";
@@ -683,6 +684,13 @@ impl Store {
                 }
             }
         }
+        if self.meta.get(STORE_ID).map_err(io)?.is_none() {
+            // Durable with the next flush; one lost to a crash is drawn
+            // again, and only makes this store a stranger once more.
+            self.meta
+                .insert(STORE_ID, &fastrand::u64(1..).to_be_bytes())
+                .map_err(io)?;
+        }
         let last_seq = self.highest_seq(self.cursor()?)?;
         self.last_seq.store(last_seq, Ordering::SeqCst);
         self.committed.store(last_seq, Ordering::SeqCst);
@@ -1305,6 +1313,10 @@ impl Storage for Store {
             .collect()
     }
 
+    fn store_id(&self) -> Result<u64, StorageError> {
+        Ok(u64_of(self.meta.get(STORE_ID).map_err(io)?))
+    }
+
     fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError> {
         // Batch commits take this lock: none lands between the reads. Not
         // `lock()`: a read does not withdraw the clean mark.
@@ -1764,6 +1776,9 @@ impl Storage for SledStorage {
     }
     fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError> {
         self.with(|s| s.counted(from_day, to_day))
+    }
+    fn store_id(&self) -> Result<u64, StorageError> {
+        self.with(|s| s.store_id())
     }
     fn park(&self, entries: &[DlqEntry]) -> Result<(), StorageError> {
         self.with(|s| s.park(entries))
