@@ -848,3 +848,18 @@ fn merging_trends_user_records_changes_no_answer() {
     }
     assert_eq!(aggregates(&sled), aggregates(&model));
 }
+
+#[test]
+fn a_store_keeps_its_id_over_restarts_and_another_store_has_another() {
+    // Published to Redis with the figures: a takeover's range is trusted
+    // only by the store it was recorded for.
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let id = store.store_id().unwrap();
+    assert_ne!(id, 0);
+    store.flush().unwrap();
+    drop(store);
+    assert_eq!(open(&dir).store_id().unwrap(), id);
+    let other = tempfile::tempdir().unwrap();
+    assert_ne!(open(&other).store_id().unwrap(), id);
+}
