@@ -323,8 +323,12 @@ fn the_summary_follows_a_sink_through_its_circuit_breaker() {
         "{metrics}"
     );
 
+    // The cool-down (300 ms) passes with no batch: the circuit waits,
+    // half-open, for the next batch to probe the sink.
     healthy.store(true, Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(400));
+    let state = sink_state(&d);
+    assert_eq!(state["state"], "half_open", "{state}");
     post(2);
     let state = sink_state(&d);
     assert_eq!(state["state"], "ok", "{state}");

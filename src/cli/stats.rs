@@ -155,6 +155,9 @@ fn sink_state(sink: &Value) -> String {
             "circuit open until {} after {failures} failed batches: {error}",
             crate::event::format_ms(until)
         ),
+        (Some("half_open"), _) => format!(
+            "circuit half-open (the next batch probes it) after {failures} failed batches: {error}"
+        ),
         (Some(state), _) => format!("{state} after {failures} failed batches: {error}"),
         (None, _) => "-".to_owned(),
     }

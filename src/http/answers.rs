@@ -152,7 +152,8 @@ impl From<LatencySummary> for LatencyAnswer {
 pub(super) struct SinkAnswer<'a> {
     /// The sink's configured name.
     name: &'a str,
-    /// `ok`, `retrying` or `open`.
+    /// `ok`, `retrying`, `open`, or `half_open` once the cool-down is over
+    /// (the next batch probes the sink).
     state: &'static str,
     /// Batches in a row that failed.
     consecutive_failures: u32,
@@ -162,13 +163,17 @@ pub(super) struct SinkAnswer<'a> {
     open_until_ms: Option<i64>,
 }
 
-impl<'a> From<&'a SinkHealth> for SinkAnswer<'a> {
-    fn from(h: &'a SinkHealth) -> Self {
+impl<'a> SinkAnswer<'a> {
+    /// `h` as it stands at `now_ms`: the breaker reports a sink's health
+    /// after each batch, so a circuit reported open whose cool-down has
+    /// passed since is half-open, waiting for the next batch to probe it.
+    pub(super) fn at(h: &'a SinkHealth, now_ms: i64) -> Self {
         SinkAnswer {
             name: &h.name,
             state: match h.state {
                 SinkState::Ok => "ok",
                 SinkState::Retrying => "retrying",
+                SinkState::Open if h.open_until_ms.is_some_and(|t| t <= now_ms) => "half_open",
                 SinkState::Open => "open",
             },
             consecutive_failures: h.consecutive_failures,
@@ -209,5 +214,22 @@ mod tests {
                 r#"{"status":"rejected","field":"event_type","detail":"is required"}"#,
             ]
         );
+    }
+
+    #[test]
+    fn an_open_circuit_whose_cool_down_passed_is_half_open() {
+        let health = SinkHealth {
+            name: "dashboard".into(),
+            state: SinkState::Open,
+            consecutive_failures: 3,
+            last_error: Some("503".into()),
+            open_until_ms: Some(1_000),
+        };
+        let state = |now| {
+            serde_json::to_value(SinkAnswer::at(&health, now)).expect("serializes")["state"].clone()
+        };
+        assert_eq!(state(999), "open");
+        assert_eq!(state(1_000), "half_open");
+        assert_eq!(state(5_000), "half_open");
     }
 }

@@ -55,7 +55,12 @@ pub(super) async fn summary(api: Arc<Api>) -> Result<Response, Rejection> {
         .into_iter()
         .map(|(t, n)| (t, n.into()))
         .collect();
-    let sinks: Vec<SinkAnswer> = summary.sinks.iter().map(SinkAnswer::from).collect();
+    let now = crate::event::now_ms();
+    let sinks: Vec<SinkAnswer> = summary
+        .sinks
+        .iter()
+        .map(|h| SinkAnswer::at(h, now))
+        .collect();
     let mut body = json!({
         "total_events": total,
         "by_type": by_type,

@@ -131,8 +131,9 @@
       const tr = el("tr");
       tr.dataset.sink = sink.name;
       tr.append(el("td", sink.name));
-      let state = sink.state === "open" ? "circuit open" : sink.state;
-      if (sink.open_until_ms) state += " until " + clock(sink.open_until_ms);
+      const words = { open: "circuit open", half_open: "probing with the next batch" };
+      let state = words[sink.state] || sink.state;
+      if (sink.state === "open" && sink.open_until_ms) state += " until " + clock(sink.open_until_ms);
       tr.append(el("td", state, "state state-" + sink.state));
       tr.append(el("td", fmt(sink.consecutive_failures), "num"));
       tr.append(el("td", sink.last_error || "", "error"));
