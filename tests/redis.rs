@@ -828,3 +828,88 @@ fn a_takeover_slower_than_its_lock_and_an_instance_that_comes_back_and_dies_agai
     let s = summary(&b);
     assert_eq!(s["by_type"]["signup"], total, "{s}");
 }
+
+/// The event ids in `d`'s DLQ, every page.
+fn dlq_ids(d: &Daemon) -> std::collections::HashSet<String> {
+    let mut ids = std::collections::HashSet::new();
+    let mut after = 0;
+    loop {
+        let page = d
+            .get(&format!("/admin/dlq?after={after}&limit=1000"))
+            .json();
+        let entries = page["entries"].as_array().cloned().unwrap_or_default();
+        if entries.is_empty() {
+            return ids;
+        }
+        for e in &entries {
+            ids.insert(e["record"]["key"].as_str().unwrap_or_default().to_owned());
+        }
+        after = page["next_after"].as_u64().expect("a page names the next");
+    }
+}
+
+#[test]
+fn what_a_taker_cannot_deliver_waits_in_its_own_dlq_and_counts_once() {
+    let Some(redis) = RedisServer::start(RedisOptions {
+        appendonly: true,
+        ..RedisOptions::default()
+    }) else {
+        return;
+    };
+    // a's dashboard is slow, so a dies with a queue; b's is down.
+    let slow = SinkServer::start(Box::new(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        200
+    }));
+    let down = SinkServer::start(Box::new(|_| 500));
+    let config = |instance, sink: &SinkServer| {
+        let extra = format!(
+            "batch_size = 20\nmax_retries = 0\n{}",
+            http_sink(&sink.url())
+        );
+        let mut c = instance_config(&redis, instance, &extra);
+        c.push_str("takeover_after_ms = 1500\n");
+        c
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = Daemon::start(dir_a.path(), &config("a", &slow));
+    let b = Daemon::start(dir_b.path(), &config("b", &down));
+    let mut acked = Vec::new();
+    for n in 0..8 {
+        let ids: Vec<String> = (0..100).map(|i| format!("dl-{n}-{i}")).collect();
+        let events: Vec<Value> = ids.iter().map(|id| event(id)).collect();
+        let r = a.post_json("/webhook/batch", &json!({ "events": events }));
+        assert_eq!(r.json()["accepted"], 100, "{}", r.text());
+        acked.extend(ids);
+    }
+    let queued = a.get("/admin/queue").json()["depth"].as_u64().unwrap_or(0);
+    assert!(queued > 0, "a has processed everything already");
+    a.kill9();
+
+    // Every event a acknowledged reached a's dashboard before the kill or
+    // waits in b's DLQ, to be replayed there; the deployment counts each
+    // once, as an instance counts what it parks.
+    let total = acked.len() as u64;
+    wait_for_deployment_total(&b, total, Duration::from_secs(30));
+    let parked = dlq_ids(&b);
+    assert!(!parked.is_empty(), "b parked nothing");
+    let delivered = delivered_ids(&slow);
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|id| !delivered.contains(*id) && !parked.contains(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} events neither delivered nor parked: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    assert!(
+        parked.len() as u64 >= queued,
+        "{} parked, {queued} queued",
+        parked.len()
+    );
+    let s = summary(&b);
+    assert_eq!(s["local"]["total_events"], 0, "{s}");
+    assert_eq!(s["dlq_size"], parked.len(), "{s}");
+}
