@@ -204,7 +204,7 @@ struct Counters {
     stream_ahead: AtomicU64,
     /// Stream entries taken over that did not decode.
     undecodable: AtomicU64,
-    /// Orphans this instance began to take over.
+    /// Takeovers begun (a takeover that paused and resumes counts again).
     takeovers: AtomicU64,
     /// Events of orphans this instance delivered and counted.
     taken_events: AtomicU64,
@@ -814,7 +814,7 @@ impl Mirror {
             (
                 "inletd_redis_takeovers_total",
                 "counter",
-                "Instances that stopped beating whose queued events this instance began to deliver.",
+                "Takeovers begun: a stopped instance locked to deliver its queue (again after a takeover paused).",
                 c.takeovers.load(Ordering::Relaxed),
             ),
             (

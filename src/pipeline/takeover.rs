@@ -4,7 +4,8 @@
 //! [`crate::mirror`]'s `handoff.rs`; this task strings the steps together:
 //! find and lock an orphan, take a chunk, have the Processor deliver it
 //! (its failures go to this instance's DLQ), record it, until the orphan's
-//! stream is empty or the lock is lost.
+//! stream holds nothing after its cursor, it beats again, or another
+//! instance holds the lock.
 
 use std::collections::HashMap;
 use std::sync::Arc;
