@@ -32,7 +32,7 @@ use crate::http::{self, Api};
 use crate::mirror::{Mirror, PUBLISHED_DAYS};
 use crate::pipeline::supervisor::{Supervisor, SupervisorMsg};
 use crate::pipeline::takeover::takeover_rounds;
-use crate::pipeline::{Context, Live, Pipeline, blocking};
+use crate::pipeline::{Context, Live, Pipeline, blocking, every_publish_interval};
 use crate::storage::sled::{SledOptions, SledStorage};
 use crate::storage::{Storage, StorageError};
 
@@ -515,13 +515,6 @@ async fn dau_heals(context: Arc<Context>, mirror: Arc<Mirror>) {
             })
             .await;
     }
-}
-
-fn every_publish_interval(context: &Context) -> tokio::time::Interval {
-    let period = Duration::from_millis(context.live().config.redis.publish_interval_ms);
-    let mut every = tokio::time::interval(period);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    every
 }
 
 /// Probes Redis if it was down, writes the key backlog, publishes this

@@ -445,9 +445,10 @@ impl Mirror {
         let mut conn = self.conn.clone();
         let recorded: i64 = self.call(cmd.query_async(&mut conn)).await?;
         if recorded == 1 {
-            self.counters
-                .taken_events
-                .fetch_add(taken.events.len() as u64, Ordering::Relaxed);
+            self.counters.taken_events.fetch_add(
+                counts.by_type.iter().map(|(_, n)| n).sum(),
+                Ordering::Relaxed,
+            );
         }
         Ok(recorded == 1)
     }

@@ -365,3 +365,12 @@ pub async fn blocking<T: Send + 'static>(
 /// Error type shared by actors for unexpected failures (they crash the
 /// actor, and the supervisor restarts it).
 pub type ActorError = ractor::ActorProcessingErr;
+
+/// Ticks every `[redis] publish_interval_ms`, a late tick delayed rather
+/// than bunched: the pace of the Redis rounds, the DAU heal and takeovers.
+pub fn every_publish_interval(context: &Context) -> tokio::time::Interval {
+    let period = std::time::Duration::from_millis(context.live().config.redis.publish_interval_ms);
+    let mut every = tokio::time::interval(period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every
+}

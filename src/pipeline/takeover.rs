@@ -10,22 +10,20 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::messages::ProcessorMsg;
-use super::{Context, PROCESSOR};
+use super::{Context, PROCESSOR, every_publish_interval};
 use crate::mirror::{Mirror, MirrorError, Orphan, TakenCounts};
 
 /// Every `publish_interval_ms`: look for an orphan and take it over.
 pub async fn takeover_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
-    let period = Duration::from_millis(context.live().config.redis.publish_interval_ms);
+    let mut every = every_publish_interval(&context);
     // An instance is taken over only once this one has also seen it silent
     // this long (`handoff.rs`): a Redis that lost its data has lost every
     // heartbeat at once.
-    let grace = period * 3;
+    let grace = every.period() * 3;
     let mut silent_since: HashMap<String, Instant> = HashMap::new();
-    let mut every = tokio::time::interval(period);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         if !mirror.is_up() || context.status.draining.load(Ordering::SeqCst) {
@@ -81,11 +79,12 @@ async fn take_over(
     orphan: &Orphan,
 ) -> Result<(), TakeoverError> {
     let mut delivered = 0usize;
-    while let Some(taken) = mirror.take(orphan).await? {
+    while let Some(mut taken) = mirror.take(orphan).await? {
         if context.status.draining.load(Ordering::SeqCst) {
             break;
         }
-        let events = taken.events.clone();
+        // Moved to the Processor: recording needs only the chunk's bounds.
+        let events = std::mem::take(&mut taken.events);
         let ack = if events.is_empty() {
             Default::default()
         } else {
@@ -117,7 +116,7 @@ async fn take_over(
             return Ok(());
         }
         mirror.note_active(ack.active_users());
-        delivered += taken.events.len();
+        delivered += ack.processed.len();
     }
     mirror
         .finish(orphan, context.live().config.idempotency_ttl_ms())

@@ -36,6 +36,14 @@ struct Inner {
     queue_bytes: u64,
 }
 
+impl Inner {
+    /// Adds a DLQ entry under the next id.
+    fn park(&mut self, entry: DlqEntry) {
+        self.dlq_last += 1;
+        self.dlq.insert(self.dlq_last, entry);
+    }
+}
+
 /// The aggregates map as a transaction target.
 struct MapTx<'a>(&'a mut BTreeMap<Vec<u8>, Vec<u8>>);
 
@@ -185,9 +193,7 @@ impl Storage for MemoryStorage {
             if *seq <= cursor {
                 continue;
             }
-            g.dlq_last += 1;
-            let id = g.dlq_last;
-            g.dlq.insert(id, entry.clone());
+            g.park(entry.clone());
         }
         g.cursor = cursor.max(ack.upto);
         g.last_seq = g.last_seq.max(g.cursor);
@@ -231,9 +237,7 @@ impl Storage for MemoryStorage {
     fn park(&self, entries: &[DlqEntry]) -> Result<(), StorageError> {
         let mut g = self.lock();
         for entry in entries {
-            g.dlq_last += 1;
-            let id = g.dlq_last;
-            g.dlq.insert(id, entry.clone());
+            g.park(entry.clone());
         }
         Ok(())
     }

@@ -981,6 +981,24 @@ impl Store {
         Ok(u64_of(self.meta.get(CURSOR).map_err(io)?))
     }
 
+    /// Adds encoded DLQ entries under the next ids, inside a transaction;
+    /// returns the DLQ's new length (kept in `meta`, invariant 6).
+    fn put_dlq(
+        dlq: &TransactionalTree,
+        meta: &TransactionalTree,
+        entries: &[Vec<u8>],
+    ) -> Result<u64, UnabortableTransactionError> {
+        let mut dlq_last = u64_of(meta.get(DLQ_LAST)?);
+        for entry in entries {
+            dlq_last += 1;
+            dlq.insert(&dlq_last.to_be_bytes(), entry.as_slice())?;
+        }
+        meta.insert(DLQ_LAST, &dlq_last.to_be_bytes())?;
+        let dlq_len = u64_of(meta.get(DLQ_LEN)?) + entries.len() as u64;
+        meta.insert(DLQ_LEN, &dlq_len.to_be_bytes())?;
+        Ok(dlq_len)
+    }
+
     /// Writes `records` after the last seq as segments of at most about
     /// [`SEGMENT_BYTES`] each (a sled value past 128 KiB would become a blob
     /// file, with a file create and two more syncs per flush), with their
@@ -1220,11 +1238,11 @@ impl Storage for Store {
             .keys()
             .collect::<Result<_, _>>()
             .map_err(io)?;
-        let dead: Vec<(u64, Vec<u8>)> = ack
+        let dead: Vec<Vec<u8>> = ack
             .dead
             .iter()
             .filter(|(seq, _)| *seq > cursor)
-            .map(|(seq, e)| (*seq, encode_record(e)))
+            .map(|(_, e)| encode_record(e))
             .collect();
         let mut added: std::collections::BTreeMap<&str, u64> = Default::default();
         let mut facts = Vec::with_capacity(ack.processed.len());
@@ -1253,14 +1271,7 @@ impl Storage for Store {
                     let now = u64_of(counts.get(t.as_bytes())?);
                     counts.insert(t.as_bytes(), &(now + n).to_be_bytes())?;
                 }
-                let mut dlq_last = u64_of(meta.get(DLQ_LAST)?);
-                for (_, entry) in &dead {
-                    dlq_last += 1;
-                    dlq.insert(&dlq_last.to_be_bytes(), entry.as_slice())?;
-                }
-                meta.insert(DLQ_LAST, &dlq_last.to_be_bytes())?;
-                let dlq_len = u64_of(meta.get(DLQ_LEN)?) + dead.len() as u64;
-                meta.insert(DLQ_LEN, &dlq_len.to_be_bytes())?;
+                let dlq_len = Self::put_dlq(dlq, meta, &dead)?;
                 meta.insert(CURSOR, &new_cursor.to_be_bytes())?;
                 meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
                 Ok::<_, ConflictableTransactionError<StorageError>>((bytes, dlq_len))
@@ -1336,15 +1347,9 @@ impl Storage for Store {
         let encoded: Vec<Vec<u8>> = entries.iter().map(encode_record).collect();
         let dlq_len = (&self.dlq, &self.meta)
             .transaction(|(dlq, meta)| {
-                let mut dlq_last = u64_of(meta.get(DLQ_LAST)?);
-                for entry in &encoded {
-                    dlq_last += 1;
-                    dlq.insert(&dlq_last.to_be_bytes(), entry.as_slice())?;
-                }
-                meta.insert(DLQ_LAST, &dlq_last.to_be_bytes())?;
-                let dlq_len = u64_of(meta.get(DLQ_LEN)?) + encoded.len() as u64;
-                meta.insert(DLQ_LEN, &dlq_len.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<StorageError>>(dlq_len)
+                Ok::<_, ConflictableTransactionError<StorageError>>(Self::put_dlq(
+                    dlq, meta, &encoded,
+                )?)
             })
             .map_err(tx_err)?;
         self.dlq_len.store(dlq_len, Ordering::SeqCst);
