@@ -233,7 +233,7 @@ pub async fn start(
     }
     if let Some(mirror) = mirror {
         background.push(tokio::spawn(mirror_rounds(context.clone(), mirror.clone())));
-        background.push(tokio::spawn(dau_heals(context.clone(), mirror.clone())));
+        background.push(tokio::spawn(heals(context.clone(), mirror.clone())));
         background.push(tokio::spawn(takeover_rounds(context.clone(), mirror)));
     }
     tracing::info!(%addr, data_dir = %config.data_dir.display(), durability = ?config.durability,
@@ -500,10 +500,11 @@ async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
     }
 }
 
-/// Every `publish_interval_ms`, the heal of the deployment's DAU when it
-/// is due. Its own task: it may read a month of users, and the heartbeat
-/// must not wait for it (nor does the last round at a stop).
-async fn dau_heals(context: Arc<Context>, mirror: Arc<Mirror>) {
+/// Every `publish_interval_ms`, the heals of the deployment's DAU and
+/// rolling windows when they are due. Their own task: a DAU heal may read
+/// a month of users, and the heartbeat must not wait for it (nor does the
+/// last round at a stop).
+async fn heals(context: Arc<Context>, mirror: Arc<Mirror>) {
     let mut every = every_publish_interval(&context);
     loop {
         every.tick().await;
@@ -514,12 +515,20 @@ async fn dau_heals(context: Arc<Context>, mirror: Arc<Mirror>) {
                 })
             })
             .await;
+        let windows = context.live().config.windows.clone();
+        mirror
+            .heal_windows(&windows, |minute| {
+                blocking(&context.storage, move |s| {
+                    crate::analytics::minute_members(s, minute)
+                })
+            })
+            .await;
     }
 }
 
 /// Probes Redis if it was down, writes the key backlog, publishes this
-/// instance's processed counts and shares the users it processed since
-/// the last round.
+/// instance's processed counts and shares the users, sessions and
+/// rolling-window minutes it processed since the last round.
 async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
     let today = crate::analytics::day_of(crate::event::now_ms());
     let counted = blocking(&context.storage, move |s| {
@@ -534,6 +543,14 @@ async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
         }
         Err(e) => tracing::warn!(error = %e, "reading the counts to publish to redis failed"),
     }
+    let windows = context.live().config.windows.clone();
+    mirror
+        .share_windows(&windows, |minute| {
+            blocking(&context.storage, move |s| {
+                crate::analytics::minute_cells(s, minute)
+            })
+        })
+        .await;
 }
 
 async fn sweep_keys(context: Arc<Context>) {

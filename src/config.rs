@@ -219,9 +219,10 @@ pub struct RedisConfig {
     /// Keys accepted while Redis was unreachable, kept to be written to it
     /// once it is back; past this the oldest are dropped (and counted).
     pub backlog_max_keys: usize,
-    /// A day's distinct users are counted exactly (a Redis set) up to this
-    /// many; past it, by HyperLogLog (12 KiB a day, about 0.8 % off), and
-    /// `/stats/dau` says `"exact": false` for that day.
+    /// A day's distinct users (and a minute's users or sessions, for
+    /// `/stats/windows`) are counted exactly (a Redis set) up to this many;
+    /// past it, by HyperLogLog (12 KiB each, about 0.8 % off), and the
+    /// answer says `"exact": false`.
     pub dau_exact_max: u64,
     /// An instance silent this long (no publish round reached Redis) has
     /// the events it acknowledged and left queued delivered by another.

@@ -448,9 +448,9 @@ fn the_dashboard_asks_for_the_stats_token() {
 }
 
 /// An operator of two instances sharing a Redis opens the dashboard of
-/// one: the totals say they are the deployment's, the DAU card says it
-/// counts every instance's users, and a day past `dau_exact_max` is shown
-/// as an estimate ("≈").
+/// one: the totals say they are the deployment's, the DAU and "right now"
+/// cards say they count every instance's users, and a day or a minute past
+/// `dau_exact_max` is shown as an estimate ("≈").
 #[test]
 fn the_dashboard_of_a_deployment_says_whose_figures_it_shows() {
     let Some(redis) = common::redis::RedisServer::start(Default::default()) else {
@@ -488,9 +488,20 @@ fn the_dashboard_of_a_deployment_says_whose_figures_it_shows() {
             visit(&b, "3", "cy", 0),
         ],
     );
+    // Right now ann views a page through a, bob and cy through b: 3
+    // active users, past the cap of 2; 3 page views.
+    let view = |user: &str| {
+        json!({"event_id": format!("view-{user}"), "event_type": "page_view",
+            "user_id": user, "properties": {"page": "/pricing"}})
+    };
+    post_batch(&a, &[view("ann")]);
+    post_batch(&b, &[view("bob"), view("cy")]);
     common::eventually(Duration::from_secs(30), "the deployment's DAU", || {
         let dau = a.get("/stats/dau").json();
         dau["days"][29]["users"] == 3 && dau["days"][28]["users"] == 1
+    });
+    common::eventually(Duration::from_secs(30), "the deployment's windows", || {
+        a.get("/stats/windows").json()["page_views_15m"] == 3
     });
 
     let Some(browser) = Browser::start(1280, 1000) else {
@@ -504,6 +515,14 @@ fn the_dashboard_of_a_deployment_says_whose_figures_it_shows() {
     });
     assert_eq!(
         browser.text("#dau-scope").as_deref().map(str::trim),
+        Some("(all instances)")
+    );
+    browser.wait_for(PAGE, "the deployment's windows", |b| {
+        b.text("#page-views").as_deref() == Some("3")
+            && b.text("#active-users").as_deref() == Some("≈3")
+    });
+    assert_eq!(
+        browser.text("#now-scope").as_deref().map(str::trim),
         Some("(all instances)")
     );
     let bars = browser.run(

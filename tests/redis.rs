@@ -412,7 +412,102 @@ fn daily_active_users_count_a_user_of_two_instances_once_and_heal_after_a_flush(
         eventually(Duration::from_secs(10), "the second heal counted", || {
             let metrics = d.get("/metrics").text();
             metrics.contains("inletd_redis_dau_heals_total 2")
-                && metrics.contains("inletd_redis_dau_pending_users 0")
+                && metrics.contains("inletd_redis_pending_members 0")
+        });
+    }
+}
+
+/// `/stats/windows` on `d`, once it answers for the deployment.
+fn deployment_windows(d: &Daemon, path: &str) -> Value {
+    let r = d.get(path);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// An operator watches the live figures of two instances behind a load
+/// balancer. On either, the rolling windows are the deployment's: a user
+/// or a session that reached both counts once, page views and a
+/// configured window's groups add up. Someone flushes Redis: each
+/// instance writes its windows again, and the same answer comes back.
+#[test]
+fn rolling_windows_answer_for_the_deployment_and_heal_after_a_flush() {
+    let Some(redis) = RedisServer::start(RedisOptions::default()) else {
+        return;
+    };
+    let plays = "[[windows]]\nname = \"plays\"\nminutes = 10\nevent_types = [\"play\"]\n\
+                 group_by = \"properties.content_id\"\nsum = \"properties.seconds\"\n";
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Daemon::start(dir_a.path(), &instance_config(&redis, "a", plays));
+    let b = Daemon::start(dir_b.path(), &instance_config(&redis, "b", plays));
+    // No timestamps: the events happen now.
+    let view = |id: &str, user: &str, session: &str, page: &str| {
+        json!({"event_id": id, "event_type": "page_view", "user_id": user,
+            "session_id": session, "properties": {"page": page}})
+    };
+    let play = |id: &str, user: &str, session: &str, content: &str, seconds: f64| {
+        json!({"event_id": id, "event_type": "play", "user_id": user, "session_id": session,
+            "properties": {"content_id": content, "seconds": seconds}})
+    };
+    let through_a = [
+        view("a1", "ann", "s1", "/pricing"),
+        view("a2", "bob", "s2", "/pricing"),
+        view("a3", "ann", "s1", "/docs"),
+        play("a4", "ann", "s1", "c1", 30.0),
+    ];
+    let through_b = [
+        view("b1", "ann", "s1", "/pricing"),
+        view("b2", "cy", "s3", "/docs"),
+        play("b3", "cy", "s3", "c1", 12.5),
+        play("b4", "cy", "s3", "c2", 5.0),
+    ];
+    for (d, events) in [(&a, &through_a), (&b, &through_b)] {
+        let r = d.post_json("/webhook/batch", &json!({"events": events}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    // Each instance alone sees only its part: a has 2 users, b has 2.
+    let expected = json!({
+        "active_users_5m": 3, "active_sessions_5m": 3, "page_views_15m": 5,
+        "top_pages_15m": [{"page": "/pricing", "views": 3}, {"page": "/docs", "views": 2}],
+        "scope": "deployment", "exact": true, "custom": ["plays"],
+    });
+    let expected_plays = json!([
+        {"key": "c1", "count": 2, "sum": 42.5},
+        {"key": "c2", "count": 1, "sum": 5.0},
+    ]);
+    let both_answer = |when: &str| {
+        for d in [&a, &b] {
+            eventually(
+                Duration::from_secs(10),
+                &format!("the deployment's windows {when}"),
+                || deployment_windows(d, "/stats/windows") == expected,
+            );
+            eventually(
+                Duration::from_secs(10),
+                &format!("the deployment's plays {when}"),
+                || {
+                    let w = deployment_windows(d, "/stats/windows/plays");
+                    w["scope"] == "deployment" && w["groups"] == expected_plays
+                },
+            );
+        }
+    };
+    both_answer("at first");
+
+    redis.command(&["FLUSHALL"]);
+    assert_eq!(
+        redis
+            .command(&["KEYS", "test:win*"])
+            .as_array()
+            .map(|k| k.len()),
+        Some(0)
+    );
+    both_answer("after the flush");
+    for d in [&a, &b] {
+        // Healed twice: at start, and after the flush.
+        eventually(Duration::from_secs(10), "the second heal counted", || {
+            d.get("/metrics")
+                .text()
+                .contains("inletd_redis_window_heals_total 2")
         });
     }
 }

@@ -72,6 +72,10 @@ pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60_000;
 
 /// Minute buckets older than this are pruned (the longest window is 15 min).
 pub const WINDOW_RETENTION_MINUTES: i64 = 60;
+/// `active_users_5m` and `active_sessions_5m` span this many minutes.
+pub const ACTIVE_WINDOW_MINUTES: i64 = 5;
+/// `page_views_15m` and `top_pages_15m` span this many minutes.
+pub const PAGE_WINDOW_MINUTES: i64 = 15;
 /// 0001-01-01 and 9999-12-31 as day numbers: the dates a query may name.
 pub const MIN_DAY: i32 = -719_162;
 /// See [`MIN_DAY`].
@@ -752,7 +756,7 @@ pub fn custom_window<E>(
     let now_minute = now_ms.div_euclid(MS_PER_MINUTE);
     let first = now_minute - i64::from(window.minutes) + 1;
     let name = user_part(&window.name);
-    let mut groups: BTreeMap<Vec<u8>, (i128, u64)> = BTreeMap::new();
+    let mut groups = GroupTotals::new();
     kv.scan(
         &key(&[b"W", &i64_key(first)]),
         &key(&[b"W", &i64_key(now_minute + 1)]),
@@ -761,31 +765,114 @@ pub fn custom_window<E>(
                 && let Some(group) = rest.strip_prefix(name.as_slice())
             {
                 let (sum, count) = read_sum(Some(v.to_vec()));
-                let cell = groups.entry(group.to_vec()).or_default();
-                cell.0 = cell.0.saturating_add(sum);
-                cell.1 += count;
+                add_group(
+                    &mut groups,
+                    String::from_utf8_lossy(group).into_owned(),
+                    sum,
+                    count,
+                );
             }
             true
         },
     )?;
-    let mut rows: Vec<(Vec<u8>, i128, u64)> = groups
+    Ok(rank_groups(groups, window.sum.is_some(), limit))
+}
+
+/// A window's groups: the sum (millionths) and the events of each.
+pub type GroupTotals = BTreeMap<String, (i128, u64)>;
+
+/// Adds `sum` and `count` to `group`'s totals.
+pub fn add_group(groups: &mut GroupTotals, group: String, sum: i128, count: u64) {
+    let cell = groups.entry(group).or_default();
+    cell.0 = cell.0.saturating_add(sum);
+    cell.1 += count;
+}
+
+/// A window's groups ranked by sum (`by_sum`) or by count, ties by key,
+/// the first `limit` of them.
+pub fn rank_groups(groups: GroupTotals, by_sum: bool, limit: usize) -> Vec<WindowGroup> {
+    let mut rows: Vec<(String, i128, u64)> = groups
         .into_iter()
         .map(|(group, (sum, count))| (group, sum, count))
         .collect();
-    let by_sum = window.sum.is_some();
     rows.sort_by(|a, b| {
         let first = if by_sum { b.1.cmp(&a.1) } else { b.2.cmp(&a.2) };
         first.then_with(|| a.0.cmp(&b.0))
     });
-    Ok(rows
-        .into_iter()
+    rows.into_iter()
         .take(limit)
-        .map(|(group, sum, count)| WindowGroup {
-            key: String::from_utf8_lossy(&group).into_owned(),
+        .map(|(key, sum, count)| WindowGroup {
+            key,
             count,
             sum: by_sum.then(|| from_millionths(sum)),
         })
-        .collect())
+        .collect()
+}
+
+/// What one minute holds of this store's rolling windows that adds up
+/// across instances: page views and `[[windows]]` groups. (Users and
+/// sessions do not add up: [`minute_members`].)
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MinuteCells {
+    /// Views by page.
+    pub pages: BTreeMap<String, u64>,
+    /// By window name, its groups.
+    pub groups: BTreeMap<String, GroupTotals>,
+}
+
+/// The page views and window groups of `minute` (minutes since the epoch).
+pub fn minute_cells<E>(kv: &dyn KvRead<Error = E>, minute: i64) -> Result<MinuteCells, E> {
+    let mut cells = MinuteCells::default();
+    let (from, to) = (
+        key(&[b"p", &i64_key(minute)]),
+        key(&[b"p", &i64_key(minute + 1)]),
+    );
+    kv.scan(&from, &to, &mut |k, v| {
+        let page = String::from_utf8_lossy(k.get(9..).unwrap_or_default()).into_owned();
+        *cells.pages.entry(page).or_default() += read_u64(Some(v.to_vec()));
+        true
+    })?;
+    let (from, to) = (
+        key(&[b"W", &i64_key(minute)]),
+        key(&[b"W", &i64_key(minute + 1)]),
+    );
+    kv.scan(&from, &to, &mut |k, v| {
+        if let Some((name, group)) = k.get(9..).and_then(split_part) {
+            let (sum, count) = read_sum(Some(v.to_vec()));
+            let window = String::from_utf8_lossy(name).into_owned();
+            let group = String::from_utf8_lossy(group).into_owned();
+            add_group(cells.groups.entry(window).or_default(), group, sum, count);
+        }
+        true
+    })?;
+    Ok(cells)
+}
+
+/// The users and the sessions with an event in `minute`.
+pub fn minute_members<E>(
+    kv: &dyn KvRead<Error = E>,
+    minute: i64,
+) -> Result<(BTreeSet<String>, BTreeSet<String>), E> {
+    let (mut users, mut sessions) = (BTreeSet::new(), BTreeSet::new());
+    let (from, to) = (
+        key(&[b"m", &i64_key(minute)]),
+        key(&[b"m", &i64_key(minute + 1)]),
+    );
+    kv.scan(&from, &to, &mut |k, _| {
+        match (k.get(9), k.get(10..)) {
+            (Some(b'u'), Some(part)) => {
+                if let Some((user, _)) = split_part(part) {
+                    users.insert(String::from_utf8_lossy(user).into_owned());
+                }
+            }
+            (Some(b's'), Some(id)) => {
+                sessions.insert(String::from_utf8_lossy(id).into_owned());
+            }
+            _ => {}
+        }
+        true
+    })?;
+    Ok((users, sessions))
 }
 
 /// A bad query parameter: answered 400 naming it.
@@ -1158,7 +1245,7 @@ pub fn windows<E>(kv: &dyn KvRead<Error = E>, now_ms: i64) -> Result<Windows, E>
     let mut users = HashSet::new();
     let mut sessions = HashSet::new();
     kv.scan(
-        &key(&[b"m", &i64_key(now_minute - 4)]),
+        &key(&[b"m", &i64_key(now_minute - (ACTIVE_WINDOW_MINUTES - 1))]),
         &key(&[b"m", &end]),
         &mut |k, _| {
             match k.get(9) {
@@ -1171,7 +1258,7 @@ pub fn windows<E>(kv: &dyn KvRead<Error = E>, now_ms: i64) -> Result<Windows, E>
     )?;
     let mut pages: BTreeMap<String, u64> = BTreeMap::new();
     kv.scan(
-        &key(&[b"p", &i64_key(now_minute - 14)]),
+        &key(&[b"p", &i64_key(now_minute - (PAGE_WINDOW_MINUTES - 1))]),
         &key(&[b"p", &end]),
         &mut |k, v| {
             let page = String::from_utf8_lossy(k.get(9..).unwrap_or_default()).into_owned();
@@ -1179,19 +1266,32 @@ pub fn windows<E>(kv: &dyn KvRead<Error = E>, now_ms: i64) -> Result<Windows, E>
             true
         },
     )?;
-    let page_views_15m = pages.values().sum();
-    let mut top: Vec<PageViews> = pages
-        .into_iter()
-        .map(|(page, views)| PageViews { page, views })
-        .collect();
-    top.sort_by(|a, b| b.views.cmp(&a.views).then_with(|| a.page.cmp(&b.page)));
-    top.truncate(10);
-    Ok(Windows {
-        active_users_5m: users.len() as u64,
-        active_sessions_5m: sessions.len() as u64,
-        page_views_15m,
-        top_pages_15m: top,
-    })
+    Ok(Windows::of(
+        users.len() as u64,
+        sessions.len() as u64,
+        pages,
+    ))
+}
+
+impl Windows {
+    /// The windows of these distinct users and sessions (5 minutes) and
+    /// these views by page (15 minutes): the top 10 pages, most first,
+    /// ties by name.
+    pub fn of(users: u64, sessions: u64, pages: BTreeMap<String, u64>) -> Windows {
+        let page_views_15m = pages.values().sum();
+        let mut top: Vec<PageViews> = pages
+            .into_iter()
+            .map(|(page, views)| PageViews { page, views })
+            .collect();
+        top.sort_by(|a, b| b.views.cmp(&a.views).then_with(|| a.page.cmp(&b.page)));
+        top.truncate(10);
+        Windows {
+            active_users_5m: users,
+            active_sessions_5m: sessions,
+            page_views_15m,
+            top_pages_15m: top,
+        }
+    }
 }
 
 /// Receipt→processed latency percentiles (ms) from the on-disk histogram,
@@ -1317,6 +1417,147 @@ mod tests {
             Facts::of(&at(now - 11 * MS_PER_MINUTE), now, wanted)
                 .windows
                 .is_empty()
+        );
+    }
+
+    /// A plain map as a store, for what `apply` writes and the queries read.
+    #[derive(Default)]
+    struct Map(BTreeMap<Vec<u8>, Vec<u8>>);
+
+    impl KvWrite for Map {
+        type Error = std::convert::Infallible;
+        fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error> {
+            Ok(self.0.get(key).cloned())
+        }
+        fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Self::Error> {
+            self.0.insert(key.to_vec(), value.to_vec());
+            Ok(())
+        }
+        fn remove(&mut self, key: &[u8]) -> Result<(), Self::Error> {
+            self.0.remove(key);
+            Ok(())
+        }
+    }
+
+    impl KvRead for Map {
+        type Error = std::convert::Infallible;
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error> {
+            Ok(self.0.get(key).cloned())
+        }
+        fn scan(
+            &self,
+            from: &[u8],
+            to: &[u8],
+            f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        ) -> Result<(), Self::Error> {
+            for (k, v) in self.0.range(from.to_vec()..to.to_vec()) {
+                if !f(k, v) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// What an instance shares of each minute, added up over the minutes a
+    /// window spans, is what its own query answers: the deployment's
+    /// answer over one instance equals the instance's.
+    #[test]
+    fn minute_cells_and_members_add_up_to_the_local_windows() {
+        let window = WindowConfig {
+            name: "plays".into(),
+            minutes: 10,
+            event_types: vec!["play".into()],
+            group_by: "properties.content_id".into(),
+            sum: Some("properties.seconds".into()),
+        };
+        let wanted = Wanted {
+            sum_fields: &[],
+            windows: std::slice::from_ref(&window),
+        };
+        let now = 1_000 * MS_PER_MINUTE + 30_000;
+        let event = |minutes_ago: i64, event_type: &str, body: &str| WalRecord {
+            source: "s".into(),
+            key: "k".into(),
+            event_type: event_type.into(),
+            received_at_ms: now,
+            occurred_at_ms: now - minutes_ago * MS_PER_MINUTE,
+            only_sink: None,
+            body: body.into(),
+        };
+        let records = [
+            event(
+                0,
+                "page_view",
+                r#"{"user_id":"ann","session_id":"s1","properties":{"page":"/a"}}"#,
+            ),
+            event(
+                2,
+                "page_view",
+                r#"{"user_id":"bob","session_id":"s2","properties":{"page":"/a"}}"#,
+            ),
+            event(
+                7,
+                "page_view",
+                r#"{"user_id":"cy","properties":{"page":"/b"}}"#,
+            ),
+            event(
+                20,
+                "page_view",
+                r#"{"user_id":"old","properties":{"page":"/old"}}"#,
+            ),
+            event(
+                1,
+                "play",
+                r#"{"user_id":"ann","properties":{"content_id":"c1","seconds":2.5}}"#,
+            ),
+            event(
+                9,
+                "play",
+                r#"{"user_id":"ann","properties":{"content_id":"c2","seconds":4}}"#,
+            ),
+        ];
+        let facts: Vec<Facts> = records.iter().map(|r| Facts::of(r, now, wanted)).collect();
+        let mut kv = Map::default();
+        apply(&mut kv, &facts, now, 1).unwrap();
+
+        let now_minute = now.div_euclid(MS_PER_MINUTE);
+        let mut pages = BTreeMap::new();
+        for m in now_minute - (PAGE_WINDOW_MINUTES - 1)..=now_minute {
+            for (page, views) in minute_cells(&kv, m).unwrap().pages {
+                *pages.entry(page).or_default() += views;
+            }
+        }
+        let (mut users, mut sessions) = (BTreeSet::new(), BTreeSet::new());
+        for m in now_minute - (ACTIVE_WINDOW_MINUTES - 1)..=now_minute {
+            let (u, s) = minute_members(&kv, m).unwrap();
+            users.extend(u);
+            sessions.extend(s);
+        }
+        assert_eq!(users, BTreeSet::from(["ann".to_owned(), "bob".to_owned()]));
+        let shared = Windows::of(users.len() as u64, sessions.len() as u64, pages);
+        assert_eq!(shared, windows(&kv, now).unwrap());
+        assert_eq!(shared.page_views_15m, 3, "the view 20 minutes ago is out");
+
+        let mut groups = GroupTotals::new();
+        for m in now_minute - 9..=now_minute {
+            for (group, (sum, count)) in minute_cells(&kv, m)
+                .unwrap()
+                .groups
+                .remove("plays")
+                .unwrap_or_default()
+            {
+                add_group(&mut groups, group, sum, count);
+            }
+        }
+        let shared = rank_groups(groups, true, 10);
+        assert_eq!(shared, custom_window(&kv, &window, now, 10).unwrap());
+        assert_eq!(
+            shared
+                .iter()
+                .map(|g| (g.key.as_str(), g.sum))
+                .collect::<Vec<_>>(),
+            [("c2", Some(4.0)), ("c1", Some(2.5))]
         );
     }
 

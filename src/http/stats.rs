@@ -171,13 +171,38 @@ async fn answer(api: &Api, query: StatsQuery) -> Result<Response, Rejection> {
             window_type,
             cohorts,
         } => json!({"window_type": window_type, "cohorts": cohorts}),
-        StatsAnswer::Windows { windows, custom } => {
+        StatsAnswer::Windows {
+            windows,
+            custom,
+            exact,
+            deployment_error,
+        } => {
             let mut body = json!(windows);
             body["custom"] = json!(custom);
+            if let Some(exact) = exact {
+                body["scope"] = "deployment".into();
+                body["exact"] = exact.into();
+            }
+            if let Some(e) = deployment_error {
+                body["deployment_error"] = e.into();
+            }
             body
         }
-        StatsAnswer::Window { window, groups } => {
-            json!({"name": window.name, "minutes": window.minutes, "groups": groups})
+        StatsAnswer::Window {
+            window,
+            groups,
+            deployment,
+            deployment_error,
+        } => {
+            let mut body =
+                json!({"name": window.name, "minutes": window.minutes, "groups": groups});
+            if deployment {
+                body["scope"] = "deployment".into();
+            }
+            if let Some(e) = deployment_error {
+                body["deployment_error"] = e.into();
+            }
+            body
         }
     };
     scope(api, &mut body);

@@ -12,7 +12,10 @@
 //!   which stays authoritative for its own keys.
 //! - **Daily active users**, one set (a HyperLogLog past `dau_exact_max`)
 //!   per day that every instance adds its processed users to
-//!   (`dau.rs`).
+//!   (`dau.rs`, `sets.rs`).
+//! - **Rolling windows**: active users and sessions in sets per minute,
+//!   page views and `[[windows]]` groups per instance and minute
+//!   (`windows.rs`).
 //! - **Figures.** Every `publish_interval_ms` each instance writes its
 //!   processed counts per event type, all time and per day for the last
 //!   [`PUBLISHED_DAYS`] days, absolute rather than as deltas, so a write
@@ -32,6 +35,7 @@
 //! | `P instances` | set | every instance that published figures |
 //! | `P figures:{instance}` | hash | `type:{event_type}` → processed count; `updated_ms`; `cursor`, the last seq counted (`handoff.rs`) |
 //! | `P dau:{day}`, `P dauh:{day}`, … | set, HyperLogLog | the deployment's users of a day (`dau.rs`) |
+//! | `P winu:{minute}`, `P winp:{minute}:{instance}`, … | set, hash, … | the rolling windows (`windows.rs`) |
 //! | `P days:{instance}` | hash | `{day}:{event_type}` → processed count that day (days since 1970-01-01), for the last [`PUBLISHED_DAYS`] days |
 //! | `P wal:{instance}`, `P alive:{instance}`, `P owner:{instance}` | stream, string, string | the queue mirrored for takeover, the heartbeat, a taker's lock (`handoff.rs`) |
 //!
@@ -67,7 +71,9 @@
 
 mod dau;
 mod handoff;
+mod sets;
 mod stream;
+mod windows;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -80,6 +86,7 @@ use serde::Serialize;
 pub use dau::DeploymentDay;
 pub use handoff::{Orphan, Taken, TakenCounts};
 pub use stream::StreamWriter;
+pub use windows::DeploymentWindows;
 
 use crate::config::{RedisConfig, redacted_redis_url};
 use crate::event::{WalRecord, now_ms};
@@ -196,6 +203,8 @@ struct Counters {
     backlog_dropped: AtomicU64,
     /// Heals of the deployment's DAU completed (see `dau.rs`).
     dau_heals: AtomicU64,
+    /// Heals of the deployment's rolling windows completed (`windows.rs`).
+    window_heals: AtomicU64,
     /// Group commits not mirrored to this instance's stream (see
     /// `handoff.rs`).
     unmirrored: AtomicU64,
@@ -244,11 +253,18 @@ pub struct Mirror {
     store_id: AtomicU64,
     /// `appendonly` as Redis last answered it (0 unknown, 1 no, 2 yes).
     persistent: std::sync::atomic::AtomicU8,
-    /// Users of processed batches not yet added to the deployment's DAU.
-    pending: Mutex<dau::Pending>,
+    /// Users and sessions of processed batches not yet added to the
+    /// deployment's sets (`sets.rs`).
+    pending: Mutex<sets::Pending>,
     /// The deployment's DAU needs all of this instance's recent users
     /// (at start, after `pending` overflowed, or when Redis lost them).
     heal_due: AtomicBool,
+    /// Minutes whose page views or window groups changed since the last
+    /// round (`windows.rs`).
+    dirty_minutes: Mutex<std::collections::BTreeSet<i64>>,
+    /// The deployment's windows need all of this instance's (as
+    /// `heal_due`).
+    windows_heal_due: AtomicBool,
     /// For `/metrics`.
     counters: Counters,
 }
@@ -317,8 +333,10 @@ impl Mirror {
             dau_exact_max: config.dau_exact_max,
             persistent: std::sync::atomic::AtomicU8::new(0),
             store_id: AtomicU64::new(0),
-            pending: Mutex::new(dau::Pending::default()),
+            pending: Mutex::new(sets::Pending::default()),
             heal_due: AtomicBool::new(true),
+            dirty_minutes: Mutex::new(std::collections::BTreeSet::new()),
+            windows_heal_due: AtomicBool::new(true),
             counters: Counters::default(),
         }))
     }
@@ -494,8 +512,9 @@ impl Mirror {
 
     /// The background task's round: probes a Redis that was down, writes
     /// the backlog, publishes this instance's processed counts with its
-    /// heartbeat, and adds the users noted since the last round to the
-    /// deployment's DAU.
+    /// heartbeat, and adds the users and sessions noted since the last
+    /// round to the deployment's sets (the rolling windows' cells are
+    /// [`Mirror::share_windows`], which reads the store).
     pub async fn maintain(&self, counted: &Counted, ttl_ms: i64) {
         if !self.is_up() {
             let mut conn = self.conn.clone();
@@ -512,7 +531,7 @@ impl Mirror {
         let published = self.publish(counted).await.is_ok();
         self.write_backlog(ttl_ms).await;
         if published {
-            let _ = self.share_users().await;
+            let _ = self.share_members().await;
             self.read_persistence().await;
         }
     }
@@ -750,7 +769,7 @@ impl Mirror {
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;
         let c = &self.counters;
-        let lines: [(&str, &str, &str, u64); 13] = [
+        let lines: [(&str, &str, &str, u64); 14] = [
             (
                 "inletd_redis_up",
                 "gauge",
@@ -794,16 +813,22 @@ impl Mirror {
                 c.backlog_dropped.load(Ordering::Relaxed),
             ),
             (
-                "inletd_redis_dau_pending_users",
+                "inletd_redis_pending_members",
                 "gauge",
-                "Users of processed batches not yet added to the deployment's daily active users.",
-                self.pending_users() as u64,
+                "Users and sessions of processed batches not yet added to the deployment's sets (daily active users, active users and sessions by minute).",
+                self.pending_members() as u64,
             ),
             (
                 "inletd_redis_dau_heals_total",
                 "counter",
                 "Times this instance added all its users of the last 31 days to Redis again.",
                 c.dau_heals.load(Ordering::Relaxed),
+            ),
+            (
+                "inletd_redis_window_heals_total",
+                "counter",
+                "Times this instance wrote all its rolling windows to Redis again.",
+                c.window_heals.load(Ordering::Relaxed),
             ),
             (
                 "inletd_redis_unmirrored_groups_total",

@@ -152,11 +152,20 @@ pub enum StatsAnswer {
     Windows {
         windows: Windows,
         custom: Vec<String>,
+        /// With Redis: they are the deployment's, and this says whether the
+        /// active users and sessions are exact (not HyperLogLog estimates).
+        exact: Option<bool>,
+        /// Why the deployment's could not be read (these are then this instance's).
+        deployment_error: Option<String>,
     },
     /// A configured window's groups.
     Window {
         window: WindowConfig,
         groups: Vec<WindowGroup>,
+        /// True when they are the deployment's (Redis on).
+        deployment: bool,
+        /// Why the deployment's could not be read (these are then this instance's).
+        deployment_error: Option<String>,
     },
 }
 
@@ -340,8 +349,9 @@ impl Pipeline {
         })
     }
 
-    /// Answers an analytics query from the store (top events by count over
-    /// recent days: the deployment's, with Redis).
+    /// Answers an analytics query from the store; with Redis, DAU and top
+    /// events by count over recent days, and the rolling windows, are the
+    /// deployment's.
     pub async fn stats(&self, query: StatsQuery) -> Result<StatsAnswer, StatsError> {
         let config = self.config();
         let storage = &self.context.storage;
@@ -424,20 +434,59 @@ impl Pipeline {
                 })
                 .await?,
             },
-            StatsQuery::Windows => StatsAnswer::Windows {
-                windows: blocking(storage, |s| analytics::windows(s, now_ms())).await?,
-                custom: config.windows.iter().map(|w| w.name.clone()).collect(),
-            },
+            StatsQuery::Windows => {
+                let custom = config.windows.iter().map(|w| w.name.clone()).collect();
+                let now = now_ms();
+                let deployment = match self.context.mirror.as_deref() {
+                    Some(mirror) => Some(mirror.deployment_windows(now).await),
+                    None => None,
+                };
+                match deployment {
+                    Some(Ok(deployment)) => StatsAnswer::Windows {
+                        windows: deployment.windows,
+                        custom,
+                        exact: Some(deployment.exact),
+                        deployment_error: None,
+                    },
+                    deployment => StatsAnswer::Windows {
+                        windows: blocking(storage, move |s| analytics::windows(s, now)).await?,
+                        custom,
+                        exact: None,
+                        deployment_error: deployment.and_then(|d| d.err().map(|e| e.to_string())),
+                    },
+                }
+            }
             StatsQuery::Window { name, limit } => {
                 let Some(window) = config.windows.iter().find(|w| w.name == name).cloned() else {
                     return Err(StatsError::UnknownWindow(name));
                 };
-                let query_window = window.clone();
-                let groups = blocking(storage, move |s| {
-                    analytics::custom_window(s, &query_window, now_ms(), limit)
-                })
-                .await?;
-                StatsAnswer::Window { window, groups }
+                let now = now_ms();
+                let deployment = match self.context.mirror.as_deref() {
+                    Some(mirror) => Some(mirror.deployment_window(&window, now, limit).await),
+                    None => None,
+                };
+                match deployment {
+                    Some(Ok(groups)) => StatsAnswer::Window {
+                        window,
+                        groups,
+                        deployment: true,
+                        deployment_error: None,
+                    },
+                    deployment => {
+                        let query_window = window.clone();
+                        let groups = blocking(storage, move |s| {
+                            analytics::custom_window(s, &query_window, now, limit)
+                        })
+                        .await?;
+                        StatsAnswer::Window {
+                            window,
+                            groups,
+                            deployment: false,
+                            deployment_error: deployment
+                                .and_then(|d| d.err().map(|e| e.to_string())),
+                        }
+                    }
+                }
             }
         })
     }

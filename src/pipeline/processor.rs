@@ -83,7 +83,7 @@ impl Actor for Processor {
                 // cursor past this batch.
                 context.status.processing.store(0, Ordering::SeqCst);
                 if let Some(mirror) = &context.mirror {
-                    mirror.note_active(ack.active_users());
+                    mirror.note_batch(&ack);
                 }
                 report_batch(&records, failed, started, &context.names);
                 context.names.cast(BATCHER, BatcherMsg::Done(upto));

@@ -115,7 +115,7 @@ async fn take_over(
             tracing::info!(orphan = %orphan.name, "takeover over: the instance beats again or another took it");
             return Ok(());
         }
-        mirror.note_active(ack.active_users());
+        mirror.note_batch(&ack);
         delivered += ack.processed.len();
     }
     mirror

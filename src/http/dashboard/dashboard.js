@@ -165,7 +165,8 @@
     for (const w of shown) {
       const part = el("div", null, "custom");
       part.dataset.window = w.name;
-      part.append(el("h3", w.name + " · last " + w.minutes + " min"));
+      const scope = w.scope === "deployment" ? " · all instances" : "";
+      part.append(el("h3", w.name + " · last " + w.minutes + " min" + scope));
       const hasSum = w.groups.some((g) => g.sum != null);
       const table = el("table", null, "plain");
       const head = el("tr");
@@ -195,8 +196,12 @@
 
   function showWindows(w) {
     showCustomWindows(w.custom || []);
-    $("active-users").textContent = fmt(w.active_users_5m);
-    $("active-sessions").textContent = fmt(w.active_sessions_5m);
+    // With Redis the windows are the deployment's; users and sessions past
+    // dau_exact_max in a minute are estimates (`exact: false`), shown "≈".
+    $("now-scope").textContent = w.scope === "deployment" ? " (all instances)" : "";
+    const about = w.exact === false ? "≈" : "";
+    $("active-users").textContent = about + fmt(w.active_users_5m);
+    $("active-sessions").textContent = about + fmt(w.active_sessions_5m);
     $("page-views").textContent = fmt(w.page_views_15m);
     const body = $("top-pages");
     body.replaceChildren();

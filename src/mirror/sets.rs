@@ -1,0 +1,180 @@
+//! Sets every instance adds its processed users (or sessions) to: one per
+//! day for the deployment's DAU (`dau.rs`), one per minute for its active
+//! users and sessions (`windows.rs`). Each is a Redis set while it holds at
+//! most `dau_exact_max` members, and always a HyperLogLog, so that a count
+//! over them is exact until a set outgrows the cap, and an estimate after.
+//!
+//! Adding a member twice changes nothing, so no write needs fencing: a
+//! batch processed twice, a round repeated, or a heal that re-adds what is
+//! there leaves the same sets. What can go wrong is a member never added
+//! (the process died with members noted, `pending` overflowed, Redis lost
+//! its data): the heals of `dau.rs` and `windows.rs` re-add them from the
+//! store.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P {name}` | set | the members, while at most `dau_exact_max` |
+//! | `P {name}:over` | string | set once the set outgrew `dau_exact_max` (the set is then dropped) |
+//! | `P {hll name}` | HyperLogLog | the members, always |
+//!
+//! with `{name}` / `{hll name}` `dau:{day}` / `dauh:{day}`, `winu:{minute}`
+//! / `winuh:{minute}` (users) and `wins:{minute}` / `winsh:{minute}`
+//! (sessions).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+
+use super::{Mirror, MirrorError, PUBLISHED_DAYS};
+use crate::analytics::ACTIVE_WINDOW_MINUTES;
+
+/// Members per script call: Lua's `unpack` has a stack limit.
+const CHUNK: usize = 1000;
+
+/// How long a day's set lives after its last write.
+const DAY_KEEP_MS: i64 = (PUBLISHED_DAYS as i64 + 1) * 86_400_000;
+
+/// Adds members (`ARGV[3..]`) to a HyperLogLog (`KEYS[2]`) and, unless the
+/// set is over `ARGV[1]` members (`KEYS[3]` set), to the set (`KEYS[1]`),
+/// dropping the set once it grows past that; every key lives `ARGV[2]` ms.
+const ADD_MEMBERS: &str = r"
+redis.call('PFADD', KEYS[2], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('SADD', KEYS[1], unpack(ARGV, 3))
+if redis.call('SCARD', KEYS[1]) > tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// One shared set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum SharedSet {
+    /// The users of a day (days since 1970-01-01).
+    DayUsers(i32),
+    /// The users of a minute (minutes since the epoch).
+    MinuteUsers(i64),
+    /// The sessions of a minute.
+    MinuteSessions(i64),
+}
+
+/// A set's Redis keys: the set, its HyperLogLog, its "over" mark.
+pub(super) struct SetKeys {
+    pub set: String,
+    pub hll: String,
+    pub over: String,
+}
+
+impl SharedSet {
+    /// Its keys under `prefix`.
+    pub(super) fn keys(self, prefix: &str) -> SetKeys {
+        let (set, hll) = match self {
+            SharedSet::DayUsers(day) => (format!("dau:{day}"), format!("dauh:{day}")),
+            SharedSet::MinuteUsers(m) => (format!("winu:{m}"), format!("winuh:{m}")),
+            SharedSet::MinuteSessions(m) => (format!("wins:{m}"), format!("winsh:{m}")),
+        };
+        SetKeys {
+            over: format!("{prefix}{set}:over"),
+            set: format!("{prefix}{set}"),
+            hll: format!("{prefix}{hll}"),
+        }
+    }
+
+    /// How long its keys live from a write at `now_ms`: a day's, as long
+    /// as days are published; a minute's, until no window reaches it.
+    fn keep_ms(self, now_ms: i64) -> i64 {
+        match self {
+            SharedSet::DayUsers(_) => DAY_KEEP_MS,
+            SharedSet::MinuteUsers(m) | SharedSet::MinuteSessions(m) => {
+                ((m + ACTIVE_WINDOW_MINUTES + 1) * 60_000 - now_ms).max(60_000)
+            }
+        }
+    }
+}
+
+/// Members noted since the last round, not yet in Redis.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    /// By set.
+    sets: BTreeMap<SharedSet, BTreeSet<String>>,
+    /// How many (set, member) pairs `sets` holds.
+    len: usize,
+}
+
+impl Mirror {
+    /// Members noted and not yet added to Redis.
+    pub(super) fn pending_members(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len
+    }
+
+    /// Notes members for the next round. Past `backlog_max_keys` the noted
+    /// ones are forgotten and both heals are due: they re-add every member
+    /// from the store, so nothing is lost by forgetting.
+    pub(super) fn note_members<'a>(&self, members: impl IntoIterator<Item = (SharedSet, &'a str)>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for (set, member) in members {
+            let added = pending
+                .sets
+                .entry(set)
+                .or_default()
+                .insert(member.to_owned());
+            pending.len += usize::from(added);
+        }
+        if pending.len > self.backlog_max {
+            *pending = Pending::default();
+            self.heal_due.store(true, Ordering::Relaxed);
+            self.windows_heal_due.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The round's part: adds the members noted since the last round.
+    pub(super) async fn share_members(&self) -> Result<(), MirrorError> {
+        let noted = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Err(e) = self.add_members(&noted.sets).await {
+            // Back for the next round (merged with what came meanwhile).
+            self.note_members(
+                noted
+                    .sets
+                    .iter()
+                    .flat_map(|(set, members)| members.iter().map(move |m| (*set, m.as_str()))),
+            );
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Adds `sets`' members, in one pipeline of scripts.
+    pub(super) async fn add_members(
+        &self,
+        sets: &BTreeMap<SharedSet, BTreeSet<String>>,
+    ) -> Result<(), MirrorError> {
+        let now = crate::event::now_ms();
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for (set, members) in sets {
+            let keys = set.keys(&self.prefix);
+            let members: Vec<&String> = members.iter().collect();
+            for chunk in members.chunks(CHUNK) {
+                any = true;
+                pipe.cmd("EVAL")
+                    .arg(ADD_MEMBERS)
+                    .arg(3)
+                    .arg(&keys.set)
+                    .arg(&keys.hll)
+                    .arg(&keys.over)
+                    .arg(self.dau_exact_max)
+                    .arg(set.keep_ms(now))
+                    .arg(chunk)
+                    .ignore();
+            }
+        }
+        if !any {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        self.call(pipe.query_async::<()>(&mut conn)).await
+    }
+}

@@ -1,0 +1,387 @@
+//! The deployment's rolling windows: `/stats/windows` and
+//! `/stats/windows/{name}` over every instance.
+//!
+//! Two kinds of figures, shared two ways:
+//!
+//! - **Active users and sessions do not add up** (a user may reach two
+//!   instances in one minute): every instance adds the users and sessions
+//!   of its processed batches to one set per minute (`sets.rs`), and the
+//!   5-minute figure is the size of the union of the last five (exact
+//!   while each set is at most `dau_exact_max`, else the HyperLogLogs'
+//!   estimate, `"exact": false`).
+//! - **Page views and `[[windows]]` groups add up.** Each instance writes
+//!   its own cells of a minute, read from its store, whole (absolute, not
+//!   deltas) into its own hashes; a query adds every instance's hashes of
+//!   the minutes it spans. A minute is written again whenever a batch adds
+//!   to it, so a write lost or repeated changes nothing once the next one
+//!   lands.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P winu:{minute}`, `P wins:{minute}`, … | set, HyperLogLog | the minute's users, sessions (`sets.rs`) |
+//! | `P winp:{minute}:{instance}` | hash | page → the instance's views of it in that minute |
+//! | `P winw:{window}:{minute}:{instance}` | hash | group → `{count}:{sum}`, the sum in millionths |
+//! | `P win:healed:{instance}` | string | this instance's windows are all in |
+//!
+//! `{minute}` is minutes since the epoch, of the event's own time. Every key
+//! expires once no window reaches its minute.
+//!
+//! **Heal.** What a round did not write (the process died with minutes
+//! noted, Redis was down or lost its data) is written again from the
+//! store: at start, when the members noted overflowed, and when the heal
+//! mark is gone from Redis. Windows are short, so a heal is a few hundred
+//! reads at most.
+//!
+//! **Freshness.** An answer is as of each instance's last round
+//! (`publish_interval_ms`), this instance's too.
+//!
+//! All instances of a deployment are meant to share `[[windows]]`; a
+//! window one instance does not define has none of its events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+
+use redis::Value;
+
+use super::sets::SharedSet;
+use super::{Mirror, MirrorError};
+use crate::analytics::{
+    self, ACTIVE_WINDOW_MINUTES, GroupTotals, MAX_CLOCK_SKEW_MS, MinuteCells, PAGE_WINDOW_MINUTES,
+    WindowGroup, Windows,
+};
+use crate::config::WindowConfig;
+use crate::event::now_ms;
+use crate::storage::BatchAck;
+
+const MS_PER_MINUTE: i64 = 60_000;
+
+/// Minutes after now an event may fall in and still count (a sender's
+/// clock ahead).
+const SKEW_MINUTES: i64 = MAX_CLOCK_SKEW_MS / MS_PER_MINUTE;
+
+/// How long the heal mark lives: a day, so that a heal also comes back by
+/// itself now and then.
+const MARK_KEEP_MS: i64 = 86_400_000;
+
+/// Minutes read from the store and written per pipeline.
+const MINUTES_PER_WRITE: usize = 16;
+
+/// The size of the union of the sets `KEYS[2..n+1]` (`n` = (#KEYS − 1) / 3),
+/// exact (`{count, 1}`), unless one of them is over its cap (`KEYS[2n+2..]`
+/// set): then the union of their HyperLogLogs (`KEYS[n+2..2n+1]`),
+/// `{estimate, 0}`. `KEYS[1]` is a scratch key, deleted before returning.
+const UNION: &str = r"
+local n = (#KEYS - 1) / 3
+for i = 2 * n + 2, 3 * n + 1 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    return {redis.call('PFCOUNT', unpack(KEYS, n + 2, 2 * n + 1)), 0}
+  end
+end
+local count = redis.call('SUNIONSTORE', KEYS[1], unpack(KEYS, 2, n + 1))
+redis.call('DEL', KEYS[1])
+return {count, 1}
+";
+
+/// The deployment's `/stats/windows`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentWindows {
+    /// Every instance's windows, merged.
+    pub windows: Windows,
+    /// False when a minute's users or sessions outgrew `dau_exact_max` and
+    /// the 5-minute figures are estimates.
+    pub exact: bool,
+}
+
+impl Mirror {
+    /// Notes what a processed batch adds to the rolling windows: its
+    /// users and sessions by minute, and the minutes whose page views or
+    /// window groups changed; the next round shares them. Also notes its
+    /// users for the deployment's DAU.
+    pub fn note_batch(&self, ack: &BatchAck) {
+        self.note_active(ack.active_users());
+        let now_minute = ack.now_ms.div_euclid(MS_PER_MINUTE);
+        let active = now_minute - (ACTIVE_WINDOW_MINUTES - 1)..=now_minute + SKEW_MINUTES;
+        let paged = now_minute - (PAGE_WINDOW_MINUTES - 1)..=now_minute + SKEW_MINUTES;
+        let facts = ack.processed.iter().filter_map(|(_, f)| f.as_ref());
+        let mut members = Vec::new();
+        let mut dirty = BTreeSet::new();
+        for f in facts {
+            let minute = f.occurred_at_ms.div_euclid(MS_PER_MINUTE);
+            if active.contains(&minute) {
+                if let Some(user) = &f.user_id {
+                    members.push((SharedSet::MinuteUsers(minute), user.as_str()));
+                }
+                if let Some(session) = &f.session_id {
+                    members.push((SharedSet::MinuteSessions(minute), session.as_str()));
+                }
+            }
+            // Windows' facts are only there for events inside their window.
+            if (f.page.is_some() && paged.contains(&minute)) || !f.windows.is_empty() {
+                dirty.insert(minute);
+            }
+        }
+        self.note_members(members);
+        if !dirty.is_empty() {
+            self.dirty_minutes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(dirty);
+        }
+    }
+
+    /// The round's windows part: writes this instance's cells of every
+    /// minute noted since the last round, read by `cells_of` from the
+    /// store. Minutes that could not be written wait for the next round.
+    pub async fn share_windows<F, Fut, E>(&self, windows: &[WindowConfig], mut cells_of: F)
+    where
+        F: FnMut(i64) -> Fut,
+        Fut: std::future::Future<Output = Result<MinuteCells, E>>,
+        E: std::fmt::Display,
+    {
+        if !self.is_up() {
+            return;
+        }
+        let now_minute = now_ms().div_euclid(MS_PER_MINUTE);
+        let oldest = now_minute - longest(windows) + 1;
+        let noted: Vec<i64> = {
+            let mut dirty = self.dirty_minutes.lock().unwrap_or_else(|p| p.into_inner());
+            // Minutes no window reaches any more are not written at all.
+            let reached = dirty.split_off(&oldest);
+            std::mem::take(&mut *dirty);
+            reached.into_iter().collect()
+        };
+        for (i, minutes) in noted.chunks(MINUTES_PER_WRITE).enumerate() {
+            let mut cells = Vec::with_capacity(minutes.len());
+            for &minute in minutes {
+                match cells_of(minute).await {
+                    Ok(c) => cells.push((minute, c)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the rolling windows to share with redis failed");
+                        self.renote(&noted[i * MINUTES_PER_WRITE..]);
+                        return;
+                    }
+                }
+            }
+            if self.write_cells(windows, &cells).await.is_err() {
+                self.renote(&noted[i * MINUTES_PER_WRITE..]);
+                return;
+            }
+        }
+    }
+
+    /// Minutes back for the next round.
+    fn renote(&self, minutes: &[i64]) {
+        self.dirty_minutes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(minutes.iter().copied());
+    }
+
+    /// Replaces this instance's hashes of each minute with `cells`, in one
+    /// transaction.
+    async fn write_cells(
+        &self,
+        windows: &[WindowConfig],
+        cells: &[(i64, MinuteCells)],
+    ) -> Result<(), MirrorError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (minute, cells) in cells {
+            let gone_after = |minutes: i64| (minute + minutes + 1) * MS_PER_MINUTE;
+            let key = format!("{}winp:{minute}:{}", self.prefix, self.instance);
+            pipe.cmd("DEL").arg(&key).ignore();
+            if !cells.pages.is_empty() {
+                pipe.cmd("HSET").arg(&key).arg(&cells.pages).ignore();
+                pipe.cmd("PEXPIREAT")
+                    .arg(&key)
+                    .arg(gone_after(PAGE_WINDOW_MINUTES))
+                    .ignore();
+            }
+            for window in windows {
+                let key = format!(
+                    "{}winw:{}:{minute}:{}",
+                    self.prefix, window.name, self.instance
+                );
+                pipe.cmd("DEL").arg(&key).ignore();
+                let Some(groups) = cells.groups.get(&window.name) else {
+                    continue;
+                };
+                let fields: Vec<(&String, String)> = groups
+                    .iter()
+                    .map(|(group, (sum, count))| (group, format!("{count}:{sum}")))
+                    .collect();
+                if !fields.is_empty() {
+                    pipe.cmd("HSET").arg(&key).arg(fields).ignore();
+                    pipe.cmd("PEXPIREAT")
+                        .arg(&key)
+                        .arg(gone_after(i64::from(window.minutes)))
+                        .ignore();
+                }
+            }
+        }
+        let mut conn = self.conn.clone();
+        self.call(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    /// Heals the deployment's windows from this instance's store when a
+    /// heal is due or its mark is gone: re-adds the users and sessions of
+    /// the active minutes (`members_of`), and notes every minute a window
+    /// reaches for the next round. A heal that fails is due again.
+    pub async fn heal_windows<F, Fut, E>(&self, windows: &[WindowConfig], mut members_of: F)
+    where
+        F: FnMut(i64) -> Fut,
+        Fut: std::future::Future<Output = Result<(BTreeSet<String>, BTreeSet<String>), E>>,
+        E: std::fmt::Display,
+    {
+        if !self.is_up() {
+            return;
+        }
+        let mark = format!("{}win:healed:{}", self.prefix, self.instance);
+        let mut conn = self.conn.clone();
+        if !self.windows_heal_due.swap(false, Ordering::Relaxed) {
+            let there: Result<bool, _> = self
+                .call(redis::cmd("EXISTS").arg(&mark).query_async(&mut conn))
+                .await;
+            if !matches!(there, Ok(false)) {
+                return;
+            }
+        }
+        let now_minute = now_ms().div_euclid(MS_PER_MINUTE);
+        let mut sets = BTreeMap::new();
+        for minute in now_minute - (ACTIVE_WINDOW_MINUTES - 1)..=now_minute + SKEW_MINUTES {
+            match members_of(minute).await {
+                Ok((users, sessions)) => {
+                    sets.insert(SharedSet::MinuteUsers(minute), users);
+                    sets.insert(SharedSet::MinuteSessions(minute), sessions);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the active users to share with redis failed");
+                    self.windows_heal_due.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        if self.add_members(&sets).await.is_err() {
+            self.windows_heal_due.store(true, Ordering::Relaxed);
+            return;
+        }
+        let reached: Vec<i64> =
+            (now_minute - longest(windows) + 1..=now_minute + SKEW_MINUTES).collect();
+        self.renote(&reached);
+        let mut set = redis::cmd("SET");
+        set.arg(&mark).arg(now_ms()).arg("PX").arg(MARK_KEEP_MS);
+        if self.call(set.query_async::<()>(&mut conn)).await.is_err() {
+            self.windows_heal_due.store(true, Ordering::Relaxed);
+            return;
+        }
+        self.counters.window_heals.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("wrote this instance's rolling windows to the deployment's");
+    }
+
+    /// Every instance that ever published.
+    async fn all_instances(&self) -> Result<Vec<String>, MirrorError> {
+        let mut conn = self.conn.clone();
+        self.call(
+            redis::cmd("SMEMBERS")
+                .arg(format!("{}instances", self.prefix))
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// The deployment's built-in windows ending at `now_ms`.
+    pub async fn deployment_windows(&self, now_ms: i64) -> Result<DeploymentWindows, MirrorError> {
+        if !self.is_up() {
+            return Err(MirrorError::Down);
+        }
+        let instances = self.all_instances().await?;
+        let now_minute = now_ms.div_euclid(MS_PER_MINUTE);
+        let active: Vec<i64> = (now_minute - (ACTIVE_WINDOW_MINUTES - 1)..=now_minute).collect();
+        let mut pipe = redis::pipe();
+        for set in [SharedSet::MinuteUsers, SharedSet::MinuteSessions] {
+            let keys: Vec<_> = active.iter().map(|m| set(*m).keys(&self.prefix)).collect();
+            pipe.cmd("EVAL")
+                .arg(UNION)
+                .arg(1 + 3 * keys.len())
+                .arg(format!("{}win:scratch:{}", self.prefix, self.instance))
+                .arg(keys.iter().map(|k| &k.set).collect::<Vec<_>>())
+                .arg(keys.iter().map(|k| &k.hll).collect::<Vec<_>>())
+                .arg(keys.iter().map(|k| &k.over).collect::<Vec<_>>());
+        }
+        for minute in now_minute - (PAGE_WINDOW_MINUTES - 1)..=now_minute {
+            for instance in &instances {
+                pipe.cmd("HGETALL")
+                    .arg(format!("{}winp:{minute}:{instance}", self.prefix));
+            }
+        }
+        let mut conn = self.conn.clone();
+        let answers: Vec<Value> = self.call(pipe.query_async(&mut conn)).await?;
+        let malformed = |what: &str| MirrorError::Redis(format!("unexpected answer to {what}"));
+        let mut answers = answers.into_iter();
+        let mut union = || -> Result<(u64, bool), MirrorError> {
+            let value = answers.next().ok_or_else(|| malformed("UNION"))?;
+            let (count, exact): (u64, u8) =
+                redis::from_redis_value(value).map_err(|_| malformed("UNION"))?;
+            Ok((count, exact == 1))
+        };
+        let (users, users_exact) = union()?;
+        let (sessions, sessions_exact) = union()?;
+        let mut pages: BTreeMap<String, u64> = BTreeMap::new();
+        for value in answers {
+            let hash: BTreeMap<String, u64> =
+                redis::from_redis_value(value).map_err(|_| malformed("HGETALL winp"))?;
+            for (page, views) in hash {
+                *pages.entry(page).or_default() += views;
+            }
+        }
+        Ok(DeploymentWindows {
+            windows: Windows::of(users, sessions, pages),
+            exact: users_exact && sessions_exact,
+        })
+    }
+
+    /// The deployment's groups of `window` ending at `now_ms`, ranked as
+    /// [`analytics::custom_window`] ranks one instance's.
+    pub async fn deployment_window(
+        &self,
+        window: &WindowConfig,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<WindowGroup>, MirrorError> {
+        if !self.is_up() {
+            return Err(MirrorError::Down);
+        }
+        let instances = self.all_instances().await?;
+        let now_minute = now_ms.div_euclid(MS_PER_MINUTE);
+        let mut pipe = redis::pipe();
+        for minute in now_minute - i64::from(window.minutes) + 1..=now_minute {
+            for instance in &instances {
+                pipe.cmd("HGETALL").arg(format!(
+                    "{}winw:{}:{minute}:{instance}",
+                    self.prefix, window.name
+                ));
+            }
+        }
+        let mut conn = self.conn.clone();
+        let hashes: Vec<BTreeMap<String, String>> = self.call(pipe.query_async(&mut conn)).await?;
+        let mut groups = GroupTotals::new();
+        for (group, cell) in hashes.into_iter().flatten() {
+            let (count, sum) = cell
+                .split_once(':')
+                .and_then(|(c, s)| Some((c.parse::<u64>().ok()?, s.parse::<i128>().ok()?)))
+                .ok_or_else(|| MirrorError::Redis(format!("malformed window cell `{cell}`")))?;
+            analytics::add_group(&mut groups, group, sum, count);
+        }
+        Ok(analytics::rank_groups(groups, window.sum.is_some(), limit))
+    }
+}
+
+/// How many minutes back (this one included) the longest window reaches.
+fn longest(windows: &[WindowConfig]) -> i64 {
+    windows
+        .iter()
+        .map(|w| i64::from(w.minutes))
+        .chain([PAGE_WINDOW_MINUTES])
+        .max()
+        .unwrap_or(PAGE_WINDOW_MINUTES)
+}
