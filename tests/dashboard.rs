@@ -448,9 +448,9 @@ fn the_dashboard_asks_for_the_stats_token() {
 }
 
 /// An operator of two instances sharing a Redis opens the dashboard of
-/// one: the totals say they are the deployment's, the DAU and "right now"
-/// cards say they count every instance's users, and a day or a minute past
-/// `dau_exact_max` is shown as an estimate ("≈").
+/// one: the totals say they are the deployment's, the DAU, "right now",
+/// top events and trends cards say they count every instance's, and a day
+/// or a minute past `dau_exact_max` is shown as an estimate ("≈").
 #[test]
 fn the_dashboard_of_a_deployment_says_whose_figures_it_shows() {
     let Some(redis) = common::redis::RedisServer::start(Default::default()) else {
@@ -521,10 +521,13 @@ fn the_dashboard_of_a_deployment_says_whose_figures_it_shows() {
         b.text("#page-views").as_deref() == Some("3")
             && b.text("#active-users").as_deref() == Some("≈3")
     });
-    assert_eq!(
-        browser.text("#now-scope").as_deref().map(str::trim),
-        Some("(all instances)")
-    );
+    for heading in ["#now-scope", "#top-scope", "#trend-scope"] {
+        assert_eq!(
+            browser.text(heading).as_deref().map(str::trim),
+            Some("(all instances)"),
+            "{heading}"
+        );
+    }
     let bars = browser.run(
         "return [...document.querySelectorAll('#dau-chart rect title')].map(t => t.textContent);",
         &[],

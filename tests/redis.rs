@@ -512,6 +512,100 @@ fn rolling_windows_answer_for_the_deployment_and_heal_after_a_flush() {
     }
 }
 
+/// Two instances take a shop's purchases behind a load balancer. On
+/// either, trends and top events by revenue over recent days are the
+/// deployment's: counts and sums add up, a buyer who reached both counts
+/// once, of every type or of purchases only. Someone flushes Redis: the
+/// same answers come back by themselves.
+#[test]
+fn trends_and_top_events_by_sum_answer_for_the_deployment() {
+    let Some(redis) = RedisServer::start(RedisOptions::default()) else {
+        return;
+    };
+    let extra = "sum_fields = [\"properties.amount\"]\n";
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Daemon::start(dir_a.path(), &instance_config(&redis, "a", extra));
+    let b = Daemon::start(dir_b.path(), &instance_config(&redis, "b", extra));
+    let now = time::OffsetDateTime::now_utc();
+    let (today, yesterday) = (now.date(), (now - time::Duration::days(1)).date());
+    let event = |id: &str, event_type: &str, user: &str, day: time::Date, amount: f64| {
+        json!({"event_id": id, "event_type": event_type, "user_id": user,
+            "timestamp": format!("{day}T12:00:00Z"), "properties": {"amount": amount}})
+    };
+    let through_a = [
+        event("a1", "purchase", "ann", yesterday, 10.5),
+        event("a2", "purchase", "bob", yesterday, 5.0),
+        event("a3", "purchase", "ann", today, 1.0),
+    ];
+    let through_b = [
+        event("b1", "purchase", "ann", yesterday, 2.0),
+        event("b2", "purchase", "cy", yesterday, 3.0),
+        event("b3", "purchase", "dee", today, 4.0),
+        event("b4", "visit", "eve", today, 0.0),
+    ];
+    for (d, events) in [(&a, &through_a[..]), (&b, &through_b[..])] {
+        let r = d.post_json("/webhook/batch", &json!({"events": events}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let range = format!("from={yesterday}&to={today}");
+    let purchases = json!([
+        {"period": yesterday.to_string(), "count": 4, "users": 3, "sum": 20.5, "skipped": 0, "exact": true},
+        {"period": today.to_string(), "count": 2, "users": 2, "sum": 5.0, "skipped": 0, "exact": true},
+    ]);
+    let everything = json!([
+        {"period": yesterday.to_string(), "count": 4, "users": 3, "sum": null, "skipped": null, "exact": true},
+        {"period": today.to_string(), "count": 3, "users": 3, "sum": null, "skipped": null, "exact": true},
+    ]);
+    let by_revenue = json!([
+        {"event_type": "purchase", "count": 6, "sum": 25.5},
+        {"event_type": "visit", "count": 1, "sum": 0.0},
+    ]);
+    let answered = |d: &Daemon, path: &str| {
+        let r = d.get(path);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        r.json()
+    };
+    let both_answer = |when: &str| {
+        for d in [&a, &b] {
+            eventually(
+                Duration::from_secs(10),
+                &format!("purchases' trend {when}"),
+                || {
+                    let t = answered(
+                        d,
+                        &format!(
+                            "/stats/trends?interval=day&{range}&event_type=purchase&sum=properties.amount"
+                        ),
+                    );
+                    t["scope"] == "deployment" && t["series"] == purchases && t["skipped"] == 0
+                },
+            );
+            eventually(
+                Duration::from_secs(10),
+                &format!("the whole trend {when}"),
+                || {
+                    let t = answered(d, &format!("/stats/trends?interval=day&{range}"));
+                    t["scope"] == "deployment" && t["series"] == everything
+                },
+            );
+            eventually(
+                Duration::from_secs(10),
+                &format!("top events by revenue {when}"),
+                || {
+                    let t = answered(
+                        d,
+                        &format!("/stats/top-events?{range}&by=sum&sum=properties.amount"),
+                    );
+                    t["scope"] == "deployment" && t["events"] == by_revenue
+                },
+            );
+        }
+    };
+    both_answer("at first");
+    redis.command(&["FLUSHALL"]);
+    both_answer("after the flush");
+}
+
 #[test]
 fn a_password_and_a_key_prefix_are_used_and_a_wrong_password_is_reported() {
     let Some(redis) = RedisServer::start(RedisOptions {

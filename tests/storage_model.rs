@@ -474,7 +474,7 @@ impl Harness {
         let counted = both!(self, s => s.counted(0, 100_000).expect("counted"));
         prop_assert_eq!(&counted.by_type, &counts);
         prop_assert_eq!(counted.cursor, info.cursor);
-        let per_day: u64 = counted.by_day.iter().map(|(_, _, n)| n).sum();
+        let per_day: u64 = counted.days.counts.iter().map(|(_, _, n)| n).sum();
         prop_assert_eq!(per_day, counts.iter().map(|(_, n)| n).sum::<u64>());
         let dlq_len = both!(self, s => s.dlq_len().expect("dlq_len"));
         let dlq = both!(self, s => s.dlq_list(0, ALL).expect("dlq_list"));

@@ -63,7 +63,7 @@ use crate::event::WalRecord;
 
 pub mod query;
 mod trends;
-pub use trends::{Interval, Trend, TrendPeriod, trends};
+pub use trends::{Interval, Trend, TrendDay, TrendPeriod, periods, trend_of, trends};
 
 /// How far ahead of the processing clock an event's time may be and still
 /// count in the rolling windows: a sender's clock a little ahead is fine,
@@ -974,13 +974,22 @@ pub fn dau<E>(kv: &dyn KvRead<Error = E>, from: i32, to: i32) -> Result<Vec<DauD
         .collect()
 }
 
-/// The users active on `day` (those with an event that day), from
-/// trends' user records: what an instance adds again to its deployment's
-/// shared DAU when Redis lost it.
-pub fn users_of_day<E>(kv: &dyn KvRead<Error = E>, day: i32) -> Result<BTreeSet<String>, E> {
-    let mut users = BTreeSet::new();
+/// The users active on `day` (those with an event that day) by event
+/// type, from trends' user records: what an instance adds again to its
+/// deployment's shared DAU when Redis lost it.
+pub fn users_of_day<E>(
+    kv: &dyn KvRead<Error = E>,
+    day: i32,
+) -> Result<BTreeMap<String, BTreeSet<String>>, E> {
+    let mut by_type: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let (start, end) = user_record_range(day, day);
-    kv.scan(&start, &end, &mut |_, record| {
+    kv.scan(&start, &end, &mut |k, record| {
+        let Some((event_type, _batch)) = k.get(5..).and_then(split_part) else {
+            return true;
+        };
+        let users = by_type
+            .entry(String::from_utf8_lossy(event_type).into_owned())
+            .or_default();
         let mut rest = record;
         while let Some((user, more)) = split_part(rest) {
             users.insert(String::from_utf8_lossy(user).into_owned());
@@ -988,7 +997,7 @@ pub fn users_of_day<E>(kv: &dyn KvRead<Error = E>, day: i32) -> Result<BTreeSet<
         }
         true
     })?;
-    Ok(users)
+    Ok(by_type)
 }
 
 /// One row of `/stats/top-events`.
@@ -1022,57 +1031,99 @@ pub fn top_events<E>(
     sum: Option<&str>,
     by: RankBy,
 ) -> Result<Vec<TypeCount>, E> {
-    let mut totals: BTreeMap<String, u64> = BTreeMap::new();
-    kv.scan(
-        &key(&[b"T", &day_key(from)]),
-        &key(&[b"T", &day_key(to.saturating_add(1))]),
-        &mut |k, v| {
-            let t = String::from_utf8_lossy(k.get(5..).unwrap_or_default()).into_owned();
-            *totals.entry(t).or_default() += read_u64(Some(v.to_vec()));
-            true
-        },
-    )?;
-    let mut sums: HashMap<String, i128> = HashMap::new();
-    if let Some(field) = sum {
-        scan_sums(kv, from, to, &mut |entry| {
-            if entry.field == field.as_bytes() {
-                let total = sums
-                    .entry(String::from_utf8_lossy(entry.event_type).into_owned())
-                    .or_default();
-                *total = total.saturating_add(entry.sum);
-            }
-        })?;
-    }
-    let rows: Vec<(TypeCount, i128)> = totals
-        .into_iter()
-        .map(|(event_type, count)| {
-            let total = sums.get(&event_type).copied().unwrap_or(0);
-            let row = TypeCount {
-                sum: sum.map(|_| from_millionths(total)),
-                event_type,
-                count,
-            };
-            (row, total)
-        })
-        .collect();
-    Ok(rank(rows, by, limit))
+    Ok(day_figures(kv, from, to, sum.is_some())?.top(sum, by, limit))
 }
 
-/// Top events of counts summed elsewhere (a deployment's instances),
-/// ranked as [`top_events`] ranks them.
-pub fn top_of_counts(totals: BTreeMap<String, u64>, limit: usize) -> Vec<TypeCount> {
-    let rows = totals
-        .into_iter()
-        .map(|(event_type, count)| {
-            let row = TypeCount {
-                event_type,
-                count,
-                sum: None,
-            };
-            (row, 0)
-        })
-        .collect();
-    rank(rows, RankBy::Count, limit)
+/// Processed counts and `sum_fields` sums per day and event type: what
+/// `/stats/top-events` and `/stats/trends` add up, and what an instance
+/// publishes for its deployment's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DayFigures {
+    /// `(day, event type, events)`.
+    pub counts: Vec<(i32, String, u64)>,
+    /// The sums of those days (empty when not read).
+    pub sums: Vec<DayTypeSum>,
+}
+
+/// The figures of the days `from..=to`, with their sums when `sums`.
+pub fn day_figures<E>(
+    kv: &dyn KvRead<Error = E>,
+    from: i32,
+    to: i32,
+    sums: bool,
+) -> Result<DayFigures, E> {
+    Ok(DayFigures {
+        counts: day_type_counts(kv, from, to)?,
+        sums: if sums {
+            day_type_sums(kv, from, to)?
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+impl DayFigures {
+    /// Adds `other`'s rows to these.
+    pub fn extend(&mut self, other: DayFigures) {
+        self.counts.extend(other.counts);
+        self.sums.extend(other.sums);
+    }
+
+    /// Event types most first by `by` (ties by name), the first `limit`;
+    /// with `field`, each with its sum of that field.
+    pub fn top(&self, field: Option<&str>, by: RankBy, limit: usize) -> Vec<TypeCount> {
+        let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
+        for (_, t, n) in &self.counts {
+            let total = totals.entry(t).or_default();
+            *total = total.saturating_add(*n);
+        }
+        let mut sums: HashMap<&str, i128> = HashMap::new();
+        if let Some(field) = field {
+            for s in self.sums.iter().filter(|s| s.field == field) {
+                let total = sums.entry(&s.event_type).or_default();
+                *total = total.saturating_add(s.sum);
+            }
+        }
+        let rows: Vec<(TypeCount, i128)> = totals
+            .into_iter()
+            .map(|(event_type, count)| {
+                let total = sums.get(event_type).copied().unwrap_or(0);
+                let row = TypeCount {
+                    sum: field.map(|_| from_millionths(total)),
+                    event_type: event_type.to_owned(),
+                    count,
+                };
+                (row, total)
+            })
+            .collect();
+        rank(rows, by, limit)
+    }
+
+    /// What each day adds to a trend of `event_type` (every type: `None`)
+    /// summing `field`.
+    pub fn trend_days(
+        &self,
+        event_type: Option<&str>,
+        field: Option<&str>,
+    ) -> BTreeMap<i32, TrendDay> {
+        let wanted = |t: &str| event_type.is_none_or(|want| want == t);
+        let mut days: BTreeMap<i32, TrendDay> = BTreeMap::new();
+        for (day, t, n) in &self.counts {
+            if wanted(t) {
+                days.entry(*day).or_default().count += n;
+            }
+        }
+        if let Some(field) = field {
+            for s in &self.sums {
+                if s.field == field && wanted(&s.event_type) {
+                    let day = days.entry(s.day).or_default();
+                    day.sum = day.sum.saturating_add(s.sum);
+                    day.present += s.present;
+                }
+            }
+        }
+        days
+    }
 }
 
 /// Most first (by count or by sum), then by name; the first `limit`.
@@ -1110,6 +1161,40 @@ pub fn day_type_counts<E>(
         },
     )?;
     Ok(counts)
+}
+
+/// One day's sum of a `sum_fields` field over the events of one type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayTypeSum {
+    /// Days since 1970-01-01.
+    pub day: i32,
+    /// The event type.
+    pub event_type: String,
+    /// The field (a `sum_fields` path).
+    pub field: String,
+    /// The sum, in millionths.
+    pub sum: i128,
+    /// Events that had a number there.
+    pub present: u64,
+}
+
+/// Every day's sums of `from..=to`, by type and field.
+pub fn day_type_sums<E>(
+    kv: &dyn KvRead<Error = E>,
+    from: i32,
+    to: i32,
+) -> Result<Vec<DayTypeSum>, E> {
+    let mut sums = Vec::new();
+    scan_sums(kv, from, to, &mut |entry| {
+        sums.push(DayTypeSum {
+            day: entry.day,
+            event_type: String::from_utf8_lossy(entry.event_type).into_owned(),
+            field: String::from_utf8_lossy(entry.field).into_owned(),
+            sum: entry.sum,
+            present: entry.present,
+        })
+    })?;
+    Ok(sums)
 }
 
 /// One `S` entry: a field's sum over one type's events of one day.

@@ -7,14 +7,14 @@
 //! answer says so in its `from` and `to`. A period is named by its first
 //! day; weeks start on Monday, months on the 1st.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::Serialize;
 use time::{Date, Month};
 
 use super::{
     KvRead, MAX_DAY, QueryError, date_of, day_key, day_of_date, format_day, from_millionths, key,
-    query_error, read_u64, scan_sums, split_part,
+    query_error, split_part,
 };
 
 /// How long a trend's periods are.
@@ -109,6 +109,33 @@ pub struct TrendPeriod {
     pub skipped: Option<u64>,
 }
 
+/// What one day adds to a trend: its events (of the type asked, if one
+/// was), and the sum of the field asked over them, with how many had a
+/// number there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrendDay {
+    /// Events.
+    pub count: u64,
+    /// The sum, in millionths.
+    pub sum: i128,
+    /// Events that had a number in the field.
+    pub present: u64,
+}
+
+/// The periods of `interval` (first and last day of each) that cover
+/// `from..=to`, widened to whole periods.
+pub fn periods(from: i32, to: i32, interval: Interval) -> Vec<(i32, i32)> {
+    let mut periods: Vec<(i32, i32)> = Vec::new();
+    let mut start = interval.start(from);
+    while start <= to {
+        let next = interval.next(start);
+        // The last period of year 9999 ends with it.
+        periods.push((start, next.saturating_sub(1).min(MAX_DAY)));
+        start = next;
+    }
+    periods
+}
+
 /// Counts, distinct users and (with `sum`, a `sum_fields` path) sums per
 /// period of `interval` over `from..=to` widened to whole periods, of
 /// every event or of `event_type` only.
@@ -120,56 +147,17 @@ pub fn trends<E>(
     event_type: Option<&str>,
     sum: Option<&str>,
 ) -> Result<Trend, E> {
-    let mut periods: Vec<(i32, i32)> = Vec::new();
-    let mut start = interval.start(from);
-    while start <= to {
-        let next = interval.next(start);
-        // The last period of year 9999 ends with it.
-        periods.push((start, next.saturating_sub(1).min(MAX_DAY)));
-        start = next;
-    }
+    let periods = periods(from, to, interval);
     let (first, last) = match (periods.first(), periods.last()) {
         (Some(f), Some(l)) => (f.0, l.1),
         _ => (from, to),
     };
-    let index = |day: i32| {
-        periods
-            .partition_point(|(start, _)| *start <= day)
-            .checked_sub(1)
-    };
+    let days = super::day_figures(kv, first, last, sum.is_some())?.trend_days(event_type, sum);
     let wanted = |t: &[u8]| event_type.is_none_or(|want| want.as_bytes() == t);
 
-    let mut counts = vec![0u64; periods.len()];
-    kv.scan(
-        &key(&[b"T", &day_key(first)]),
-        &key(&[b"T", &day_key(last.saturating_add(1))]),
-        &mut |k, v| {
-            if let (Some(day), Some(t)) = (day_in(k), k.get(5..))
-                && wanted(t)
-                && let Some(i) = index(day)
-            {
-                counts[i] += read_u64(Some(v.to_vec()));
-            }
-            true
-        },
-    )?;
-
-    let mut sums = vec![(0i128, 0u64); periods.len()];
-    if let Some(field) = sum {
-        scan_sums(kv, first, last, &mut |entry| {
-            if entry.field == field.as_bytes()
-                && wanted(entry.event_type)
-                && let Some(i) = index(entry.day)
-            {
-                sums[i].0 = sums[i].0.saturating_add(entry.sum);
-                sums[i].1 += entry.present;
-            }
-        })?;
-    }
-
-    let mut series = Vec::with_capacity(periods.len());
-    for (i, (start, end)) in periods.iter().enumerate() {
-        let mut users: HashSet<Vec<u8>> = HashSet::new();
+    let mut users = Vec::with_capacity(periods.len());
+    for (start, end) in &periods {
+        let mut distinct: HashSet<Vec<u8>> = HashSet::new();
         kv.scan(
             &key(&[b"A", &day_key(*start)]),
             &key(&[b"A", &day_key(end.saturating_add(1))]),
@@ -179,23 +167,63 @@ pub fn trends<E>(
                 {
                     let mut rest = record;
                     while let Some((user, more)) = split_part(rest) {
-                        users.insert(user.to_vec());
+                        distinct.insert(user.to_vec());
                         rest = more;
                     }
                 }
                 true
             },
         )?;
-        series.push(TrendPeriod {
-            period: format_day(*start),
-            count: counts[i],
-            users: users.len() as u64,
-            sum: sum.map(|_| from_millionths(sums[i].0)),
-            skipped: sum.map(|_| counts[i].saturating_sub(sums[i].1)),
-        });
+        users.push(distinct.len() as u64);
     }
+    Ok(trend_of(
+        interval,
+        (from, to),
+        &periods,
+        &days,
+        &users,
+        event_type,
+        sum,
+    ))
+}
+
+/// A trend over `periods` (from [`periods`]; `asked` is the range they
+/// cover, named when there are none) from what each day adds and the
+/// distinct users of each period.
+pub fn trend_of(
+    interval: Interval,
+    asked: (i32, i32),
+    periods: &[(i32, i32)],
+    days: &BTreeMap<i32, TrendDay>,
+    users: &[u64],
+    event_type: Option<&str>,
+    sum: Option<&str>,
+) -> Trend {
+    let (first, last) = match (periods.first(), periods.last()) {
+        (Some(f), Some(l)) => (f.0, l.1),
+        _ => asked,
+    };
+    let series: Vec<TrendPeriod> = periods
+        .iter()
+        .enumerate()
+        .map(|(i, (start, end))| {
+            let mut total = TrendDay::default();
+            for day in days.range(*start..=*end).map(|(_, d)| d) {
+                total.count += day.count;
+                total.sum = total.sum.saturating_add(day.sum);
+                total.present += day.present;
+            }
+            TrendPeriod {
+                period: format_day(*start),
+                count: total.count,
+                users: users.get(i).copied().unwrap_or(0),
+                sum: sum.map(|_| from_millionths(total.sum)),
+                skipped: sum.map(|_| total.count.saturating_sub(total.present)),
+            }
+        })
+        .collect();
     let skipped = sum.map(|_| series.iter().filter_map(|p| p.skipped).sum());
-    Ok(Trend {
+    Trend {
         interval,
         from: format_day(first),
         to: format_day(last),
@@ -203,13 +231,7 @@ pub fn trends<E>(
         sum: sum.map(str::to_owned),
         series,
         skipped,
-    })
-}
-
-/// The day of a `T` key.
-fn day_in(k: &[u8]) -> Option<i32> {
-    let bytes = <[u8; 4]>::try_from(k.get(1..5)?).ok()?;
-    Some((u32::from_be_bytes(bytes) ^ 0x8000_0000) as i32)
+    }
 }
 
 #[cfg(test)]

@@ -161,10 +161,25 @@ async fn answer(api: &Api, query: StatsQuery) -> Result<Response, Rejection> {
             }
             body
         }
-        StatsAnswer::Trends { trend, summable } => {
+        StatsAnswer::Trends {
+            trend,
+            summable,
+            exact,
+            deployment_error,
+        } => {
             let mut body = json!(trend);
             // What `sum` may name, so that a caller can find out.
             body["summable"] = json!(summable);
+            if let Some(exact) = exact {
+                body["scope"] = "deployment".into();
+                let periods = body["series"].as_array_mut().into_iter().flatten();
+                for (period, exact) in periods.zip(exact) {
+                    period["exact"] = exact.into();
+                }
+            }
+            if let Some(e) = deployment_error {
+                body["deployment_error"] = e.into();
+            }
             body
         }
         StatsAnswer::Retention {

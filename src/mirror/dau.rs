@@ -21,10 +21,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
-use super::sets::SharedSet;
+use super::sets::{SharedSet, union_count};
 use super::{Mirror, MirrorError, PUBLISHED_DAYS};
 use crate::analytics::day_of;
 use crate::event::now_ms;
+use crate::storage::BatchAck;
 
 /// How long the heal mark lives after its last write.
 const KEEP_MS: i64 = (PUBLISHED_DAYS as i64 + 1) * 86_400_000;
@@ -42,29 +43,37 @@ pub struct DeploymentDay {
 }
 
 impl Mirror {
-    /// Notes the users of a processed batch, by the day of their event;
-    /// the next round adds them to the deployment's DAU. Days older than
+    /// Notes the users of a processed batch by the day of their event,
+    /// and by that day and the event's type (trends of one type); the
+    /// next round adds them to the deployment's sets. Days older than
     /// [`PUBLISHED_DAYS`] are not shared.
-    pub(super) fn note_active<'a>(&self, users: impl IntoIterator<Item = (i32, &'a str)>) {
+    pub(super) fn note_active(&self, ack: &BatchAck) {
         let today = day_of(now_ms());
-        self.note_members(
-            users
-                .into_iter()
-                .filter(|(day, _)| *day > today - PUBLISHED_DAYS && *day <= today + 1)
-                .map(|(day, user)| (SharedSet::DayUsers(day), user)),
-        );
+        let mut members = Vec::new();
+        for facts in ack.processed.iter().filter_map(|(_, f)| f.as_ref()) {
+            let Some(user) = facts.user_id.as_deref() else {
+                continue;
+            };
+            let day = day_of(facts.occurred_at_ms);
+            if day > today - PUBLISHED_DAYS && day <= today + 1 {
+                members.push((SharedSet::DayUsers(day), user));
+                members.push((SharedSet::DayTypeUsers(day, facts.event_type.clone()), user));
+            }
+        }
+        self.note_members(members);
     }
 
     /// Heals the deployment's DAU with every user this instance saw in the
-    /// last [`PUBLISHED_DAYS`] days, read a day at a time by `users_of`
-    /// (so that one day's users are in memory at once), then sets the mark,
+    /// last [`PUBLISHED_DAYS`] days, read a day at a time by `users_of`, by
+    /// event type (so that one day's users are in memory at once), then
+    /// sets the mark,
     /// when a heal is due or the mark is gone (a Redis that lost it lost
     /// the users too). A heal that fails is due again. Called from its own
     /// task: one check and one heal at a time.
     pub async fn heal_dau<F, Fut, E>(&self, mut users_of: F)
     where
         F: FnMut(i32) -> Fut,
-        Fut: std::future::Future<Output = Result<BTreeSet<String>, E>>,
+        Fut: std::future::Future<Output = Result<BTreeMap<String, BTreeSet<String>>, E>>,
         E: std::fmt::Display,
     {
         if !self.is_up() {
@@ -84,19 +93,21 @@ impl Mirror {
         }
         let today = day_of(now_ms());
         for day in today - (PUBLISHED_DAYS - 1)..=today + 1 {
-            let users = match users_of(day).await {
-                Ok(users) => users,
+            let by_type = match users_of(day).await {
+                Ok(by_type) => by_type,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the users to share with redis failed");
                     self.heal_due.store(true, Ordering::Relaxed);
                     return;
                 }
             };
-            if self
-                .add_members(&BTreeMap::from([(SharedSet::DayUsers(day), users)]))
-                .await
-                .is_err()
-            {
+            let all: BTreeSet<String> = by_type.values().flatten().cloned().collect();
+            let mut sets: BTreeMap<SharedSet, BTreeSet<String>> = by_type
+                .into_iter()
+                .map(|(t, users)| (SharedSet::DayTypeUsers(day, t), users))
+                .collect();
+            sets.insert(SharedSet::DayUsers(day), all);
+            if self.add_members(&sets).await.is_err() {
                 self.heal_due.store(true, Ordering::Relaxed);
                 return;
             }
@@ -112,6 +123,39 @@ impl Mirror {
             days = PUBLISHED_DAYS,
             "added this instance's recent users to the deployment's daily active users"
         );
+    }
+
+    /// The deployment's distinct users in each period (first and last
+    /// day, within the last [`PUBLISHED_DAYS`] days), with an event of
+    /// `event_type` (any: `None`), and whether each count is exact.
+    pub async fn deployment_period_users(
+        &self,
+        periods: &[(i32, i32)],
+        event_type: Option<&str>,
+    ) -> Result<Vec<(u64, bool)>, MirrorError> {
+        if !self.is_up() {
+            return Err(MirrorError::Down);
+        }
+        if periods.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (start, end) in periods {
+            let sets: Vec<SharedSet> = (*start..=*end)
+                .map(|day| match event_type {
+                    Some(t) => SharedSet::DayTypeUsers(day, t.to_owned()),
+                    None => SharedSet::DayUsers(day),
+                })
+                .collect();
+            self.count_union(&mut pipe, &sets);
+        }
+        let mut conn = self.conn.clone();
+        let answers: Vec<redis::Value> = self.call(pipe.query_async(&mut conn)).await?;
+        let mut answers = answers.into_iter();
+        periods
+            .iter()
+            .map(|_| union_count(answers.next()))
+            .collect()
     }
 
     /// The deployment's distinct users on each day of `from..=to` (a range

@@ -18,10 +18,11 @@
 //!   (`windows.rs`).
 //! - **Figures.** Every `publish_interval_ms` each instance writes its
 //!   processed counts per event type, all time and per day for the last
-//!   [`PUBLISHED_DAYS`] days, absolute rather than as deltas, so a write
-//!   repeated or lost changes nothing once the next one lands.
-//!   `/stats/summary` and `/stats/top-events` add them up across
-//!   instances.
+//!   [`PUBLISHED_DAYS`] days, with the days' `sum_fields` sums, absolute
+//!   rather than as deltas, so a write repeated or lost changes nothing
+//!   once the next one lands. `/stats/summary`, `/stats/top-events` and
+//!   `/stats/trends` add them up across instances (trends' users from the
+//!   day sets of `dau.rs`).
 //! - **Handoff.** Each group commit's events are mirrored to the
 //!   instance's stream before it answers; when an instance stops beating,
 //!   a live one delivers what it left and adds it to its figures
@@ -37,6 +38,7 @@
 //! | `P dau:{day}`, `P dauh:{day}`, … | set, HyperLogLog | the deployment's users of a day (`dau.rs`) |
 //! | `P winu:{minute}`, `P winp:{minute}:{instance}`, … | set, hash, … | the rolling windows (`windows.rs`) |
 //! | `P days:{instance}` | hash | `{day}:{event_type}` → processed count that day (days since 1970-01-01), for the last [`PUBLISHED_DAYS`] days |
+//! | `P sums:{instance}` | hash | `{day}:{length}:{field}{event_type}` → `{sum}:{events with a number}` of a `sum_fields` field that day (sum in millionths), same days |
 //! | `P wal:{instance}`, `P alive:{instance}`, `P owner:{instance}` | stream, string, string | the queue mirrored for takeover, the heartbeat, a taker's lock (`handoff.rs`) |
 //!
 //! # A claim, step by step
@@ -88,6 +90,7 @@ pub use handoff::{Orphan, Taken, TakenCounts};
 pub use stream::StreamWriter;
 pub use windows::DeploymentWindows;
 
+use crate::analytics::{DayFigures, DayTypeSum};
 use crate::config::{RedisConfig, redacted_redis_url};
 use crate::event::{WalRecord, now_ms};
 use crate::storage::Counted;
@@ -267,6 +270,21 @@ pub struct Mirror {
     windows_heal_due: AtomicBool,
     /// For `/metrics`.
     counters: Counters,
+}
+
+/// The field of a day's sum in `sums:{instance}`: `{day}:{length of
+/// field}:{field}{event type}` (a field or a type may hold `:`).
+fn sum_field(day: i32, field: &str, event_type: &str) -> String {
+    format!("{day}:{}:{field}{event_type}", field.len())
+}
+
+/// The day, field and event type of a [`sum_field`].
+fn parse_sum_field(key: &str) -> Option<(i32, &str, &str)> {
+    let (day, rest) = key.split_once(':')?;
+    let (len, rest) = rest.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    let field = rest.get(..len)?;
+    Some((day.parse().ok()?, field, rest.get(len..)?))
 }
 
 /// Claims every key (`KEYS`) for `ARGV[1]` for `ARGV[2]` ms unless held;
@@ -604,15 +622,29 @@ impl Mirror {
             self.store_id.load(Ordering::Relaxed).to_string(),
         ));
         let day_fields: Vec<(String, String)> = counted
-            .by_day
+            .days
+            .counts
             .iter()
             .map(|(day, t, n)| (format!("{day}:{t}"), n.to_string()))
+            .collect();
+        let sums = format!("{}sums:{}", self.prefix, self.instance);
+        let sum_fields: Vec<(String, String)> = counted
+            .days
+            .sums
+            .iter()
+            .map(|s| {
+                (
+                    sum_field(s.day, &s.field, &s.event_type),
+                    format!("{}:{}", s.sum, s.present),
+                )
+            })
             .collect();
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("DEL")
             .arg(&totals)
             .arg(&days)
+            .arg(&sums)
             .ignore()
             .cmd("HSET")
             .arg(&totals)
@@ -620,6 +652,9 @@ impl Mirror {
             .ignore();
         if !day_fields.is_empty() {
             pipe.cmd("HSET").arg(&days).arg(day_fields).ignore();
+        }
+        if !sum_fields.is_empty() {
+            pipe.cmd("HSET").arg(&sums).arg(sum_fields).ignore();
         }
         pipe.cmd("SADD")
             .arg(format!("{}instances", self.prefix))
@@ -664,38 +699,52 @@ impl Mirror {
         self.call(pipe.query_async(&mut conn)).await
     }
 
-    /// Processed events per type over the days `from..=to`, summed over the
-    /// deployment: this instance's `own` per-day counts (current), the
-    /// others' as last published. The range must lie within the last
+    /// The processed counts (and, when `sums`, the sums) of the days
+    /// `from..=to` over the deployment: this instance's `own` (current),
+    /// the others' as last published. The range must lie within the last
     /// [`PUBLISHED_DAYS`] days.
-    pub async fn deployment_counts(
+    pub async fn deployment_days(
         &self,
-        own: &[(i32, String, u64)],
+        own: DayFigures,
         from: i32,
         to: i32,
-    ) -> Result<BTreeMap<String, u64>, MirrorError> {
+        sums: bool,
+    ) -> Result<DayFigures, MirrorError> {
         let others = self.others().await?;
-        let hashes = self.hashes("days", &others).await?;
-        let mut totals: BTreeMap<String, u64> = BTreeMap::new();
-        let mut add = |day: i32, event_type: &str, n: u64| {
-            if (from..=to).contains(&day) {
-                let sum = totals.entry(event_type.to_owned()).or_default();
-                *sum = sum.saturating_add(n);
-            }
+        let counts = self.hashes("days", &others).await?;
+        let sum_hashes = match sums {
+            true => self.hashes("sums", &others).await?,
+            false => Vec::new(),
         };
-        for (day, event_type, n) in own {
-            add(*day, event_type, *n);
-        }
-        for fields in &hashes {
-            for (field, value) in fields {
-                if let Some((day, event_type)) = field.split_once(':')
-                    && let Ok(day) = day.parse()
-                {
-                    add(day, event_type, value.parse().unwrap_or(0));
-                }
-            }
-        }
-        Ok(totals)
+        let mut days = own;
+        let within = |day: &i32| (from..=to).contains(day);
+        days.extend(DayFigures {
+            counts: counts
+                .iter()
+                .flatten()
+                .filter_map(|(key, value)| {
+                    let (day, t) = key.split_once(':')?;
+                    let day = day.parse().ok().filter(within)?;
+                    Some((day, t.to_owned(), value.parse().unwrap_or(0)))
+                })
+                .collect(),
+            sums: sum_hashes
+                .iter()
+                .flatten()
+                .filter_map(|(key, value)| {
+                    let (day, field, t) = parse_sum_field(key)?;
+                    let (sum, present) = value.split_once(':')?;
+                    Some(DayTypeSum {
+                        day: Some(day).filter(within)?,
+                        event_type: t.to_owned(),
+                        field: field.to_owned(),
+                        sum: sum.parse().ok()?,
+                        present: present.parse().ok()?,
+                    })
+                })
+                .collect(),
+        });
+        Ok(days)
     }
 
     /// Every instance's processed counts, summed: this instance's `own`

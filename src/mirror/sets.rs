@@ -17,9 +17,13 @@
 //! | `P {name}:over` | string | set once the set outgrew `dau_exact_max` (the set is then dropped) |
 //! | `P {hll name}` | HyperLogLog | the members, always |
 //!
-//! with `{name}` / `{hll name}` `dau:{day}` / `dauh:{day}`, `winu:{minute}`
-//! / `winuh:{minute}` (users) and `wins:{minute}` / `winsh:{minute}`
-//! (sessions).
+//! with `{name}` / `{hll name}` `dau:{day}` / `dauh:{day}` (a day's
+//! users), `daut:{day}:{event_type}` / `dauth:{day}:{event_type}` (a day's
+//! users of one type, for trends), `winu:{minute}` / `winuh:{minute}`
+//! (users) and `wins:{minute}` / `winsh:{minute}` (sessions).
+//!
+//! A count over several sets (a week's users, five minutes' sessions) is
+//! the size of their union, in one script ([`UNION`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -50,11 +54,29 @@ end
 return 0
 ";
 
+/// The size of the union of the sets `KEYS[2..n+1]` (`n` = (#KEYS − 1) / 3),
+/// exact (`{count, 1}`), unless one of them is over its cap (`KEYS[2n+2..]`
+/// set): then the union of their HyperLogLogs (`KEYS[n+2..2n+1]`),
+/// `{estimate, 0}`. `KEYS[1]` is a scratch key, deleted before returning.
+const UNION: &str = r"
+local n = (#KEYS - 1) / 3
+for i = 2 * n + 2, 3 * n + 1 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    return {redis.call('PFCOUNT', unpack(KEYS, n + 2, 2 * n + 1)), 0}
+  end
+end
+local count = redis.call('SUNIONSTORE', KEYS[1], unpack(KEYS, 2, n + 1))
+redis.call('DEL', KEYS[1])
+return {count, 1}
+";
+
 /// One shared set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum SharedSet {
     /// The users of a day (days since 1970-01-01).
     DayUsers(i32),
+    /// The users with an event of a type on a day (trends of one type).
+    DayTypeUsers(i32, String),
     /// The users of a minute (minutes since the epoch).
     MinuteUsers(i64),
     /// The sessions of a minute.
@@ -70,9 +92,12 @@ pub(super) struct SetKeys {
 
 impl SharedSet {
     /// Its keys under `prefix`.
-    pub(super) fn keys(self, prefix: &str) -> SetKeys {
+    pub(super) fn keys(&self, prefix: &str) -> SetKeys {
         let (set, hll) = match self {
             SharedSet::DayUsers(day) => (format!("dau:{day}"), format!("dauh:{day}")),
+            SharedSet::DayTypeUsers(day, t) => {
+                (format!("daut:{day}:{t}"), format!("dauth:{day}:{t}"))
+            }
             SharedSet::MinuteUsers(m) => (format!("winu:{m}"), format!("winuh:{m}")),
             SharedSet::MinuteSessions(m) => (format!("wins:{m}"), format!("winsh:{m}")),
         };
@@ -85,9 +110,9 @@ impl SharedSet {
 
     /// How long its keys live from a write at `now_ms`: a day's, as long
     /// as days are published; a minute's, until no window reaches it.
-    fn keep_ms(self, now_ms: i64) -> i64 {
+    fn keep_ms(&self, now_ms: i64) -> i64 {
         match self {
-            SharedSet::DayUsers(_) => DAY_KEEP_MS,
+            SharedSet::DayUsers(_) | SharedSet::DayTypeUsers(..) => DAY_KEEP_MS,
             SharedSet::MinuteUsers(m) | SharedSet::MinuteSessions(m) => {
                 ((m + ACTIVE_WINDOW_MINUTES + 1) * 60_000 - now_ms).max(60_000)
             }
@@ -136,14 +161,26 @@ impl Mirror {
         if let Err(e) = self.add_members(&noted.sets).await {
             // Back for the next round (merged with what came meanwhile).
             self.note_members(
-                noted
-                    .sets
-                    .iter()
-                    .flat_map(|(set, members)| members.iter().map(move |m| (*set, m.as_str()))),
+                noted.sets.iter().flat_map(|(set, members)| {
+                    members.iter().map(move |m| (set.clone(), m.as_str()))
+                }),
             );
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Adds to `pipe` the count of the union of `sets` (not empty): its
+    /// answer is read by [`union_count`].
+    pub(super) fn count_union(&self, pipe: &mut redis::Pipeline, sets: &[SharedSet]) {
+        let keys: Vec<SetKeys> = sets.iter().map(|set| set.keys(&self.prefix)).collect();
+        pipe.cmd("EVAL")
+            .arg(UNION)
+            .arg(1 + 3 * keys.len())
+            .arg(format!("{}union:scratch:{}", self.prefix, self.instance))
+            .arg(keys.iter().map(|k| &k.set).collect::<Vec<_>>())
+            .arg(keys.iter().map(|k| &k.hll).collect::<Vec<_>>())
+            .arg(keys.iter().map(|k| &k.over).collect::<Vec<_>>());
     }
 
     /// Adds `sets`' members, in one pipeline of scripts.
@@ -177,4 +214,13 @@ impl Mirror {
         let mut conn = self.conn.clone();
         self.call(pipe.query_async::<()>(&mut conn)).await
     }
+}
+
+/// The answer to a [`Mirror::count_union`]: the count, and whether it is
+/// exact.
+pub(super) fn union_count(answer: Option<redis::Value>) -> Result<(u64, bool), MirrorError> {
+    let (count, exact): (u64, u8) = answer
+        .and_then(|value| redis::from_redis_value(value).ok())
+        .ok_or_else(|| MirrorError::Redis("unexpected answer to a union count".into()))?;
+    Ok((count, exact == 1))
 }

@@ -43,7 +43,7 @@ use std::sync::atomic::Ordering;
 
 use redis::Value;
 
-use super::sets::SharedSet;
+use super::sets::{SharedSet, union_count};
 use super::{Mirror, MirrorError};
 use crate::analytics::{
     self, ACTIVE_WINDOW_MINUTES, GroupTotals, MAX_CLOCK_SKEW_MS, MinuteCells, PAGE_WINDOW_MINUTES,
@@ -66,22 +66,6 @@ const MARK_KEEP_MS: i64 = 86_400_000;
 /// Minutes read from the store and written per pipeline.
 const MINUTES_PER_WRITE: usize = 16;
 
-/// The size of the union of the sets `KEYS[2..n+1]` (`n` = (#KEYS − 1) / 3),
-/// exact (`{count, 1}`), unless one of them is over its cap (`KEYS[2n+2..]`
-/// set): then the union of their HyperLogLogs (`KEYS[n+2..2n+1]`),
-/// `{estimate, 0}`. `KEYS[1]` is a scratch key, deleted before returning.
-const UNION: &str = r"
-local n = (#KEYS - 1) / 3
-for i = 2 * n + 2, 3 * n + 1 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    return {redis.call('PFCOUNT', unpack(KEYS, n + 2, 2 * n + 1)), 0}
-  end
-end
-local count = redis.call('SUNIONSTORE', KEYS[1], unpack(KEYS, 2, n + 1))
-redis.call('DEL', KEYS[1])
-return {count, 1}
-";
-
 /// The deployment's `/stats/windows`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeploymentWindows {
@@ -98,7 +82,7 @@ impl Mirror {
     /// window groups changed; the next round shares them. Also notes its
     /// users for the deployment's DAU.
     pub fn note_batch(&self, ack: &BatchAck) {
-        self.note_active(ack.active_users());
+        self.note_active(ack);
         let now_minute = ack.now_ms.div_euclid(MS_PER_MINUTE);
         let active = now_minute - (ACTIVE_WINDOW_MINUTES - 1)..=now_minute + SKEW_MINUTES;
         let paged = now_minute - (PAGE_WINDOW_MINUTES - 1)..=now_minute + SKEW_MINUTES;
@@ -299,14 +283,8 @@ impl Mirror {
         let active: Vec<i64> = (now_minute - (ACTIVE_WINDOW_MINUTES - 1)..=now_minute).collect();
         let mut pipe = redis::pipe();
         for set in [SharedSet::MinuteUsers, SharedSet::MinuteSessions] {
-            let keys: Vec<_> = active.iter().map(|m| set(*m).keys(&self.prefix)).collect();
-            pipe.cmd("EVAL")
-                .arg(UNION)
-                .arg(1 + 3 * keys.len())
-                .arg(format!("{}win:scratch:{}", self.prefix, self.instance))
-                .arg(keys.iter().map(|k| &k.set).collect::<Vec<_>>())
-                .arg(keys.iter().map(|k| &k.hll).collect::<Vec<_>>())
-                .arg(keys.iter().map(|k| &k.over).collect::<Vec<_>>());
+            let sets: Vec<SharedSet> = active.iter().map(|m| set(*m)).collect();
+            self.count_union(&mut pipe, &sets);
         }
         for minute in now_minute - (PAGE_WINDOW_MINUTES - 1)..=now_minute {
             for instance in &instances {
@@ -316,20 +294,13 @@ impl Mirror {
         }
         let mut conn = self.conn.clone();
         let answers: Vec<Value> = self.call(pipe.query_async(&mut conn)).await?;
-        let malformed = |what: &str| MirrorError::Redis(format!("unexpected answer to {what}"));
         let mut answers = answers.into_iter();
-        let mut union = || -> Result<(u64, bool), MirrorError> {
-            let value = answers.next().ok_or_else(|| malformed("UNION"))?;
-            let (count, exact): (u64, u8) =
-                redis::from_redis_value(value).map_err(|_| malformed("UNION"))?;
-            Ok((count, exact == 1))
-        };
-        let (users, users_exact) = union()?;
-        let (sessions, sessions_exact) = union()?;
+        let (users, users_exact) = union_count(answers.next())?;
+        let (sessions, sessions_exact) = union_count(answers.next())?;
         let mut pages: BTreeMap<String, u64> = BTreeMap::new();
         for value in answers {
-            let hash: BTreeMap<String, u64> =
-                redis::from_redis_value(value).map_err(|_| malformed("HGETALL winp"))?;
+            let hash: BTreeMap<String, u64> = redis::from_redis_value(value)
+                .map_err(|_| MirrorError::Redis("unexpected answer to HGETALL winp".into()))?;
             for (page, views) in hash {
                 *pages.entry(page).or_default() += views;
             }

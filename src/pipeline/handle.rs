@@ -17,7 +17,8 @@ use super::messages::{
 };
 use super::{BATCHER, Context, DLQ, InFlight, Live, METRICS, Names, RECEIVER, Role, blocking};
 use crate::analytics::{
-    self, Cohort, DauDay, Trend, TypeCount, WindowGroup, Windows, query::StatsQuery,
+    self, Cohort, DauDay, DayFigures, Interval, RankBy, Trend, TypeCount, WindowGroup, Windows,
+    query::StatsQuery,
 };
 use crate::config::{Config, WindowConfig};
 use crate::event::now_ms;
@@ -142,7 +143,15 @@ pub enum StatsAnswer {
         deployment_error: Option<String>,
     },
     /// Periods of a trend, with the fields `sum=` may name.
-    Trends { trend: Trend, summable: Vec<String> },
+    Trends {
+        trend: Trend,
+        summable: Vec<String>,
+        /// With Redis, over recent days: the periods are the deployment's,
+        /// and this says of each whether its users are exact.
+        exact: Option<Vec<bool>>,
+        /// Why the deployment's could not be read (these are then this instance's).
+        deployment_error: Option<String>,
+    },
     /// Cohorts, with the window type asked for.
     Retention {
         window_type: String,
@@ -385,10 +394,9 @@ impl Pipeline {
                 sum,
                 by,
             } => {
-                let deployment = match sum {
-                    None => self.deployment_top_events(from, to, limit).await,
-                    Some(_) => None,
-                };
+                let deployment = self
+                    .deployment_top_events(from, to, limit, sum.as_deref(), by)
+                    .await;
                 match deployment {
                     Some(Ok(events)) => StatsAnswer::TopEvents {
                         from,
@@ -415,13 +423,36 @@ impl Pipeline {
                 interval,
                 event_type,
                 sum,
-            } => StatsAnswer::Trends {
-                trend: blocking(storage, move |s| {
-                    analytics::trends(s, from, to, interval, event_type.as_deref(), sum.as_deref())
-                })
-                .await?,
-                summable: config.sum_fields.clone(),
-            },
+            } => {
+                let summable = config.sum_fields.clone();
+                let deployment = self
+                    .deployment_trend(from, to, interval, event_type.clone(), sum.clone())
+                    .await;
+                match deployment {
+                    Some(Ok((trend, exact))) => StatsAnswer::Trends {
+                        trend,
+                        summable,
+                        exact: Some(exact),
+                        deployment_error: None,
+                    },
+                    deployment => StatsAnswer::Trends {
+                        trend: blocking(storage, move |s| {
+                            analytics::trends(
+                                s,
+                                from,
+                                to,
+                                interval,
+                                event_type.as_deref(),
+                                sum.as_deref(),
+                            )
+                        })
+                        .await?,
+                        summable,
+                        exact: None,
+                        deployment_error: deployment.and_then(Result::err),
+                    },
+                }
+            }
             StatsQuery::Retention {
                 start,
                 windows,
@@ -509,31 +540,91 @@ impl Pipeline {
         Some(mirror.deployment_dau(from, to).await)
     }
 
-    /// The deployment's top events over `from..=to` (by count): `None` when
-    /// Redis is off or the range reaches past what instances publish
+    /// The deployment's trend over `from..=to` widened to whole periods,
+    /// with whether each period's users are exact: `None` when Redis is
+    /// off or the periods reach past the days instances share; an error
+    /// when Redis or the store could not be read.
+    async fn deployment_trend(
+        &self,
+        from: i32,
+        to: i32,
+        interval: Interval,
+        event_type: Option<String>,
+        sum: Option<String>,
+    ) -> Option<Result<(Trend, Vec<bool>), String>> {
+        let periods = analytics::periods(from, to, interval);
+        let (first, last) = match (periods.first(), periods.last()) {
+            (Some(f), Some(l)) => (f.0, l.1),
+            _ => (from, to),
+        };
+        let mirror = self.shared_from(first)?;
+        let figures = self
+            .deployment_days(mirror, first, last, sum.is_some())
+            .await;
+        let users = match &figures {
+            Ok(_) => mirror
+                .deployment_period_users(&periods, event_type.as_deref())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(_) => Ok(Vec::new()),
+        };
+        let (figures, users) = match (figures, users) {
+            (Ok(figures), Ok(users)) => (figures, users),
+            (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
+        };
+        let counts: Vec<u64> = users.iter().map(|(n, _)| *n).collect();
+        let trend = analytics::trend_of(
+            interval,
+            (from, to),
+            &periods,
+            &figures.trend_days(event_type.as_deref(), sum.as_deref()),
+            &counts,
+            event_type.as_deref(),
+            sum.as_deref(),
+        );
+        Some(Ok((
+            trend,
+            users.into_iter().map(|(_, exact)| exact).collect(),
+        )))
+    }
+
+    /// The deployment's top events over `from..=to`: `None` when Redis is
+    /// off or the range reaches past what instances publish
     /// ([`PUBLISHED_DAYS`]); an error when Redis could not be read.
     async fn deployment_top_events(
         &self,
         from: i32,
         to: i32,
         limit: usize,
+        sum: Option<&str>,
+        by: RankBy,
     ) -> Option<Result<Vec<TypeCount>, String>> {
         let mirror = self.shared_from(from)?;
-        let own = blocking(&self.context.storage, move |s| {
-            analytics::day_type_counts(s, from, to)
-        })
-        .await;
-        let own = match own {
-            Ok(own) => own,
-            Err(e) => return Some(Err(e.to_string())),
-        };
         Some(
-            mirror
-                .deployment_counts(&own, from, to)
+            self.deployment_days(mirror, from, to, sum.is_some())
                 .await
-                .map(|totals| analytics::top_of_counts(totals, limit))
-                .map_err(|e| e.to_string()),
+                .map(|figures| figures.top(sum, by, limit)),
         )
+    }
+
+    /// Every instance's counts (and sums, when `sums`) of the days
+    /// `from..=to`: this instance's read from its store now.
+    async fn deployment_days(
+        &self,
+        mirror: &Mirror,
+        from: i32,
+        to: i32,
+        sums: bool,
+    ) -> Result<DayFigures, String> {
+        let own = blocking(&self.context.storage, move |s| {
+            analytics::day_figures(s, from, to, sums)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        mirror
+            .deployment_days(own, from, to, sums)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Lists DLQ entries after `after`.

@@ -226,11 +226,11 @@ impl Storage for MemoryStorage {
 
     fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError> {
         let g = self.lock();
-        let Ok(by_day) = analytics::day_type_counts(&MapRead(&g.aggregates), from_day, to_day);
+        let Ok(days) = analytics::day_figures(&MapRead(&g.aggregates), from_day, to_day, true);
         Ok(Counted {
             cursor: g.cursor,
             by_type: g.counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            by_day,
+            days,
         })
     }
 

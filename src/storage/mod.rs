@@ -115,7 +115,7 @@ pub mod sled;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analytics::{Facts, KvRead, Wanted};
+use crate::analytics::{DayFigures, Facts, KvRead, Wanted};
 use crate::event::{Queued, WalRecord};
 
 /// The largest record body decoded: far above any record (bodies are at
@@ -242,16 +242,6 @@ pub struct SinkFailure {
 }
 
 impl BatchAck {
-    /// Each user the batch counts, with the day of the event (as DAU
-    /// counts it); a user may come more than once.
-    pub fn active_users(&self) -> impl Iterator<Item = (i32, &str)> {
-        self.processed.iter().filter_map(|(_, facts)| {
-            let facts = facts.as_ref()?;
-            let user = facts.user_id.as_deref()?;
-            Some((crate::analytics::day_of(facts.occurred_at_ms), user))
-        })
-    }
-
     /// The acknowledgement of a processed batch: `records` (as processed,
     /// with their enrichment) done up to `upto` at `now_ms`, what analytics
     /// counts of each (what `wanted` asks, and nothing of a DLQ replay, an
@@ -304,8 +294,9 @@ pub struct Counted {
     pub cursor: u64,
     /// Processed events per type, all time.
     pub by_type: Vec<(String, u64)>,
-    /// Processed events per day (days since 1970-01-01) and type.
-    pub by_day: Vec<(i32, String, u64)>,
+    /// Processed events and `sum_fields` sums per day (days since
+    /// 1970-01-01) and type, over the days asked.
+    pub days: DayFigures,
 }
 
 /// Queue figures for `/admin/queue` and the high-water check.

@@ -1335,7 +1335,7 @@ impl Storage for Store {
         Ok(Counted {
             cursor: self.cursor()?,
             by_type: self.counts()?,
-            by_day: analytics::day_type_counts(self, from_day, to_day)?,
+            days: analytics::day_figures(self, from_day, to_day, true)?,
         })
     }
 

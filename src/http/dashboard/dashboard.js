@@ -194,11 +194,14 @@
     }
   }
 
+  // With Redis some answers are the deployment's (`scope`).
+  const allInstances = (answer) => (answer.scope === "deployment" ? " (all instances)" : "");
+
   function showWindows(w) {
     showCustomWindows(w.custom || []);
     // With Redis the windows are the deployment's; users and sessions past
     // dau_exact_max in a minute are estimates (`exact: false`), shown "≈".
-    $("now-scope").textContent = w.scope === "deployment" ? " (all instances)" : "";
+    $("now-scope").textContent = allInstances(w);
     const about = w.exact === false ? "≈" : "";
     $("active-users").textContent = about + fmt(w.active_users_5m);
     $("active-sessions").textContent = about + fmt(w.active_sessions_5m);
@@ -223,7 +226,7 @@
     // is an estimate (`exact: false`), shown with "≈".
     const count = (x) => (x.exact === false ? "≈" : "") + fmt(x.users);
     $("dau-today").textContent = days.length ? count(days[days.length - 1]) : fmt(0);
-    $("dau-scope").textContent = d.scope === "deployment" ? " (all instances)" : "";
+    $("dau-scope").textContent = allInstances(d);
     barChart(
       $("dau-chart"),
       days.map((x) => ({
@@ -235,6 +238,7 @@
   }
 
   function showTopEvents(t) {
+    $("top-scope").textContent = allInstances(t);
     offer($("trend-type"), (t.events || []).map((e) => e.event_type).sort());
     const body = $("top-events");
     body.replaceChildren();
@@ -329,19 +333,22 @@
     const series = t.series || [];
     const withSum = t.sum != null;
     $("trend-sum-head").hidden = !withSum;
+    $("trend-scope").textContent = allInstances(t);
+    // A period's users past dau_exact_max are an estimate: "≈".
+    const users = (p) => (p.exact === false ? "≈" : "") + fmt(p.users);
     barChart(
       $("trend-chart"),
       series.map((p) => ({
         label: p.period,
         value: p.count,
-        title: p.period + ": " + fmt(p.count) + " events, " + fmt(p.users) + " users",
+        title: p.period + ": " + fmt(p.count) + " events, " + users(p) + " users",
       })),
     );
     const body = $("trends");
     if (!changed(body, series)) return;
     for (const p of [...series].reverse()) {
       const tr = el("tr");
-      tr.append(el("td", p.period), el("td", fmt(p.count), "num"), el("td", fmt(p.users), "num"));
+      tr.append(el("td", p.period), el("td", fmt(p.count), "num"), el("td", users(p), "num"));
       if (withSum) tr.append(el("td", fmt(p.sum), "num"));
       body.append(tr);
     }
