@@ -500,8 +500,8 @@ async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
     }
 }
 
-/// Every `publish_interval_ms`, the heals of the deployment's DAU and
-/// rolling windows when they are due. Their own task: a DAU heal may read
+/// Every `publish_interval_ms`, the heals of the deployment's DAU,
+/// cohorts and rolling windows when they are due. Their own task: a DAU heal may read
 /// a month of users, and the heartbeat must not wait for it (nor does the
 /// last round at a stop).
 async fn heals(context: Arc<Context>, mirror: Arc<Mirror>) {
@@ -512,6 +512,14 @@ async fn heals(context: Arc<Context>, mirror: Arc<Mirror>) {
             .heal_dau(|day| {
                 blocking(&context.storage, move |s| {
                     crate::analytics::users_of_day(s, day)
+                })
+            })
+            .await;
+        let page = mirror.heal_page();
+        mirror
+            .heal_cohorts(|after| {
+                blocking(&context.storage, move |s| {
+                    crate::analytics::first_days_page(s, after.as_deref(), page)
                 })
             })
             .await;
@@ -527,8 +535,9 @@ async fn heals(context: Arc<Context>, mirror: Arc<Mirror>) {
 }
 
 /// Probes Redis if it was down, writes the key backlog, publishes this
-/// instance's processed counts and shares the users, sessions and
-/// rolling-window minutes it processed since the last round.
+/// instance's processed counts and shares the users (with their first
+/// days), sessions and rolling-window minutes it processed since the last
+/// round.
 async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
     let today = crate::analytics::day_of(crate::event::now_ms());
     let counted = blocking(&context.storage, move |s| {
@@ -548,6 +557,13 @@ async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
         .share_windows(&windows, |minute| {
             blocking(&context.storage, move |s| {
                 crate::analytics::minute_cells(s, minute)
+            })
+        })
+        .await;
+    mirror
+        .share_first_days(|users| {
+            blocking(&context.storage, move |s| {
+                crate::analytics::first_days(s, &users)
             })
         })
         .await;

@@ -606,6 +606,77 @@ fn trends_and_top_events_by_sum_answer_for_the_deployment() {
     both_answer("after the flush");
 }
 
+/// Users come back through whichever instance the load balancer picks.
+/// On either instance, the cohorts of recent days are the deployment's: a
+/// user's cohort is their first day anywhere, so one first seen long ago
+/// through b is no newcomer when a sees them. Someone flushes Redis: the
+/// same cohorts come back by themselves.
+#[test]
+fn retention_over_recent_days_answers_for_the_deployment() {
+    let Some(redis) = RedisServer::start(RedisOptions::default()) else {
+        return;
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Daemon::start(dir_a.path(), &instance_config(&redis, "a", ""));
+    let b = Daemon::start(dir_b.path(), &instance_config(&redis, "b", ""));
+    let day = |ago: i64| (time::OffsetDateTime::now_utc() - time::Duration::days(ago)).date();
+    let visit = |id: &str, user: &str, ago: i64| {
+        json!({"event_id": id, "event_type": "visit", "user_id": user,
+            "timestamp": format!("{}T12:00:00Z", day(ago))})
+    };
+    // ann: first through a 3 days ago, back through b yesterday and a
+    // today. bob: first through b 2 days ago, back yesterday. cy: first
+    // through b 5 days ago, then through a 2 days ago (a's first of cy).
+    let through_a = [
+        visit("a1", "ann", 3),
+        visit("a2", "ann", 0),
+        visit("a3", "cy", 2),
+    ];
+    let through_b = [
+        visit("b1", "ann", 1),
+        visit("b2", "bob", 2),
+        visit("b3", "bob", 1),
+        visit("b4", "cy", 5),
+    ];
+    for (d, events) in [(&a, &through_a[..]), (&b, &through_b[..])] {
+        let r = d.post_json("/webhook/batch", &json!({"events": events}));
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let path = format!(
+        "/stats/retention?start_date={}&windows=4&window_type=daily",
+        day(3)
+    );
+    let expected = json!([
+        {"cohort": day(3).to_string(), "size": 1, "retained": [1, 0, 1, 1]},
+        {"cohort": day(2).to_string(), "size": 1, "retained": [1, 1, 0]},
+        {"cohort": day(1).to_string(), "size": 0, "retained": [0, 0]},
+        {"cohort": day(0).to_string(), "size": 0, "retained": [0]},
+    ]);
+    let both_answer = |when: &str| {
+        for d in [&a, &b] {
+            eventually(
+                Duration::from_secs(10),
+                &format!("the deployment's cohorts {when}"),
+                || {
+                    let r = d.get(&path).json();
+                    r["scope"] == "deployment" && r["cohorts"] == expected
+                },
+            );
+        }
+    };
+    both_answer("at first");
+    redis.command(&["FLUSHALL"]);
+    both_answer("after the flush");
+    // Older windows are this instance's, and say so.
+    let old = a
+        .get(&format!(
+            "/stats/retention?start_date={}&windows=2&window_type=weekly",
+            day(60)
+        ))
+        .json();
+    assert_eq!(old["scope"], "instance", "{old}");
+}
+
 #[test]
 fn a_password_and_a_key_prefix_are_used_and_a_wrong_password_is_reported() {
     let Some(redis) = RedisServer::start(RedisOptions {

@@ -1252,6 +1252,53 @@ pub struct Cohort {
     pub retained: Vec<u64>,
 }
 
+/// Each of `users`' first day on this store (the day of its earliest
+/// event), for those it has seen: what an instance shares for its
+/// deployment's cohorts.
+pub fn first_days<E>(
+    kv: &dyn KvRead<Error = E>,
+    users: &[String],
+) -> Result<Vec<(String, i32)>, E> {
+    let mut days = Vec::with_capacity(users.len());
+    for user in users {
+        let first = kv
+            .get(&key(&[b"F", &user_part(user)]))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(i64::from_be_bytes);
+        if let Some(first) = first {
+            days.push((user.clone(), day_of(first)));
+        }
+    }
+    Ok(days)
+}
+
+/// Up to `limit` users with their first day on this store, in key order
+/// after the user `after` (from the first: `None`): a page of every user
+/// this store has seen.
+pub fn first_days_page<E>(
+    kv: &dyn KvRead<Error = E>,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(String, i32)>, E> {
+    let from = match after {
+        Some(user) => key(&[b"F", &user_part(user)]),
+        None => b"F".to_vec(),
+    };
+    let mut page = Vec::new();
+    kv.scan(&from, b"G", &mut |k, v| {
+        if k == from.as_slice() {
+            return true;
+        }
+        let user = k.get(1..).and_then(split_part).map(|(u, _)| u);
+        let first = <[u8; 8]>::try_from(v).ok().map(i64::from_be_bytes);
+        if let (Some(user), Some(first)) = (user, first) {
+            page.push((String::from_utf8_lossy(user).into_owned(), day_of(first)));
+        }
+        page.len() < limit
+    })?;
+    Ok(page)
+}
+
 /// Cohort retention: `windows` windows of `window_days` from `start`.
 pub fn retention<E>(
     kv: &dyn KvRead<Error = E>,

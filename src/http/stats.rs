@@ -185,7 +185,18 @@ async fn answer(api: &Api, query: StatsQuery) -> Result<Response, Rejection> {
         StatsAnswer::Retention {
             window_type,
             cohorts,
-        } => json!({"window_type": window_type, "cohorts": cohorts}),
+            deployment,
+            deployment_error,
+        } => {
+            let mut body = json!({"window_type": window_type, "cohorts": cohorts});
+            if deployment {
+                body["scope"] = "deployment".into();
+            }
+            if let Some(e) = deployment_error {
+                body["deployment_error"] = e.into();
+            }
+            body
+        }
         StatsAnswer::Windows {
             windows,
             custom,

@@ -60,7 +60,13 @@ impl Mirror {
                 members.push((SharedSet::DayTypeUsers(day, facts.event_type.clone()), user));
             }
         }
+        let noted = self.note_first_days(members.iter().map(|(_, user)| *user));
         self.note_members(members);
+        if noted > self.backlog_max {
+            // The cohorts' heal offers every user again.
+            self.forget_first_days();
+            self.cohorts_heal_due.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Heals the deployment's DAU with every user this instance saw in the

@@ -13,6 +13,8 @@
 //! - **Daily active users**, one set (a HyperLogLog past `dau_exact_max`)
 //!   per day that every instance adds its processed users to
 //!   (`dau.rs`, `sets.rs`).
+//! - **Cohorts**: each user's first day over the deployment, for
+//!   `/stats/retention` (`retention.rs`).
 //! - **Rolling windows**: active users and sessions in sets per minute,
 //!   page views and `[[windows]]` groups per instance and minute
 //!   (`windows.rs`).
@@ -37,6 +39,7 @@
 //! | `P figures:{instance}` | hash | `type:{event_type}` → processed count; `updated_ms`; `cursor`, the last seq counted (`handoff.rs`) |
 //! | `P dau:{day}`, `P dauh:{day}`, … | set, HyperLogLog | the deployment's users of a day (`dau.rs`) |
 //! | `P winu:{minute}`, `P winp:{minute}:{instance}`, … | set, hash, … | the rolling windows (`windows.rs`) |
+//! | `P first`, `P cohort:{day}` | hash, set | each user's first day over the deployment, and the cohorts (`retention.rs`) |
 //! | `P days:{instance}` | hash | `{day}:{event_type}` → processed count that day (days since 1970-01-01), for the last [`PUBLISHED_DAYS`] days |
 //! | `P sums:{instance}` | hash | `{day}:{length}:{field}{event_type}` → `{sum}:{events with a number}` of a `sum_fields` field that day (sum in millionths), same days |
 //! | `P wal:{instance}`, `P alive:{instance}`, `P owner:{instance}` | stream, string, string | the queue mirrored for takeover, the heartbeat, a taker's lock (`handoff.rs`) |
@@ -73,6 +76,7 @@
 
 mod dau;
 mod handoff;
+mod retention;
 mod sets;
 mod stream;
 mod windows;
@@ -268,6 +272,12 @@ pub struct Mirror {
     /// The deployment's windows need all of this instance's (as
     /// `heal_due`).
     windows_heal_due: AtomicBool,
+    /// Users whose first day the next round offers for the deployment's
+    /// cohorts (`retention.rs`).
+    first_due: Mutex<std::collections::BTreeSet<String>>,
+    /// The deployment's cohorts need every user of this store (at start,
+    /// or when Redis lost them).
+    cohorts_heal_due: AtomicBool,
     /// For `/metrics`.
     counters: Counters,
 }
@@ -355,6 +365,8 @@ impl Mirror {
             heal_due: AtomicBool::new(true),
             dirty_minutes: Mutex::new(std::collections::BTreeSet::new()),
             windows_heal_due: AtomicBool::new(true),
+            first_due: Mutex::new(std::collections::BTreeSet::new()),
+            cohorts_heal_due: AtomicBool::new(true),
             counters: Counters::default(),
         }))
     }

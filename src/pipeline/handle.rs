@@ -156,6 +156,10 @@ pub enum StatsAnswer {
     Retention {
         window_type: String,
         cohorts: Vec<Cohort>,
+        /// True when they are the deployment's (Redis on, recent days).
+        deployment: bool,
+        /// Why the deployment's could not be read (these are then this instance's).
+        deployment_error: Option<String>,
     },
     /// The built-in windows, with the names of the configured ones.
     Windows {
@@ -458,12 +462,30 @@ impl Pipeline {
                 windows,
                 days,
                 window_type,
-            } => StatsAnswer::Retention {
-                window_type,
-                cohorts: blocking(storage, move |s| {
-                    analytics::retention(s, start, windows, days)
-                })
-                .await?,
+            } => match self.deployment_retention(start, windows, days).await {
+                Some(Ok(Some(cohorts))) => StatsAnswer::Retention {
+                    window_type,
+                    cohorts,
+                    deployment: true,
+                    deployment_error: None,
+                },
+                deployment => StatsAnswer::Retention {
+                    window_type,
+                    cohorts: blocking(storage, move |s| {
+                        analytics::retention(s, start, windows, days)
+                    })
+                    .await?,
+                    deployment: false,
+                    deployment_error: match deployment {
+                        Some(Ok(None)) => Some(
+                            "a day has more users than redis.dau_exact_max: \
+                             only this instance's cohorts are exact"
+                                .into(),
+                        ),
+                        Some(Err(e)) => Some(e.to_string()),
+                        _ => None,
+                    },
+                },
             },
             StatsQuery::Windows => {
                 let custom = config.windows.iter().map(|w| w.name.clone()).collect();
@@ -538,6 +560,23 @@ impl Pipeline {
     ) -> Option<Result<Vec<DeploymentDay>, MirrorError>> {
         let mirror = self.shared_from(from)?;
         Some(mirror.deployment_dau(from, to).await)
+    }
+
+    /// The deployment's cohorts: `None` when Redis is off or the windows
+    /// reach outside the days instances share; `Ok(None)` when a day has
+    /// too many users for them to be exact.
+    async fn deployment_retention(
+        &self,
+        start: i32,
+        windows: u32,
+        days: i32,
+    ) -> Option<Result<Option<Vec<Cohort>>, MirrorError>> {
+        let mirror = self.shared_from(start)?;
+        let end = start + windows as i32 * days - 1;
+        if end > analytics::day_of(now_ms()) + 1 {
+            return None;
+        }
+        Some(mirror.deployment_retention(start, windows, days).await)
     }
 
     /// The deployment's trend over `from..=to` widened to whole periods,
