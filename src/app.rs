@@ -29,7 +29,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use crate::config::{Config, Durability, LogFormat, redacted_redis_url};
 use crate::http::{self, Api};
-use crate::mirror::{Mirror, PUBLISHED_DAYS};
+use crate::mirror::Mirror;
 use crate::pipeline::supervisor::{Supervisor, SupervisorMsg};
 use crate::pipeline::takeover::takeover_rounds;
 use crate::pipeline::{Context, Live, Pipeline, blocking, every_publish_interval};
@@ -540,8 +540,9 @@ async fn heals(context: Arc<Context>, mirror: Arc<Mirror>) {
 /// round.
 async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
     let today = crate::analytics::day_of(crate::event::now_ms());
+    let first_shared_day = mirror.first_shared_day();
     let counted = blocking(&context.storage, move |s| {
-        s.counted(today - (PUBLISHED_DAYS - 1), today)
+        s.counted(first_shared_day, today)
     })
     .await;
     match counted {

@@ -62,6 +62,9 @@ const RESERVED_FIELDS: [&str; 7] = [
 
 /// The longest user-defined window, in minutes: a day.
 pub const MAX_WINDOW_MINUTES: u32 = 1440;
+/// Most days `[redis] shared_days` may share: a year of months, widened to
+/// whole months.
+pub const MAX_SHARED_DAYS: u64 = 400;
 
 /// Whether `path` is a dotted path (`properties.amount`): non-empty parts.
 fn valid_path(path: &str) -> bool {
@@ -227,6 +230,11 @@ pub struct RedisConfig {
     /// An instance silent this long (no publish round reached Redis) has
     /// the events it acknowledged and left queued delivered by another.
     pub takeover_after_ms: u64,
+    /// How many days back (today included) instances share their counts,
+    /// sums and users: DAU, top events, trends and retention over ranges
+    /// inside them answer for the deployment. Redis keeps each of those
+    /// days' users (per event type too), so its memory grows with it.
+    pub shared_days: u64,
 }
 
 impl Default for RedisConfig {
@@ -241,6 +249,7 @@ impl Default for RedisConfig {
             backlog_max_keys: 200_000,
             dau_exact_max: 100_000,
             takeover_after_ms: 10_000,
+            shared_days: 31,
         }
     }
 }
@@ -702,7 +711,7 @@ impl Config {
             ));
         }
         let redis = &self.redis;
-        let ranges: [(&str, u64, u64, u64); 24] = [
+        let ranges: [(&str, u64, u64, u64); 25] = [
             ("flush_interval_ms", self.flush_interval_ms, 1, 60_000),
             ("batch_size", self.batch_size as u64, 1, 100_000),
             ("batch_timeout_ms", self.batch_timeout_ms, 1, 3_600_000),
@@ -767,6 +776,7 @@ impl Config {
                 1000,
                 86_400_000,
             ),
+            ("redis.shared_days", redis.shared_days, 1, MAX_SHARED_DAYS),
         ];
         for (key, value, min, max) in ranges {
             if value < min || value > max {
@@ -1180,7 +1190,7 @@ mod tests {
     #[test]
     fn redis_settings_are_checked_and_the_password_never_shown() {
         let bad = Config::from_parts(
-            "[redis]\nurl = \"http://x\"\ntimeout_ms = 0\npublish_interval_ms = 5000\n\n[[sinks]]\nname = \"out\"\ntype = \"redis-stream\"\n",
+            "[redis]\nurl = \"http://x\"\ntimeout_ms = 0\npublish_interval_ms = 5000\nshared_days = 401\n\n[[sinks]]\nname = \"out\"\ntype = \"redis-stream\"\n",
             &[],
             &[],
         );
@@ -1191,6 +1201,7 @@ mod tests {
         for expected in [
             "redis.url: `http://x` must be a redis:// or rediss:// URL",
             "redis.timeout_ms: 0 is out of range",
+            "redis.shared_days: 401 is out of range (1..=400)",
             // A heartbeat that lasts less than three rounds would let a
             // live instance be taken over.
             "redis.takeover_after_ms: 10000 must be at least three publish rounds",

@@ -607,7 +607,8 @@ fn trends_and_top_events_by_sum_answer_for_the_deployment() {
 }
 
 /// Users come back through whichever instance the load balancer picks.
-/// On either instance, the cohorts of recent days are the deployment's: a
+/// On either instance, the cohorts of the days shared (`shared_days`) are
+/// the deployment's: a
 /// user's cohort is their first day anywhere, so one first seen long ago
 /// through b is no newcomer when a sees them. Someone flushes Redis: the
 /// same cohorts come back by themselves.
@@ -616,9 +617,13 @@ fn retention_over_recent_days_answers_for_the_deployment() {
     let Some(redis) = RedisServer::start(RedisOptions::default()) else {
         return;
     };
+    // Ten weeks shared, rather than the 31 days by default.
+    let config = |instance| {
+        instance_config(&redis, instance, "").replace("[redis]\n", "[redis]\nshared_days = 70\n")
+    };
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Daemon::start(dir_a.path(), &instance_config(&redis, "a", ""));
-    let b = Daemon::start(dir_b.path(), &instance_config(&redis, "b", ""));
+    let a = Daemon::start(dir_a.path(), &config("a"));
+    let b = Daemon::start(dir_b.path(), &config("b"));
     let day = |ago: i64| (time::OffsetDateTime::now_utc() - time::Duration::days(ago)).date();
     let visit = |id: &str, user: &str, ago: i64| {
         json!({"event_id": id, "event_type": "visit", "user_id": user,
@@ -627,16 +632,19 @@ fn retention_over_recent_days_answers_for_the_deployment() {
     // ann: first through a 3 days ago, back through b yesterday and a
     // today. bob: first through b 2 days ago, back yesterday. cy: first
     // through b 5 days ago, then through a 2 days ago (a's first of cy).
+    // dee: first through a 60 days ago, back through b a week later.
     let through_a = [
         visit("a1", "ann", 3),
         visit("a2", "ann", 0),
         visit("a3", "cy", 2),
+        visit("a4", "dee", 60),
     ];
     let through_b = [
         visit("b1", "ann", 1),
         visit("b2", "bob", 2),
         visit("b3", "bob", 1),
         visit("b4", "cy", 5),
+        visit("b5", "dee", 53),
     ];
     for (d, events) in [(&a, &through_a[..]), (&b, &through_b[..])] {
         let r = d.post_json("/webhook/batch", &json!({"events": events}));
@@ -652,6 +660,14 @@ fn retention_over_recent_days_answers_for_the_deployment() {
         {"cohort": day(1).to_string(), "size": 0, "retained": [0, 0]},
         {"cohort": day(0).to_string(), "size": 0, "retained": [0]},
     ]);
+    let weekly = format!(
+        "/stats/retention?start_date={}&windows=2&window_type=weekly",
+        day(60)
+    );
+    let expected_weekly = json!([
+        {"cohort": day(60).to_string(), "size": 1, "retained": [1, 1]},
+        {"cohort": day(53).to_string(), "size": 0, "retained": [0]},
+    ]);
     let both_answer = |when: &str| {
         for d in [&a, &b] {
             eventually(
@@ -662,16 +678,24 @@ fn retention_over_recent_days_answers_for_the_deployment() {
                     r["scope"] == "deployment" && r["cohorts"] == expected
                 },
             );
+            eventually(
+                Duration::from_secs(10),
+                &format!("weeks of the deployment {when}"),
+                || {
+                    let r = d.get(&weekly).json();
+                    r["scope"] == "deployment" && r["cohorts"] == expected_weekly
+                },
+            );
         }
     };
     both_answer("at first");
     redis.command(&["FLUSHALL"]);
     both_answer("after the flush");
-    // Older windows are this instance's, and say so.
+    // Windows older than the days shared are this instance's, and say so.
     let old = a
         .get(&format!(
             "/stats/retention?start_date={}&windows=2&window_type=weekly",
-            day(60)
+            day(80)
         ))
         .json();
     assert_eq!(old["scope"], "instance", "{old}");

@@ -6,7 +6,7 @@
 //! added (the users noted since the last round when the process dies, a
 //! pending list that outgrew `backlog_max_keys` while Redis was down, or a
 //! Redis that lost its data) are covered by a *heal*: each instance re-adds
-//! every user of the last [`PUBLISHED_DAYS`] days from its own store at
+//! every user of the last `shared_days` days from its own store at
 //! start, when its pending list overflowed, and when its heal mark is gone
 //! from Redis (a FLUSHALL, a Redis restarted without persistence).
 //!
@@ -15,20 +15,17 @@
 //! | `P dau:{day}`, `P dau:{day}:over`, `P dauh:{day}` | set, string, HyperLogLog | the day's users (`sets.rs`) |
 //! | `P dau:healed:{instance}` | string | this instance's users are all in |
 //!
-//! Every one of them expires [`PUBLISHED_DAYS`] + 1 days after its last
+//! Every one of them expires `shared_days` + 1 days after its last
 //! write.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
 use super::sets::{SharedSet, union_count};
-use super::{Mirror, MirrorError, PUBLISHED_DAYS};
+use super::{Mirror, MirrorError};
 use crate::analytics::day_of;
 use crate::event::now_ms;
 use crate::storage::BatchAck;
-
-/// How long the heal mark lives after its last write.
-const KEEP_MS: i64 = (PUBLISHED_DAYS as i64 + 1) * 86_400_000;
 
 /// One day of the deployment's DAU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +43,7 @@ impl Mirror {
     /// Notes the users of a processed batch by the day of their event,
     /// and by that day and the event's type (trends of one type); the
     /// next round adds them to the deployment's sets. Days older than
-    /// [`PUBLISHED_DAYS`] are not shared.
+    /// `shared_days` are not shared.
     pub(super) fn note_active(&self, ack: &BatchAck) {
         let today = day_of(now_ms());
         let mut members = Vec::new();
@@ -55,7 +52,7 @@ impl Mirror {
                 continue;
             };
             let day = day_of(facts.occurred_at_ms);
-            if day > today - PUBLISHED_DAYS && day <= today + 1 {
+            if day > today - self.shared_days && day <= today + 1 {
                 members.push((SharedSet::DayUsers(day), user));
                 members.push((SharedSet::DayTypeUsers(day, facts.event_type.clone()), user));
             }
@@ -70,7 +67,7 @@ impl Mirror {
     }
 
     /// Heals the deployment's DAU with every user this instance saw in the
-    /// last [`PUBLISHED_DAYS`] days, read a day at a time by `users_of`, by
+    /// last `shared_days` days, read a day at a time by `users_of`, by
     /// event type (so that one day's users are in memory at once), then
     /// sets the mark,
     /// when a heal is due or the mark is gone (a Redis that lost it lost
@@ -98,7 +95,7 @@ impl Mirror {
             }
         }
         let today = day_of(now_ms());
-        for day in today - (PUBLISHED_DAYS - 1)..=today + 1 {
+        for day in today - (self.shared_days - 1)..=today + 1 {
             let by_type = match users_of(day).await {
                 Ok(by_type) => by_type,
                 Err(e) => {
@@ -119,20 +116,23 @@ impl Mirror {
             }
         }
         let mut set = redis::cmd("SET");
-        set.arg(&mark).arg(now_ms()).arg("PX").arg(KEEP_MS);
+        set.arg(&mark)
+            .arg(now_ms())
+            .arg("PX")
+            .arg(self.day_keep_ms());
         if self.call(set.query_async::<()>(&mut conn)).await.is_err() {
             self.heal_due.store(true, Ordering::Relaxed);
             return;
         }
         self.counters.dau_heals.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
-            days = PUBLISHED_DAYS,
+            days = self.shared_days,
             "added this instance's recent users to the deployment's daily active users"
         );
     }
 
     /// The deployment's distinct users in each period (first and last
-    /// day, within the last [`PUBLISHED_DAYS`] days), with an event of
+    /// day, within the days shared), with an event of
     /// `event_type` (any: `None`), and whether each count is exact.
     pub async fn deployment_period_users(
         &self,
@@ -165,7 +165,7 @@ impl Mirror {
     }
 
     /// The deployment's distinct users on each day of `from..=to` (a range
-    /// within the last [`PUBLISHED_DAYS`] days).
+    /// within the days shared).
     pub async fn deployment_dau(
         &self,
         from: i32,

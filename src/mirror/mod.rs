@@ -20,7 +20,7 @@
 //!   (`windows.rs`).
 //! - **Figures.** Every `publish_interval_ms` each instance writes its
 //!   processed counts per event type, all time and per day for the last
-//!   [`PUBLISHED_DAYS`] days, with the days' `sum_fields` sums, absolute
+//!   `shared_days` days, with the days' `sum_fields` sums, absolute
 //!   rather than as deltas, so a write repeated or lost changes nothing
 //!   once the next one lands. `/stats/summary`, `/stats/top-events` and
 //!   `/stats/trends` add them up across instances (trends' users from the
@@ -40,7 +40,7 @@
 //! | `P dau:{day}`, `P dauh:{day}`, … | set, HyperLogLog | the deployment's users of a day (`dau.rs`) |
 //! | `P winu:{minute}`, `P winp:{minute}:{instance}`, … | set, hash, … | the rolling windows (`windows.rs`) |
 //! | `P first`, `P cohort:{day}` | hash, set | each user's first day over the deployment, and the cohorts (`retention.rs`) |
-//! | `P days:{instance}` | hash | `{day}:{event_type}` → processed count that day (days since 1970-01-01), for the last [`PUBLISHED_DAYS`] days |
+//! | `P days:{instance}` | hash | `{day}:{event_type}` → processed count that day (days since 1970-01-01), for the last `shared_days` days |
 //! | `P sums:{instance}` | hash | `{day}:{length}:{field}{event_type}` → `{sum}:{events with a number}` of a `sum_fields` field that day (sum in millionths), same days |
 //! | `P wal:{instance}`, `P alive:{instance}`, `P owner:{instance}` | stream, string, string | the queue mirrored for takeover, the heartbeat, a taker's lock (`handoff.rs`) |
 //!
@@ -148,11 +148,6 @@ pub struct Accepted {
     pub first_seen_ms: i64,
 }
 
-/// How many days back (today included) each instance publishes its
-/// per-day counts: `/stats/top-events` over a range inside them answers
-/// for the deployment.
-pub const PUBLISHED_DAYS: i32 = 31;
-
 /// The deployment's figures: every instance's processed counts, summed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Deployment {
@@ -255,6 +250,8 @@ pub struct Mirror {
     backlog: Mutex<VecDeque<Accepted>>,
     /// `dau_exact_max`.
     dau_exact_max: u64,
+    /// `shared_days`.
+    shared_days: i32,
     /// This instance's store (`Storage::store_id`), published with its
     /// figures: a takeover's cursor is trusted only by the same store.
     store_id: AtomicU64,
@@ -359,6 +356,7 @@ impl Mirror {
             last_error: Mutex::new(None),
             backlog: Mutex::new(VecDeque::new()),
             dau_exact_max: config.dau_exact_max,
+            shared_days: i32::try_from(config.shared_days).unwrap_or(31),
             persistent: std::sync::atomic::AtomicU8::new(0),
             store_id: AtomicU64::new(0),
             pending: Mutex::new(sets::Pending::default()),
@@ -374,6 +372,23 @@ impl Mirror {
     /// This instance's name.
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// How many days back (today included) instances share their counts
+    /// and users (`shared_days`): a range inside them answers for the
+    /// deployment.
+    pub fn shared_days(&self) -> i32 {
+        self.shared_days
+    }
+
+    /// The first of the days shared.
+    pub fn first_shared_day(&self) -> i32 {
+        crate::analytics::day_of(now_ms()) - (self.shared_days - 1)
+    }
+
+    /// How long a shared day's keys live after their last write.
+    fn day_keep_ms(&self) -> i64 {
+        (i64::from(self.shared_days) + 1) * 86_400_000
     }
 
     /// The Redis key of an idempotency key of `source`.
@@ -714,7 +729,7 @@ impl Mirror {
     /// The processed counts (and, when `sums`, the sums) of the days
     /// `from..=to` over the deployment: this instance's `own` (current),
     /// the others' as last published. The range must lie within the last
-    /// [`PUBLISHED_DAYS`] days.
+    /// [`Mirror::shared_days`].
     pub async fn deployment_days(
         &self,
         own: DayFigures,

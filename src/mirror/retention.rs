@@ -16,7 +16,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P first` | hash | user → first day (days since 1970-01-01) over the deployment, of every user active since Redis was on |
-//! | `P cohort:{day}` | set | the users whose first day that is, for days of the last [`PUBLISHED_DAYS`] |
+//! | `P cohort:{day}` | set | the users whose first day that is, for the days shared (`shared_days`) |
 //!
 //! Cohort sets expire with the day sets; the `first` hash does not (one
 //! field per user). **Heal**: at start, and when its mark
@@ -27,8 +27,8 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Mirror, MirrorError, PUBLISHED_DAYS};
-use crate::analytics::{Cohort, day_of, format_day};
+use super::{Mirror, MirrorError};
+use crate::analytics::{Cohort, format_day};
 use crate::event::now_ms;
 
 /// Users offered per script call.
@@ -36,9 +36,6 @@ const CHUNK: usize = 500;
 
 /// Users read from the store per page of a heal.
 const HEAL_PAGE: usize = 10_000;
-
-/// How long a cohort set lives after its last write, as the day sets.
-const KEEP_MS: i64 = (PUBLISHED_DAYS as i64 + 1) * 86_400_000;
 
 /// Offers first days: `ARGV[4..]` are user, day pairs. Keeps the earliest
 /// per user in the hash `KEYS[1]`, and the user in the cohort set
@@ -122,7 +119,7 @@ impl Mirror {
             std::mem::take(&mut *self.first_due.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .collect();
-        let horizon = day_of(now_ms()) - (PUBLISHED_DAYS - 1);
+        let horizon = self.first_shared_day();
         for (i, users) in due.chunks(CHUNK).enumerate() {
             let offered = match first_of(users.to_vec()).await {
                 Ok(days) => self.offer(&days, horizon).await,
@@ -160,7 +157,7 @@ impl Mirror {
                 return;
             }
         }
-        let horizon = day_of(now_ms()) - (PUBLISHED_DAYS - 1);
+        let horizon = self.first_shared_day();
         let mut after = None;
         loop {
             let page = match page_after(after.take()).await {
@@ -183,7 +180,10 @@ impl Mirror {
             }
         }
         let mut set = redis::cmd("SET");
-        set.arg(&mark).arg(now_ms()).arg("PX").arg(KEEP_MS);
+        set.arg(&mark)
+            .arg(now_ms())
+            .arg("PX")
+            .arg(self.day_keep_ms());
         if self.call(set.query_async::<()>(&mut conn)).await.is_err() {
             self.cohorts_heal_due.store(true, Ordering::Relaxed);
             return;
@@ -207,7 +207,7 @@ impl Mirror {
             .arg(1)
             .arg(format!("{}first", self.prefix))
             .arg(format!("{}cohort:", self.prefix))
-            .arg(KEEP_MS)
+            .arg(self.day_keep_ms())
             .arg(horizon);
         for (user, day) in days {
             cmd.arg(user).arg(day);
@@ -219,7 +219,7 @@ impl Mirror {
     }
 
     /// The deployment's cohorts: `windows` windows of `window_days` from
-    /// `start` (all within the last [`PUBLISHED_DAYS`] days). `None` when
+    /// `start` (all within the days shared). `None` when
     /// a day involved has more users than `dau_exact_max` (the sets are
     /// then gone, and only this instance's answer is exact).
     pub async fn deployment_retention(

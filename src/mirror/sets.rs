@@ -28,14 +28,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
-use super::{Mirror, MirrorError, PUBLISHED_DAYS};
+use super::{Mirror, MirrorError};
 use crate::analytics::ACTIVE_WINDOW_MINUTES;
 
 /// Members per script call: Lua's `unpack` has a stack limit.
 const CHUNK: usize = 1000;
-
-/// How long a day's set lives after its last write.
-const DAY_KEEP_MS: i64 = (PUBLISHED_DAYS as i64 + 1) * 86_400_000;
 
 /// Adds members (`ARGV[3..]`) to a HyperLogLog (`KEYS[2]`) and, unless the
 /// set is over `ARGV[1]` members (`KEYS[3]` set), to the set (`KEYS[1]`),
@@ -108,11 +105,12 @@ impl SharedSet {
         }
     }
 
-    /// How long its keys live from a write at `now_ms`: a day's, as long
-    /// as days are published; a minute's, until no window reaches it.
-    fn keep_ms(&self, now_ms: i64) -> i64 {
+    /// How long its keys live from a write at `now_ms`: a day's,
+    /// `day_keep_ms` (as long as days are shared); a minute's, until no
+    /// window reaches it.
+    fn keep_ms(&self, now_ms: i64, day_keep_ms: i64) -> i64 {
         match self {
-            SharedSet::DayUsers(_) | SharedSet::DayTypeUsers(..) => DAY_KEEP_MS,
+            SharedSet::DayUsers(_) | SharedSet::DayTypeUsers(..) => day_keep_ms,
             SharedSet::MinuteUsers(m) | SharedSet::MinuteSessions(m) => {
                 ((m + ACTIVE_WINDOW_MINUTES + 1) * 60_000 - now_ms).max(60_000)
             }
@@ -203,7 +201,7 @@ impl Mirror {
                     .arg(&keys.hll)
                     .arg(&keys.over)
                     .arg(self.dau_exact_max)
-                    .arg(set.keep_ms(now))
+                    .arg(set.keep_ms(now, self.day_keep_ms()))
                     .arg(chunk)
                     .ignore();
             }

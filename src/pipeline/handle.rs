@@ -22,7 +22,7 @@ use crate::analytics::{
 };
 use crate::config::{Config, WindowConfig};
 use crate::event::now_ms;
-use crate::mirror::{Deployment, DeploymentDay, Mirror, MirrorError, MirrorHealth, PUBLISHED_DAYS};
+use crate::mirror::{Deployment, DeploymentDay, Mirror, MirrorError, MirrorHealth};
 use crate::signature::Scheme;
 use crate::storage::{QueueInfo, StorageError};
 
@@ -545,10 +545,10 @@ impl Pipeline {
     }
 
     /// The deployment's Redis, when it is on and holds the days from
-    /// `from` on (the last [`PUBLISHED_DAYS`], which instances share).
+    /// `from` on (the last `shared_days`, which instances share).
     fn shared_from(&self, from: i32) -> Option<&Mirror> {
         let mirror = self.context.mirror.as_deref()?;
-        (from >= analytics::day_of(now_ms()) - (PUBLISHED_DAYS - 1)).then_some(mirror)
+        (from >= mirror.first_shared_day()).then_some(mirror)
     }
 
     /// The deployment's DAU over `from..=to`: `None` when Redis is off or
@@ -629,7 +629,7 @@ impl Pipeline {
 
     /// The deployment's top events over `from..=to`: `None` when Redis is
     /// off or the range reaches past what instances publish
-    /// ([`PUBLISHED_DAYS`]); an error when Redis could not be read.
+    /// (`shared_days`); an error when Redis could not be read.
     async fn deployment_top_events(
         &self,
         from: i32,
