@@ -133,16 +133,8 @@ async fn answer(api: &Api, query: StatsQuery) -> Result<Response, Rejection> {
             deployment_error,
         } => {
             let mut body = json!({"from": day(from), "to": day(to), "days": days});
-            if let Some(exact) = exact {
-                body["scope"] = "deployment".into();
-                let days = body["days"].as_array_mut().into_iter().flatten();
-                for (day, exact) in days.zip(exact) {
-                    day["exact"] = exact.into();
-                }
-            }
-            if let Some(e) = deployment_error {
-                body["deployment_error"] = e.into();
-            }
+            deployment_scope(&mut body, exact.is_some(), deployment_error);
+            each_exact(&mut body["days"], exact);
             body
         }
         StatsAnswer::TopEvents {
@@ -153,12 +145,7 @@ async fn answer(api: &Api, query: StatsQuery) -> Result<Response, Rejection> {
             deployment_error,
         } => {
             let mut body = json!({"from": day(from), "to": day(to), "events": events});
-            if deployment {
-                body["scope"] = "deployment".into();
-            }
-            if let Some(e) = deployment_error {
-                body["deployment_error"] = e.into();
-            }
+            deployment_scope(&mut body, deployment, deployment_error);
             body
         }
         StatsAnswer::Trends {
@@ -170,16 +157,8 @@ async fn answer(api: &Api, query: StatsQuery) -> Result<Response, Rejection> {
             let mut body = json!(trend);
             // What `sum` may name, so that a caller can find out.
             body["summable"] = json!(summable);
-            if let Some(exact) = exact {
-                body["scope"] = "deployment".into();
-                let periods = body["series"].as_array_mut().into_iter().flatten();
-                for (period, exact) in periods.zip(exact) {
-                    period["exact"] = exact.into();
-                }
-            }
-            if let Some(e) = deployment_error {
-                body["deployment_error"] = e.into();
-            }
+            deployment_scope(&mut body, exact.is_some(), deployment_error);
+            each_exact(&mut body["series"], exact);
             body
         }
         StatsAnswer::Retention {
@@ -189,12 +168,7 @@ async fn answer(api: &Api, query: StatsQuery) -> Result<Response, Rejection> {
             deployment_error,
         } => {
             let mut body = json!({"window_type": window_type, "cohorts": cohorts});
-            if deployment {
-                body["scope"] = "deployment".into();
-            }
-            if let Some(e) = deployment_error {
-                body["deployment_error"] = e.into();
-            }
+            deployment_scope(&mut body, deployment, deployment_error);
             body
         }
         StatsAnswer::Windows {
@@ -205,12 +179,9 @@ async fn answer(api: &Api, query: StatsQuery) -> Result<Response, Rejection> {
         } => {
             let mut body = json!(windows);
             body["custom"] = json!(custom);
+            deployment_scope(&mut body, exact.is_some(), deployment_error);
             if let Some(exact) = exact {
-                body["scope"] = "deployment".into();
                 body["exact"] = exact.into();
-            }
-            if let Some(e) = deployment_error {
-                body["deployment_error"] = e.into();
             }
             body
         }
@@ -222,12 +193,7 @@ async fn answer(api: &Api, query: StatsQuery) -> Result<Response, Rejection> {
         } => {
             let mut body =
                 json!({"name": window.name, "minutes": window.minutes, "groups": groups});
-            if deployment {
-                body["scope"] = "deployment".into();
-            }
-            if let Some(e) = deployment_error {
-                body["deployment_error"] = e.into();
-            }
+            deployment_scope(&mut body, deployment, deployment_error);
             body
         }
     };
@@ -256,6 +222,28 @@ async fn rate(api: &Api) -> Result<Response, Rejection> {
 fn scope(api: &Api, body: &mut serde_json::Value) {
     if api.pipeline.redis_health().is_some() && body.get("scope").is_none() {
         body["scope"] = "instance".into();
+    }
+}
+
+/// Marks an answer the deployment's (`deployment`), or says why the
+/// deployment's could not be read (it is then this instance's).
+fn deployment_scope(body: &mut serde_json::Value, deployment: bool, error: Option<String>) {
+    if deployment {
+        body["scope"] = "deployment".into();
+    }
+    if let Some(e) = error {
+        body["deployment_error"] = e.into();
+    }
+}
+
+/// Gives each row of `rows` (days, periods) its `exact` flag, when the
+/// deployment's answer has them.
+fn each_exact(rows: &mut serde_json::Value, exact: Option<Vec<bool>>) {
+    let Some(exact) = exact else {
+        return;
+    };
+    for (row, exact) in rows.as_array_mut().into_iter().flatten().zip(exact) {
+        row["exact"] = exact.into();
     }
 }
 

@@ -46,19 +46,31 @@ impl Mirror {
     /// `shared_days` are not shared.
     pub(super) fn note_active(&self, ack: &BatchAck) {
         let today = day_of(now_ms());
-        let mut members = Vec::new();
+        let mut days: BTreeMap<i32, BTreeSet<&str>> = BTreeMap::new();
+        let mut day_types: BTreeMap<(i32, &str), BTreeSet<&str>> = BTreeMap::new();
         for facts in ack.processed.iter().filter_map(|(_, f)| f.as_ref()) {
             let Some(user) = facts.user_id.as_deref() else {
                 continue;
             };
             let day = day_of(facts.occurred_at_ms);
             if day > today - self.shared_days && day <= today + 1 {
-                members.push((SharedSet::DayUsers(day), user));
-                members.push((SharedSet::DayTypeUsers(day, facts.event_type.clone()), user));
+                days.entry(day).or_default().insert(user);
+                day_types
+                    .entry((day, facts.event_type.as_str()))
+                    .or_default()
+                    .insert(user);
             }
         }
-        let noted = self.note_first_days(members.iter().map(|(_, user)| *user));
-        self.note_members(members);
+        let noted = self.note_first_days(days.values().flatten().copied());
+        self.note_members(
+            days.into_iter()
+                .map(|(day, users)| (SharedSet::DayUsers(day), users)),
+        );
+        self.note_members(
+            day_types
+                .into_iter()
+                .map(|((day, t), users)| (SharedSet::DayTypeUsers(day, t.to_owned()), users)),
+        );
         if noted > self.backlog_max {
             // The cohorts' heal offers every user again.
             self.forget_first_days();
@@ -79,20 +91,8 @@ impl Mirror {
         Fut: std::future::Future<Output = Result<BTreeMap<String, BTreeSet<String>>, E>>,
         E: std::fmt::Display,
     {
-        if !self.is_up() {
+        if !self.heal_wanted(&self.heal_due, "dau").await {
             return;
-        }
-        let mark = format!("{}dau:healed:{}", self.prefix, self.instance);
-        let mut conn = self.conn.clone();
-        if !self.heal_due.swap(false, Ordering::Relaxed) {
-            // Not due, unless Redis lost this instance's users (the mark is
-            // gone: a FLUSHALL, a restart without persistence).
-            let there: Result<bool, _> = self
-                .call(redis::cmd("EXISTS").arg(&mark).query_async(&mut conn))
-                .await;
-            if !matches!(there, Ok(false)) {
-                return;
-            }
         }
         let today = day_of(now_ms());
         for day in today - (self.shared_days - 1)..=today + 1 {
@@ -115,13 +115,7 @@ impl Mirror {
                 return;
             }
         }
-        let mut set = redis::cmd("SET");
-        set.arg(&mark)
-            .arg(now_ms())
-            .arg("PX")
-            .arg(self.day_keep_ms());
-        if self.call(set.query_async::<()>(&mut conn)).await.is_err() {
-            self.heal_due.store(true, Ordering::Relaxed);
+        if !self.healed(&self.heal_due, "dau", self.day_keep_ms()).await {
             return;
         }
         self.counters.dau_heals.fetch_add(1, Ordering::Relaxed);

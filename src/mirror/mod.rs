@@ -555,6 +555,48 @@ impl Mirror {
         let _ = self.call(invocation.invoke_async::<i64>(&mut conn)).await;
     }
 
+    /// Whether a heal (`dau.rs`, `windows.rs`, `retention.rs`) should run
+    /// now: it is `due` (the flag is cleared), or Redis lost its mark
+    /// `{name}:healed:{instance}` (a FLUSHALL, a restart without
+    /// persistence), so lost what it writes too.
+    async fn heal_wanted(&self, due: &AtomicBool, name: &str) -> bool {
+        if !self.is_up() {
+            return false;
+        }
+        if due.swap(false, Ordering::Relaxed) {
+            return true;
+        }
+        let mut conn = self.conn.clone();
+        let there: Result<bool, _> = self
+            .call(
+                redis::cmd("EXISTS")
+                    .arg(self.heal_mark(name))
+                    .query_async(&mut conn),
+            )
+            .await;
+        matches!(there, Ok(false))
+    }
+
+    /// Sets the mark of a heal that wrote everything, for `keep_ms`;
+    /// whether it was set (if not, the heal is `due` again).
+    async fn healed(&self, due: &AtomicBool, name: &str, keep_ms: i64) -> bool {
+        let mut set = redis::cmd("SET");
+        set.arg(self.heal_mark(name))
+            .arg(now_ms())
+            .arg("PX")
+            .arg(keep_ms);
+        let mut conn = self.conn.clone();
+        let done = self.call(set.query_async::<()>(&mut conn)).await.is_ok();
+        if !done {
+            due.store(true, Ordering::Relaxed);
+        }
+        done
+    }
+
+    fn heal_mark(&self, name: &str) -> String {
+        format!("{}{name}:healed:{}", self.prefix, self.instance)
+    }
+
     /// The background task's round: probes a Redis that was down, writes
     /// the backlog, publishes this instance's processed counts with its
     /// heartbeat, and adds the users and sessions noted since the last

@@ -29,7 +29,6 @@ use std::sync::atomic::Ordering;
 
 use super::{Mirror, MirrorError};
 use crate::analytics::{Cohort, format_day};
-use crate::event::now_ms;
 
 /// Users offered per script call.
 const CHUNK: usize = 500;
@@ -91,7 +90,11 @@ impl Mirror {
     /// noted now.
     pub(super) fn note_first_days<'a>(&self, users: impl IntoIterator<Item = &'a str>) -> usize {
         let mut due = self.first_due.lock().unwrap_or_else(|p| p.into_inner());
-        due.extend(users.into_iter().map(str::to_owned));
+        for user in users {
+            if !due.contains(user) {
+                due.insert(user.to_owned());
+            }
+        }
         due.len()
     }
 
@@ -144,18 +147,8 @@ impl Mirror {
         Fut: std::future::Future<Output = Result<Vec<(String, i32)>, E>>,
         E: std::fmt::Display,
     {
-        if !self.is_up() {
+        if !self.heal_wanted(&self.cohorts_heal_due, "cohort").await {
             return;
-        }
-        let mark = format!("{}cohort:healed:{}", self.prefix, self.instance);
-        let mut conn = self.conn.clone();
-        if !self.cohorts_heal_due.swap(false, Ordering::Relaxed) {
-            let there: Result<bool, _> = self
-                .call(redis::cmd("EXISTS").arg(&mark).query_async(&mut conn))
-                .await;
-            if !matches!(there, Ok(false)) {
-                return;
-            }
         }
         let horizon = self.first_shared_day();
         let mut after = None;
@@ -179,13 +172,10 @@ impl Mirror {
                 _ => break,
             }
         }
-        let mut set = redis::cmd("SET");
-        set.arg(&mark)
-            .arg(now_ms())
-            .arg("PX")
-            .arg(self.day_keep_ms());
-        if self.call(set.query_async::<()>(&mut conn)).await.is_err() {
-            self.cohorts_heal_due.store(true, Ordering::Relaxed);
+        if !self
+            .healed(&self.cohorts_heal_due, "cohort", self.day_keep_ms())
+            .await
+        {
             return;
         }
         tracing::info!(

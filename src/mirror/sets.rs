@@ -136,15 +136,22 @@ impl Mirror {
     /// Notes members for the next round. Past `backlog_max_keys` the noted
     /// ones are forgotten and both heals are due: they re-add every member
     /// from the store, so nothing is lost by forgetting.
-    pub(super) fn note_members<'a>(&self, members: impl IntoIterator<Item = (SharedSet, &'a str)>) {
+    /// `members` is a batch's, grouped by set: a member already noted
+    /// costs a lookup, no copy (most events are of users seen this round).
+    pub(super) fn note_members<'a, M>(&self, members: impl IntoIterator<Item = (SharedSet, M)>)
+    where
+        M: IntoIterator<Item = &'a str>,
+    {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        for (set, member) in members {
-            let added = pending
-                .sets
-                .entry(set)
-                .or_default()
-                .insert(member.to_owned());
-            pending.len += usize::from(added);
+        let pending = &mut *pending;
+        for (set, of_set) in members {
+            let noted = pending.sets.entry(set).or_default();
+            for member in of_set {
+                if !noted.contains(member) {
+                    noted.insert(member.to_owned());
+                    pending.len += 1;
+                }
+            }
         }
         if pending.len > self.backlog_max {
             *pending = Pending::default();
@@ -159,9 +166,10 @@ impl Mirror {
         if let Err(e) = self.add_members(&noted.sets).await {
             // Back for the next round (merged with what came meanwhile).
             self.note_members(
-                noted.sets.iter().flat_map(|(set, members)| {
-                    members.iter().map(move |m| (set.clone(), m.as_str()))
-                }),
+                noted
+                    .sets
+                    .iter()
+                    .map(|(set, members)| (set.clone(), members.iter().map(String::as_str))),
             );
             return Err(e);
         }

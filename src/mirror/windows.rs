@@ -87,16 +87,18 @@ impl Mirror {
         let active = now_minute - (ACTIVE_WINDOW_MINUTES - 1)..=now_minute + SKEW_MINUTES;
         let paged = now_minute - (PAGE_WINDOW_MINUTES - 1)..=now_minute + SKEW_MINUTES;
         let facts = ack.processed.iter().filter_map(|(_, f)| f.as_ref());
-        let mut members = Vec::new();
+        let mut members: BTreeMap<SharedSet, BTreeSet<&str>> = BTreeMap::new();
         let mut dirty = BTreeSet::new();
         for f in facts {
             let minute = f.occurred_at_ms.div_euclid(MS_PER_MINUTE);
             if active.contains(&minute) {
                 if let Some(user) = &f.user_id {
-                    members.push((SharedSet::MinuteUsers(minute), user.as_str()));
+                    let set = SharedSet::MinuteUsers(minute);
+                    members.entry(set).or_default().insert(user.as_str());
                 }
                 if let Some(session) = &f.session_id {
-                    members.push((SharedSet::MinuteSessions(minute), session.as_str()));
+                    let set = SharedSet::MinuteSessions(minute);
+                    members.entry(set).or_default().insert(session.as_str());
                 }
             }
             // Windows' facts are only there for events inside their window.
@@ -217,18 +219,8 @@ impl Mirror {
         Fut: std::future::Future<Output = Result<(BTreeSet<String>, BTreeSet<String>), E>>,
         E: std::fmt::Display,
     {
-        if !self.is_up() {
+        if !self.heal_wanted(&self.windows_heal_due, "win").await {
             return;
-        }
-        let mark = format!("{}win:healed:{}", self.prefix, self.instance);
-        let mut conn = self.conn.clone();
-        if !self.windows_heal_due.swap(false, Ordering::Relaxed) {
-            let there: Result<bool, _> = self
-                .call(redis::cmd("EXISTS").arg(&mark).query_async(&mut conn))
-                .await;
-            if !matches!(there, Ok(false)) {
-                return;
-            }
         }
         let now_minute = now_ms().div_euclid(MS_PER_MINUTE);
         let mut sets = BTreeMap::new();
@@ -252,10 +244,10 @@ impl Mirror {
         let reached: Vec<i64> =
             (now_minute - longest(windows) + 1..=now_minute + SKEW_MINUTES).collect();
         self.renote(&reached);
-        let mut set = redis::cmd("SET");
-        set.arg(&mark).arg(now_ms()).arg("PX").arg(MARK_KEEP_MS);
-        if self.call(set.query_async::<()>(&mut conn)).await.is_err() {
-            self.windows_heal_due.store(true, Ordering::Relaxed);
+        if !self
+            .healed(&self.windows_heal_due, "win", MARK_KEEP_MS)
+            .await
+        {
             return;
         }
         self.counters.window_heals.fetch_add(1, Ordering::Relaxed);
