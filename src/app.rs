@@ -233,7 +233,10 @@ pub async fn start(
     }
     if let Some(mirror) = mirror {
         background.push(tokio::spawn(mirror_rounds(context.clone(), mirror.clone())));
-        background.push(tokio::spawn(heals(context.clone(), mirror.clone())));
+        background.push(tokio::spawn(analytics_rounds(
+            context.clone(),
+            mirror.clone(),
+        )));
         background.push(tokio::spawn(takeover_rounds(context.clone(), mirror)));
     }
     tracing::info!(%addr, data_dir = %config.data_dir.display(), durability = ?config.durability,
@@ -500,14 +503,38 @@ async fn mirror_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
     }
 }
 
-/// Every `publish_interval_ms`, the heals of the deployment's DAU,
-/// cohorts and rolling windows when they are due. Their own task: a DAU heal may read
-/// a month of users, and the heartbeat must not wait for it (nor does the
-/// last round at a stop).
-async fn heals(context: Arc<Context>, mirror: Arc<Mirror>) {
+/// Every `publish_interval_ms`, what the deployment's analytics need read
+/// from the store: the rolling windows' minutes and the first days noted
+/// since the last round, then the heals that are due (windows first: they
+/// are the cheapest). Their own task, apart from the round that carries
+/// the heartbeat: a heal may read a month of users, or every user, and
+/// the heartbeat must not wait for it (nor does the last round at a stop).
+async fn analytics_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
     let mut every = every_publish_interval(&context);
     loop {
         every.tick().await;
+        let windows = context.live().config.windows.clone();
+        mirror
+            .share_windows(&windows, |minute| {
+                blocking(&context.storage, move |s| {
+                    crate::analytics::minute_cells(s, minute)
+                })
+            })
+            .await;
+        mirror
+            .share_first_days(|users| {
+                blocking(&context.storage, move |s| {
+                    crate::analytics::first_days(s, &users)
+                })
+            })
+            .await;
+        mirror
+            .heal_windows(&windows, |minute| {
+                blocking(&context.storage, move |s| {
+                    crate::analytics::minute_members(s, minute)
+                })
+            })
+            .await;
         mirror
             .heal_dau(|day| {
                 blocking(&context.storage, move |s| {
@@ -523,26 +550,18 @@ async fn heals(context: Arc<Context>, mirror: Arc<Mirror>) {
                 })
             })
             .await;
-        let windows = context.live().config.windows.clone();
-        mirror
-            .heal_windows(&windows, |minute| {
-                blocking(&context.storage, move |s| {
-                    crate::analytics::minute_members(s, minute)
-                })
-            })
-            .await;
     }
 }
 
 /// Probes Redis if it was down, writes the key backlog, publishes this
-/// instance's processed counts and shares the users (with their first
-/// days), sessions and rolling-window minutes it processed since the last
-/// round.
+/// instance's processed counts and shares the users and sessions it
+/// processed since the last round ([`analytics_rounds`] does the rest).
 async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
     let today = crate::analytics::day_of(crate::event::now_ms());
     let first_shared_day = mirror.first_shared_day();
     let counted = blocking(&context.storage, move |s| {
-        s.counted(first_shared_day, today)
+        // Tomorrow too, as the day sets: a sender's clock a little ahead.
+        s.counted(first_shared_day, today + 1)
     })
     .await;
     match counted {
@@ -553,21 +572,6 @@ async fn mirror_round(context: &Arc<Context>, mirror: &Mirror) {
         }
         Err(e) => tracing::warn!(error = %e, "reading the counts to publish to redis failed"),
     }
-    let windows = context.live().config.windows.clone();
-    mirror
-        .share_windows(&windows, |minute| {
-            blocking(&context.storage, move |s| {
-                crate::analytics::minute_cells(s, minute)
-            })
-        })
-        .await;
-    mirror
-        .share_first_days(|users| {
-            blocking(&context.storage, move |s| {
-                crate::analytics::first_days(s, &users)
-            })
-        })
-        .await;
 }
 
 async fn sweep_keys(context: Arc<Context>) {

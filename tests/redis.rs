@@ -701,6 +701,58 @@ fn retention_over_recent_days_answers_for_the_deployment() {
     assert_eq!(old["scope"], "instance", "{old}");
 }
 
+/// A sender names an event type `purchase:over`, the shape of the mark a
+/// day's set gets past `dau_exact_max`. It is a type like any other: its
+/// users are counted exactly and Redis is never taken for down.
+#[test]
+fn an_event_type_ending_in_over_is_a_type_like_any_other() {
+    let Some(redis) = RedisServer::start(RedisOptions::default()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        instance_config(&redis, "a", "").replace("[redis]\n", "[redis]\ndau_exact_max = 1\n");
+    let a = Daemon::start(dir.path(), &config);
+    let event = |id: &str, event_type: &str, user: &str| json!({"event_id": id, "event_type": event_type, "user_id": user});
+    // Two buyers today: purchases are past the cap of 1, and marked so.
+    let events = [
+        event("p1", "purchase", "u1"),
+        event("p2", "purchase", "u2"),
+        event("o1", "purchase:over", "u3"),
+    ];
+    let r = a.post_json("/webhook/batch", &json!({"events": events}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let today = time::OffsetDateTime::now_utc().date();
+    let users = |event_type: &str| {
+        let t = a
+            .get(&format!(
+                "/stats/trends?interval=day&from={today}&to={today}&event_type={event_type}"
+            ))
+            .json();
+        (
+            t["scope"].clone(),
+            t["series"][0]["users"].clone(),
+            t["series"][0]["exact"].clone(),
+        )
+    };
+    eventually(Duration::from_secs(10), "purchases estimated", || {
+        users("purchase") == (json!("deployment"), json!(2), json!(false))
+    });
+    eventually(Duration::from_secs(10), "purchase:over exact", || {
+        users("purchase%3Aover") == (json!("deployment"), json!(1), json!(true))
+    });
+    // A few more rounds: none failed.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(health(&a)["redis"]["state"], "up");
+    assert!(
+        a.get("/metrics")
+            .text()
+            .contains("inletd_redis_outages_total 0"),
+        "{}",
+        a.log_text()
+    );
+}
+
 #[test]
 fn a_password_and_a_key_prefix_are_used_and_a_wrong_password_is_reported() {
     let Some(redis) = RedisServer::start(RedisOptions {

@@ -12,7 +12,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P dau:{day}`, `P dau:{day}:over`, `P dauh:{day}` | set, string, HyperLogLog | the day's users (`sets.rs`) |
+//! | `P dau:{day}`, `P over:dau:{day}`, `P dauh:{day}` | set, string, HyperLogLog | the day's users (`sets.rs`) |
 //! | `P dau:healed:{instance}` | string | this instance's users are all in |
 //!
 //! Every one of them expires `shared_days` + 1 days after its last
@@ -48,10 +48,14 @@ impl Mirror {
         let today = day_of(now_ms());
         let mut days: BTreeMap<i32, BTreeSet<&str>> = BTreeMap::new();
         let mut day_types: BTreeMap<(i32, &str), BTreeSet<&str>> = BTreeMap::new();
+        // Every user's first day is offered, whatever the event's day: an
+        // old event may move a user's cohort back.
+        let mut users: BTreeSet<&str> = BTreeSet::new();
         for facts in ack.processed.iter().filter_map(|(_, f)| f.as_ref()) {
             let Some(user) = facts.user_id.as_deref() else {
                 continue;
             };
+            users.insert(user);
             let day = day_of(facts.occurred_at_ms);
             if day > today - self.shared_days && day <= today + 1 {
                 days.entry(day).or_default().insert(user);
@@ -61,7 +65,7 @@ impl Mirror {
                     .insert(user);
             }
         }
-        let noted = self.note_first_days(days.values().flatten().copied());
+        let noted = self.note_first_days(users);
         self.note_members(
             days.into_iter()
                 .map(|(day, users)| (SharedSet::DayUsers(day), users)),
@@ -150,7 +154,7 @@ impl Mirror {
             self.count_union(&mut pipe, &sets);
         }
         let mut conn = self.conn.clone();
-        let answers: Vec<redis::Value> = self.call(pipe.query_async(&mut conn)).await?;
+        let answers: Vec<redis::Value> = self.read(pipe.query_async(&mut conn)).await?;
         let mut answers = answers.into_iter();
         periods
             .iter()
@@ -180,7 +184,7 @@ impl Mirror {
         }
         let mut conn = self.conn.clone();
         // Three integers a day: over (0 or 1), the set's size, the estimate.
-        let answers: Vec<u64> = self.call(pipe.query_async(&mut conn)).await?;
+        let answers: Vec<u64> = self.read(pipe.query_async(&mut conn)).await?;
         Ok((from..=to)
             .zip(answers.chunks_exact(3))
             .map(|(day, answer)| {

@@ -4,7 +4,7 @@
 //! # What is shared, and what stays local
 //!
 //! Each instance's sled store stays the truth for what it accepted: its
-//! WAL, its processing, its DLQ and its analytics. Redis adds four things:
+//! WAL, its processing, its DLQ and its analytics. Redis adds:
 //!
 //! - **Idempotency keys.** Before a group commit, the Deduper claims the
 //!   group's keys in one Lua call. A key another instance holds is a
@@ -765,7 +765,7 @@ impl Mirror {
                 .arg(format!("{}{what}:{name}", self.prefix));
         }
         let mut conn = self.conn.clone();
-        self.call(pipe.query_async(&mut conn)).await
+        self.read(pipe.query_async(&mut conn)).await
     }
 
     /// The processed counts (and, when `sums`, the sums) of the days
@@ -939,7 +939,7 @@ impl Mirror {
             (
                 "inletd_redis_dau_heals_total",
                 "counter",
-                "Times this instance added all its users of the last 31 days to Redis again.",
+                "Times this instance added all its users of the days shared (shared_days) to Redis again.",
                 c.dau_heals.load(Ordering::Relaxed),
             ),
             (
@@ -991,6 +991,16 @@ impl Mirror {
             self.went_down(e.to_string());
         }
         result
+    }
+
+    /// Runs one read for a `/stats` answer within the timeout. A failure
+    /// is that answer's alone (it falls back to this instance's): a slow
+    /// query or a server error does not mark Redis down for intake.
+    async fn read<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, MirrorError> {
+        self.bounded(call).await
     }
 
     /// The probe of a Redis marked down: a success marks it up.

@@ -58,32 +58,50 @@ return 0
 
 /// The cohort table: `ARGV[1]` windows of `ARGV[2]` days from day
 /// `ARGV[3]`; cohort sets are `ARGV[4] .. day`, day sets `ARGV[5] .. day`
-/// (over: `.. ':over'`), `KEYS[1]` and `KEYS[2]` scratch keys. Answers one
-/// array per cohort, `{size, retained 1, …}`, or `-1` when a day set
-/// involved outgrew its cap.
+/// and their over marks `ARGV[6] .. day`; `KEYS[1]` names the scratch
+/// keys (`KEYS[1] .. ':c' .. i` and `':a' .. i`, deleted before
+/// returning). Answers one array per cohort, `{size, retained 1, …}`, or
+/// `-1` when a day set involved outgrew its cap, or when the day sets
+/// hold more than `ARGV[7]` members in all (the answer would block Redis
+/// too long). Each window's union is built once; a window of one day is
+/// its set.
 const COHORTS: &str = r"
 local windows, days, start = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local members = 0
 for d = start, start + windows * days - 1 do
-  if redis.call('EXISTS', ARGV[5] .. d .. ':over') == 1 then return -1 end
+  if redis.call('EXISTS', ARGV[6] .. d) == 1 then return -1 end
+  members = members + redis.call('SCARD', ARGV[5] .. d)
 end
-local function union(dest, prefix, from)
+if members > tonumber(ARGV[7]) then return -1 end
+local scratch = {}
+local function window(prefix, tag, i)
+  local from = start + i * days
+  if days == 1 then return prefix .. from end
   local keys = {}
   for d = from, from + days - 1 do keys[#keys + 1] = prefix .. d end
-  return redis.call('SUNIONSTORE', dest, unpack(keys))
+  local dest = KEYS[1] .. tag .. i
+  redis.call('SUNIONSTORE', dest, unpack(keys))
+  scratch[#scratch + 1] = dest
+  return dest
 end
+local active = {}
+for i = 1, windows - 1 do active[i] = window(ARGV[5], ':a', i) end
 local out = {}
 for i = 0, windows - 1 do
-  local from = start + i * days
-  local row = {union(KEYS[1], ARGV[4], from)}
+  local cohort = window(ARGV[4], ':c', i)
+  local row = {redis.call('SCARD', cohort)}
   for k = 1, windows - i - 1 do
-    union(KEYS[2], ARGV[5], from + k * days)
-    row[#row + 1] = redis.call('SINTERCARD', 2, KEYS[1], KEYS[2])
+    row[#row + 1] = redis.call('SINTERCARD', 2, cohort, active[i + k])
   end
   out[#out + 1] = row
 end
-redis.call('DEL', KEYS[1], KEYS[2])
+if #scratch > 0 then redis.call('UNLINK', unpack(scratch)) end
 return out
 ";
+
+/// Most members the day sets of one cohort table may hold in all: the
+/// script copies and intersects them while Redis waits.
+const COHORT_MEMBERS_MAX: u64 = 2_000_000;
 
 impl Mirror {
     /// Notes users whose first day the next round offers; how many are
@@ -209,9 +227,10 @@ impl Mirror {
     }
 
     /// The deployment's cohorts: `windows` windows of `window_days` from
-    /// `start` (all within the days shared). `None` when
-    /// a day involved has more users than `dau_exact_max` (the sets are
-    /// then gone, and only this instance's answer is exact).
+    /// `start` (all within the days shared). `None` when a day involved
+    /// has more users than `dau_exact_max` (the sets are then gone, and
+    /// only this instance's answer is exact), or the days hold more than
+    /// [`COHORT_MEMBERS_MAX`] users in all.
     pub async fn deployment_retention(
         &self,
         start: i32,
@@ -223,16 +242,17 @@ impl Mirror {
         }
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(COHORTS)
-            .arg(2)
+            .arg(1)
             .arg(format!("{}cohorts:scratch:{}", self.prefix, self.instance))
-            .arg(format!("{}active:scratch:{}", self.prefix, self.instance))
             .arg(windows)
             .arg(window_days)
             .arg(start)
             .arg(format!("{}cohort:", self.prefix))
-            .arg(format!("{}dau:", self.prefix));
+            .arg(format!("{}dau:", self.prefix))
+            .arg(format!("{}over:dau:", self.prefix))
+            .arg(COHORT_MEMBERS_MAX);
         let mut conn = self.conn.clone();
-        let answer: redis::Value = self.call(cmd.query_async(&mut conn)).await?;
+        let answer: redis::Value = self.read(cmd.query_async(&mut conn)).await?;
         if matches!(answer, redis::Value::Int(-1)) {
             return Ok(None);
         }

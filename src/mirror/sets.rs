@@ -14,7 +14,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P {name}` | set | the members, while at most `dau_exact_max` |
-//! | `P {name}:over` | string | set once the set outgrew `dau_exact_max` (the set is then dropped) |
+//! | `P over:{name}` | string | set once the set outgrew `dau_exact_max` (the set is then dropped) |
 //! | `P {hll name}` | HyperLogLog | the members, always |
 //!
 //! with `{name}` / `{hll name}` `dau:{day}` / `dauh:{day}` (a day's
@@ -33,6 +33,9 @@ use crate::analytics::ACTIVE_WINDOW_MINUTES;
 
 /// Members per script call: Lua's `unpack` has a stack limit.
 const CHUNK: usize = 1000;
+
+/// Script calls per pipeline: each pipeline must answer within `timeout_ms`.
+const CALLS_PER_PIPELINE: usize = 10;
 
 /// Adds members (`ARGV[3..]`) to a HyperLogLog (`KEYS[2]`) and, unless the
 /// set is over `ARGV[1]` members (`KEYS[3]` set), to the set (`KEYS[1]`),
@@ -54,7 +57,8 @@ return 0
 /// The size of the union of the sets `KEYS[2..n+1]` (`n` = (#KEYS − 1) / 3),
 /// exact (`{count, 1}`), unless one of them is over its cap (`KEYS[2n+2..]`
 /// set): then the union of their HyperLogLogs (`KEYS[n+2..2n+1]`),
-/// `{estimate, 0}`. `KEYS[1]` is a scratch key, deleted before returning.
+/// `{estimate, 0}`. `KEYS[1]` is a scratch key, deleted before returning
+/// (one set is counted without a copy).
 const UNION: &str = r"
 local n = (#KEYS - 1) / 3
 for i = 2 * n + 2, 3 * n + 1 do
@@ -62,8 +66,9 @@ for i = 2 * n + 2, 3 * n + 1 do
     return {redis.call('PFCOUNT', unpack(KEYS, n + 2, 2 * n + 1)), 0}
   end
 end
+if n == 1 then return {redis.call('SCARD', KEYS[2]), 1} end
 local count = redis.call('SUNIONSTORE', KEYS[1], unpack(KEYS, 2, n + 1))
-redis.call('DEL', KEYS[1])
+redis.call('UNLINK', KEYS[1])
 return {count, 1}
 ";
 
@@ -99,7 +104,8 @@ impl SharedSet {
             SharedSet::MinuteSessions(m) => (format!("wins:{m}"), format!("winsh:{m}")),
         };
         SetKeys {
-            over: format!("{prefix}{set}:over"),
+            // Its own prefix: a type may end in `:over`.
+            over: format!("{prefix}over:{set}"),
             set: format!("{prefix}{set}"),
             hll: format!("{prefix}{hll}"),
         }
@@ -196,12 +202,11 @@ impl Mirror {
     ) -> Result<(), MirrorError> {
         let now = crate::event::now_ms();
         let mut pipe = redis::pipe();
-        let mut any = false;
+        let mut calls = 0;
         for (set, members) in sets {
             let keys = set.keys(&self.prefix);
             let members: Vec<&String> = members.iter().collect();
             for chunk in members.chunks(CHUNK) {
-                any = true;
                 pipe.cmd("EVAL")
                     .arg(ADD_MEMBERS)
                     .arg(3)
@@ -212,11 +217,20 @@ impl Mirror {
                     .arg(set.keep_ms(now, self.day_keep_ms()))
                     .arg(chunk)
                     .ignore();
+                calls += 1;
+                if calls == CALLS_PER_PIPELINE {
+                    self.send(std::mem::take(&mut pipe)).await?;
+                    calls = 0;
+                }
             }
         }
-        if !any {
-            return Ok(());
+        if calls > 0 {
+            self.send(pipe).await?;
         }
+        Ok(())
+    }
+
+    async fn send(&self, pipe: redis::Pipeline) -> Result<(), MirrorError> {
         let mut conn = self.conn.clone();
         self.call(pipe.query_async::<()>(&mut conn)).await
     }

@@ -29,8 +29,9 @@
 //! **Heal.** What a round did not write (the process died with minutes
 //! noted, Redis was down or lost its data) is written again from the
 //! store: at start, when the members noted overflowed, and when the heal
-//! mark is gone from Redis. Windows are short, so a heal is a few hundred
-//! reads at most.
+//! mark is gone from Redis. A heal reads the active minutes' users and
+//! sessions (11 minutes) and notes every minute a window reaches (up to
+//! 1,445 with a day-long `[[windows]]`) for the next rounds.
 //!
 //! **Freshness.** An answer is as of each instance's last round
 //! (`publish_interval_ms`), this instance's too.
@@ -257,7 +258,7 @@ impl Mirror {
     /// Every instance that ever published.
     async fn all_instances(&self) -> Result<Vec<String>, MirrorError> {
         let mut conn = self.conn.clone();
-        self.call(
+        self.read(
             redis::cmd("SMEMBERS")
                 .arg(format!("{}instances", self.prefix))
                 .query_async(&mut conn),
@@ -285,7 +286,7 @@ impl Mirror {
             }
         }
         let mut conn = self.conn.clone();
-        let answers: Vec<Value> = self.call(pipe.query_async(&mut conn)).await?;
+        let answers: Vec<Value> = self.read(pipe.query_async(&mut conn)).await?;
         let mut answers = answers.into_iter();
         let (users, users_exact) = union_count(answers.next())?;
         let (sessions, sessions_exact) = union_count(answers.next())?;
@@ -326,7 +327,7 @@ impl Mirror {
             }
         }
         let mut conn = self.conn.clone();
-        let hashes: Vec<BTreeMap<String, String>> = self.call(pipe.query_async(&mut conn)).await?;
+        let hashes: Vec<BTreeMap<String, String>> = self.read(pipe.query_async(&mut conn)).await?;
         let mut groups = GroupTotals::new();
         for (group, cell) in hashes.into_iter().flatten() {
             let (count, sum) = cell

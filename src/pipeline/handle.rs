@@ -478,8 +478,9 @@ impl Pipeline {
                     deployment: false,
                     deployment_error: match deployment {
                         Some(Ok(None)) => Some(
-                            "a day has more users than redis.dau_exact_max: \
-                             only this instance's cohorts are exact"
+                            "the days asked have too many users to intersect in redis \
+                             (a day past redis.dau_exact_max, or over 2,000,000 in all): \
+                             these are this instance's cohorts"
                                 .into(),
                         ),
                         Some(Err(e)) => Some(e.to_string()),

@@ -295,7 +295,8 @@ pub struct Counted {
     /// Processed events per type, all time.
     pub by_type: Vec<(String, u64)>,
     /// Processed events and `sum_fields` sums per day (days since
-    /// 1970-01-01) and type, over the days asked.
+    /// 1970-01-01) and type, over the days asked; the sums may include
+    /// batches after `cursor`.
     pub days: DayFigures,
 }
 
@@ -362,8 +363,9 @@ pub trait Storage: KvRead<Error = StorageError> + Send + Sync + 'static {
 
     /// The built-in counts, all time and per day and type for the days
     /// `from_day..=to_day`, with the cursor they count up to, read as one
-    /// (no batch commits between the reads): what an instance publishes to
-    /// Redis, so that another can take over exactly the events after it.
+    /// (no batch commits between the reads), and the sums of those days
+    /// (read after): what an instance publishes to Redis, so that another
+    /// can take over exactly the events after it.
     fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError>;
 
     /// A random number drawn when the store was created: tells this store

@@ -1331,12 +1331,18 @@ impl Storage for Store {
     fn counted(&self, from_day: i32, to_day: i32) -> Result<Counted, StorageError> {
         // Batch commits take this lock: none lands between the reads. Not
         // `lock()`: a read does not withdraw the clean mark.
-        let _guard = self.write_lock.lock();
-        Ok(Counted {
-            cursor: self.cursor()?,
-            by_type: self.counts()?,
-            days: analytics::day_figures(self, from_day, to_day, true)?,
-        })
+        let mut counted = {
+            let _guard = self.write_lock.lock();
+            Counted {
+                cursor: self.cursor()?,
+                by_type: self.counts()?,
+                days: analytics::day_figures(self, from_day, to_day, false)?,
+            }
+        };
+        // Sums need not match the cursor (a takeover adds none): read
+        // without holding commits back.
+        counted.days.sums = analytics::day_type_sums(self, from_day, to_day)?;
+        Ok(counted)
     }
 
     fn park(&self, entries: &[DlqEntry]) -> Result<(), StorageError> {
