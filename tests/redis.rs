@@ -493,6 +493,20 @@ fn rolling_windows_answer_for_the_deployment_and_heal_after_a_flush() {
     };
     both_answer("at first");
 
+    // An instance that last published an hour ago holds nothing in the
+    // windows: its hashes (planted here) are not read.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let hour_ago_ms = ((now - 3600) * 1000).to_string();
+    redis.command(&["SADD", "test:instances", "ghost"]);
+    redis.command(&["HSET", "test:figures:ghost", "updated_ms", &hour_ago_ms]);
+    redis.command(&[
+        "HSET",
+        &format!("test:winp:{}:ghost", now / 60),
+        "/pricing",
+        "100",
+    ]);
+    both_answer("beside a long-gone instance");
+
     redis.command(&["FLUSHALL"]);
     assert_eq!(
         redis

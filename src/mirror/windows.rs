@@ -255,15 +255,34 @@ impl Mirror {
         tracing::info!("wrote this instance's rolling windows to the deployment's");
     }
 
-    /// Every instance that ever published.
-    async fn all_instances(&self) -> Result<Vec<String>, MirrorError> {
+    /// The instances that published since `since_ms`: only they can have
+    /// written minutes from then on (an instance gone for longer than a
+    /// window holds nothing in it, and is not read).
+    async fn instances_since(&self, since_ms: i64) -> Result<Vec<String>, MirrorError> {
         let mut conn = self.conn.clone();
-        self.read(
-            redis::cmd("SMEMBERS")
-                .arg(format!("{}instances", self.prefix))
-                .query_async(&mut conn),
-        )
-        .await
+        let all: Vec<String> = self
+            .read(
+                redis::cmd("SMEMBERS")
+                    .arg(format!("{}instances", self.prefix))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if all.is_empty() {
+            return Ok(all);
+        }
+        let mut pipe = redis::pipe();
+        for name in &all {
+            pipe.cmd("HGET")
+                .arg(format!("{}figures:{name}", self.prefix))
+                .arg("updated_ms");
+        }
+        let updated: Vec<Option<i64>> = self.read(pipe.query_async(&mut conn)).await?;
+        Ok(all
+            .into_iter()
+            .zip(updated)
+            .filter(|(_, at)| at.is_some_and(|at| at >= since_ms))
+            .map(|(name, _)| name)
+            .collect())
     }
 
     /// The deployment's built-in windows ending at `now_ms`.
@@ -271,8 +290,10 @@ impl Mirror {
         if !self.is_up() {
             return Err(MirrorError::Down);
         }
-        let instances = self.all_instances().await?;
         let now_minute = now_ms.div_euclid(MS_PER_MINUTE);
+        let instances = self
+            .instances_since(written_since(now_minute, PAGE_WINDOW_MINUTES))
+            .await?;
         let active: Vec<i64> = (now_minute - (ACTIVE_WINDOW_MINUTES - 1)..=now_minute).collect();
         let mut pipe = redis::pipe();
         for set in [SharedSet::MinuteUsers, SharedSet::MinuteSessions] {
@@ -315,8 +336,10 @@ impl Mirror {
         if !self.is_up() {
             return Err(MirrorError::Down);
         }
-        let instances = self.all_instances().await?;
         let now_minute = now_ms.div_euclid(MS_PER_MINUTE);
+        let instances = self
+            .instances_since(written_since(now_minute, i64::from(window.minutes)))
+            .await?;
         let mut pipe = redis::pipe();
         for minute in now_minute - i64::from(window.minutes) + 1..=now_minute {
             for instance in &instances {
@@ -338,6 +361,14 @@ impl Mirror {
         }
         Ok(analytics::rank_groups(groups, window.sum.is_some(), limit))
     }
+}
+
+/// Since when an instance must have published to hold minutes of a window
+/// of `minutes` ending with `now_minute`: a minute before it starts, less
+/// the clock skew an event may have (an instance writes minutes up to
+/// that far ahead of its own time).
+fn written_since(now_minute: i64, minutes: i64) -> i64 {
+    (now_minute - minutes - SKEW_MINUTES - 1) * MS_PER_MINUTE
 }
 
 /// How many minutes back (this one included) the longest window reaches.
