@@ -1552,50 +1552,13 @@ mod tests {
         );
     }
 
-    /// A plain map as a store, for what `apply` writes and the queries read.
-    #[derive(Default)]
-    struct Map(BTreeMap<Vec<u8>, Vec<u8>>);
-
-    impl KvWrite for Map {
-        type Error = std::convert::Infallible;
-        fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error> {
-            Ok(self.0.get(key).cloned())
-        }
-        fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Self::Error> {
-            self.0.insert(key.to_vec(), value.to_vec());
-            Ok(())
-        }
-        fn remove(&mut self, key: &[u8]) -> Result<(), Self::Error> {
-            self.0.remove(key);
-            Ok(())
-        }
-    }
-
-    impl KvRead for Map {
-        type Error = std::convert::Infallible;
-        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error> {
-            Ok(self.0.get(key).cloned())
-        }
-        fn scan(
-            &self,
-            from: &[u8],
-            to: &[u8],
-            f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-        ) -> Result<(), Self::Error> {
-            for (k, v) in self.0.range(from.to_vec()..to.to_vec()) {
-                if !f(k, v) {
-                    break;
-                }
-            }
-            Ok(())
-        }
-    }
-
     /// What an instance shares of each minute, added up over the minutes a
     /// window spans, is what its own query answers: the deployment's
     /// answer over one instance equals the instance's.
     #[test]
     fn minute_cells_and_members_add_up_to_the_local_windows() {
+        use crate::storage::memory::{MapRead, MapTx};
+
         let window = WindowConfig {
             name: "plays".into(),
             minutes: 10,
@@ -1650,8 +1613,9 @@ mod tests {
             ),
         ];
         let facts: Vec<Facts> = records.iter().map(|r| Facts::of(r, now, wanted)).collect();
-        let mut kv = Map::default();
-        apply(&mut kv, &facts, now, 1).unwrap();
+        let mut map = BTreeMap::new();
+        let Ok(()) = apply(&mut MapTx(&mut map), &facts, now, 1);
+        let kv = MapRead(&map);
 
         let now_minute = now.div_euclid(MS_PER_MINUTE);
         let mut pages = BTreeMap::new();

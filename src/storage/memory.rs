@@ -44,8 +44,9 @@ impl Inner {
     }
 }
 
-/// The aggregates map as a transaction target.
-struct MapTx<'a>(&'a mut BTreeMap<Vec<u8>, Vec<u8>>);
+/// The aggregates map as a transaction target (also the analytics unit
+/// tests' store).
+pub(crate) struct MapTx<'a>(pub(crate) &'a mut BTreeMap<Vec<u8>, Vec<u8>>);
 
 impl KvWrite for MapTx<'_> {
     type Error = std::convert::Infallible;
@@ -63,7 +64,7 @@ impl KvWrite for MapTx<'_> {
 }
 
 /// The aggregates map, read under a lock already held.
-struct MapRead<'a>(&'a BTreeMap<Vec<u8>, Vec<u8>>);
+pub(crate) struct MapRead<'a>(pub(crate) &'a BTreeMap<Vec<u8>, Vec<u8>>);
 
 impl KvRead for MapRead<'_> {
     type Error = std::convert::Infallible;
