@@ -542,9 +542,8 @@ async fn analytics_rounds(context: Arc<Context>, mirror: Arc<Mirror>) {
                 })
             })
             .await;
-        let page = mirror.heal_page();
         mirror
-            .heal_cohorts(|after| {
+            .heal_cohorts(|after, page| {
                 blocking(&context.storage, move |s| {
                     crate::analytics::first_days_page(s, after.as_deref(), page)
                 })

@@ -740,14 +740,15 @@ impl Mirror {
             return Err(MirrorError::Down);
         }
         let mut conn = self.conn.clone();
-        let names: Vec<String> = self
-            .call(
-                redis::cmd("SMEMBERS")
-                    .arg(format!("{}instances", self.prefix))
-                    .query_async(&mut conn),
-            )
-            .await?;
+        let names: Vec<String> = self.call(self.instances().query_async(&mut conn)).await?;
         Ok(names.into_iter().filter(|n| *n != self.instance).collect())
+    }
+
+    /// Lists every instance that ever published.
+    fn instances(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(format!("{}instances", self.prefix));
+        cmd
     }
 
     /// One hash of each of `names`: `{prefix}{what}:{name}`.

@@ -156,12 +156,12 @@ impl Mirror {
         }
     }
 
-    /// Offers the first day of every user of this store (pages read by
-    /// `page_after`), then sets the mark, when a heal is due or the mark
+    /// Offers the first day of every user of this store (pages of at most
+    /// the given size read by `page_after`), then sets the mark, when a heal is due or the mark
     /// is gone. A heal that fails is due again.
     pub async fn heal_cohorts<F, Fut, E>(&self, mut page_after: F)
     where
-        F: FnMut(Option<String>) -> Fut,
+        F: FnMut(Option<String>, usize) -> Fut,
         Fut: std::future::Future<Output = Result<Vec<(String, i32)>, E>>,
         E: std::fmt::Display,
     {
@@ -171,7 +171,7 @@ impl Mirror {
         let horizon = self.first_shared_day();
         let mut after = None;
         loop {
-            let page = match page_after(after.take()).await {
+            let page = match page_after(after.take(), HEAL_PAGE).await {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading first days to share with redis failed");
@@ -199,11 +199,6 @@ impl Mirror {
         tracing::info!(
             "offered the first day of every user of this store to the deployment's cohorts"
         );
-    }
-
-    /// How many users a page of [`Mirror::heal_cohorts`] reads.
-    pub fn heal_page(&self) -> usize {
-        HEAL_PAGE
     }
 
     async fn offer(&self, days: &[(String, i32)], horizon: i32) -> Result<(), MirrorError> {

@@ -260,13 +260,7 @@ impl Mirror {
     /// window holds nothing in it, and is not read).
     async fn instances_since(&self, since_ms: i64) -> Result<Vec<String>, MirrorError> {
         let mut conn = self.conn.clone();
-        let all: Vec<String> = self
-            .read(
-                redis::cmd("SMEMBERS")
-                    .arg(format!("{}instances", self.prefix))
-                    .query_async(&mut conn),
-            )
-            .await?;
+        let all: Vec<String> = self.read(self.instances().query_async(&mut conn)).await?;
         if all.is_empty() {
             return Ok(all);
         }
