@@ -507,6 +507,51 @@ fn tx_err(e: TransactionError<StorageError>) -> StorageError {
     }
 }
 
+/// The byte gauge as `meta` holds it under `queue_bytes`: the bytes
+/// waiting (invariant 6), then the last seq of the group commit that wrote
+/// it. A group commit writes its segments, its key list and then the gauge
+/// as plain inserts (see [`Storage::append`] below), so after a crash the
+/// segments past `upto` may lack the rest, which [`Store::finish_last_group`]
+/// writes at open. An 8-byte value, written by transactions before, holds
+/// for the whole WAL.
+#[derive(Debug, Clone, Copy)]
+struct Gauge {
+    /// Bytes waiting in the WAL (invariant 6).
+    bytes: u64,
+    /// The last seq whose group commit is counted; `None` for an old value.
+    upto: Option<u64>,
+}
+
+impl Gauge {
+    fn of(v: Option<IVec>) -> Gauge {
+        match v.as_deref().map(<[u8; 16]>::try_from) {
+            Some(Ok(b)) => Gauge {
+                bytes: u64::from_be_bytes(b[..8].try_into().unwrap_or_default()),
+                upto: Some(u64::from_be_bytes(b[8..].try_into().unwrap_or_default())),
+            },
+            _ => Gauge {
+                bytes: u64_of(v),
+                upto: None,
+            },
+        }
+    }
+
+    /// The same gauge with `freed` bytes less (an ack, a quarantined segment).
+    fn less(self, freed: u64) -> Gauge {
+        Gauge {
+            bytes: self.bytes.saturating_sub(freed),
+            ..self
+        }
+    }
+
+    fn value(&self, upto: u64) -> [u8; 16] {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&self.bytes.to_be_bytes());
+        v[8..].copy_from_slice(&self.upto.unwrap_or(upto).to_be_bytes());
+        v
+    }
+}
+
 fn u64_of(v: Option<IVec>) -> u64 {
     v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
         .map_or(0, u64::from_be_bytes)
@@ -578,7 +623,7 @@ impl Store {
         Ok(Summary {
             last_seq: self.highest_seq(cursor)?,
             cursor,
-            queue_bytes: u64_of(self.meta.get(QUEUE_BYTES).map_err(io)?),
+            queue_bytes: Gauge::of(self.meta.get(QUEUE_BYTES).map_err(io)?).bytes,
             groups: self.idempotency.lock().groups.len() as u64,
             dlq: u64_of(self.meta.get(DLQ_LEN).map_err(io)?),
         })
@@ -695,8 +740,8 @@ impl Store {
         self.last_seq.store(last_seq, Ordering::SeqCst);
         self.committed.store(last_seq, Ordering::SeqCst);
         self.durable.store(last_seq, Ordering::SeqCst);
-        let bytes = u64_of(self.meta.get(QUEUE_BYTES).map_err(io)?);
-        self.queue_bytes.store(bytes, Ordering::SeqCst);
+        let gauge = Gauge::of(self.meta.get(QUEUE_BYTES).map_err(io)?);
+        self.queue_bytes.store(gauge.bytes, Ordering::SeqCst);
         let dlq_len = match self.meta.get(DLQ_LEN).map_err(io)? {
             Some(v) => u64_of(Some(v)),
             // Stores from before the count: walked once, then kept.
@@ -707,7 +752,76 @@ impl Store {
             }
         };
         self.dlq_len.store(dlq_len, Ordering::SeqCst);
-        self.rebuild_index()
+        self.rebuild_index()?;
+        if let Some(upto) = gauge.upto {
+            self.finish_last_group(gauge.bytes, upto, last_seq)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what a crash left unwritten of the last group commit (see
+    /// [`Gauge`]): the segments after `upto`, the last seq the gauge counts,
+    /// are added to it, and those after the last key list too get one, so
+    /// that a client's retry of those events (never answered 202) is a
+    /// duplicate, not a second copy. sled recovers a prefix of its log, so
+    /// only the last group can be unfinished. Written in the order an
+    /// append writes, so a crash here is finished at the next open.
+    fn finish_last_group(&self, bytes: u64, upto: u64, last_seq: u64) -> Result<(), StorageError> {
+        if last_seq <= upto {
+            return Ok(());
+        }
+        let keyed = {
+            let idem = self.idempotency.lock();
+            idem.ids.keys().copied().max().unwrap_or(0).max(upto)
+        };
+        let mut added = 0u64;
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for item in self.wal.range((upto + 1).to_be_bytes()..) {
+            let (k, v) = item.map_err(io)?;
+            let Some(last) = <[u8; 8]>::try_from(k.as_ref()).ok().map(u64::from_be_bytes) else {
+                continue;
+            };
+            // A damaged segment is set aside when it is read.
+            let Ok(segment) = decode_segment(last, &v) else {
+                continue;
+            };
+            for seq in segment.first()..=last {
+                added += segment.size_of(seq);
+                if seq > keyed
+                    && let Ok(record) = segment.record(seq)
+                {
+                    keys.push(scoped_key(&record));
+                }
+            }
+        }
+        if !keys.is_empty() {
+            let group = Group {
+                first_seen_ms: crate::event::now_ms(),
+                last_seq,
+            };
+            let list: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            self.expiry
+                .insert(group.entry_key(), encode_key_list(&list))
+                .map_err(io)?;
+            let mut idem = self.idempotency.lock();
+            let fps: Vec<u64> = keys.iter().map(|k| idem.fingerprint(k)).collect();
+            idem.add(group, fps);
+        }
+        let gauge = Gauge {
+            bytes: bytes + added,
+            upto: None,
+        };
+        self.meta
+            .insert(QUEUE_BYTES, &gauge.value(last_seq))
+            .map_err(io)?;
+        self.queue_bytes.store(gauge.bytes, Ordering::SeqCst);
+        tracing::info!(
+            from = upto + 1,
+            to = last_seq,
+            keyed = keys.len(),
+            "finished the last group commit before the crash"
+        );
+        Ok(())
     }
 
     /// Converts a format 1 or 2 store: the per-key `idempotency` tree goes,
@@ -901,10 +1015,11 @@ impl Store {
                 q.insert(qkey.as_slice(), value)?;
                 match tree {
                     "wal" => {
-                        let bytes = u64_of(meta.get(QUEUE_BYTES)?).saturating_sub(waiting_bytes);
+                        let gauge = Gauge::of(meta.get(QUEUE_BYTES)?).less(waiting_bytes);
                         wal.remove(key)?;
-                        meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
-                        Ok(bytes)
+                        let upto = self.last_seq.load(Ordering::SeqCst);
+                        meta.insert(QUEUE_BYTES, &gauge.value(upto))?;
+                        Ok(gauge.bytes)
                     }
                     _ => {
                         let mut n = u64_of(meta.get(DLQ_LEN)?);
@@ -999,17 +1114,17 @@ impl Store {
         Ok(dlq_len)
     }
 
-    /// Writes `records` after the last seq as segments of at most about
-    /// [`SEGMENT_BYTES`] each (a sled value past 128 KiB would become a blob
-    /// file, with a file create and two more syncs per flush), with their
-    /// bytes, inside a transaction; returns the new last seq and byte gauge.
-    fn put_segment(
-        wal: &TransactionalTree,
-        meta: &TransactionalTree,
+    /// Writes `records` after the last seq `after` as segments of at most
+    /// about [`SEGMENT_BYTES`] each (a sled value past 128 KiB would become
+    /// a blob file, with a file create and two more syncs per flush), each
+    /// through `put(key, segment)`; returns the new last seq and the bytes
+    /// the records add to the gauge.
+    fn put_segments<E>(
         after: u64,
         records: &[&WalRecord],
-    ) -> Result<(u64, u64), UnabortableTransactionError> {
-        let mut bytes = u64_of(meta.get(QUEUE_BYTES)?);
+        mut put: impl FnMut([u8; 8], Vec<u8>) -> Result<(), E>,
+    ) -> Result<(u64, u64), E> {
+        let mut bytes = 0;
         let mut last = after;
         let mut rest = records;
         while !rest.is_empty() {
@@ -1025,11 +1140,10 @@ impl Store {
             let (chunk, tail) = rest.split_at(n);
             let (segment, sizes) = encode_segment(last + 1, chunk);
             last += chunk.len() as u64;
-            wal.insert(&last.to_be_bytes(), segment)?;
+            put(last.to_be_bytes(), segment)?;
             bytes += sizes.iter().sum::<u64>();
             rest = tail;
         }
-        meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
         Ok((last, bytes))
     }
 }
@@ -1046,8 +1160,8 @@ impl Storage for Store {
         let keys_of: Vec<Vec<u8>> = events.iter().map(|e| scoped_key(&e.record)).collect();
         let mut idem = self.idempotency.lock();
         // Invariant 1, format 3: the check reads the index and the stored
-        // key lists, all under the write lock; the group is then written in
-        // one transaction and only then added to the index.
+        // key lists, all under the write lock; the group is then written
+        // and only then added to the index.
         let mut outcomes = Vec::with_capacity(events.len());
         let mut accepted: Vec<usize> = Vec::with_capacity(events.len());
         let mut fingerprints = Vec::with_capacity(events.len());
@@ -1090,13 +1204,22 @@ impl Storage for Store {
             let keys: Vec<&[u8]> = accepted.iter().map(|&i| keys_of[i].as_slice()).collect();
             encode_key_list(&keys)
         };
-        let (last, bytes) = (&self.wal, &self.expiry, &self.meta)
-            .transaction(|(wal, expiry, meta)| {
-                let (last, bytes) = Self::put_segment(wal, meta, start, &records)?;
-                expiry.insert(&group.entry_key(), key_list.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StorageError>>((last, bytes))
-            })
-            .map_err(tx_err)?;
+        // Plain inserts, not a transaction: each sled transaction writes
+        // its log buffer out twice more (`pin_log`), waking sled's I/O
+        // threads each time, and cost a quarter of the CPU of a group
+        // commit. The order makes a crash between them harmless (invariant
+        // 1): segments, then the key list, then the gauge naming this
+        // group's last seq; `finish_last_group` writes what is missing.
+        let (last, added) =
+            Self::put_segments(start, &records, |k, v| self.wal.insert(k, v).map(drop))
+                .map_err(io)?;
+        self.expiry
+            .insert(group.entry_key(), key_list)
+            .map_err(io)?;
+        let bytes = self.queue_bytes.load(Ordering::SeqCst) + added;
+        self.meta
+            .insert(QUEUE_BYTES, &Gauge { bytes, upto: None }.value(last))
+            .map_err(io)?;
         for (fp, id) in renewed {
             idem.index.remove(fp, id);
         }
@@ -1198,6 +1321,7 @@ impl Storage for Store {
         // run again. Under the lock nobody else moves the cursor or removes
         // segments, so what is read here holds in the transaction below.
         let _guard = self.lock();
+        let last_seq = self.last_seq.load(Ordering::SeqCst);
         let cursor = self.cursor()?;
         let new_cursor = cursor.max(ack.upto);
         // The sizes of the processed records, from their segments' headers:
@@ -1265,7 +1389,7 @@ impl Storage for Store {
                 for key in &done {
                     wal.remove(key)?;
                 }
-                let bytes = u64_of(meta.get(QUEUE_BYTES)?).saturating_sub(freed);
+                let gauge = Gauge::of(meta.get(QUEUE_BYTES)?).less(freed);
                 analytics::apply(&mut TxKv(aggregates), &facts, ack.now_ms, ack.upto)?;
                 for (t, n) in &added {
                     let now = u64_of(counts.get(t.as_bytes())?);
@@ -1273,8 +1397,8 @@ impl Storage for Store {
                 }
                 let dlq_len = Self::put_dlq(dlq, meta, &dead)?;
                 meta.insert(CURSOR, &new_cursor.to_be_bytes())?;
-                meta.insert(QUEUE_BYTES, &bytes.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<StorageError>>((bytes, dlq_len))
+                meta.insert(QUEUE_BYTES, &gauge.value(last_seq))?;
+                Ok::<_, ConflictableTransactionError<StorageError>>((gauge.bytes, dlq_len))
             })
             .map_err(tx_err)
             .map(|(bytes, dlq_len)| {
@@ -1553,7 +1677,11 @@ impl Storage for Store {
                     moved.push(*id);
                 }
                 let refs: Vec<&WalRecord> = records.iter().collect();
-                let (last, bytes) = Self::put_segment(wal, meta, start, &refs)?;
+                let (last, added) =
+                    Self::put_segments(start, &refs, |k, v| wal.insert(&k, v).map(drop))?;
+                let gauge = Gauge::of(meta.get(QUEUE_BYTES)?);
+                let bytes = gauge.bytes + added;
+                meta.insert(QUEUE_BYTES, &Gauge { bytes, upto: None }.value(last))?;
                 let dlq_len = u64_of(meta.get(DLQ_LEN)?).saturating_sub(moved.len() as u64);
                 meta.insert(DLQ_LEN, &dlq_len.to_be_bytes())?;
                 Ok::<_, ConflictableTransactionError<StorageError>>((moved, last, bytes, dlq_len))
@@ -1878,6 +2006,20 @@ mod tests {
         }
     }
 
+    /// Opens the store in `dir` again; sled's threads let go of the file
+    /// lock a moment after the drop.
+    fn open_again(dir: &Path) -> Store {
+        (0..100)
+            .find_map(|_| {
+                let opened = Store::open(dir, &SledOptions::default()).ok();
+                if opened.is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                opened
+            })
+            .expect("the store opens again once sled has let go of it")
+    }
+
     /// Every key gets the same fingerprint: each lookup finds every group
     /// as a candidate, and only the stored key lists can tell the keys
     /// apart. No new key is taken for a duplicate, no duplicate for a new
@@ -1913,16 +2055,7 @@ mod tests {
         );
         drop(store);
 
-        // sled's threads let go of the file lock a moment after the drop.
-        let store = (0..100)
-            .find_map(|_| {
-                let opened = Store::open(dir.path(), &SledOptions::default()).ok();
-                if opened.is_none() {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                opened
-            })
-            .expect("the store opens again once sled has let go of it");
+        let store = open_again(dir.path());
         collide(&store);
         // The rebuild kept the colliding function: all 7 keys share a slot tag.
         let mut out = Vec::new();
@@ -1986,5 +2119,81 @@ mod tests {
         let (_, damaged) = store.read_after(4, 100).unwrap();
         assert_eq!(damaged.len(), 1, "{damaged:?}");
         assert_eq!(store.missing_reports.load(Ordering::SeqCst), 3);
+    }
+
+    /// A group commit is three plain writes: segments, key list, gauge. A
+    /// crash after the segments (sled keeps a prefix of its log) leaves the
+    /// group without its keys or bytes; the next open writes them. The
+    /// events were never answered 202, so the client sends them again:
+    /// that retry must be a duplicate of the queued copy, not a second one.
+    #[test]
+    fn a_crash_inside_a_group_commit_is_finished_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = 1_000_000;
+        let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
+        store.append(&["a", "b"].map(event), 10, ttl).unwrap();
+        let gauge_after_a = store.meta.get(QUEUE_BYTES).unwrap().unwrap();
+        let bytes_after_a = store.queue_info().unwrap().bytes;
+        store.append(&["c", "d", "e"].map(event), 20, ttl).unwrap();
+        let bytes_after_b = store.queue_info().unwrap().bytes;
+        assert!(bytes_after_b > bytes_after_a);
+        // The crash: B's segment is written, its key list and gauge are not.
+        let b_list = Group {
+            first_seen_ms: 20,
+            last_seq: 5,
+        }
+        .entry_key();
+        assert!(store.expiry.remove(b_list).unwrap().is_some());
+        store
+            .meta
+            .insert(QUEUE_BYTES, gauge_after_a.clone())
+            .unwrap();
+        store.flush().unwrap();
+        drop(store);
+
+        let store = open_again(dir.path());
+        assert_eq!(store.queue_info().unwrap().bytes, bytes_after_b);
+        let retry: Vec<NewEvent> = ["c", "e", "x"].map(event).to_vec();
+        let out = store.append(&retry, 30, ttl).unwrap();
+        assert!(
+            matches!(
+                out[..],
+                [
+                    AppendOutcome::Duplicate { .. },
+                    AppendOutcome::Duplicate { .. },
+                    AppendOutcome::Accepted { seq: 6 }
+                ]
+            ),
+            "{out:?}"
+        );
+        let (records, damaged) = store.read_after(0, 100).unwrap();
+        let seqs: Vec<u64> = records.iter().map(|q| q.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+        assert!(damaged.is_empty(), "{damaged:?}");
+        let bytes_after_x = store.queue_info().unwrap().bytes;
+
+        // A crash after the key list, before the gauge: the bytes are
+        // added, the keys are not listed twice.
+        let gauge_after_x = store.meta.get(QUEUE_BYTES).unwrap().unwrap();
+        store.append(&["y"].map(event), 40, ttl).unwrap();
+        let bytes_after_y = store.queue_info().unwrap().bytes;
+        store.meta.insert(QUEUE_BYTES, gauge_after_x).unwrap();
+        store.flush().unwrap();
+        drop(store);
+
+        let store = open_again(dir.path());
+        assert!(bytes_after_y > bytes_after_x);
+        assert_eq!(store.queue_info().unwrap().bytes, bytes_after_y);
+        let lists = store.expiry.iter().count();
+        assert_eq!(lists, 4, "groups a, the finished b, x, y");
+        assert!(matches!(
+            store.append(&["y"].map(event), 50, ttl).unwrap()[..],
+            [AppendOutcome::Duplicate { first_seen_ms: 40 }]
+        ));
+        // A clean restart finds nothing to finish.
+        drop(store);
+        let store = open_again(dir.path());
+        assert_eq!(store.queue_info().unwrap().bytes, bytes_after_y);
+        assert_eq!(store.expiry.iter().count(), 4);
     }
 }
