@@ -13,7 +13,8 @@
 //! |---------------|---------------------------------------|---------------------------------------|
 //! | `wal`         | last seq of the segment (u64 BE)      | a segment: up to ~96 KiB of one group commit's records ([`encode_segment`]) |
 //! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys, front-coded ([`encode_key_list`]): the durable idempotency index |
-//! | `meta`        | `cursor`, `format_version`, `dlq_last`, `dlq_len`, `queue_bytes`, `store_id` | u64 BE     |
+//! | `meta`        | `cursor`, `format_version`, `dlq_last`, `dlq_len`, `store_id` | u64 BE     |
+//! | `meta`        | `queue_bytes`                         | bytes waiting ‖ the last seq they count (u64 BE each) |
 //! | `counts`      | event type                            | u64 BE                                |
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |
 //! | `aggregates`  | see [`crate::analytics`]              | counts, user days, cohorts, windows   |
@@ -57,9 +58,17 @@
 //!
 //! 1. **Check and append are one step.** Under the store's write lock,
 //!    [`Storage::append`] looks up each idempotency key (index, then the
-//!    stored key lists), writes the group's records and key list in one
-//!    transaction, and only then adds the keys to the index. Keys repeated inside one group are duplicates of the
-//!    first. A key older than the TTL counts as absent.
+//!    stored key lists), writes the group's segments, then its key list,
+//!    then the byte gauge naming the group's last seq, and only then adds
+//!    the keys to the index. Keys repeated inside one group are duplicates
+//!    of the first. A key older than the TTL counts as absent.
+//!    The three writes are plain inserts, not a sled transaction: each
+//!    transaction writes sled's log buffer out twice more, and that was a
+//!    quarter of a group commit's CPU. sled recovers a prefix of its log,
+//!    so a crash can leave only the last group unfinished (segments without
+//!    their key list or bytes); the next open finishes it from the
+//!    segments after the gauge's seq. Its events were never answered 202:
+//!    a client's retry then finds their keys and is a duplicate.
 //! 2. **Nothing is acknowledged to a client before [`Storage::flush`]
 //!    returns.** The Deduper writes a whole group of requests, flushes once
 //!    (group commit), then answers all of them.
@@ -320,7 +329,7 @@ pub struct QueueInfo {
 /// calls them from blocking tasks. As [`KvRead`] (with its own error) it
 /// exposes the analytics aggregates to the `/stats` queries.
 pub trait Storage: KvRead<Error = StorageError> + Send + Sync + 'static {
-    /// Checks and appends a group in one transaction (invariant 1). Does
+    /// Checks and appends a group as one step (invariant 1). Does
     /// not flush. `ttl_ms` is the idempotency window.
     fn append(
         &self,

@@ -525,10 +525,13 @@ struct Gauge {
 impl Gauge {
     fn of(v: Option<IVec>) -> Gauge {
         match v.as_deref().map(<[u8; 16]>::try_from) {
-            Some(Ok(b)) => Gauge {
-                bytes: u64::from_be_bytes(b[..8].try_into().unwrap_or_default()),
-                upto: Some(u64::from_be_bytes(b[8..].try_into().unwrap_or_default())),
-            },
+            Some(Ok(b)) => {
+                let (bytes, upto) = b.split_at(8);
+                Gauge {
+                    bytes: u64_of(Some(bytes.into())),
+                    upto: Some(u64_of(Some(upto.into()))),
+                }
+            }
             _ => Gauge {
                 bytes: u64_of(v),
                 upto: None,
@@ -544,6 +547,8 @@ impl Gauge {
         }
     }
 
+    /// The gauge as `meta` holds it; one read from an old value names
+    /// `upto`, the store's last seq when it is written.
     fn value(&self, upto: u64) -> [u8; 16] {
         let mut v = [0u8; 16];
         v[..8].copy_from_slice(&self.bytes.to_be_bytes());
