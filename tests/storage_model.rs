@@ -710,7 +710,7 @@ fn a_sweep_before_the_epoch_removes_nothing_unexpired() {
 
 /// A store written by format 1 kept one expiry entry per key, with the key
 /// in the entry's own key and an empty value, and each key in its own
-/// `idempotency` tree. Opened now, it is converted to format 3: a key whose
+/// `idempotency` tree. Opened now, it is converted to the current format: a key whose
 /// entry was current is still a duplicate until it expires, and only then
 /// swept; one whose entry was stale (accepted again later) keeps its newer
 /// first-seen time.

@@ -86,5 +86,10 @@ fn a_format_2_store_keeps_its_queue_and_keys() {
     );
     assert_eq!(r.status, 202, "{}", r.text());
     let log = d.log_text();
-    assert!(log.contains("converted to format 3"), "{log}");
+    assert!(
+        log.contains("store converted to this build's format"),
+        "{log}"
+    );
+    let converted = format!(r#""from":2,"to":{}"#, inletd::storage::FORMAT_VERSION);
+    assert!(log.contains(&converted), "{log}");
 }

@@ -46,6 +46,10 @@
 //! at or below the cursor inside a segment that is still there count as
 //! gone (read_after skips them).
 //!
+//! Format 4 is format 3 whose `queue_bytes` also names the last seq it
+//! counts (invariant 1); a format 3 store's 8-byte gauge holds for its whole
+//! WAL, and converting it only writes the version.
+//!
 //! Older stores are converted at open: format 1 and 2 WAL values are read
 //! as they are (a version-1 WAL value is a single record, a segment of one);
 //! format 1's expiry entries of one key (empty value, the key inside the
@@ -132,8 +136,11 @@ use crate::event::{Queued, WalRecord};
 pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
 
 /// The on-disk format this build writes (and the newest it reads): 2 packs
-/// each group commit into one WAL segment. Record envelopes carry it too.
-pub const FORMAT_VERSION: u8 = 3;
+/// each group commit into one WAL segment, 3 keeps no sled key per event
+/// (packed key lists, the index in memory), 4 writes a group commit
+/// without a transaction, its byte gauge naming the last seq it counts
+/// (invariant 1). Record envelopes carry it too.
+pub const FORMAT_VERSION: u8 = 4;
 
 /// The envelope version of a WAL value that holds one bare [`WalRecord`]
 /// (format 1, before segments).

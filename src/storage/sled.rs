@@ -512,8 +512,8 @@ fn tx_err(e: TransactionError<StorageError>) -> StorageError {
 /// it. A group commit writes its segments, its key list and then the gauge
 /// as plain inserts (see [`Storage::append`] below), so after a crash the
 /// segments past `upto` may lack the rest, which [`Store::finish_last_group`]
-/// writes at open. An 8-byte value, written by transactions before, holds
-/// for the whole WAL.
+/// writes at open. An 8-byte value (format 3, whose group commits were
+/// transactions) holds for the whole WAL.
 #[derive(Debug, Clone, Copy)]
 struct Gauge {
     /// Bytes waiting in the WAL (invariant 6).
@@ -730,7 +730,7 @@ impl Store {
                     });
                 }
                 if found < u64::from(FORMAT_VERSION) {
-                    self.convert_to_format_3()?;
+                    self.convert_from(found)?;
                 }
             }
         }
@@ -829,13 +829,15 @@ impl Store {
         Ok(())
     }
 
-    /// Converts a format 1 or 2 store: the per-key `idempotency` tree goes,
+    /// Converts a store of format `found` to this build's. Format 1 or 2:
+    /// the per-key `idempotency` tree goes,
     /// its keys already being in the groups' `idem_expiry` lists, but for
     /// format 1's entries of one key each (empty value, the key inside the
     /// entry's own key), which become lists of one keyed by the key's seq.
     /// Each step can run again after a crash; the version is written last.
-    /// WAL values (format 1 records, format 2 segments) are read as they are.
-    fn convert_to_format_3(&self) -> Result<(), StorageError> {
+    /// WAL values (format 1 records, format 2 segments) are read as they
+    /// are. Format 3 needs nothing but the version (see [`Gauge`]).
+    fn convert_from(&self, found: u64) -> Result<(), StorageError> {
         let had_keys = self
             .db
             .tree_names()
@@ -870,13 +872,19 @@ impl Store {
             self.db.drop_tree("idempotency").map_err(io)?;
             tracing::info!(
                 format_1_entries = converted,
-                "store converted to format 3: idempotency keys now live in memory"
+                "idempotency keys now live in memory"
             );
         }
         self.meta
             .insert(FORMAT, &u64::from(FORMAT_VERSION).to_be_bytes())
             .map_err(io)?;
-        self.flush()
+        self.flush()?;
+        tracing::info!(
+            from = found,
+            to = FORMAT_VERSION,
+            "store converted to this build's format"
+        );
+        Ok(())
     }
 
     /// Builds the in-memory idempotency index from every group's key list
@@ -2200,5 +2208,34 @@ mod tests {
         let store = open_again(dir.path());
         assert_eq!(store.queue_info().unwrap().bytes, bytes_after_y);
         assert_eq!(store.expiry.iter().count(), 4);
+    }
+
+    /// A format 3 store kept its byte gauge in 8 bytes, for the whole WAL
+    /// (its group commits were transactions). Opened now it keeps its bytes,
+    /// finishes nothing, and is format 4 from then on; an older build
+    /// refuses it then rather than misread the gauge.
+    #[test]
+    fn a_format_3_store_keeps_its_gauge_and_becomes_format_4() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
+        store.append(&["a", "b"].map(event), 10, 1_000_000).unwrap();
+        let bytes = store.queue_info().unwrap().bytes;
+        store.meta.insert(FORMAT, &3u64.to_be_bytes()).unwrap();
+        store
+            .meta
+            .insert(QUEUE_BYTES, &bytes.to_be_bytes())
+            .unwrap();
+        store.flush().unwrap();
+        drop(store);
+
+        let store = open_again(dir.path());
+        assert_eq!(u64_of(store.meta.get(FORMAT).unwrap()), 4);
+        assert_eq!(store.queue_info().unwrap().bytes, bytes);
+        assert_eq!(store.expiry.iter().count(), 1, "nothing to finish");
+        store.append(&["c"].map(event), 20, 1_000_000).unwrap();
+        let gauge = Gauge::of(store.meta.get(QUEUE_BYTES).unwrap());
+        assert_eq!(gauge.upto, Some(3));
+        assert_eq!(gauge.bytes, store.queue_info().unwrap().bytes);
+        assert!(gauge.bytes > bytes);
     }
 }
