@@ -1,7 +1,7 @@
-//! Deduper: idempotency check and WAL append in one transaction, with group
+//! Deduper: idempotency check and WAL append as one step, with group
 //! commit. Requests that arrive while a flush is running queue in the
-//! mailbox; the next `Commit` takes all of them, writes them in one
-//! transaction, flushes once, and only then answers each. With Redis on,
+//! mailbox; the next `Commit` takes all of them, writes them as one group
+//! (storage invariant 1), flushes once, and only then answers each. With Redis on,
 //! the group's keys are claimed in Redis before the commit (one call per
 //! group) and confirmed after it, before the answers; the next group's
 //! claim runs while the current group is written, so that round trip
@@ -77,8 +77,8 @@ impl Actor for Deduper {
             }
             DeduperMsg::Commit => {
                 state.commit_scheduled = false;
-                // Bounded groups keep each transaction short, so the ack
-                // path gets its turn at the store between them.
+                // Bounded groups keep each append short, so the ack path
+                // gets its turn at the store between them.
                 let mut events = 0;
                 let take = state
                     .pending

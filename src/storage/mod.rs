@@ -47,8 +47,10 @@
 //! gone (read_after skips them).
 //!
 //! Format 4 is format 3 whose `queue_bytes` also names the last seq it
-//! counts (invariant 1); a format 3 store's 8-byte gauge holds for its whole
-//! WAL, and converting it only writes the version.
+//! counts (invariant 1). A format 3 store's 8-byte gauge holds for its
+//! whole WAL: converting it writes the version, and every open of a store
+//! whose gauge names no seq (a new one too) writes it with the last seq
+//! before any group commit runs.
 //!
 //! Older stores are converted at open: format 1 and 2 WAL values are read
 //! as they are (a version-1 WAL value is a single record, a segment of one);

@@ -89,6 +89,10 @@ struct Store {
     /// The mark on disk is clean: the first write after it must replace
     /// it (read on every `lock()`, so an atomic beside `marking`).
     clean: AtomicBool,
+    /// A group commit failed part-way: sled may hold some of its writes
+    /// past `last_seq`, so no group may be written after it until the
+    /// store is reopened (whose open finishes that group).
+    unfinished: AtomicBool,
     /// What the mark on disk says; held while one is written.
     marking: parking_lot::Mutex<Marking>,
     /// Reports of missing events (the mark's check, WAL gaps).
@@ -513,7 +517,8 @@ fn tx_err(e: TransactionError<StorageError>) -> StorageError {
 /// as plain inserts (see [`Storage::append`] below), so after a crash the
 /// segments past `upto` may lack the rest, which [`Store::finish_last_group`]
 /// writes at open. An 8-byte value (format 3, whose group commits were
-/// transactions) holds for the whole WAL.
+/// transactions) or none (a new store) holds for the whole WAL; `load`
+/// makes it name the last seq before any group commit runs.
 #[derive(Debug, Clone, Copy)]
 struct Gauge {
     /// Bytes waiting in the WAL (invariant 6).
@@ -547,13 +552,18 @@ impl Gauge {
         }
     }
 
-    /// The gauge as `meta` holds it; one read from an old value names
-    /// `upto`, the store's last seq when it is written.
-    fn value(&self, upto: u64) -> [u8; 16] {
+    /// The gauge as `meta` holds it: `bytes` waiting, counted up to `upto`.
+    fn value(bytes: u64, upto: u64) -> [u8; 16] {
         let mut v = [0u8; 16];
-        v[..8].copy_from_slice(&self.bytes.to_be_bytes());
-        v[8..].copy_from_slice(&self.upto.unwrap_or(upto).to_be_bytes());
+        v[..8].copy_from_slice(&bytes.to_be_bytes());
+        v[8..].copy_from_slice(&upto.to_be_bytes());
         v
+    }
+
+    /// This gauge as `meta` holds it; an old one (none after `load`) is
+    /// taken to count up to `last_seq`.
+    fn stored(&self, last_seq: u64) -> [u8; 16] {
+        Gauge::value(self.bytes, self.upto.unwrap_or(last_seq))
     }
 }
 
@@ -597,6 +607,7 @@ impl Store {
             durable: AtomicU64::new(0),
             checked: false,
             clean: AtomicBool::new(false),
+            unfinished: AtomicBool::new(false),
             marking: parking_lot::Mutex::new(Marking::default()),
             missing_reports: AtomicU64::new(0),
             write_lock: FairMutex::new(()),
@@ -741,11 +752,15 @@ impl Store {
                 .insert(STORE_ID, &fastrand::u64(1..).to_be_bytes())
                 .map_err(io)?;
         }
-        let last_seq = self.highest_seq(self.cursor()?)?;
+        let gauge = Gauge::of(self.meta.get(QUEUE_BYTES).map_err(io)?);
+        // Seqs only grow (invariant 4), past the gauge's too: its group's
+        // last segment may have been quarantined since.
+        let last_seq = self
+            .highest_seq(self.cursor()?)?
+            .max(gauge.upto.unwrap_or(0));
         self.last_seq.store(last_seq, Ordering::SeqCst);
         self.committed.store(last_seq, Ordering::SeqCst);
         self.durable.store(last_seq, Ordering::SeqCst);
-        let gauge = Gauge::of(self.meta.get(QUEUE_BYTES).map_err(io)?);
         self.queue_bytes.store(gauge.bytes, Ordering::SeqCst);
         let dlq_len = match self.meta.get(DLQ_LEN).map_err(io)? {
             Some(v) => u64_of(Some(v)),
@@ -758,10 +773,17 @@ impl Store {
         };
         self.dlq_len.store(dlq_len, Ordering::SeqCst);
         self.rebuild_index()?;
-        if let Some(upto) = gauge.upto {
-            self.finish_last_group(gauge.bytes, upto, last_seq)?;
+        match gauge.upto {
+            Some(upto) => self.finish_last_group(gauge.bytes, upto, last_seq),
+            // A new store, or format 3's gauge, which holds for its whole
+            // WAL: it names its seq before any group commit runs, so that
+            // a crash inside the first one is finished too.
+            None => self
+                .meta
+                .insert(QUEUE_BYTES, &Gauge::value(gauge.bytes, last_seq))
+                .map(drop)
+                .map_err(io),
         }
-        Ok(())
     }
 
     /// Writes what a crash left unwritten of the last group commit (see
@@ -812,14 +834,10 @@ impl Store {
             let fps: Vec<u64> = keys.iter().map(|k| idem.fingerprint(k)).collect();
             idem.add(group, fps);
         }
-        let gauge = Gauge {
-            bytes: bytes + added,
-            upto: None,
-        };
         self.meta
-            .insert(QUEUE_BYTES, &gauge.value(last_seq))
+            .insert(QUEUE_BYTES, &Gauge::value(bytes + added, last_seq))
             .map_err(io)?;
-        self.queue_bytes.store(gauge.bytes, Ordering::SeqCst);
+        self.queue_bytes.store(bytes + added, Ordering::SeqCst);
         tracing::info!(
             from = upto + 1,
             to = last_seq,
@@ -1031,7 +1049,7 @@ impl Store {
                         let gauge = Gauge::of(meta.get(QUEUE_BYTES)?).less(waiting_bytes);
                         wal.remove(key)?;
                         let upto = self.last_seq.load(Ordering::SeqCst);
-                        meta.insert(QUEUE_BYTES, &gauge.value(upto))?;
+                        meta.insert(QUEUE_BYTES, &gauge.stored(upto))?;
                         Ok(gauge.bytes)
                     }
                     _ => {
@@ -1169,10 +1187,15 @@ impl Storage for Store {
         ttl_ms: i64,
     ) -> Result<Vec<AppendOutcome>, StorageError> {
         let _guard = self.lock();
+        if self.unfinished.load(Ordering::SeqCst) {
+            return Err(StorageError::Io(
+                "an earlier group commit failed part-way; the store must be reopened".into(),
+            ));
+        }
         let start = self.last_seq.load(Ordering::SeqCst);
         let keys_of: Vec<Vec<u8>> = events.iter().map(|e| scoped_key(&e.record)).collect();
         let mut idem = self.idempotency.lock();
-        // Invariant 1, format 3: the check reads the index and the stored
+        // Invariant 1: the check reads the index and the stored
         // key lists, all under the write lock; the group is then written
         // and only then added to the index.
         let mut outcomes = Vec::with_capacity(events.len());
@@ -1223,16 +1246,18 @@ impl Storage for Store {
         // commit. The order makes a crash between them harmless (invariant
         // 1): segments, then the key list, then the gauge naming this
         // group's last seq; `finish_last_group` writes what is missing.
-        let (last, added) =
-            Self::put_segments(start, &records, |k, v| self.wal.insert(k, v).map(drop))
-                .map_err(io)?;
-        self.expiry
-            .insert(group.entry_key(), key_list)
-            .map_err(io)?;
-        let bytes = self.queue_bytes.load(Ordering::SeqCst) + added;
-        self.meta
-            .insert(QUEUE_BYTES, &Gauge { bytes, upto: None }.value(last))
-            .map_err(io)?;
+        // A write that fails leaves the store `unfinished` until reopened.
+        let written = Self::put_segments(start, &records, |k, v| self.wal.insert(k, v).map(drop))
+            .and_then(|(last, added)| {
+                self.expiry.insert(group.entry_key(), key_list)?;
+                let bytes = self.queue_bytes.load(Ordering::SeqCst) + added;
+                self.meta.insert(QUEUE_BYTES, &Gauge::value(bytes, last))?;
+                Ok((last, bytes))
+            });
+        let (last, bytes) = written.map_err(|e| {
+            self.unfinished.store(true, Ordering::SeqCst);
+            io(e)
+        })?;
         for (fp, id) in renewed {
             idem.index.remove(fp, id);
         }
@@ -1329,10 +1354,10 @@ impl Storage for Store {
     }
 
     fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
-        // Writers take turns: sled's transactions are optimistic, and an ack
-        // racing a large group commit on the same trees would conflict and
-        // run again. Under the lock nobody else moves the cursor or removes
-        // segments, so what is read here holds in the transaction below.
+        // Writers take turns: a group commit's plain writes (segments, key
+        // list, gauge) must not interleave with this transaction, which
+        // reads the gauge; and under the lock nobody else moves the cursor
+        // or removes segments, so what is read here holds below.
         let _guard = self.lock();
         let last_seq = self.last_seq.load(Ordering::SeqCst);
         let cursor = self.cursor()?;
@@ -1410,7 +1435,7 @@ impl Storage for Store {
                 }
                 let dlq_len = Self::put_dlq(dlq, meta, &dead)?;
                 meta.insert(CURSOR, &new_cursor.to_be_bytes())?;
-                meta.insert(QUEUE_BYTES, &gauge.value(last_seq))?;
+                meta.insert(QUEUE_BYTES, &gauge.stored(last_seq))?;
                 Ok::<_, ConflictableTransactionError<StorageError>>((gauge.bytes, dlq_len))
             })
             .map_err(tx_err)
@@ -1694,7 +1719,7 @@ impl Storage for Store {
                     Self::put_segments(start, &refs, |k, v| wal.insert(&k, v).map(drop))?;
                 let gauge = Gauge::of(meta.get(QUEUE_BYTES)?);
                 let bytes = gauge.bytes + added;
-                meta.insert(QUEUE_BYTES, &Gauge { bytes, upto: None }.value(last))?;
+                meta.insert(QUEUE_BYTES, &Gauge::value(bytes, last))?;
                 let dlq_len = u64_of(meta.get(DLQ_LEN)?).saturating_sub(moved.len() as u64);
                 meta.insert(DLQ_LEN, &dlq_len.to_be_bytes())?;
                 Ok::<_, ConflictableTransactionError<StorageError>>((moved, last, bytes, dlq_len))
@@ -2144,6 +2169,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ttl = 1_000_000;
         let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
+        let new_store = Gauge::of(store.meta.get(QUEUE_BYTES).unwrap());
+        assert_eq!((new_store.bytes, new_store.upto), (0, Some(0)));
         store.append(&["a", "b"].map(event), 10, ttl).unwrap();
         let gauge_after_a = store.meta.get(QUEUE_BYTES).unwrap().unwrap();
         let bytes_after_a = store.queue_info().unwrap().bytes;
@@ -2230,6 +2257,12 @@ mod tests {
 
         let store = open_again(dir.path());
         assert_eq!(u64_of(store.meta.get(FORMAT).unwrap()), 4);
+        // It names its seq before any group commit: a crash inside the
+        // first one is finished like any other.
+        assert_eq!(
+            Gauge::of(store.meta.get(QUEUE_BYTES).unwrap()).upto,
+            Some(2)
+        );
         assert_eq!(store.queue_info().unwrap().bytes, bytes);
         assert_eq!(store.expiry.iter().count(), 1, "nothing to finish");
         store.append(&["c"].map(event), 20, 1_000_000).unwrap();
