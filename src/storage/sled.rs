@@ -838,12 +838,17 @@ impl Store {
             .insert(QUEUE_BYTES, &Gauge::value(bytes + added, last_seq))
             .map_err(io)?;
         self.queue_bytes.store(bytes + added, Ordering::SeqCst);
-        tracing::info!(
-            from = upto + 1,
-            to = last_seq,
-            keyed = keys.len(),
-            "finished the last group commit before the crash"
-        );
+        // Seqs set aside by a reopen and acknowledged since can put the
+        // cursor past `upto` with nothing to finish: then say nothing.
+        if added > 0 {
+            tracing::info!(
+                from = upto + 1,
+                to = last_seq,
+                bytes = added,
+                keyed = keys.len(),
+                "finished the last group commit before the crash"
+            );
+        }
         Ok(())
     }
 
