@@ -531,10 +531,10 @@ impl Gauge {
     fn of(v: Option<IVec>) -> Gauge {
         match v.as_deref().map(<[u8; 16]>::try_from) {
             Some(Ok(b)) => {
-                let (bytes, upto) = b.split_at(8);
+                let both = u128::from_be_bytes(b);
                 Gauge {
-                    bytes: u64_of(Some(bytes.into())),
-                    upto: Some(u64_of(Some(upto.into()))),
+                    bytes: (both >> 64) as u64,
+                    upto: Some(both as u64),
                 }
             }
             _ => Gauge {
@@ -554,10 +554,7 @@ impl Gauge {
 
     /// The gauge as `meta` holds it: `bytes` waiting, counted up to `upto`.
     fn value(bytes: u64, upto: u64) -> [u8; 16] {
-        let mut v = [0u8; 16];
-        v[..8].copy_from_slice(&bytes.to_be_bytes());
-        v[8..].copy_from_slice(&upto.to_be_bytes());
-        v
+        ((u128::from(bytes) << 64) | u128::from(upto)).to_be_bytes()
     }
 
     /// This gauge as `meta` holds it; an old one (none after `load`) is
@@ -1053,8 +1050,8 @@ impl Store {
                     "wal" => {
                         let gauge = Gauge::of(meta.get(QUEUE_BYTES)?).less(waiting_bytes);
                         wal.remove(key)?;
-                        let upto = self.last_seq.load(Ordering::SeqCst);
-                        meta.insert(QUEUE_BYTES, &gauge.stored(upto))?;
+                        let last_seq = self.last_seq.load(Ordering::SeqCst);
+                        meta.insert(QUEUE_BYTES, &gauge.stored(last_seq))?;
                         Ok(gauge.bytes)
                     }
                     _ => {
