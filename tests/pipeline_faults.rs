@@ -29,6 +29,8 @@ struct Faulty {
     bytes_unknown: AtomicBool,
     /// `flush` does not return while this is set, as a deadlocked store.
     hang_flush: AtomicBool,
+    /// How many events each `append` was handed: the group commits.
+    groups: Mutex<Vec<usize>>,
 }
 
 impl KvRead for Faulty {
@@ -53,6 +55,7 @@ impl Storage for Faulty {
         now_ms: i64,
         ttl_ms: i64,
     ) -> Result<Vec<AppendOutcome>, StorageError> {
+        self.groups.lock().unwrap().push(events.len());
         let mut outcomes = self.inner.append(events, now_ms, ttl_ms)?;
         if self.short_outcomes.load(Ordering::SeqCst) {
             outcomes.pop();
@@ -205,6 +208,49 @@ async fn a_store_that_answers_for_fewer_events_gets_no_202() {
     store.short_outcomes.store(false, Ordering::SeqCst);
     let (status, body) = post(running.addr, "/webhook/events", event("e")).await;
     assert_eq!(status, 202, "{body}");
+    running.stop().await;
+}
+
+/// Requests that arrive while a group is being flushed wait for it, and
+/// all of them become the next group: one more flush, not one for the
+/// first of them and another for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_wait_for_a_flush_share_the_next_one() {
+    let store = Arc::new(Faulty::default());
+    let running = inletd::app::start(config(|_| {}), store.clone(), Some(Vec::new()))
+        .await
+        .unwrap();
+    store.hang_flush.store(true, Ordering::SeqCst);
+    let first = tokio::spawn(post(running.addr, "/webhook/events", event("first")));
+    while store.groups.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Five more clients post while that group's flush hangs.
+    let waiting: Vec<_> = (0..5)
+        .map(|i| {
+            tokio::spawn(post(
+                running.addr,
+                "/webhook/events",
+                event(&format!("waiting-{i}")),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        *store.groups.lock().unwrap(),
+        [1],
+        "nothing written meanwhile"
+    );
+    store.hang_flush.store(false, Ordering::SeqCst);
+    for answer in std::iter::once(first).chain(waiting) {
+        let (status, body) = answer.await.unwrap();
+        assert_eq!(status, 202, "{body}");
+    }
+    assert_eq!(
+        *store.groups.lock().unwrap(),
+        [1, 5],
+        "one group for the five"
+    );
     running.stop().await;
 }
 

@@ -1,16 +1,18 @@
 //! Deduper: idempotency check and WAL append as one step, with group
-//! commit. Requests that arrive while a flush is running queue in the
-//! mailbox; the next `Commit` takes all of them, writes them as one group
-//! (storage invariant 1), flushes once, and only then answers each. With Redis on,
-//! the group's keys are claimed in Redis before the commit (one call per
-//! group) and confirmed after it, before the answers; the next group's
-//! claim runs while the current group is written, so that round trip
-//! overlaps the flush. Groups are still written one at a
-//! time, in order.
+//! commit. Requests that arrive while a group is being written and flushed
+//! wait in `pending`; when that group ends (`Stored`), the next `Commit`
+//! takes all of them, writes them as one group (storage invariant 1),
+//! flushes once, and only then answers each. With Redis on, the group's
+//! keys are claimed in Redis before the commit (one call per group) and
+//! confirmed after it, before the answers; the next group is formed and
+//! claimed while the current one is written, so that round trip overlaps
+//! the flush. Groups are still written one at a time, in order.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use futures_util::FutureExt as _;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{AppendRequest, BatcherMsg, DeduperMsg, IngestError, Observation, Verdict};
@@ -37,6 +39,8 @@ pub struct State {
     /// The group being written, flushed and answered. The next group's keys
     /// are claimed in Redis meanwhile; it is written only once this ends.
     storing: Option<tokio::task::JoinHandle<()>>,
+    /// The number of the last group started: its `Stored` clears `storing`.
+    started: u64,
 }
 
 /// The Deduper starts from the pipeline context.
@@ -57,6 +61,7 @@ impl Actor for Deduper {
             pending: Vec::new(),
             commit_scheduled: false,
             storing: None,
+            started: 0,
         })
     }
 
@@ -77,6 +82,14 @@ impl Actor for Deduper {
             }
             DeduperMsg::Commit => {
                 state.commit_scheduled = false;
+                // Without Redis nothing can be prepared while a group is
+                // written: the requests wait, and all of them become the
+                // next group when it ends (`Stored`). Taking some now would
+                // split them into a small group and a large one: two
+                // flushes where one does.
+                if state.storing.is_some() && state.context.mirror.is_none() {
+                    return Ok(());
+                }
                 // Bounded groups keep each append short, so the ack path
                 // gets its turn at the store between them.
                 let mut events = 0;
@@ -101,7 +114,26 @@ impl Actor for Deduper {
                 if let Some(previous) = state.storing.take() {
                     let _ = previous.await;
                 }
-                state.storing = Some(tokio::spawn(store(state.context.clone(), claimed)));
+                state.started += 1;
+                let number = state.started;
+                let storing = store(state.context.clone(), claimed);
+                state.storing = Some(tokio::spawn(async move {
+                    // A group that panicked still ends: its requests were
+                    // answered 503 when their reply ports dropped.
+                    let _ = AssertUnwindSafe(storing).catch_unwind().await;
+                    let _ = myself.cast(DeduperMsg::Stored(number));
+                }));
+            }
+            DeduperMsg::Stored(number) => {
+                // An earlier group's end is old news: a later one was started
+                // after awaiting it.
+                if number == state.started {
+                    state.storing = None;
+                    if !state.pending.is_empty() && !state.commit_scheduled {
+                        state.commit_scheduled = true;
+                        myself.send_message(DeduperMsg::Commit)?;
+                    }
+                }
             }
         }
         Ok(())

@@ -95,6 +95,9 @@ pub enum DeduperMsg {
     Append(AppendRequest),
     /// Commit everything gathered so far (sent by the Deduper to itself).
     Commit,
+    /// The group commit with this number has ended, answered or failed
+    /// (sent by its task): the next group may start.
+    Stored(u64),
 }
 
 /// Batcher: turns the WAL into micro-batches.
