@@ -435,6 +435,14 @@ async fn exchange(sender: &mut Sender, req: Request<Full<Bytes>>) -> anyhow::Res
     Ok(status)
 }
 
+/// The server's queue depth (`/admin/queue`), if it answers.
+async fn queue_depth(addr: SocketAddr) -> Option<u64> {
+    get_json(addr, "/admin/queue")
+        .await
+        .ok()
+        .and_then(|q| q.get("depth").and_then(Value::as_u64))
+}
+
 async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
     let mut sender = connect(addr).await?;
     let req = Request::get(path)
@@ -674,10 +682,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     break;
                 }
                 let done = plan.completed_events.load(Ordering::Relaxed);
-                let depth = get_json(plan.addr, "/admin/queue")
-                    .await
-                    .ok()
-                    .and_then(|q| q.get("depth").and_then(Value::as_u64));
+                let depth = queue_depth(plan.addr).await;
                 let t = (at.into_std() - plan.t0).as_secs_f64();
                 let eps = done - last;
                 last = done;
@@ -708,6 +713,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
     });
 
+    // The queue's depth through the measured window, ten times a second:
+    // whether processing keeps up with intake.
+    let depths = {
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            let mut depths = Vec::new();
+            let mut tick =
+                tokio::time::interval_at(plan.measure_from.into(), Duration::from_millis(100));
+            loop {
+                if tick.tick().await.into_std() >= plan.end {
+                    break depths;
+                }
+                if let Some(depth) = queue_depth(plan.addr).await {
+                    depths.push(depth);
+                }
+            }
+        })
+    };
+
     // CPU at the start and end of the measured window.
     tokio::time::sleep_until(measure_from.into()).await;
     let cpu_start = cpu_sample(pid);
@@ -736,6 +760,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let intervals = match progress {
         Some(p) => Some(p.await?),
         None => None,
+    };
+    // How long after the last request the queue took to empty.
+    let mut drain_ms = None;
+    while end.elapsed() < Duration::from_secs(60) {
+        if queue_depth(addr).await == Some(0) {
+            drain_ms = Some(end.elapsed().as_secs_f64() * 1000.0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut depths = depths.await?;
+    depths.sort_unstable();
+    let depth_at = |q: f64| {
+        (!depths.is_empty()).then(|| depths[((depths.len() - 1) as f64 * q).round() as usize])
     };
     let summary = get_json(addr, "/stats/summary").await.ok();
     let peak_rss_kib = pid.and_then(|p| status_kib(p, "VmHWM:"));
@@ -825,6 +863,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "startup_ms": startup_ms.map(|v| round(v, 1)),
         "server_latency_ms": summary.as_ref().and_then(|s| s.get("latency_ms").cloned()),
         "queue_depth": summary.as_ref().and_then(|s| s.get("queue_depth").cloned()),
+        "queue_depth_while_measured": json!({
+            "p50": depth_at(0.5), "p99": depth_at(0.99), "max": depths.last(),
+            "samples": depths.len(),
+        }),
+        "drain_ms": drain_ms.map(|v| round(v, 1)),
         "intervals": intervals,
     });
     let mut stdout = std::io::stdout().lock();
@@ -833,6 +876,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let opt = |v: Option<f64>, unit: &str| v.map_or("n/a".to_owned(), |v| format!("{v:.1}{unit}"));
+    let opt_u64 = |v: Option<u64>| v.map_or("n/a".to_owned(), |v| v.to_string());
     writeln!(
         stdout,
         "{} loop, {} connections, {} event(s)/request, {:.0} s measured after {:.0} s warm-up{}",
@@ -900,6 +944,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "server memory: peak RSS (VmHWM) {}, RSS at the end {}",
         opt(mib(peak_rss_kib), " MiB"),
         opt(mib(rss_kib), " MiB")
+    )?;
+    writeln!(
+        stdout,
+        "queue depth while measured (10 a second): p50 {}, p99 {}, max {}; empty {} after the last request",
+        opt_u64(depth_at(0.5)),
+        opt_u64(depth_at(0.99)),
+        opt_u64(depths.last().copied()),
+        opt(drain_ms, " ms")
     )?;
     match &summary {
         Some(s) => writeln!(
