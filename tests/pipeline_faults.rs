@@ -222,7 +222,12 @@ async fn requests_that_wait_for_a_flush_share_the_next_one() {
         .unwrap();
     store.hang_flush.store(true, Ordering::SeqCst);
     let first = tokio::spawn(post(running.addr, "/webhook/events", event("first")));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while store.groups.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request was never written"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Five more clients post while that group's flush hangs.
@@ -235,7 +240,9 @@ async fn requests_that_wait_for_a_flush_share_the_next_one() {
             ))
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Each reaches the Deduper in about a millisecond; two seconds leave a
+    // slow machine its margin.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         *store.groups.lock().unwrap(),
         [1],

@@ -43,6 +43,16 @@ pub struct State {
     started: u64,
 }
 
+impl State {
+    /// Without Redis nothing can be prepared while a group is written: the
+    /// requests wait, and all of them become the next group when it ends
+    /// (`Stored`). Taking some before would split them into a small group
+    /// and a large one: two flushes where one does.
+    fn waits_for_stored(&self) -> bool {
+        self.storing.is_some() && self.context.mirror.is_none()
+    }
+}
+
 /// The Deduper starts from the pipeline context.
 pub type Arguments = Arc<Context>;
 
@@ -74,7 +84,9 @@ impl Actor for Deduper {
         match message {
             DeduperMsg::Append(request) => {
                 state.pending.push(request);
-                if !state.commit_scheduled {
+                // While a group is written without Redis, its `Stored`
+                // schedules the next Commit (below).
+                if !state.commit_scheduled && !state.waits_for_stored() {
                     // Goes behind everything already queued: they join this group.
                     state.commit_scheduled = true;
                     myself.send_message(DeduperMsg::Commit)?;
@@ -82,12 +94,7 @@ impl Actor for Deduper {
             }
             DeduperMsg::Commit => {
                 state.commit_scheduled = false;
-                // Without Redis nothing can be prepared while a group is
-                // written: the requests wait, and all of them become the
-                // next group when it ends (`Stored`). Taking some now would
-                // split them into a small group and a large one: two
-                // flushes where one does.
-                if state.storing.is_some() && state.context.mirror.is_none() {
+                if state.waits_for_stored() {
                     return Ok(());
                 }
                 // Bounded groups keep each append short, so the ack path
@@ -120,7 +127,12 @@ impl Actor for Deduper {
                 state.storing = Some(tokio::spawn(async move {
                     // A group that panicked still ends: its requests were
                     // answered 503 when their reply ports dropped.
-                    let _ = AssertUnwindSafe(storing).catch_unwind().await;
+                    if AssertUnwindSafe(storing).catch_unwind().await.is_err() {
+                        tracing::error!(
+                            group = number,
+                            "a group commit panicked; its requests were answered 503"
+                        );
+                    }
                     let _ = myself.cast(DeduperMsg::Stored(number));
                 }));
             }
@@ -303,8 +315,23 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
             .collect();
         mirror.confirm(accepted, &group_events, ttl_ms).await;
     }
+    // The Batcher hears of the group before any client does: a drain that
+    // follows the last answer then finds the group waiting to be processed.
+    let last_seq = stored
+        .iter()
+        .filter_map(|outcome| match outcome {
+            AppendOutcome::Accepted { seq } => Some(*seq),
+            AppendOutcome::Duplicate { .. } => None,
+        })
+        .max();
+    if let Some(last_seq) = last_seq {
+        context
+            .status
+            .last_seq
+            .fetch_max(last_seq, Ordering::Relaxed);
+        context.names.cast(BATCHER, BatcherMsg::Appended(last_seq));
+    }
     let mut outcomes = outcomes.into_iter();
-    let mut last_seq = 0;
     for mut request in group {
         let (mut accepted, mut duplicates) = (0, 0);
         for (slot, outcome) in request.slots.iter().zip(&mut outcomes) {
@@ -313,10 +340,7 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
                 continue;
             };
             match outcome {
-                Outcome::Stored(AppendOutcome::Accepted { seq }) => {
-                    accepted += 1;
-                    last_seq = last_seq.max(seq);
-                }
+                Outcome::Stored(AppendOutcome::Accepted { .. }) => accepted += 1,
                 Outcome::Stored(AppendOutcome::Duplicate { .. })
                 | Outcome::Shared(Claim::Duplicate { .. }) => {
                     duplicates += 1;
@@ -337,13 +361,6 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
             seconds: request.received.elapsed().as_secs_f64(),
         });
         let _ = request.reply.send(Ok(request.verdicts));
-    }
-    if last_seq > 0 {
-        context
-            .status
-            .last_seq
-            .fetch_max(last_seq, Ordering::Relaxed);
-        context.names.cast(BATCHER, BatcherMsg::Appended(last_seq));
     }
 }
 
