@@ -435,10 +435,11 @@ async fn exchange(sender: &mut Sender, req: Request<Full<Bytes>>) -> anyhow::Res
     Ok(status)
 }
 
-/// The server's queue depth (`/admin/queue`), if it answers.
+/// The server's queue depth (`/admin/queue`), if it answers within a second.
 async fn queue_depth(addr: SocketAddr) -> Option<u64> {
-    get_json(addr, "/admin/queue")
+    tokio::time::timeout(Duration::from_secs(1), get_json(addr, "/admin/queue"))
         .await
+        .ok()?
         .ok()
         .and_then(|q| q.get("depth").and_then(Value::as_u64))
 }
@@ -721,6 +722,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut depths = Vec::new();
             let mut tick =
                 tokio::time::interval_at(plan.measure_from.into(), Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 if tick.tick().await.into_std() >= plan.end {
                     break depths;
@@ -757,10 +759,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         total.errors += r.errors;
         total.unsent += r.unsent;
     }
-    let intervals = match progress {
-        Some(p) => Some(p.await?),
-        None => None,
-    };
     // How long after the last request the queue took to empty.
     let mut drain_ms = None;
     while end.elapsed() < Duration::from_secs(60) {
@@ -770,6 +768,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let intervals = match progress {
+        Some(p) => Some(p.await?),
+        None => None,
+    };
     let mut depths = depths.await?;
     depths.sort_unstable();
     let depth_at = |q: f64| {
