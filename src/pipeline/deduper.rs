@@ -51,6 +51,18 @@ impl State {
     fn waits_for_stored(&self) -> bool {
         self.storing.is_some() && self.context.mirror.is_none()
     }
+
+    /// Sends the Deduper a `Commit` if requests wait and none is on its way,
+    /// unless the group being written will (`Stored`). It goes behind
+    /// everything already queued: those requests join the group.
+    fn schedule_commit(&mut self, myself: &ActorRef<DeduperMsg>) -> Result<(), ActorProcessingErr> {
+        if self.pending.is_empty() || self.commit_scheduled || self.waits_for_stored() {
+            return Ok(());
+        }
+        self.commit_scheduled = true;
+        myself.send_message(DeduperMsg::Commit)?;
+        Ok(())
+    }
 }
 
 /// The Deduper starts from the pipeline context.
@@ -84,13 +96,7 @@ impl Actor for Deduper {
         match message {
             DeduperMsg::Append(request) => {
                 state.pending.push(request);
-                // While a group is written without Redis, its `Stored`
-                // schedules the next Commit (below).
-                if !state.commit_scheduled && !state.waits_for_stored() {
-                    // Goes behind everything already queued: they join this group.
-                    state.commit_scheduled = true;
-                    myself.send_message(DeduperMsg::Commit)?;
-                }
+                state.schedule_commit(&myself)?;
             }
             DeduperMsg::Commit => {
                 state.commit_scheduled = false;
@@ -109,10 +115,6 @@ impl Actor for Deduper {
                     })
                     .count();
                 let group: Vec<AppendRequest> = state.pending.drain(..take).collect();
-                if !state.pending.is_empty() {
-                    state.commit_scheduled = true;
-                    myself.send_message(DeduperMsg::Commit)?;
-                }
                 if group.is_empty() {
                     return Ok(());
                 }
@@ -124,6 +126,7 @@ impl Actor for Deduper {
                 state.started += 1;
                 let number = state.started;
                 let storing = store(state.context.clone(), claimed);
+                let deduper = myself.clone();
                 state.storing = Some(tokio::spawn(async move {
                     // A group that panicked still ends: its requests were
                     // answered 503 when their reply ports dropped.
@@ -133,18 +136,17 @@ impl Actor for Deduper {
                             "a group commit panicked; its requests were answered 503"
                         );
                     }
-                    let _ = myself.cast(DeduperMsg::Stored(number));
+                    let _ = deduper.cast(DeduperMsg::Stored(number));
                 }));
+                // What did not fit in this group.
+                state.schedule_commit(&myself)?;
             }
             DeduperMsg::Stored(number) => {
                 // An earlier group's end is old news: a later one was started
                 // after awaiting it.
                 if number == state.started {
                     state.storing = None;
-                    if !state.pending.is_empty() && !state.commit_scheduled {
-                        state.commit_scheduled = true;
-                        myself.send_message(DeduperMsg::Commit)?;
-                    }
+                    state.schedule_commit(&myself)?;
                 }
             }
         }
