@@ -98,10 +98,13 @@
 //!    everything from the damage on, without an error. The mark
 //!    (`mark.rs`, a file beside sled's) records the last durable seq while
 //!    running and a summary at a clean stop; a start that finds less says
-//!    so. Seqs above the cursor are contiguous in the WAL, so a page lost
-//!    in the middle shows as a gap, reported when it is read, unless it
-//!    was set aside in `quarantine` (a damaged segment, or the tail a
-//!    reopen after a failed write found missing).
+//!    so. Seqs above the cursor are contiguous in the WAL up to the last
+//!    seq the store wrote, so a page lost in the middle shows as a gap,
+//!    reported when it is read, unless it was set aside in `quarantine`
+//!    (a damaged segment, or the tail a reopen after a failed write found
+//!    missing). A read whose walk of the WAL ends below that seq (a
+//!    damaged tree: an older copy of a node split since) walks on from
+//!    the other end, and reports what neither walk finds.
 //!
 //! ## Flushing
 //!

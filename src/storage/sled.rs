@@ -97,6 +97,8 @@ struct Store {
     marking: parking_lot::Mutex<Marking>,
     /// Reports of missing events (the mark's check, WAL gaps).
     missing_reports: AtomicU64,
+    /// sled's forward walk of the WAL ended early once (reported once).
+    short_walk: AtomicBool,
     /// Serialises the writers: seqs (append, DLQ replay), the byte gauge
     /// (ack, quarantine) and keys (sweep) each have one writer at a time.
     /// Fair, so that acks get their turn between group commits under
@@ -121,6 +123,30 @@ struct Marking {
     written: u64,
     /// The last write of a mark failed (reported once until one works).
     failing: bool,
+}
+
+/// One `read_after` in progress: what it took and where it is.
+struct Reading {
+    /// The records taken, in seq order.
+    records: Vec<Queued>,
+    /// Segments moved to quarantine and seqs found missing on the way.
+    damaged: Vec<Quarantined>,
+    /// The cursor when the read began: the bytes of a segment set aside
+    /// count from it.
+    cursor: u64,
+    /// Records at or below this are not wanted (done, or read before).
+    after: u64,
+    /// The seq the next segment should start at: seqs above the cursor
+    /// are contiguous in the WAL.
+    expect: u64,
+    /// How many records are wanted.
+    limit: usize,
+}
+
+impl Reading {
+    fn full(&self) -> bool {
+        self.records.len() >= self.limit
+    }
 }
 
 /// The in-memory idempotency index and the groups it points at.
@@ -607,6 +633,7 @@ impl Store {
             unfinished: AtomicBool::new(false),
             marking: parking_lot::Mutex::new(Marking::default()),
             missing_reports: AtomicU64::new(0),
+            short_walk: AtomicBool::new(false),
             write_lock: FairMutex::new(()),
             queue_bytes: AtomicU64::new(0),
             dlq_len: AtomicU64::new(0),
@@ -1073,6 +1100,70 @@ impl Store {
         Quarantined { position, reason }
     }
 
+    /// Takes the records of the segment `k` → `v` that `read` still wants:
+    /// those above its `after`, up to its limit. Reports the seqs between
+    /// the one expected and the segment's first as missing, and moves a
+    /// segment that does not decode to quarantine.
+    fn take_segment(&self, read: &mut Reading, k: &[u8], v: &IVec) -> Result<(), StorageError> {
+        let Ok(key) = <[u8; 8]>::try_from(k).map(u64::from_be_bytes) else {
+            let damaged = self.quarantine("wal", k, v, 0, "key is not a seq".into());
+            read.damaged.push(damaged);
+            return Ok(());
+        };
+        let segment = match decode_segment(key, v) {
+            Ok(segment) => segment,
+            Err(e) => {
+                // Its sizes cannot be trusted: take what the envelope weighs.
+                let waiting = v.len() as u64;
+                let damaged = self.quarantine("wal", k, v, waiting, e.to_string());
+                read.damaged.push(damaged);
+                read.expect = key + 1;
+                return Ok(());
+            }
+        };
+        if segment.first() > read.expect {
+            let mut missing = self.missing(read.expect, segment.first() - 1)?;
+            read.damaged.append(&mut missing);
+        }
+        read.expect = segment.last() + 1;
+        let from = segment.first().max(read.after + 1);
+        let take = (read.limit - read.records.len()) as u64;
+        let mut taken = Vec::new();
+        for seq in from..=segment.last().min(from + take - 1) {
+            match segment.record(seq) {
+                Ok(record) => taken.push(Queued { seq, record }),
+                Err(e) => {
+                    // A checksummed segment whose record does not decode: a
+                    // writer bug. Set the whole segment aside, as found.
+                    let waiting = (read.cursor + 1..=segment.last())
+                        .map(|s| segment.size_of(s))
+                        .sum();
+                    let damaged = self.quarantine("wal", k, v, waiting, e.to_string());
+                    read.damaged.push(damaged);
+                    return Ok(());
+                }
+            }
+        }
+        read.records.append(&mut taken);
+        Ok(())
+    }
+
+    /// Says once per open store that sled's forward walk of the WAL ended
+    /// at `at` although seqs up to `committed` were written: its tree is
+    /// damaged, though what it holds may all still be read.
+    fn report_short_walk(&self, at: u64, committed: u64) {
+        if !self.short_walk.swap(true, Ordering::SeqCst) {
+            tracing::warn!(
+                seq = at,
+                committed,
+                store = %self.dir.join("db").display(),
+                "the store is damaged: sled's walk of the queue ended before the last seq it \
+                 holds; reading on from the other end (each seq it cannot find is reported as \
+                 missing); see \"A damaged store\" in the README"
+            );
+        }
+    }
+
     /// Seqs `from..=to` are not in the WAL, though seqs after them are: sled
     /// dropped the part of its log that held them (a blob file deleted or
     /// damaged loses a page without an error). Reports each part of the
@@ -1295,64 +1386,56 @@ impl Storage for Store {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<Queued>, Vec<Quarantined>), StorageError> {
-        let mut records = Vec::new();
-        let mut damaged = Vec::new();
         // Records at or below the cursor are done, even inside a segment
         // that is still there.
         let cursor = self.cursor()?;
         let after = after.max(cursor);
-        // Seqs above the cursor are contiguous in the WAL: the next segment
-        // should start here.
-        let mut expect = after + 1;
+        // Every seq up to here was written before the walk starts: it is in
+        // the WAL, or was set aside in `quarantine`.
+        let committed = self.committed.load(Ordering::SeqCst);
+        let mut read = Reading {
+            records: Vec::new(),
+            damaged: Vec::new(),
+            cursor,
+            after,
+            expect: after + 1,
+            limit,
+        };
         for item in self.wal.range(after.saturating_add(1).to_be_bytes()..) {
-            if records.len() >= limit {
+            if read.full() {
                 break;
             }
             let (k, v) = item.map_err(io)?;
-            let Ok(key) = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes) else {
-                damaged.push(self.quarantine("wal", &k, &v, 0, "key is not a seq".into()));
-                continue;
-            };
-            let segment = match decode_segment(key, &v) {
-                Ok(segment) => segment,
-                Err(e) => {
-                    // Its sizes cannot be trusted: take what the envelope weighs.
-                    let waiting = v.len() as u64;
-                    damaged.push(self.quarantine("wal", &k, &v, waiting, e.to_string()));
-                    expect = key + 1;
-                    continue;
+            self.take_segment(&mut read, &k, &v)?;
+        }
+        if !read.full() && read.expect <= committed {
+            // sled's forward walk ended before seqs it holds: a damaged log
+            // can leave an older copy of a node that was split since, whose
+            // walk stops where the node used to end. The walk from the top
+            // down still finds what follows; read on from its end.
+            self.report_short_walk(read.expect, committed);
+            let (low, high) = (read.expect.to_be_bytes(), committed.to_be_bytes());
+            let rest = self
+                .wal
+                .range(low..=high)
+                .rev()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(io)?;
+            // Lowest first; and a damaged tree's walk may stray past its bounds.
+            for (k, v) in rest.into_iter().rev() {
+                if read.full() {
+                    break;
                 }
-            };
-            if segment.first() > expect {
-                damaged.append(&mut self.missing(expect, segment.first() - 1)?);
-            }
-            expect = segment.last() + 1;
-            let from = segment.first().max(after + 1);
-            let take = (limit - records.len()) as u64;
-            let mut taken = Vec::new();
-            let mut failed = None;
-            for seq in from..=segment.last().min(from + take - 1) {
-                match segment.record(seq) {
-                    Ok(record) => taken.push(Queued { seq, record }),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
+                if low.as_slice() <= k.as_ref() && k.as_ref() <= high.as_slice() {
+                    self.take_segment(&mut read, &k, &v)?;
                 }
             }
-            match failed {
-                None => records.append(&mut taken),
-                Some(e) => {
-                    // A checksummed segment whose record does not decode: a
-                    // writer bug. Set the whole segment aside, as found.
-                    let waiting = (cursor + 1..=segment.last())
-                        .map(|s| segment.size_of(s))
-                        .sum();
-                    damaged.push(self.quarantine("wal", &k, &v, waiting, e.to_string()));
-                }
+            if !read.full() && read.expect <= committed {
+                let mut missing = self.missing(read.expect, committed)?;
+                read.damaged.append(&mut missing);
             }
         }
-        Ok((records, damaged))
+        Ok((read.records, read.damaged))
     }
 
     fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
@@ -1429,7 +1512,14 @@ impl Storage for Store {
                 for key in &done {
                     wal.remove(key)?;
                 }
-                let gauge = Gauge::of(meta.get(QUEUE_BYTES)?).less(freed);
+                let mut gauge = Gauge::of(meta.get(QUEUE_BYTES)?).less(freed);
+                if new_cursor >= last_seq {
+                    // Nothing waits, so nothing counts: this heals the
+                    // gauge after damage (seqs reported missing, segments a
+                    // damaged tree's walk did not find), whose sizes no
+                    // segment gave.
+                    gauge.bytes = 0;
+                }
                 analytics::apply(&mut TxKv(aggregates), &facts, ack.now_ms, ack.upto)?;
                 for (t, n) in &added {
                     let now = u64_of(counts.get(t.as_bytes())?);
@@ -2146,8 +2236,10 @@ mod tests {
         let (records, damaged) = store.read_after(0, 100).unwrap();
         let seqs: Vec<u64> = records.iter().map(|q| q.seq).collect();
         assert_eq!(seqs, vec![1, 2]);
-        // The tail (7..=8) is the mark's to catch at open: nothing follows it.
-        assert!(damaged.is_empty(), "{damaged:?}");
+        // The tail (7..=8) too: this store wrote up to seq 8, so a walk that
+        // ends at 6 ended early.
+        let positions: Vec<&str> = damaged.iter().map(|d| d.position.as_str()).collect();
+        assert_eq!(positions, vec!["wal seqs 3..=4", "wal seqs 7..=8"]);
 
         store.append(&["i"].map(event), 0, 1_000_000).unwrap(); // seq 9
         let (records, damaged) = store.read_after(0, 100).unwrap();
@@ -2158,7 +2250,7 @@ mod tests {
         // From past the first gap, only the second one.
         let (_, damaged) = store.read_after(4, 100).unwrap();
         assert_eq!(damaged.len(), 1, "{damaged:?}");
-        assert_eq!(store.missing_reports.load(Ordering::SeqCst), 3);
+        assert_eq!(store.missing_reports.load(Ordering::SeqCst), 5);
     }
 
     /// A group commit is three plain writes: segments, key list, gauge. A
