@@ -269,15 +269,7 @@ fn damage(path: &Path, len: u64, kind: Damage, rng: &mut fastrand::Rng) -> Strin
             if len == 0 {
                 return "empty file: nothing to zero".into();
             }
-            let pages = len.div_ceil(4096);
-            let page = rng.u64(0..pages);
-            let start = page * 4096;
-            let end = (start + 4096).min(len);
-            let mut f = open();
-            f.seek(SeekFrom::Start(start)).expect("seek");
-            f.write_all(&vec![0u8; (end - start) as usize])
-                .expect("zero page");
-            f.sync_all().expect("sync");
+            let (start, end) = zero_page(path, len, rng.u64(0..len.div_ceil(4096)));
             format!("bytes {start}..{end} of {len}")
         }
         Damage::Delete => {
@@ -285,6 +277,22 @@ fn damage(path: &Path, len: u64, kind: Damage, rng: &mut fastrand::Rng) -> Strin
             format!("{len} bytes")
         }
     }
+}
+
+/// Zeroes 4 KiB page `page` of `path` (of `len` bytes; the last page may
+/// be shorter); returns the byte range zeroed.
+fn zero_page(path: &Path, len: u64, page: u64) -> (u64, u64) {
+    let start = page * 4096;
+    let end = (start + 4096).min(len);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open file to zero");
+    f.seek(SeekFrom::Start(start)).expect("seek");
+    f.write_all(&vec![0u8; (end - start) as usize])
+        .expect("zero page");
+    f.sync_all().expect("sync");
+    (start, end)
 }
 
 /// How a trial ended.
@@ -875,16 +883,7 @@ fn every_page_of_the_log_zeroed_in_turn_leaves_each_queued_event_read_or_reporte
     for page in (first..db_len.div_ceil(4096)).step_by(stride as usize) {
         let data = work.path().join(format!("page-{page}"));
         copy_tree(&template.data(), &data);
-        let start = page * 4096;
-        let end = (start + 4096).min(db_len);
-        let mut db = OpenOptions::new()
-            .write(true)
-            .open(data.join("db"))
-            .expect("open db");
-        db.seek(SeekFrom::Start(start)).expect("seek");
-        db.write_all(&vec![0u8; (end - start) as usize])
-            .expect("zero page");
-        drop(db);
+        let (start, end) = zero_page(&data.join("db"), db_len, page);
         let Ok(store) = SledStorage::open(&data, &SledOptions::default()) else {
             *outcomes.entry("refused").or_default() += 1;
             fs::remove_dir_all(&data).expect("remove trial");
