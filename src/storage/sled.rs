@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use inotify::{Inotify, WatchMask};
 use parking_lot::{FairMutex, FairMutexGuard};
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
@@ -249,7 +250,10 @@ enum Seen {
 /// one per value) without any sync, and never syncs a directory.
 /// [`DiskSync::flush`] therefore wraps sled's flush:
 ///
-/// 1. it lists the blob files, then runs sled's flush, then lists them again;
+/// 1. it lists the blob files, then runs sled's flush, then lists them again
+///    (unless nothing was created, removed or renamed in either directory
+///    since the last listing, and no blob was left unfinished then: see
+///    [`DirChanges`]);
 /// 2. it `fdatasync`s every blob file of the second listing that no earlier
 ///    flush settled, then the `blobs` directory if a file in it is new: a
 ///    log entry made durable in step 3 may point at any of them;
@@ -269,7 +273,10 @@ enum Seen {
 /// once more after the next flush, when it is in that flush's first
 /// listing. The cost of a flush is two directory listings and the new
 /// blobs, not a `stat` of every blob in the store (hundreds of them once
-/// millions of keys are in the window).
+/// millions of keys are in the window). Most flushes create no file at all:
+/// an inotify watch on both directories then tells that the listings would
+/// be the last ones again, and such a flush skips them (one `read` of the
+/// watch instead of three directory listings).
 ///
 /// Opening the store syncs `conf`, `db`, both directories and the data
 /// directory's parent (which may have just created it), then flushes once,
@@ -283,8 +290,65 @@ struct DiskSync {
     state: Mutex<SyncedFiles>,
 }
 
+/// Tells whether a file was created, removed or renamed in the data
+/// directory or in `blobs/` since it was last asked, through an inotify
+/// watch on both (writes to a file do not count). The kernel queues an
+/// event before the call that made the change returns, so a quiet watch
+/// means that a listing now would find what the last one found. An
+/// overflowed queue is an event too; without inotify (no instance or watch
+/// left under the user's limits) every question is answered yes and every
+/// flush lists, as it did before.
+struct DirChanges {
+    /// The watch; `None` when it could not be set up.
+    inotify: Option<Inotify>,
+}
+
+impl DirChanges {
+    fn watch(dir: &Path) -> DirChanges {
+        let mask = WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::MOVED_FROM
+            | WatchMask::MOVED_TO
+            | WatchMask::DELETE_SELF
+            | WatchMask::MOVE_SELF;
+        let inotify = Inotify::init().and_then(|inotify| {
+            inotify.watches().add(dir, mask)?;
+            inotify.watches().add(dir.join("blobs"), mask)?;
+            Ok(inotify)
+        });
+        match inotify {
+            Ok(inotify) => DirChanges {
+                inotify: Some(inotify),
+            },
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "no inotify watch on the data directory: every flush lists its files"
+                );
+                DirChanges { inotify: None }
+            }
+        }
+    }
+
+    /// Whether anything changed since the last call (yes when the watch
+    /// cannot tell); takes the news.
+    fn since_last_asked(&mut self) -> bool {
+        let Some(inotify) = &mut self.inotify else {
+            return true;
+        };
+        let mut buffer = [0u8; 4096];
+        let mut changed = false;
+        loop {
+            match inotify.read_events(&mut buffer) {
+                Ok(_) => changed = true,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return changed,
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
 /// The files as the last [`DiskSync::flush`] left them.
-#[derive(Default)]
 struct SyncedFiles {
     /// The data directory's entries.
     entries: Vec<OsString>,
@@ -293,6 +357,11 @@ struct SyncedFiles {
     /// Blob files that appeared during the last flush and may have been
     /// unfinished when they were synced: synced again after the next one.
     fresh: HashSet<OsString>,
+    /// The last flush's listings were made and their files synced (a flush
+    /// that failed half-way leaves this false: the next one lists again).
+    listed: bool,
+    /// Whether a listing now could differ from the last.
+    changes: DirChanges,
 }
 
 impl DiskSync {
@@ -310,7 +379,13 @@ impl DiskSync {
         let disk = DiskSync {
             dir: dir.to_owned(),
             log,
-            state: Mutex::new(SyncedFiles::default()),
+            state: Mutex::new(SyncedFiles {
+                entries: Vec::new(),
+                settled: HashSet::new(),
+                fresh: HashSet::new(),
+                listed: false,
+                changes: DirChanges::watch(dir),
+            }),
         };
         // Nothing is settled yet: this syncs every blob and the directory.
         disk.flush(db)?;
@@ -321,8 +396,22 @@ impl DiskSync {
     fn flush(&self, db: &Db) -> std::io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let blobs_dir = self.dir.join("blobs");
-        let finished = blob_names(&blobs_dir)?;
+        // Quiet since the last listing, which left every blob settled: the
+        // blobs now are the settled ones, and a listing would say so.
+        let quiet = !state.changes.since_last_asked() && state.listed && state.fresh.is_empty();
+        let finished = if quiet {
+            None
+        } else {
+            Some(blob_names(&blobs_dir)?)
+        };
         db.flush().map_err(std::io::Error::other)?;
+        if quiet && !state.changes.since_last_asked() {
+            // No file came or went in either directory through the flush.
+            return self.log.sync_data();
+        }
+        let finished = finished.unwrap_or_else(|| state.settled.clone());
+        // Until these listings are done and their files synced.
+        state.listed = false;
         let mut settled = HashSet::with_capacity(state.settled.len() + 4);
         let mut fresh = HashSet::new();
         let mut new_blob = false;
@@ -357,6 +446,7 @@ impl DiskSync {
             sync_dir(&self.dir)?;
             state.entries = entries;
         }
+        state.listed = true;
         Ok(())
     }
 }
@@ -2148,6 +2238,69 @@ mod tests {
                 opened
             })
             .expect("the store opens again once sled has let go of it")
+    }
+
+    /// The watch that lets a flush skip its listings answers yes for a file
+    /// created, renamed or removed in either directory, and only once; a
+    /// write into a file is not a change (a flush writes `db` every time).
+    #[test]
+    fn the_directory_watch_sees_files_come_and_go_but_not_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("blobs")).unwrap();
+        std::fs::write(dir.path().join("db"), b"log").unwrap();
+        let mut changes = DirChanges::watch(dir.path());
+        assert!(
+            changes.inotify.is_some(),
+            "inotify is needed here: a flush without it lists every time"
+        );
+        assert!(!changes.since_last_asked(), "nothing happened yet");
+        std::fs::write(dir.path().join("blobs/17"), b"blob").unwrap();
+        assert!(changes.since_last_asked(), "a new blob");
+        assert!(!changes.since_last_asked(), "the news was taken");
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("db"))
+            .unwrap();
+        std::io::Write::write_all(&mut log, b" grows").unwrap();
+        log.sync_data().unwrap();
+        assert!(!changes.since_last_asked(), "a write is not a change");
+        std::fs::write(dir.path().join("snap.tmp"), b"snapshot").unwrap();
+        std::fs::rename(dir.path().join("snap.tmp"), dir.path().join("snap.1")).unwrap();
+        assert!(changes.since_last_asked(), "a snapshot written and renamed");
+        std::fs::remove_file(dir.path().join("blobs/17")).unwrap();
+        assert!(changes.since_last_asked(), "a blob collected");
+        assert!(!changes.since_last_asked());
+    }
+
+    /// A blob file that appears between two flushes of a store whose
+    /// flushes had found nothing new is listed and synced by the next one:
+    /// the quiet flushes did not blind it.
+    #[test]
+    fn a_flush_after_quiet_ones_still_finds_a_new_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
+        let ttl = 1_000_000;
+        for (i, key) in ["a", "b", "c"].into_iter().enumerate() {
+            store.append(&[event(key)], i as i64, ttl).unwrap();
+            store.flush().unwrap();
+        }
+        let blob = OsString::from("999999999");
+        let settled_or_fresh = |store: &Store| {
+            let state = store.disk.state.lock().unwrap();
+            state.settled.contains(&blob) || state.fresh.contains(&blob)
+        };
+        assert!(!settled_or_fresh(&store));
+        std::fs::write(dir.path().join("blobs").join(&blob), b"a value").unwrap();
+        store.append(&[event("d")], 4, ttl).unwrap();
+        store.flush().unwrap();
+        assert!(
+            settled_or_fresh(&store),
+            "the next flush listed the new blob"
+        );
+        // sled did not write that file: take it out before sled sees it.
+        std::fs::remove_file(dir.path().join("blobs").join(&blob)).unwrap();
+        store.flush().unwrap();
+        assert!(!settled_or_fresh(&store), "and the one after saw it go");
     }
 
     /// Every key gets the same fingerprint: each lookup finds every group
