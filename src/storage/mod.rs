@@ -121,7 +121,9 @@
 //! or a directory. `SledStorage::flush` therefore lists the blob files
 //! before and after sled's flush, fdatasyncs each one no earlier flush
 //! settled and then `blobs/`, fdatasyncs `db`, and fsyncs the data
-//! directory when its listing changed (a new snapshot); opening the
+//! directory when its listing changed (a new snapshot); a flush through
+//! which no file came or went (an inotify watch on both directories says
+//! so) skips the listings and fdatasyncs `db` only. Opening the
 //! store syncs `conf`, `db`, both directories and the data directory's
 //! parent once. `tests/powercut.rs` runs the daemon on a filesystem that
 //! drops every unsynced write at a simulated power cut.
