@@ -284,6 +284,8 @@ enum Seen {
 struct DiskSync {
     /// The data directory (sled's root).
     dir: PathBuf,
+    /// Its `blobs/`, where sled writes large values (joined once, not per flush).
+    blobs: PathBuf,
     /// sled's log file, kept open to be synced.
     log: File,
     /// What was synced; held through a flush so that flushes do not interleave.
@@ -378,6 +380,7 @@ impl DiskSync {
         }
         let disk = DiskSync {
             dir: dir.to_owned(),
+            blobs: dir.join("blobs"),
             log,
             state: Mutex::new(SyncedFiles {
                 entries: Vec::new(),
@@ -395,14 +398,14 @@ impl DiskSync {
     /// Runs sled's flush and makes what it wrote durable (see the type's docs).
     fn flush(&self, db: &Db) -> std::io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let blobs_dir = self.dir.join("blobs");
+        let blobs_dir = &self.blobs;
         // Quiet since the last listing, which left every blob settled: the
         // blobs now are the settled ones, and a listing would say so.
         let quiet = !state.changes.since_last_asked() && state.listed && state.fresh.is_empty();
         let finished = if quiet {
             None
         } else {
-            Some(blob_names(&blobs_dir)?)
+            Some(blob_names(blobs_dir)?)
         };
         db.flush().map_err(std::io::Error::other)?;
         if quiet && !state.changes.since_last_asked() {
@@ -415,7 +418,7 @@ impl DiskSync {
         let mut settled = HashSet::with_capacity(state.settled.len() + 4);
         let mut fresh = HashSet::new();
         let mut new_blob = false;
-        for name in blob_names(&blobs_dir)? {
+        for name in blob_names(blobs_dir)? {
             if state.settled.contains(&name) {
                 settled.insert(name);
                 continue;
@@ -435,7 +438,7 @@ impl DiskSync {
         state.settled = settled;
         state.fresh = fresh;
         if new_blob {
-            sync_dir(&blobs_dir)?;
+            sync_dir(blobs_dir)?;
         }
         self.log.sync_data()?;
         let mut entries = std::fs::read_dir(&self.dir)?
