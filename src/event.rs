@@ -5,10 +5,14 @@
 //! (the whole body is unusable) or a [`FieldError`] (one event is rejected,
 //! naming its field).
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+
+mod fast;
 
 /// Longest accepted `event_id` / idempotency key, in characters.
 pub const MAX_EVENT_ID_CHARS: usize = 256;
@@ -57,18 +61,35 @@ impl FieldError {
 pub struct Event {
     /// The idempotency key (header or `event_id`), unique per source.
     pub key: String,
+    /// The body's `event_id` (the key when the body had none): what the
+    /// answer names the event by.
+    pub event_id: String,
     /// The event's `event_type`; the built-in counter groups by it.
     pub event_type: String,
     /// Event time in ms since the epoch (`timestamp` / `occurred_at`, or receipt).
     pub occurred_at_ms: i64,
-    /// The event object as it came, with `event_id` filled in from the key
-    /// when the body had none; this is what sinks receive.
-    pub body: Map<String, Value>,
+    /// The event object as JSON text, as it came, with `event_id` filled in
+    /// from the key when the body had none; this is what sinks receive.
+    pub body: String,
 }
 
 /// Parses the body of `POST /webhook/events`: one event object.
 /// `header_key` is the `Idempotency-Key` or `webhook-id` header, if any.
 pub fn parse_single(
+    body: &[u8],
+    header_key: Option<&str>,
+    received_at_ms: i64,
+) -> Result<Result<Event, FieldError>, BodyError> {
+    if let Some(text) = fast::usable(body)
+        && let Some(event) = fast::single(text, header_key, received_at_ms)
+    {
+        return Ok(event);
+    }
+    single_by_value(body, header_key, received_at_ms)
+}
+
+/// [`parse_single`] by the reference path.
+fn single_by_value(
     body: &[u8],
     header_key: Option<&str>,
     received_at_ms: i64,
@@ -80,6 +101,20 @@ pub fn parse_single(
 /// Parses the body of a batch endpoint: `{"events": [...]}`. Each element is
 /// validated on its own so that good events are taken beside bad ones.
 pub fn parse_batch(
+    body: &[u8],
+    max_events: usize,
+    received_at_ms: i64,
+) -> Result<Vec<Result<Event, FieldError>>, BodyError> {
+    if let Some(text) = fast::usable(body)
+        && let Some(events) = fast::batch(text, max_events, received_at_ms)
+    {
+        return Ok(events);
+    }
+    batch_by_value(body, max_events, received_at_ms)
+}
+
+/// [`parse_batch`] by the reference path.
+fn batch_by_value(
     body: &[u8],
     max_events: usize,
     received_at_ms: i64,
@@ -126,7 +161,8 @@ fn parse_json(body: &[u8]) -> Result<Value, BodyError> {
     })
 }
 
-/// Checks one event object against the contract's schema.
+/// Checks one event object against the contract's schema: the reference
+/// path, on a parsed JSON value (the fast path gives the same answers).
 pub fn validate(
     value: Value,
     header_key: Option<&str>,
@@ -135,66 +171,173 @@ pub fn validate(
     let Value::Object(mut body) = value else {
         return Err(FieldError::new("", "an event must be a JSON object"));
     };
-    let event_id = optional_string(&body, "event_id")?;
-    if let Some(id) = event_id {
-        check_len("event_id", id, MAX_EVENT_ID_CHARS)?;
-    }
-    let key = match (header_key, event_id) {
-        (Some(h), _) => {
-            check_len("Idempotency-Key", h, MAX_EVENT_ID_CHARS)?;
-            h.to_owned()
-        }
-        (None, Some(id)) => id.to_owned(),
-        (None, None) => {
-            return Err(FieldError::new(
-                "event_id",
-                "is required (or send an Idempotency-Key or webhook-id header)",
-            ));
+    let checked = Fields::of_map(&body).check(header_key, received_at_ms)?;
+    let event_id = match checked.event_id {
+        Some(id) => id,
+        None => {
+            body.insert("event_id".to_owned(), Value::String(checked.key.clone()));
+            checked.key.clone()
         }
     };
-    let event_type = match body.get("event_type") {
-        Some(Value::String(t)) => {
-            check_len("event_type", t, MAX_EVENT_TYPE_CHARS)?;
-            t.clone()
-        }
-        Some(_) => return Err(FieldError::new("event_type", "must be a string")),
-        None => return Err(FieldError::new("event_type", "is required")),
-    };
-    optional_string(&body, "user_id")?;
-    optional_string(&body, "session_id")?;
-    let mut occurred_at_ms = received_at_ms;
-    for field in ["timestamp", "occurred_at"] {
-        if let Some(ts) = optional_string(&body, field)? {
-            occurred_at_ms = parse_rfc3339_ms(ts).ok_or_else(|| {
-                FieldError::new(field, "must be an RFC 3339 time, e.g. 2025-12-16T10:00:00Z")
-            })?;
-        }
-    }
-    for field in ["metadata", "properties"] {
-        match body.get(field) {
-            None | Some(Value::Null) | Some(Value::Object(_)) => {}
-            Some(_) => return Err(FieldError::new(field, "must be a JSON object")),
-        }
-    }
-    if event_id.is_none() {
-        body.insert("event_id".to_owned(), Value::String(key.clone()));
-    }
     Ok(Event {
-        key,
-        event_type,
-        occurred_at_ms,
-        body,
+        key: checked.key,
+        event_id,
+        event_type: checked.event_type,
+        occurred_at_ms: checked.occurred_at_ms,
+        // A map of JSON values always serialises.
+        body: serde_json::to_string(&body).unwrap_or_default(),
     })
 }
 
-fn optional_string<'a>(
-    body: &'a Map<String, Value>,
-    field: &str,
-) -> Result<Option<&'a str>, FieldError> {
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(FieldError::new(field, "must be a string")),
+/// One field the contract checks, as an event object holds it.
+#[derive(Debug, Default, Clone, PartialEq)]
+enum Found<'a> {
+    #[default]
+    Absent,
+    Null,
+    Text(Cow<'a, str>),
+    Object,
+    /// A number, a boolean or an array.
+    Other,
+}
+
+impl Found<'_> {
+    fn of_value(value: Option<&Value>) -> Found<'_> {
+        match value {
+            None => Found::Absent,
+            Some(Value::Null) => Found::Null,
+            Some(Value::String(s)) => Found::Text(Cow::Borrowed(s)),
+            Some(Value::Object(_)) => Found::Object,
+            Some(_) => Found::Other,
+        }
+    }
+
+    /// The contract's optional string: absent or null is none.
+    fn optional_string(&self, field: &str) -> Result<Option<&str>, FieldError> {
+        match self {
+            Found::Absent | Found::Null => Ok(None),
+            Found::Text(s) => Ok(Some(s)),
+            Found::Object | Found::Other => Err(FieldError::new(field, "must be a string")),
+        }
+    }
+}
+
+/// The fields of one event object that the contract checks; the rest of
+/// the object is passed on untouched.
+#[derive(Debug, Default)]
+struct Fields<'a> {
+    event_id: Found<'a>,
+    event_type: Found<'a>,
+    user_id: Found<'a>,
+    session_id: Found<'a>,
+    timestamp: Found<'a>,
+    occurred_at: Found<'a>,
+    metadata: Found<'a>,
+    properties: Found<'a>,
+    /// The object has an `event_id` member at all (null included): filling
+    /// one in must then replace it, not add a second.
+    has_event_id: bool,
+}
+
+/// What [`Fields::check`] found valid.
+struct Checked {
+    key: String,
+    /// The body's own `event_id`, if it has one.
+    event_id: Option<String>,
+    event_type: String,
+    occurred_at_ms: i64,
+}
+
+impl<'a> Fields<'a> {
+    fn of_map(body: &'a Map<String, Value>) -> Fields<'a> {
+        let get = |name| Found::of_value(body.get(name));
+        Fields {
+            event_id: get("event_id"),
+            event_type: get("event_type"),
+            user_id: get("user_id"),
+            session_id: get("session_id"),
+            timestamp: get("timestamp"),
+            occurred_at: get("occurred_at"),
+            metadata: get("metadata"),
+            properties: get("properties"),
+            has_event_id: body.contains_key("event_id"),
+        }
+    }
+
+    /// The member named `name`, if the contract checks it.
+    fn slot(&mut self, name: &str) -> Option<&mut Found<'a>> {
+        Some(match name {
+            "event_id" => {
+                self.has_event_id = true;
+                &mut self.event_id
+            }
+            "event_type" => &mut self.event_type,
+            "user_id" => &mut self.user_id,
+            "session_id" => &mut self.session_id,
+            "timestamp" => &mut self.timestamp,
+            "occurred_at" => &mut self.occurred_at,
+            "metadata" => &mut self.metadata,
+            "properties" => &mut self.properties,
+            _ => return None,
+        })
+    }
+
+    /// The contract's schema, checked in a fixed order: the first fault
+    /// found is the one reported.
+    fn check(&self, header_key: Option<&str>, received_at_ms: i64) -> Result<Checked, FieldError> {
+        let event_id = self.event_id.optional_string("event_id")?;
+        if let Some(id) = event_id {
+            check_len("event_id", id, MAX_EVENT_ID_CHARS)?;
+        }
+        let key = match (header_key, event_id) {
+            (Some(h), _) => {
+                check_len("Idempotency-Key", h, MAX_EVENT_ID_CHARS)?;
+                h.to_owned()
+            }
+            (None, Some(id)) => id.to_owned(),
+            (None, None) => {
+                return Err(FieldError::new(
+                    "event_id",
+                    "is required (or send an Idempotency-Key or webhook-id header)",
+                ));
+            }
+        };
+        let event_type = match &self.event_type {
+            Found::Text(t) => {
+                check_len("event_type", t, MAX_EVENT_TYPE_CHARS)?;
+                t.clone().into_owned()
+            }
+            Found::Absent => return Err(FieldError::new("event_type", "is required")),
+            _ => return Err(FieldError::new("event_type", "must be a string")),
+        };
+        self.user_id.optional_string("user_id")?;
+        self.session_id.optional_string("session_id")?;
+        let mut occurred_at_ms = received_at_ms;
+        for (field, found) in [
+            ("timestamp", &self.timestamp),
+            ("occurred_at", &self.occurred_at),
+        ] {
+            if let Some(ts) = found.optional_string(field)? {
+                occurred_at_ms = parse_rfc3339_ms(ts).ok_or_else(|| {
+                    FieldError::new(field, "must be an RFC 3339 time, e.g. 2025-12-16T10:00:00Z")
+                })?;
+            }
+        }
+        for (field, found) in [
+            ("metadata", &self.metadata),
+            ("properties", &self.properties),
+        ] {
+            match found {
+                Found::Absent | Found::Null | Found::Object => {}
+                _ => return Err(FieldError::new(field, "must be a JSON object")),
+            }
+        }
+        Ok(Checked {
+            key,
+            event_id: event_id.map(str::to_owned),
+            event_type,
+            occurred_at_ms,
+        })
     }
 }
 
@@ -254,16 +397,15 @@ pub struct WalRecord {
 
 impl WalRecord {
     /// The record for an event accepted now on `source`.
-    pub fn new(source: &str, event: &Event, received_at_ms: i64) -> Self {
+    pub fn new(source: &str, event: Event, received_at_ms: i64) -> Self {
         WalRecord {
             source: source.to_owned(),
-            key: event.key.clone(),
-            event_type: event.event_type.clone(),
+            key: event.key,
+            event_type: event.event_type,
             received_at_ms,
             occurred_at_ms: event.occurred_at_ms,
             only_sink: None,
-            // A map of JSON values always serialises.
-            body: serde_json::to_string(&event.body).unwrap_or_default(),
+            body: event.body,
         }
     }
 
@@ -304,7 +446,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(e.key, "hdr-1");
-        assert_eq!(e.body["event_id"], "hdr-1");
+        assert_eq!(e.event_id, "hdr-1");
+        assert_eq!(body_of(&e)["event_id"], "hdr-1");
         assert_eq!(e.occurred_at_ms, 5);
     }
 
@@ -359,5 +502,316 @@ mod tests {
             parse_batch(br#"{"events":[{},{}]}"#, 1, 0),
             Err(BodyError::TooManyEvents { got: 2, max: 1 })
         ));
+    }
+
+    fn body_of(e: &Event) -> Value {
+        serde_json::from_str(&e.body).expect("an event's body is JSON")
+    }
+
+    /// The fast path's answer and the reference path's agree: the same
+    /// fault, or the same event. The body must be `object` (the event's
+    /// text in the request) as parsed, with `event_id` filled in: not the
+    /// reference's body, which went through `f64` and back and may differ
+    /// from what came in the last digit of a number too long for one.
+    fn same(
+        object: &str,
+        fast: &Result<Event, FieldError>,
+        reference: &Result<Event, FieldError>,
+    ) -> Result<(), String> {
+        match (fast, reference) {
+            (Ok(f), Ok(r)) => {
+                let strip = |e: &Event| {
+                    (
+                        e.key.clone(),
+                        e.event_id.clone(),
+                        e.event_type.clone(),
+                        e.occurred_at_ms,
+                    )
+                };
+                let mut sent: Value = serde_json::from_str(object).map_err(|e| e.to_string())?;
+                if let Some(members) = sent.as_object_mut()
+                    && !members.get("event_id").is_some_and(Value::is_string)
+                {
+                    members.insert("event_id".into(), Value::String(r.key.clone()));
+                }
+                if strip(f) != strip(r) || body_of(f) != sent {
+                    return Err(format!("fast {f:?}\nreference {r:?}"));
+                }
+                Ok(())
+            }
+            (Err(f), Err(r)) if f == r => Ok(()),
+            _ => Err(format!("fast {fast:?}\nreference {reference:?}")),
+        }
+    }
+
+    #[test]
+    fn the_contracts_shapes_take_the_fast_path_and_keep_their_text() {
+        let text = "{ \"event_type\" : \"signup\",\n  \"event_id\":\"e1\", \"n\": 1.50 }\n";
+        let e = fast::single(text, None, 0)
+            .expect("answered by the fast path")
+            .unwrap();
+        assert_eq!(e.body, text.trim(), "the event is stored as it came");
+        assert_eq!((e.key.as_str(), e.event_id.as_str()), ("e1", "e1"));
+
+        let e = fast::single(r#"{"event_type":"x","a":[1]}"#, Some("h\"1"), 0)
+            .expect("a header key is filled in on the fast path")
+            .unwrap();
+        assert_eq!(e.body, r#"{"event_id":"h\"1","event_type":"x","a":[1]}"#);
+        let e = fast::single("{ }", Some("h"), 0).unwrap();
+        assert_eq!(e.unwrap_err().field, "event_type");
+        assert_eq!(
+            fast::with_event_id("{ }", "k").as_deref(),
+            Some(r#"{"event_id":"k"}"#)
+        );
+
+        let batch =
+            r#"{"events":[ {"event_id":"a","event_type":"x"} ,{"event_type":"y"}],"note":{}}"#;
+        let events = fast::batch(batch, 10, 0).expect("answered");
+        assert_eq!(
+            events[0].as_ref().unwrap().body,
+            r#"{"event_id":"a","event_type":"x"}"#
+        );
+        assert_eq!(events[1].as_ref().unwrap_err().field, "event_id");
+    }
+
+    #[test]
+    fn what_the_fast_path_cannot_answer_alike_goes_the_reference_way() {
+        // Each is handed on (`None`) and answered by the reference path.
+        let cases: &[(&str, Option<&str>)] = &[
+            // `event_id` null must be replaced by the header key, not joined.
+            (r#"{"event_id":null,"event_type":"x"}"#, Some("h")),
+            // Not an object: the reference path names the fault.
+            ("[1]", None),
+            // Bad JSON: the reference path reports line and column.
+            (r#"{"event_id":"a","event_type":"x""#, None),
+            // Numbers out of range and lone surrogates are errors to
+            // `serde_json::Value`, and so to the fast path too.
+            (r#"{"event_id":"a","event_type":"x","n":1e400}"#, None),
+            (r#"{"event_id":"a","event_type":"x","s":"\ud800"}"#, None),
+        ];
+        for (text, header) in cases {
+            assert!(fast::single(text, *header, 0).is_none(), "{text}");
+            let reference = single_by_value(text.as_bytes(), *header, 0);
+            assert_eq!(
+                parse_single(text.as_bytes(), *header, 0),
+                reference,
+                "{text}"
+            );
+        }
+        let e = parse_single(br#"{"event_id":null,"event_type":"x"}"#, Some("h"), 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            body_of(&e),
+            serde_json::json!({"event_id": "h", "event_type": "x"})
+        );
+
+        // Nesting: a single event's is checked by serde_json as it parses;
+        // a batch's events are parsed one by one, so the fast path bounds
+        // their depth by that of the whole body.
+        let nested = |depth: usize| {
+            format!(
+                r#"{{"event_id":"a","event_type":"x","d":{}1{}}}"#,
+                "[".repeat(depth - 1),
+                "]".repeat(depth - 1)
+            )
+        };
+        let deepest = nested(127);
+        assert!(matches!(fast::single(&deepest, None, 0), Some(Ok(_))));
+        assert!(single_by_value(deepest.as_bytes(), None, 0).is_ok());
+        let deep = nested(128);
+        assert!(fast::single(&deep, None, 0).is_none());
+        assert!(matches!(
+            parse_single(deep.as_bytes(), None, 0),
+            Err(BodyError::Malformed { .. })
+        ));
+        let deepest_in_a_batch = format!(r#"{{"events":[{}]}}"#, nested(125));
+        assert!(fast::batch(&deepest_in_a_batch, 10, 0).is_some());
+        assert!(batch_by_value(deepest_in_a_batch.as_bytes(), 10, 0).is_ok());
+        let too_deep_in_a_batch = format!(r#"{{"events":[{}]}}"#, nested(126));
+        assert!(fast::batch(&too_deep_in_a_batch, 10, 0).is_none());
+        assert!(matches!(
+            parse_batch(too_deep_in_a_batch.as_bytes(), 10, 0),
+            Err(BodyError::Malformed { .. })
+        ));
+
+        let twice = br#"{"events":[{"event_id":"a","event_type":"x","n":1e400}],"events":[]}"#;
+        assert!(fast::batch(std::str::from_utf8(twice).unwrap(), 10, 0).is_none());
+        assert!(matches!(
+            parse_batch(twice, 10, 0),
+            Err(BodyError::Malformed { .. })
+        ));
+    }
+
+    mod differential {
+        use super::super::*;
+        use super::same;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use proptest::sample::select;
+
+        const FIELDS: &[&str] = &[
+            "event_id",
+            "event_type",
+            "user_id",
+            "session_id",
+            "timestamp",
+            "occurred_at",
+            "metadata",
+            "properties",
+            "events",
+        ];
+
+        /// JSON text with what tells parsers apart: escapes, surrogates,
+        /// control characters, numbers out of range, repeated members.
+        fn text() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                select(vec![
+                    "null",
+                    "true",
+                    "0",
+                    "-1",
+                    "1.5",
+                    "1e400",
+                    "-0.0",
+                    "123456789012345678901234",
+                    r#""2025-12-16T10:00:00Z""#,
+                    r#""yesterday""#,
+                    r#""""#,
+                    r#""a\u005fb""#,
+                    r#""\ud800""#,
+                    r#""\ud83d\ude00""#,
+                    "\"\u{1}\"",
+                    r#""\n\"\\""#,
+                    "\"é\"",
+                ])
+                .prop_map(str::to_owned),
+                "\"[a-z0-9 _-]{0,8}\"",
+            ];
+            leaf.prop_recursive(3, 24, 5, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),
+                    vec((key(), inner), 0..7).prop_map(|m| {
+                        let members: Vec<String> =
+                            m.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                        format!("{{ {} }}", members.join(" ,"))
+                    }),
+                ]
+            })
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => select(FIELDS).prop_map(|f| format!("\"{f}\"")),
+                1 => Just(r#""event\u005fid""#.to_owned()),
+                1 => "\"[a-z]{1,3}\"",
+            ]
+        }
+
+        /// An event object whose known fields are mostly well formed, with
+        /// odd members before or after them (a repeated one overrides).
+        fn event() -> impl Strategy<Value = String> {
+            let id = prop_oneof![
+                6 => Just(vec![r#""event_id":"e1""#]),
+                1 => Just(vec![r#""event_id":null"#]),
+                3 => Just(vec![]),
+            ];
+            let event_type =
+                prop_oneof![4 => Just(vec![r#""event_type":"page_view""#]), 1 => Just(vec![])];
+            let more = vec(
+                select(vec![
+                    r#""user_id":"u1""#,
+                    r#""session_id":null"#,
+                    r#""timestamp":"2025-12-16T10:00:00Z""#,
+                    r#""occurred_at":"2024-01-15T10:30:00.5+02:00""#,
+                    r#""properties":{"page":"/","n":[1,2.5]}"#,
+                    r#""metadata":null"#,
+                ]),
+                0..3,
+            );
+            let odd = vec(
+                (
+                    prop_oneof![3 => "\"[a-z]{1,3}\"".boxed(), 1 => key().boxed()],
+                    text(),
+                ),
+                0..3,
+            );
+            (id, event_type, more, odd, any::<bool>()).prop_map(
+                |(id, event_type, more, odd, odd_first)| {
+                    let mut members: Vec<String> = id
+                        .into_iter()
+                        .chain(event_type)
+                        .chain(more)
+                        .map(str::to_owned)
+                        .collect();
+                    let odd = odd.into_iter().map(|(k, v)| format!("{k}:{v}"));
+                    if odd_first {
+                        members.splice(0..0, odd);
+                    } else {
+                        members.extend(odd);
+                    }
+                    format!("{{{}}}", members.join(","))
+                },
+            )
+        }
+
+        fn check_single(text: &str, header: Option<&str>) -> Result<(), TestCaseError> {
+            let Some(fast) = fast::usable(text.as_bytes()).and_then(|t| fast::single(t, header, 7))
+            else {
+                return Ok(());
+            };
+            match single_by_value(text.as_bytes(), header, 7) {
+                Ok(reference) => {
+                    if let Err(diff) = same(text, &fast, &reference) {
+                        prop_assert!(false, "{text}: {diff}");
+                    }
+                }
+                Err(e) => prop_assert!(
+                    false,
+                    "{text}: the fast path answered, the reference path said {e:?}"
+                ),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn single_events_are_answered_as_the_reference_answers(
+                text in prop_oneof![4 => event(), 1 => text()],
+                header in prop_oneof![Just(None), Just(Some("hdr")), Just(Some(""))],
+            ) {
+                check_single(&text, header)?;
+            }
+
+            #[test]
+            fn batches_are_answered_as_the_reference_answers(
+                events in vec(prop_oneof![3 => event(), 1 => text()], 0..4),
+                extra in proptest::option::of((key(), text())),
+                max in 0usize..4,
+            ) {
+                let mut body = format!("{{\"events\":[{}]", events.join(","));
+                if let Some((k, v)) = extra {
+                    body.push_str(&format!(",{k}:{v}"));
+                }
+                body.push('}');
+                let Some(fast) = fast::usable(body.as_bytes()).and_then(|t| fast::batch(t, max, 7)) else {
+                    return Ok(());
+                };
+                let reference = batch_by_value(body.as_bytes(), max, 7);
+                match (&fast, &reference) {
+                    (f, Ok(r)) => {
+                        prop_assert_eq!(f.len(), r.len());
+                        for ((f, r), object) in f.iter().zip(r).zip(&events) {
+                            if let Err(diff) = same(object, f, r) {
+                                prop_assert!(false, "{body}: {diff}");
+                            }
+                        }
+                    }
+                    (_, Err(r)) => prop_assert!(false, "{body}: the fast path answered, the reference path said {r:?}"),
+                }
+            }
+        }
     }
 }

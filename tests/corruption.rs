@@ -136,7 +136,7 @@ fn build_template(seed: u64) -> Template {
                     .expect("template body is JSON")
                     .expect("template body is a valid event");
                 group.push(NewEvent {
-                    record: WalRecord::new("default", &event, now),
+                    record: WalRecord::new("default", event, now),
                 });
                 bodies.insert(id.clone(), body);
                 ids.push(id);

@@ -102,15 +102,13 @@ impl Actor for Receiver {
         let mut slots = Vec::new();
         for (index, candidate) in candidates.into_iter().enumerate() {
             match candidate {
-                Ok(e) => {
-                    let event_id = match e.body.get("event_id") {
-                        Some(serde_json::Value::String(id)) => id.clone(),
-                        _ => e.key.clone(),
-                    };
-                    verdicts.push(Verdict::Accepted { event_id });
+                Ok(mut e) => {
+                    verdicts.push(Verdict::Accepted {
+                        event_id: std::mem::take(&mut e.event_id),
+                    });
                     slots.push(index);
                     events.push(NewEvent {
-                        record: WalRecord::new(&request.source, &e, request.received_at_ms),
+                        record: WalRecord::new(&request.source, e, request.received_at_ms),
                     });
                 }
                 Err(field) => verdicts.push(Verdict::Rejected(field)),
