@@ -201,6 +201,7 @@ fn analytics_apply(c: &mut Criterion) {
             }
         })
         .collect();
+    let facts: Vec<&Facts> = facts.iter().collect();
     // Steady state: the same users and days already have aggregates.
     let mut kv = MapKv::default();
     analytics::apply(&mut kv, &facts, NOW_MS, 1).unwrap();

@@ -475,7 +475,7 @@ fn add<K: KvWrite>(kv: &mut K, k: &[u8], n: u64) -> Result<(), K::Error> {
 /// it is new.
 pub fn apply<K: KvWrite>(
     kv: &mut K,
-    facts: &[Facts],
+    facts: &[&Facts],
     now_ms: i64,
     batch: u64,
 ) -> Result<(), K::Error> {
@@ -1614,7 +1614,12 @@ mod tests {
         ];
         let facts: Vec<Facts> = records.iter().map(|r| Facts::of(r, now, wanted)).collect();
         let mut map = BTreeMap::new();
-        let Ok(()) = apply(&mut MapTx(&mut map), &facts, now, 1);
+        let Ok(()) = apply(
+            &mut MapTx(&mut map),
+            &facts.iter().collect::<Vec<_>>(),
+            now,
+            1,
+        );
         let kv = MapRead(&map);
 
         let now_minute = now.div_euclid(MS_PER_MINUTE);

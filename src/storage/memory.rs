@@ -186,7 +186,7 @@ impl Storage for MemoryStorage {
             }
             if let Some(f) = f {
                 *g.counts.entry(f.event_type.clone()).or_default() += 1;
-                facts.push(f.clone());
+                facts.push(f);
             }
         }
         let Ok(()) = analytics::apply(&mut MapTx(&mut g.aggregates), &facts, ack.now_ms, ack.upto);

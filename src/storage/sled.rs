@@ -1591,7 +1591,7 @@ impl Storage for Store {
                 && let Some(f) = f
             {
                 *added.entry(f.event_type.as_str()).or_default() += 1;
-                facts.push(f.clone());
+                facts.push(f);
             }
         }
         (
