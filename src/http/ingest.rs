@@ -94,18 +94,15 @@ where
 }
 
 fn single_answer(verdicts: Vec<Verdict>) -> Result<Response, Rejection> {
-    let reply = |status, body| {
-        Ok(warp::reply::with_status(warp::reply::json(&body), status).into_response())
+    // Written straight from the typed answer: no map of JSON values built
+    // for every request.
+    let reply = |status, verdict: &Verdict| {
+        let body = warp::reply::json(&VerdictAnswer::from(verdict));
+        Ok(warp::reply::with_status(body, status).into_response())
     };
     match verdicts.into_iter().next() {
-        Some(Verdict::Accepted { event_id }) => reply(
-            StatusCode::ACCEPTED,
-            json!({"status": "accepted", "event_id": event_id}),
-        ),
-        Some(Verdict::Duplicate { event_id }) => reply(
-            StatusCode::OK,
-            json!({"status": "duplicate", "event_id": event_id}),
-        ),
+        Some(v @ Verdict::Accepted { .. }) => reply(StatusCode::ACCEPTED, &v),
+        Some(v @ Verdict::Duplicate { .. }) => reply(StatusCode::OK, &v),
         Some(Verdict::InProgress { event_id }) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "in_progress",
