@@ -27,16 +27,7 @@ const RECEIVED_AT_MS: i64 = 1_765_879_200_000;
 
 /// The fields of the event contract; a rejection names one of them
 /// (`""` for an event that is not an object at all).
-const FIELDS: &[&str] = &[
-    "event_id",
-    "event_type",
-    "user_id",
-    "session_id",
-    "timestamp",
-    "occurred_at",
-    "metadata",
-    "properties",
-];
+const FIELDS: &[&str] = &event::FIELDS;
 
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
