@@ -205,10 +205,14 @@ pub fn validate(
 /// One field the contract checks, as an event object holds it.
 #[derive(Debug, Default, Clone, PartialEq)]
 enum Found<'a> {
+    /// No such member: optional fields may be left out.
     #[default]
     Absent,
+    /// `null`: absent to the optional members, a wrong type to `event_type`.
     Null,
+    /// A string, borrowed from the body unless it had escapes.
     Text(Cow<'a, str>),
+    /// An object: what `metadata` and `properties` must be.
     Object,
     /// A number, a boolean or an array.
     Other,
@@ -239,13 +243,21 @@ impl Found<'_> {
 /// the object is passed on untouched.
 #[derive(Debug, Default)]
 struct Fields<'a> {
+    /// The idempotency key unless a header gives one.
     event_id: Found<'a>,
+    /// Required: what the built-in counters group by.
     event_type: Found<'a>,
+    /// Optional string: DAU, retention and trends count users by it.
     user_id: Found<'a>,
+    /// Optional string: the minute windows count sessions by it.
     session_id: Found<'a>,
+    /// Optional RFC 3339 time of the event.
     timestamp: Found<'a>,
+    /// The same, under the other seeds' name; it wins over `timestamp`.
     occurred_at: Found<'a>,
+    /// Optional object; analytics read `page` from it.
     metadata: Found<'a>,
+    /// The same, under the other seeds' name.
     properties: Found<'a>,
     /// The object has an `event_id` member at all (null included): filling
     /// one in must then replace it, not add a second.
@@ -254,10 +266,13 @@ struct Fields<'a> {
 
 /// What [`Fields::check`] found valid.
 struct Checked {
+    /// The idempotency key: the header's, else the body's `event_id`.
     key: String,
     /// The body's own `event_id`, if it has one.
     event_id: Option<String>,
+    /// The event's type.
     event_type: String,
+    /// When it happened: its own time, else the receipt time.
     occurred_at_ms: i64,
 }
 
@@ -318,7 +333,7 @@ impl<'a> Fields<'a> {
         let event_type = match &self.event_type {
             Found::Text(t) => {
                 check_len("event_type", t, MAX_EVENT_TYPE_CHARS)?;
-                t.clone().into_owned()
+                t.as_ref().to_owned()
             }
             Found::Absent => return Err(FieldError::new("event_type", "is required")),
             _ => return Err(FieldError::new("event_type", "must be a string")),

@@ -117,6 +117,7 @@ impl<'de> Deserialize<'de> for Fields<'de> {
     }
 }
 
+/// Reads an event object into [`Fields`], member by member.
 struct FieldsVisitor;
 
 impl<'de> Visitor<'de> for FieldsVisitor {
@@ -150,6 +151,7 @@ impl<'de> Deserialize<'de> for Envelope<'de> {
     }
 }
 
+/// Reads a batch's envelope into [`Envelope`].
 struct EnvelopeVisitor;
 
 impl<'de> Visitor<'de> for EnvelopeVisitor {
@@ -185,6 +187,7 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
+/// Reads a member name into [`Key`].
 struct KeyVisitor;
 
 impl<'de> Visitor<'de> for KeyVisitor {
@@ -209,6 +212,7 @@ impl<'de> Deserialize<'de> for Found<'de> {
     }
 }
 
+/// Reads one checked member's value into [`Found`].
 struct FoundVisitor;
 
 impl<'de> Visitor<'de> for FoundVisitor {
@@ -257,9 +261,9 @@ impl<'de> Visitor<'de> for FoundVisitor {
     }
 }
 
-/// Any JSON value, parsed as `serde_json::Value` parses it (unlike
-/// [`serde::de::IgnoredAny`], which skims numbers and escapes unchecked), and then
-/// dropped.
+/// Any JSON value, parsed as `serde_json::Value` parses it and then
+/// dropped (unlike [`serde::de::IgnoredAny`], which skims numbers and
+/// escapes unchecked).
 struct Valid;
 
 impl Valid {
@@ -280,6 +284,7 @@ impl<'de> Deserialize<'de> for Valid {
     }
 }
 
+/// Takes any value for [`Valid`].
 struct ValidVisitor;
 
 impl<'de> Visitor<'de> for ValidVisitor {
