@@ -211,7 +211,7 @@ async fn claim(context: &Arc<Context>, mut group: Vec<AppendRequest>) -> Claimed
 async fn store(context: Arc<Context>, claimed: Claimed) {
     let context = &context;
     let Claimed {
-        group,
+        mut group,
         events,
         redis_keys,
         claims,
@@ -334,8 +334,9 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         context.names.cast(BATCHER, BatcherMsg::Appended(last_seq));
     }
     let mut outcomes = outcomes.into_iter();
-    for mut request in group {
-        let (mut accepted, mut duplicates) = (0, 0);
+    let (mut accepted, mut duplicates) = (0, 0);
+    let mut latencies = Vec::with_capacity(group.len());
+    for request in &mut group {
         for (slot, outcome) in request.slots.iter().zip(&mut outcomes) {
             let verdict = &mut request.verdicts[*slot];
             let Verdict::Accepted { event_id } = verdict else {
@@ -357,11 +358,16 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
                 }
             }
         }
-        context.names.observe(Observation::Ingested {
-            accepted,
-            duplicates,
-            seconds: request.received.elapsed().as_secs_f64(),
-        });
+        latencies.push(request.received.elapsed().as_secs_f64());
+    }
+    // One observation for the group, not one per request: the Metrics
+    // actor's mailbox would otherwise take a message for every request.
+    context.names.observe(Observation::Ingested {
+        accepted,
+        duplicates,
+        latencies,
+    });
+    for request in group {
         let _ = request.reply.send(Ok(request.verdicts));
     }
 }

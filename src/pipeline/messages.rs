@@ -175,11 +175,12 @@ pub enum DlqMsg {
 /// Something worth counting.
 #[derive(Debug, Clone)]
 pub enum Observation {
-    /// A request was answered: events accepted, duplicates, seconds since receipt.
+    /// A group commit answered its requests: events accepted, duplicates,
+    /// and each request's seconds from receipt to its answer.
     Ingested {
         accepted: u64,
         duplicates: u64,
-        seconds: f64,
+        latencies: Vec<f64>,
     },
     /// Events or requests rejected, by reason.
     Rejected { reason: &'static str, count: u64 },

@@ -361,11 +361,13 @@ impl Actor for Metrics {
                 Observation::Ingested {
                     accepted,
                     duplicates,
-                    seconds,
+                    latencies,
                 } => {
                     state.add("inletd_events_accepted_total", String::new(), accepted);
                     state.add("inletd_events_duplicate_total", String::new(), duplicates);
-                    state.ack_latency.observe(seconds);
+                    for seconds in latencies {
+                        state.ack_latency.observe(seconds);
+                    }
                     state.rate.add(now_ms(), accepted, 0);
                 }
                 Observation::Rejected { reason, count } => {
