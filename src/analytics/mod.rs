@@ -10,7 +10,8 @@
 //! traits. This module owns them and names no store: each store implements
 //! them with its own error type, which the queries hand back as they got
 //! it (storage depends on analytics, not the reverse). Everything is on
-//! disk; memory does not grow with users or days.
+//! disk; memory does not grow with users or days (the cache of members
+//! known to be stored, [`Known`], has a fixed bound).
 //! A batch is aggregated in memory first: each counter is written once per
 //! batch, each set member (user-day, first seen, cohort, a minute's users
 //! and sessions) read once and written only when it is new.
@@ -467,18 +468,80 @@ fn add<K: KvWrite>(kv: &mut K, k: &[u8], n: u64) -> Result<(), K::Error> {
     kv.put(k, &(now + n).to_be_bytes())
 }
 
+/// Set members that the store is known to hold: a user's active days
+/// (`U`), a minute's users and sessions (`m`), and each user's first time
+/// (`F`). [`apply`] reads a member from the store only when it is not here,
+/// so that a batch of users seen before costs no read of the store for
+/// them (a read inside sled's transaction is most of what a batch's
+/// analytics cost). The store fills it after each batch whose commit
+/// succeeded ([`Known::learn`]), never from a transaction that may still be
+/// run again or abort, and empties what it removes ([`Known::forget_minutes`]
+/// after a prune). It is a cache: empty after a start, emptied when full.
+#[derive(Debug, Default)]
+pub struct Known {
+    /// Keys of `U` and `m` entries in the store.
+    present: HashSet<Vec<u8>>,
+    /// A user (as in keys) → its `F` value in the store.
+    first_seen: HashMap<Vec<u8>, i64>,
+}
+
+impl Known {
+    /// Most members kept (about 80 B each, so about 2.5 MiB): past it the
+    /// cache starts over rather than grow with the number of users.
+    pub const CAPACITY: usize = 32_768;
+
+    /// Keeps what a committed batch found or wrote.
+    pub fn learn(&mut self, learned: Learned) {
+        let size = self.present.len() + self.first_seen.len();
+        if size + learned.present.len() + learned.first_seen.len() > Self::CAPACITY {
+            self.present.clear();
+            self.first_seen.clear();
+        }
+        self.present.extend(learned.present);
+        self.first_seen.extend(learned.first_seen);
+    }
+
+    /// Forgets every minute's members: a prune has removed some of them.
+    pub fn forget_minutes(&mut self) {
+        self.present.retain(|k| k.first() != Some(&b'm'));
+    }
+
+    /// Members known, for tests.
+    pub fn len(&self) -> usize {
+        self.present.len() + self.first_seen.len()
+    }
+
+    /// Whether nothing is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What one [`apply`] found in the store or wrote there that its [`Known`]
+/// did not hold: for [`Known::learn`] once the batch is committed.
+#[derive(Debug, Default)]
+pub struct Learned {
+    /// `U` and `m` keys now in the store.
+    present: Vec<Vec<u8>>,
+    /// Users' `F` values now in the store.
+    first_seen: Vec<(Vec<u8>, i64)>,
+}
+
 /// Applies a batch of processed events to the aggregates. `now_ms` decides
 /// which events are recent enough for the rolling-window buckets; `batch`
 /// (the batch's last seq) names its `A` records. The batch is aggregated
 /// in memory first: a counter is written once per batch, and a set member
 /// (user-day, first seen, cohort, a minute's users and sessions) only when
-/// it is new.
+/// it is new; a member in `known` is not read at all. Answers what the
+/// batch taught that `known` did not hold.
 pub fn apply<K: KvWrite>(
     kv: &mut K,
     facts: &[&Facts],
     now_ms: i64,
     batch: u64,
-) -> Result<(), K::Error> {
+    known: &Known,
+) -> Result<Learned, K::Error> {
+    let mut learned = Learned::default();
     // Sum what can be summed before touching the store: one write per key.
     let mut per_type_day: HashMap<(i32, &str), u64> = HashMap::new();
     let mut per_type_hour: HashMap<(i64, &str), u64> = HashMap::new();
@@ -589,17 +652,25 @@ pub fn apply<K: KvWrite>(
     }
     for (minute, kind, id) in &minute_members {
         let k = key(&[b"m", &i64_key(*minute), &[*kind], id]);
+        if known.present.contains(&k) {
+            continue;
+        }
         if kv.get(&k)?.is_none() {
             kv.put(&k, &[])?;
         }
+        learned.present.push(k);
     }
     let mut new_dau: BTreeMap<i32, u64> = BTreeMap::new();
     for (user, day) in &user_days {
         let active = key(&[b"U", user, &day_key(*day)]);
+        if known.present.contains(&active) {
+            continue;
+        }
         if kv.get(&active)?.is_none() {
             kv.put(&active, &[])?;
             *new_dau.entry(*day).or_default() += 1;
         }
+        learned.present.push(active);
     }
     for (day, n) in new_dau {
         add(kv, &key(&[b"D", &day_key(day)]), n)?;
@@ -616,27 +687,38 @@ pub fn apply<K: KvWrite>(
     }
     for (user, at) in &earliest {
         let (at, day) = (*at, day_of(*at));
+        let cached = known.first_seen.get(user).copied();
+        if cached.is_some_and(|first| first <= at) {
+            continue;
+        }
         let first_key = key(&[b"F", user]);
-        let first = kv
-            .get(&first_key)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(i64::from_be_bytes);
+        let first = match cached {
+            Some(first) => Some(first),
+            None => kv
+                .get(&first_key)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map(i64::from_be_bytes),
+        };
         match first {
-            Some(first) if first <= at => {}
+            Some(first) if first <= at => {
+                learned.first_seen.push((user.clone(), first));
+            }
             Some(first) => {
                 kv.put(&first_key, &at.to_be_bytes())?;
                 if day_of(first) != day {
                     kv.remove(&key(&[b"C", &day_key(day_of(first)), user]))?;
                     kv.put(&key(&[b"C", &day_key(day), user]), &[])?;
                 }
+                learned.first_seen.push((user.clone(), at));
             }
             None => {
                 kv.put(&first_key, &at.to_be_bytes())?;
                 kv.put(&key(&[b"C", &day_key(day), user]), &[])?;
+                learned.first_seen.push((user.clone(), at));
             }
         }
     }
-    Ok(())
+    Ok(learned)
 }
 
 /// The key ranges of rolling-window buckets older than `before_ms` (the
@@ -1614,11 +1696,12 @@ mod tests {
         ];
         let facts: Vec<Facts> = records.iter().map(|r| Facts::of(r, now, wanted)).collect();
         let mut map = BTreeMap::new();
-        let Ok(()) = apply(
+        let Ok(_) = apply(
             &mut MapTx(&mut map),
             &facts.iter().collect::<Vec<_>>(),
             now,
             1,
+            &Known::default(),
         );
         let kv = MapRead(&map);
 
@@ -1680,5 +1763,155 @@ mod tests {
         assert!(check_range(5, 4).is_err());
         assert!(check_range(0, 366).is_err());
         assert!(check_range(0, 365).is_ok());
+    }
+
+    /// What `Known` lets `apply` skip changes nothing it writes: batches
+    /// applied with the members learnt from the batches committed before
+    /// leave the same aggregates as batches applied reading every member.
+    /// Some commits fail (they write and teach nothing), restarts forget
+    /// everything, prunes remove old minutes, and events come out of order
+    /// in time (a user's first time moves earlier).
+    mod known {
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use crate::storage::memory::MapTx;
+
+        const NOW: i64 = 1_700_000_000_000;
+
+        fn facts() -> impl Strategy<Value = Facts> {
+            (
+                0..3usize,
+                proptest::option::of(0..5u8),
+                proptest::option::of(0..3u8),
+                prop_oneof![0..120_000i64, 0..2 * MS_PER_HOUR, 0..3 * MS_PER_DAY],
+            )
+                .prop_map(|(t, user, session, age)| Facts {
+                    event_type: ["a", "b", "page_view"][t].to_owned(),
+                    occurred_at_ms: NOW - age,
+                    user_id: user.map(|u| format!("u{u}")),
+                    session_id: session.map(|s| format!("s{s}")),
+                    page: (t == 2).then(|| "/p".to_owned()),
+                    latency_ms: 3,
+                    sums: Vec::new(),
+                    windows: Vec::new(),
+                })
+        }
+
+        /// One step: a batch (processed at `advance` ms on, kept or lost
+        /// when it commits), or a prune of the old minutes.
+        #[derive(Debug, Clone)]
+        enum Step {
+            Batch {
+                facts: Vec<Facts>,
+                advance: i64,
+                committed: bool,
+            },
+            Prune,
+            /// The store reopens: it knows nothing, but holds everything.
+            Restart,
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                6 => (
+                    proptest::collection::vec(facts(), 1..12),
+                    0..20 * MS_PER_MINUTE,
+                    proptest::bool::weighted(0.9),
+                )
+                    .prop_map(|(facts, advance, committed)| Step::Batch {
+                        facts,
+                        advance,
+                        committed,
+                    }),
+                1 => Just(Step::Prune),
+                1 => Just(Step::Restart),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            #[test]
+            fn known_members_change_no_aggregate(steps in proptest::collection::vec(step(), 1..40)) {
+                let mut read_all = BTreeMap::new();
+                let mut cached = BTreeMap::new();
+                let mut known = Known::default();
+                let mut now = NOW;
+                let mut learnt_any = false;
+                for (i, step) in steps.iter().enumerate() {
+                    match step {
+                        Step::Batch { facts, advance, committed } => {
+                            now += advance;
+                            let facts: Vec<&Facts> = facts.iter().collect();
+                            let batch = i as u64 + 1;
+                            if *committed {
+                                let Ok(_) = apply(&mut MapTx(&mut read_all), &facts, now, batch, &Known::default());
+                                let Ok(learned) = apply(&mut MapTx(&mut cached), &facts, now, batch, &known);
+                                learnt_any |= !learned.present.is_empty() || !learned.first_seen.is_empty();
+                                known.learn(learned);
+                            } else {
+                                // A commit that fails writes nothing, and what
+                                // it learnt is dropped.
+                                let mut aborted = cached.clone();
+                                let Ok(_) = apply(&mut MapTx(&mut aborted), &facts, now, batch, &known);
+                            }
+                        }
+                        Step::Prune => {
+                            let before = now - WINDOW_RETENTION_MINUTES * MS_PER_MINUTE;
+                            for map in [&mut read_all, &mut cached] {
+                                for (from, to) in stale_window_ranges(before) {
+                                    map.retain(|k: &Vec<u8>, _| !(k.as_slice() >= from.as_slice() && k.as_slice() < to.as_slice()));
+                                }
+                            }
+                            known.forget_minutes();
+                        }
+                        Step::Restart => known = Known::default(),
+                    }
+                    prop_assert_eq!(&cached, &read_all, "after step {}", i);
+                }
+                // A case in which the cache never held anything proves
+                // nothing: it is rejected (proptest gives up if many are).
+                prop_assume!(learnt_any);
+            }
+        }
+
+        #[test]
+        fn a_full_cache_starts_over_and_a_prune_forgets_only_minutes() {
+            let mut known = Known::default();
+            let mut map = BTreeMap::new();
+            let one = Facts {
+                event_type: "a".into(),
+                occurred_at_ms: NOW,
+                user_id: Some("u".into()),
+                session_id: Some("s".into()),
+                page: None,
+                latency_ms: 1,
+                sums: Vec::new(),
+                windows: Vec::new(),
+            };
+            let Ok(learned) = apply(&mut MapTx(&mut map), &[&one], NOW, 1, &known);
+            known.learn(learned);
+            // U, F, and the minute's user and session.
+            assert_eq!(known.len(), 4);
+            known.forget_minutes();
+            assert_eq!(known.len(), 2);
+            let Ok(learned) = apply(&mut MapTx(&mut map), &[&one], NOW, 2, &known);
+            // The minute's members were read again, the rest was not.
+            assert_eq!((learned.present.len(), learned.first_seen.len()), (2, 0));
+            known.learn(learned);
+            let many = Learned {
+                present: (0..Known::CAPACITY)
+                    .map(|i| i.to_be_bytes().to_vec())
+                    .collect(),
+                first_seen: Vec::new(),
+            };
+            known.learn(many);
+            assert_eq!(
+                known.len(),
+                Known::CAPACITY,
+                "started over, then took the new ones"
+            );
+        }
     }
 }

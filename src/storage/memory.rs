@@ -189,7 +189,14 @@ impl Storage for MemoryStorage {
                 facts.push(f);
             }
         }
-        let Ok(()) = analytics::apply(&mut MapTx(&mut g.aggregates), &facts, ack.now_ms, ack.upto);
+        // The reference model reads every member: it knows nothing ahead.
+        let Ok(_) = analytics::apply(
+            &mut MapTx(&mut g.aggregates),
+            &facts,
+            ack.now_ms,
+            ack.upto,
+            &analytics::Known::default(),
+        );
         for (seq, entry) in &ack.dead {
             if *seq <= cursor {
                 continue;

@@ -41,6 +41,12 @@
 //!   and their index slots.
 //! - A key accepted again after it expired lives in two groups; the newer
 //!   answers, and sweeping the older does not count it.
+//! - **Analytics' set members are cached too**: the sled store keeps the
+//!   user-days, first times and minute members that committed batches
+//!   found or wrote ([`crate::analytics::Known`], at most 32,768, about
+//!   2.5 MiB), so a batch reads sled only for members it has not seen. It
+//!   learns only after a commit succeeds (sled may run a transaction's
+//!   closure again) and is empty after a start.
 //!
 //! A segment is removed once the cursor has passed its last seq; records
 //! at or below the cursor inside a segment that is still there count as

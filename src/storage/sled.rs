@@ -115,6 +115,10 @@ struct Store {
     idempotency: parking_lot::Mutex<Idempotency>,
     /// Syncs the files that sled's flush leaves in the page cache.
     disk: DiskSync,
+    /// Set members of `aggregates` known to be there, so that a batch
+    /// commit does not read them again (see [`analytics::Known`]): learnt
+    /// only after a commit succeeds, under `write_lock`.
+    known: parking_lot::Mutex<analytics::Known>,
 }
 
 /// The mark on disk, as this store last wrote it.
@@ -731,6 +735,7 @@ impl Store {
             queue_bytes: AtomicU64::new(0),
             dlq_len: AtomicU64::new(0),
             idempotency: parking_lot::Mutex::new(Idempotency::new()),
+            known: parking_lot::Mutex::new(analytics::Known::default()),
         };
         without_panic(dir, || store.load())?;
         without_panic(dir, || store.check_mark())?;
@@ -1585,6 +1590,7 @@ impl Storage for Store {
             .map(|(_, e)| encode_record(e))
             .collect();
         let mut added: std::collections::BTreeMap<&str, u64> = Default::default();
+        let mut known = self.known.lock();
         let mut facts = Vec::with_capacity(ack.processed.len());
         for (seq, f) in &ack.processed {
             if *seq > cursor
@@ -1613,7 +1619,8 @@ impl Storage for Store {
                     // segment gave.
                     gauge.bytes = 0;
                 }
-                analytics::apply(&mut TxKv(aggregates), &facts, ack.now_ms, ack.upto)?;
+                let learned =
+                    analytics::apply(&mut TxKv(aggregates), &facts, ack.now_ms, ack.upto, &known)?;
                 for (t, n) in &added {
                     let now = u64_of(counts.get(t.as_bytes())?);
                     counts.insert(t.as_bytes(), &(now + n).to_be_bytes())?;
@@ -1621,12 +1628,14 @@ impl Storage for Store {
                 let dlq_len = Self::put_dlq(dlq, meta, &dead)?;
                 meta.insert(CURSOR, &new_cursor.to_be_bytes())?;
                 meta.insert(QUEUE_BYTES, &gauge.stored(last_seq))?;
-                Ok::<_, ConflictableTransactionError<StorageError>>((gauge.bytes, dlq_len))
+                Ok::<_, ConflictableTransactionError<StorageError>>((gauge.bytes, dlq_len, learned))
             })
             .map_err(tx_err)
-            .map(|(bytes, dlq_len)| {
+            .map(|(bytes, dlq_len, learned)| {
                 self.queue_bytes.store(bytes, Ordering::SeqCst);
                 self.dlq_len.store(dlq_len, Ordering::SeqCst);
+                // Only now: sled may have run the closure more than once.
+                known.learn(learned);
             })?;
         self.last_seq.fetch_max(ack.upto, Ordering::SeqCst);
         self.committed.fetch_max(new_cursor, Ordering::SeqCst);
@@ -1752,6 +1761,12 @@ impl Storage for Store {
                 self.aggregates.remove(k.map_err(io)?).map_err(io)?;
                 removed += 1;
             }
+        }
+        // Some minutes' members are gone: none may be taken as there. (A
+        // batch committing meanwhile may teach one back: its minute is older
+        // than the window, and no later batch writes to it.)
+        if removed > 0 {
+            self.known.lock().forget_minutes();
         }
         Ok(removed)
     }
