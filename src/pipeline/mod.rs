@@ -188,10 +188,18 @@ impl Status {
     }
 }
 
-/// Registry names of one pipeline's actors.
+/// Registry names of one pipeline's actors, and the actor last found for
+/// each role.
 #[derive(Debug, Clone)]
 pub struct Names {
+    /// Makes the names unique within the process.
     prefix: String,
+    /// Each role's actor as last found in the registry (shared by clones):
+    /// used while it runs, so that a message on the request path costs no
+    /// name built and looked up. ractor takes an actor out of the registry
+    /// as it starts to stop, so one that is stopping or stopped is looked
+    /// up again, and its restarted successor found.
+    found: Arc<[parking_lot::Mutex<Option<ractor::ActorCell>>; ROLES]>,
 }
 
 impl Names {
@@ -200,6 +208,7 @@ impl Names {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         Names {
             prefix: format!("inletd{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+            found: Arc::new(std::array::from_fn(|_| parking_lot::Mutex::new(None))),
         }
     }
 
@@ -210,7 +219,14 @@ impl Names {
 
     /// The live actor playing `role`, if any.
     pub fn find<M: Message>(&self, role: Role<M>) -> Option<ActorRef<M>> {
-        ActorRef::where_is(self.of(role.name))
+        let mut found = self.found[role.slot].lock();
+        if let Some(cell) = found.as_ref()
+            && cell.get_status() < ractor::ActorStatus::Stopping
+        {
+            return Some(cell.clone().into());
+        }
+        *found = ractor::registry::where_is(self.of(role.name));
+        found.clone().map(Into::into)
     }
 
     /// Sends `msg` to `role`; a missing actor (mid-restart) drops it.
@@ -226,19 +242,25 @@ impl Names {
     }
 }
 
+/// How many roles there are: [`Names`] keeps one actor for each.
+const ROLES: usize = 6;
+
 /// An actor's role: the suffix of its registry name, and the messages it
 /// takes, so that a lookup can only ask for the type the actor has.
 pub struct Role<M> {
     /// The registry name suffix (and the `actor` label of restarts).
     pub name: &'static str,
+    /// Its place in [`Names`]' actors found (below [`ROLES`]).
+    slot: usize,
     /// The actor's message type.
     messages: PhantomData<fn() -> M>,
 }
 
 impl<M> Role<M> {
-    const fn new(name: &'static str) -> Self {
+    const fn new(name: &'static str, slot: usize) -> Self {
         Role {
             name,
+            slot,
             messages: PhantomData,
         }
     }
@@ -253,12 +275,12 @@ impl<M> Clone for Role<M> {
 impl<M> Copy for Role<M> {}
 
 /// The actors' roles.
-pub const RECEIVER: Role<ReceiverMsg> = Role::new("receiver");
-pub const DEDUPER: Role<DeduperMsg> = Role::new("deduper");
-pub const BATCHER: Role<BatcherMsg> = Role::new("batcher");
-pub const PROCESSOR: Role<ProcessorMsg> = Role::new("processor");
-pub const DLQ: Role<DlqMsg> = Role::new("dlq");
-pub const METRICS: Role<MetricsMsg> = Role::new("metrics");
+pub const RECEIVER: Role<ReceiverMsg> = Role::new("receiver", 0);
+pub const DEDUPER: Role<DeduperMsg> = Role::new("deduper", 1);
+pub const BATCHER: Role<BatcherMsg> = Role::new("batcher", 2);
+pub const PROCESSOR: Role<ProcessorMsg> = Role::new("processor", 3);
+pub const DLQ: Role<DlqMsg> = Role::new("dlq", 4);
+pub const METRICS: Role<MetricsMsg> = Role::new("metrics", 5);
 
 /// What a reload (SIGHUP) may change, swapped as a whole: readers take
 /// one snapshot per message or request and see a consistent set.
