@@ -58,7 +58,13 @@ pub async fn serve(
         let service = service.clone();
         let per_request = hyper::service::service_fn(
             move |mut request: hyper::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(PeerAddr(peer));
+                // Only the admin API reads it (its loopback check), and a
+                // request's first extension allocates their map: a path that
+                // can reach that API names it. Any other goes without, and
+                // the check, finding none, refuses.
+                if request.uri().path().contains("admin") {
+                    request.extensions_mut().insert(PeerAddr(peer));
+                }
                 let mut service = service.clone();
                 service.call(request)
             },
