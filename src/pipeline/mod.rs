@@ -9,8 +9,9 @@
 //! and every call to an actor go through it.
 //!
 //! Actors find each other by name in ractor's registry, so a restarted
-//! actor is reachable under the same name. Names carry a per-pipeline
-//! prefix so that several pipelines can live in one process (tests).
+//! actor is reachable under the same name ([`Names`] keeps the actor it
+//! found until that one stops). Names carry a per-pipeline prefix so that
+//! several pipelines can live in one process (tests).
 
 pub mod batcher;
 mod breaker;
