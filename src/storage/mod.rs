@@ -32,7 +32,8 @@
 //!
 //! - **The idempotency index lives in memory** (`index.rs`): a 32-bit tag
 //!   of each key's fingerprint and a 32-bit group id in 8 bytes a slot,
-//!   9.1–11.4 bytes a key (it grows by a quarter). A tag hit is confirmed against the group's stored
+//!   9.1–11.4 bytes a key (64 parts, each grows by a quarter on its own,
+//!   so a growth holds a part twice, not the table). A tag hit is confirmed against the group's stored
 //!   key list (one sled read, cached for the call), so a collision never
 //!   drops an event. Fingerprints are SipHash with per-process random keys:
 //!   clients cannot choose keys that collide.
