@@ -50,6 +50,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Run => {
+            // Before the runtime starts its threads.
+            inletd::allocator::keep_large_buffers_mapped();
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let ran = runtime.block_on(async {
                 let signal = inletd::shutdown::on_signal().context("installing signal handlers")?;
