@@ -32,10 +32,12 @@
 //!
 //! - **The idempotency index lives in memory** (`index.rs`): a 32-bit tag
 //!   of each key's fingerprint and a 32-bit group id in 8 bytes a slot,
-//!   9.1–11.4 bytes a key (64 parts, each grows by a quarter on its own,
-//!   so a growth holds a part twice, not the table). A tag hit is confirmed against the group's stored
-//!   key list (one sled read, cached for the call), so a collision never
-//!   drops an event. Fingerprints are SipHash with per-process random keys:
+//!   9.1–11.4 bytes a key. It is 64 parts, picked by 6 more bits of the
+//!   fingerprint, so a lookup compares 38 bits; each part grows by a
+//!   quarter on its own, so a growth holds a part twice, not the table.
+//!   A tag hit is confirmed against the group's stored key list (one sled
+//!   read, cached for the call), so a collision never drops an event; a
+//!   new key pays that read with odds keys / 2^38. Fingerprints are SipHash with per-process random keys:
 //!   clients cannot choose keys that collide.
 //! - **It is rebuilt at open** from every `idem_expiry` entry (the sweeper
 //!   drops expired ones), and **expiry drops whole groups**: their entry
