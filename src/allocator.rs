@@ -10,10 +10,10 @@
 //! that was a third of the daemon's peak RSS.
 //!
 //! Fixing the threshold keeps large buffers mapped, so freeing one gives its
-//! memory back at once. Measured (BENCHMARKS.md, "The allocator keeps large
-//! buffers mapped"): batches of 100 for 16 s, peak RSS 134–149 MiB against
-//! 199–206, at the same events/s and CPU per event; single events
-//! unchanged.
+//! memory back at once. Measured (BENCHMARKS.md, "Large buffers kept
+//! mapped, and the key index in parts"): with the index's parts, batches of
+//! 100 for 16 s peaked at 134–136 MiB against 199–206, at the same events/s
+//! and CPU per event; single events 32–35 MiB against 40–43.
 //!
 //! An operator's own `MALLOC_MMAP_THRESHOLD_` wins: inletd then leaves the
 //! setting alone. Other C libraries (musl) have no such threshold to set.
@@ -26,8 +26,9 @@ pub const MMAP_THRESHOLD: usize = 128 * 1024;
 const OPERATOR_SETTING: &str = "MALLOC_MMAP_THRESHOLD_";
 
 /// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`], unless the operator
-/// set one. Returns whether it set it. Call it first in `main`: `mallopt`
-/// must not race other threads' first allocations.
+/// set one. Returns whether it set it. Call it before any thread starts
+/// (`main` does, before the runtime): `mallopt` must not race other
+/// threads' allocations.
 pub fn keep_large_buffers_mapped() -> bool {
     if std::env::var_os(OPERATOR_SETTING).is_some() {
         return false;
