@@ -36,9 +36,9 @@
 const PART_BITS: u32 = 6;
 /// Parts in a table.
 const PARTS: usize = 1 << PART_BITS;
-/// The tag's bits that place a key within its part (the fingerprint's
-/// bits below the part's); the tag's other bits are the fingerprint's
-/// lowest.
+/// How many of the tag's bits place a key within its part (the
+/// fingerprint's bits below the part's); the tag's other bits are the
+/// fingerprint's lowest.
 const LOW_BITS: u32 = 32 - PART_BITS;
 /// The tag's bits that place a key within its part.
 const HOME_MASK: u64 = (1 << LOW_BITS) - 1;
@@ -51,14 +51,15 @@ const EMPTY: u64 = u64::MAX;
 /// The fingerprint table.
 #[derive(Debug, Clone)]
 pub struct KeyIndex {
-    /// The parts, picked by a tag's top bits.
+    /// The parts, picked by a fingerprint's top bits.
     parts: Vec<Part>,
     /// Grow by doubling (while a rebuild fills it: fewer moves), else by a
     /// quarter (less memory held).
     doubling: bool,
 }
 
-/// One part: an open-addressed table of the tags whose top bits chose it.
+/// One part: an open-addressed table of the keys whose fingerprints' top
+/// bits chose it.
 #[derive(Debug, Clone)]
 struct Part {
     /// `tag << 32 | group`, or [`EMPTY`].
