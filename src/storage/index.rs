@@ -1,5 +1,5 @@
-//! The idempotency index of storage format 3: which group commit may hold a
-//! key, in 8 bytes a slot.
+//! The idempotency index of storage format 3: which group (a key list
+//! entry a group commit wrote) may hold a key, in 8 bytes a slot.
 //!
 //! The durable truth is each group's packed key list in sled (`idem_expiry`);
 //! this table is derived from it, rebuilt at start, and only says where to

@@ -12,7 +12,7 @@
 //! | tree          | key                                   | value                                 |
 //! |---------------|---------------------------------------|---------------------------------------|
 //! | `wal`         | last seq of the segment (u64 BE)      | a segment: up to ~96 KiB of one group commit's records ([`encode_segment`]) |
-//! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys, front-coded ([`encode_key_list`]): the durable idempotency index |
+//! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys, front-coded ([`encode_key_list`]) in at most 7 KiB: the durable idempotency index |
 //! | `meta`        | `cursor`, `format_version`, `dlq_last`, `dlq_len`, `store_id` | u64 BE     |
 //! | `meta`        | `queue_bytes`                         | bytes waiting ‖ the last seq they count (u64 BE each) |
 //! | `counts`      | event type                            | u64 BE                                |
@@ -27,8 +27,8 @@
 //! an event for a packed record. Format 1 wrote three keys per event,
 //! format 2 one (the idempotency key). Format 3 writes none per event: a
 //! group commit writes its records as WAL segments (split so that no value
-//! passes sled's 128 KiB blob threshold), its keys as one `idem_expiry`
-//! entry, and the byte gauge. The log is the truth, the index is derived:
+//! passes sled's 128 KiB blob threshold), its keys as `idem_expiry`
+//! entries, and the byte gauge. The log is the truth, the index is derived:
 //!
 //! - **The idempotency index lives in memory** (`index.rs`): a 32-bit tag
 //!   of each key's fingerprint and a 32-bit group id in 8 bytes a slot,
@@ -39,6 +39,15 @@
 //!   read, cached for the call), so a collision never drops an event; a
 //!   new key pays that read with odds keys / 2^38. Fingerprints are SipHash with per-process random keys:
 //!   clients cannot choose keys that collide.
+//! - **A group is one `idem_expiry` entry**: a group commit whose keys
+//!   encode in more than 7 KiB (ids that share few bytes, such as random
+//!   ones) writes runs of consecutive seqs, each an entry and a group of
+//!   its own, named by its last seq. sled splits a leaf past 16 entries
+//!   and writes a page over 128 KiB as a blob file: small entries keep the
+//!   tree's leaves in the log, where sled's cache weighs them by size.
+//!   With one entry per commit, random ids made every leaf a blob that
+//!   lived as long as its keys (batches: peak RSS 1.3 times the budget,
+//!   and each flush that saw blobs change listed them all).
 //! - **It is rebuilt at open** from every `idem_expiry` entry (the sweeper
 //!   drops expired ones), and **expiry drops whole groups**: their entry
 //!   and their index slots.
@@ -73,16 +82,17 @@
 //!
 //! 1. **Check and append are one step.** Under the store's write lock,
 //!    [`Storage::append`] looks up each idempotency key (index, then the
-//!    stored key lists), writes the group's segments, then its key list,
+//!    stored key lists), writes the group's segments, then its key lists,
 //!    then the byte gauge naming the group's last seq, and only then adds
 //!    the keys to the index. Keys repeated inside one group are duplicates
 //!    of the first. A key older than the TTL counts as absent.
 //!    The three writes are plain inserts, not a sled transaction: each
 //!    transaction writes sled's log buffer out twice more, and that was a
 //!    quarter of a group commit's CPU. sled recovers a prefix of its log,
-//!    so a crash can leave only the last group unfinished (segments without
-//!    their key list or bytes); the next open finishes it from the
-//!    segments after the gauge's seq. Its events were never answered 202:
+//!    so a crash can leave only the last group commit unfinished (segments
+//!    without some of their key lists or bytes); the next open finishes it
+//!    from the segments after the gauge's seq, keying those past the last
+//!    key list written. Its events were never answered 202:
 //!    a client's retry then finds their keys and is a duplicate.
 //! 2. **Nothing is acknowledged to a client before [`Storage::flush`]
 //!    returns.** The Deduper writes a whole group of requests, flushes once

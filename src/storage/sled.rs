@@ -484,6 +484,70 @@ fn set_aside_start(note: &[u8]) -> Option<u64> {
 /// (`segment_size / 4` = 128 KiB) with room for the envelope and table.
 const SEGMENT_BYTES: usize = 96 * 1024;
 
+/// Most bytes of a key list entry. sled splits a leaf past 16 entries and
+/// writes a page over 128 KiB as a blob file: lists this small keep the
+/// leaves of `idem_expiry` under that, so its pages stay in the log,
+/// where sled's cache weighs them by their size. Larger lists made every
+/// leaf a blob that lived as long as its keys, and each flush that saw a
+/// blob come or go listed them all.
+const KEY_LIST_BYTES: usize = 7 * 1024;
+
+/// One `idem_expiry` entry a group commit writes.
+struct KeyListEntry {
+    /// Its keys' group: the commit's time, and the seq of its last key.
+    group: Group,
+    /// Its keys, as positions among the commit's accepted ones.
+    keys: std::ops::Range<usize>,
+    /// The encoded list (taken when written).
+    list: Vec<u8>,
+}
+
+/// The key list entries of a group commit whose accepted `keys` take the
+/// seqs after `start`, in order: runs of consecutive keys, each encoded in
+/// at most [`KEY_LIST_BYTES`] (a single key past it gets an entry of its
+/// own), each named by its own last seq. To the index and the sweep each
+/// entry is a group of its own; the crash repair (`finish_last_group`)
+/// keys every seq after the last entry written.
+fn key_list_entries(start: u64, now_ms: i64, keys: &[&[u8]]) -> Vec<KeyListEntry> {
+    let whole = encode_key_list(keys);
+    if whole.len() <= KEY_LIST_BYTES {
+        return vec![KeyListEntry {
+            group: Group {
+                first_seen_ms: now_ms,
+                last_seq: start + keys.len() as u64,
+            },
+            keys: 0..keys.len(),
+            list: whole,
+        }];
+    }
+    // Even runs sized from the whole list, each halved while too large.
+    let runs = whole.len().div_ceil(KEY_LIST_BYTES * 3 / 4);
+    let per = keys.len().div_ceil(runs).max(1);
+    let mut entries = Vec::with_capacity(runs + 1);
+    let mut pending: Vec<std::ops::Range<usize>> = Vec::new();
+    for from in (0..keys.len()).step_by(per).rev() {
+        pending.push(from..(from + per).min(keys.len()));
+    }
+    while let Some(run) = pending.pop() {
+        let list = encode_key_list(&keys[run.clone()]);
+        if list.len() > KEY_LIST_BYTES && run.len() > 1 {
+            let mid = run.start + run.len() / 2;
+            pending.push(mid..run.end);
+            pending.push(run.start..mid);
+            continue;
+        }
+        entries.push(KeyListEntry {
+            group: Group {
+                first_seen_ms: now_ms,
+                last_seq: start + run.end as u64,
+            },
+            keys: run,
+            list,
+        });
+    }
+    entries
+}
+
 /// About the bytes a record takes in a segment.
 fn record_estimate(r: &WalRecord) -> usize {
     r.body.len() + r.source.len() + r.key.len() + r.event_type.len() + 40
@@ -1423,24 +1487,24 @@ impl Storage for Store {
             return Ok(outcomes);
         }
         let records: Vec<&WalRecord> = accepted.iter().map(|&i| &events[i].record).collect();
-        let group = Group {
-            first_seen_ms: now_ms,
-            last_seq: seq,
-        };
-        let key_list = {
+        let mut entries = {
             let keys: Vec<&[u8]> = accepted.iter().map(|&i| keys_of[i].as_slice()).collect();
-            encode_key_list(&keys)
+            key_list_entries(start, now_ms, &keys)
         };
         // Plain inserts, not a transaction: each sled transaction writes
         // its log buffer out twice more (`pin_log`), waking sled's I/O
         // threads each time, and cost a quarter of the CPU of a group
         // commit. The order makes a crash between them harmless (invariant
-        // 1): segments, then the key list, then the gauge naming this
-        // group's last seq; `finish_last_group` writes what is missing.
-        // A write that fails leaves the store `unfinished` until reopened.
+        // 1): segments, then the key lists in seq order, then the gauge
+        // naming this group's last seq; `finish_last_group` writes what is
+        // missing. A write that fails leaves the store `unfinished` until
+        // reopened.
         let written = Self::put_segments(start, &records, |k, v| self.wal.insert(k, v).map(drop))
             .and_then(|(last, added)| {
-                self.expiry.insert(group.entry_key(), key_list)?;
+                for entry in &mut entries {
+                    self.expiry
+                        .insert(entry.group.entry_key(), std::mem::take(&mut entry.list))?;
+                }
                 let bytes = self.queue_bytes.load(Ordering::SeqCst) + added;
                 self.meta.insert(QUEUE_BYTES, &Gauge::value(bytes, last))?;
                 Ok((last, bytes))
@@ -1452,7 +1516,9 @@ impl Storage for Store {
         for (fp, id) in renewed {
             idem.index.remove(fp, id);
         }
-        idem.add(group, fingerprints);
+        for entry in entries {
+            idem.add(entry.group, fingerprints[entry.keys].iter().copied());
+        }
         self.last_seq.store(last, Ordering::SeqCst);
         self.committed.fetch_max(last, Ordering::SeqCst);
         self.queue_bytes.store(bytes, Ordering::SeqCst);
@@ -2209,6 +2275,55 @@ impl KvRead for SledStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keys that share their bytes fit one entry; keys that share none
+    /// (random ids) are cut into runs, each under the blob threshold,
+    /// covering every key once, in order, each named by its last seq.
+    #[test]
+    fn a_key_list_past_the_blob_threshold_is_cut_into_runs_of_seqs() {
+        let counting: Vec<Vec<u8>> = (0..1_000)
+            .map(|i| format!("default\0evt-{i:08}").into_bytes())
+            .collect();
+        let keys: Vec<&[u8]> = counting.iter().map(Vec::as_slice).collect();
+        let one = key_list_entries(100, 7, &keys);
+        assert_eq!(
+            one.len(),
+            1,
+            "front-coded, 1,000 counting ids fit one entry"
+        );
+        assert_eq!(
+            (one[0].keys.clone(), one[0].group.last_seq),
+            (0..1_000, 1_100)
+        );
+
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<Vec<u8>> = (0..6_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                format!("default\0{x:016x}{:016x}", x.rotate_left(29)).into_bytes()
+            })
+            .collect();
+        let keys: Vec<&[u8]> = random.iter().map(Vec::as_slice).collect();
+        assert!(encode_key_list(&keys).len() > KEY_LIST_BYTES);
+        let runs = key_list_entries(100, 7, &keys);
+        assert!(runs.len() > 1);
+        let mut next = 0;
+        for run in &runs {
+            assert_eq!(run.keys.start, next, "runs follow each other");
+            assert!(run.list.len() <= KEY_LIST_BYTES, "{} bytes", run.list.len());
+            assert_eq!(run.group.last_seq, 100 + run.keys.end as u64);
+            assert_eq!(run.group.first_seen_ms, 7);
+            let mut listed = decode_key_list(&run.list).unwrap();
+            listed.sort();
+            let mut wanted: Vec<Vec<u8>> = random[run.keys.clone()].to_vec();
+            wanted.sort();
+            assert_eq!(listed, wanted);
+            next = run.keys.end;
+        }
+        assert_eq!(next, 6_000);
+    }
 
     /// sled panics inside `open` on some stores; no store inletd writes
     /// reproduces it on demand, but a cache of 0 bytes panics on the same
