@@ -509,16 +509,17 @@ struct KeyListEntry {
 /// entry is a group of its own; the crash repair (`finish_last_group`)
 /// keys every seq after the last entry written.
 fn key_list_entries(start: u64, now_ms: i64, keys: &[&[u8]]) -> Vec<KeyListEntry> {
+    let entry = |run: std::ops::Range<usize>, list| KeyListEntry {
+        group: Group {
+            first_seen_ms: now_ms,
+            last_seq: start + run.end as u64,
+        },
+        keys: run,
+        list,
+    };
     let whole = encode_key_list(keys);
     if whole.len() <= KEY_LIST_BYTES {
-        return vec![KeyListEntry {
-            group: Group {
-                first_seen_ms: now_ms,
-                last_seq: start + keys.len() as u64,
-            },
-            keys: 0..keys.len(),
-            list: whole,
-        }];
+        return vec![entry(0..keys.len(), whole)];
     }
     // Even runs sized from the whole list, each halved while too large.
     let runs = whole.len().div_ceil(KEY_LIST_BYTES * 3 / 4);
@@ -536,14 +537,7 @@ fn key_list_entries(start: u64, now_ms: i64, keys: &[&[u8]]) -> Vec<KeyListEntry
             pending.push(run.start..mid);
             continue;
         }
-        entries.push(KeyListEntry {
-            group: Group {
-                first_seen_ms: now_ms,
-                last_seq: start + run.end as u64,
-            },
-            keys: run,
-            list,
-        });
+        entries.push(entry(run, list));
     }
     entries
 }
