@@ -220,3 +220,34 @@ fn past_max_connections_clients_wait_until_idle_ones_time_out() {
     assert_eq!(d.stored(), 1);
     d.assert_alive();
 }
+
+/// A client that shuts its sending side as soon as its request is out (as
+/// `nc -N` and some scripted senders do) still gets its answer, and its
+/// event is stored once: the daemon does not take that end of stream for a
+/// client gone while the event waits for its group commit.
+#[test]
+fn a_client_that_half_closes_after_its_request_still_gets_its_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &config(""));
+    for (i, id) in ["half-1", "half-2", "half-1"].into_iter().enumerate() {
+        let body = format!(r#"{{"event_id":"{id}","event_type":"signup"}}"#);
+        let mut c = RawConnection::open(d.addr).unwrap();
+        c.send_bytes(
+            format!(
+                "POST /webhook/events HTTP/1.1\r\nHost: inletd\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        c.half_close().unwrap();
+        let answer = c
+            .read_response()
+            .unwrap_or_else(|e| panic!("request {i} ({id}) got no answer: {e}"));
+        let expected = if i == 2 { 200 } else { 202 };
+        assert_eq!(answer.status, expected, "request {i}: {}", answer.text());
+        assert_eq!(answer.json()["event_id"], id);
+    }
+    assert_eq!(d.stored(), 2, "two distinct events, each stored once");
+}

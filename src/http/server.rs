@@ -75,6 +75,13 @@ pub async fn serve(
             .max_headers(MAX_HEADERS)
             .max_buf_size(MAX_HEAD_BYTES)
             .max_header_size(MAX_HEAD_BYTES)
+            // While a request waits for its group commit, hyper would
+            // otherwise read the socket to see whether the client left: a
+            // read syscall and a new 8 KiB read buffer on every request
+            // (the old one still backs the request's headers), and a client
+            // that shut its sending side after the request would lose its
+            // answer. A client that left is found when the answer is written.
+            .half_close(true)
             .serve_connection(TokioIo::new(stream), per_request);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
