@@ -426,7 +426,8 @@ fn i64_key(v: i64) -> [u8; 8] {
 fn user_part(user: &str) -> Vec<u8> {
     let bytes = user.as_bytes();
     let len = bytes.len().min(u16::MAX as usize);
-    let mut out = (len as u16).to_be_bytes().to_vec();
+    let mut out = Vec::with_capacity(2 + len);
+    out.extend_from_slice(&(len as u16).to_be_bytes());
     out.extend_from_slice(&bytes[..len]);
     out
 }

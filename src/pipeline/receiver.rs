@@ -29,13 +29,17 @@ pub type Arguments = Arc<Context>;
 /// Whether a Content-Type names JSON (`application/json`, `…+json`, any parameters).
 pub fn is_json(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else { return false };
-    let mime = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+    // Compared without case and without a lowercased copy: it is asked of
+    // every request.
+    let mime = ct.split(';').next().unwrap_or("").trim().as_bytes();
+    let starts = |prefix: &str| {
+        mime.len() >= prefix.len() && mime[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    };
+    let ends = |suffix: &str| {
+        mime.len() >= suffix.len()
+            && mime[mime.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+    };
+    mime.eq_ignore_ascii_case(b"application/json") || (starts("application/") && ends("+json"))
 }
 
 impl Actor for Receiver {
@@ -167,6 +171,10 @@ mod tests {
         assert!(is_json(Some("application/json")));
         assert!(is_json(Some("Application/JSON; charset=utf-8")));
         assert!(is_json(Some("application/cloudevents+json")));
+        assert!(is_json(Some("APPLICATION/CloudEvents+JSON")));
+        assert!(!is_json(Some("application/+jso")));
+        assert!(!is_json(Some("text/x+json")));
+        assert!(!is_json(Some("application/jsonx")));
         assert!(!is_json(Some("text/plain")));
         assert!(!is_json(Some("application/x-www-form-urlencoded")));
         assert!(!is_json(None));
