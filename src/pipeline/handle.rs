@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use ractor::Message;
 
 use super::messages::{
@@ -194,16 +195,29 @@ pub enum StatsError {
 /// How long a request waits for an actor before answering 503.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn ask<M: Message, R: Send + 'static>(
+/// Sends the message `build` makes to the actor in `role` at once, and
+/// returns a future of its reply: `None` if the actor is gone, drops the
+/// port, or takes longer than [`CALL_TIMEOUT`].
+///
+/// Not ractor's `call`: its future keeps the message builder and the
+/// message (an intake request's body, headers and source) in every layer
+/// of its state, which made an intake request's future 1.9 KiB, a size
+/// glibc serves from its slow path and not its per-thread cache. This one
+/// sends before it returns, so its future holds only the reply channel and
+/// the timer.
+fn ask<M: Message, R: Send + 'static, B: FnOnce(ractor::RpcReplyPort<R>) -> M>(
     names: &Names,
     role: Role<M>,
-    build: impl FnOnce(ractor::RpcReplyPort<R>) -> M,
-) -> Option<R> {
-    let actor = names.find::<M>(role)?;
-    match actor.call(build, Some(CALL_TIMEOUT)).await {
-        Ok(ractor::rpc::CallResult::Success(r)) => Some(r),
-        _ => None,
-    }
+    build: B,
+) -> impl Future<Output = Option<R>> + Send + use<M, R, B> {
+    let reply = names.find::<M>(role).and_then(|actor| {
+        let (port, reply) = ractor::concurrency::oneshot();
+        actor
+            .send_message(build((port, CALL_TIMEOUT).into()))
+            .ok()
+            .map(|()| reply)
+    });
+    async move { tokio::time::timeout(CALL_TIMEOUT, reply?).await.ok()?.ok() }
 }
 
 impl Pipeline {
@@ -266,12 +280,12 @@ impl Pipeline {
     }
 
     /// Hands a request to the Receiver and waits for its verdicts.
-    pub async fn ingest(&self, request: IngestRequest) -> IngestResult {
+    /// The request is handed over at once, so the future keeps no copy of it.
+    pub fn ingest(&self, request: IngestRequest) -> impl Future<Output = IngestResult> + use<> {
         ask(&self.context.names, RECEIVER, |reply| {
             ReceiverMsg::Ingest(request, reply)
         })
-        .await
-        .unwrap_or(Err(IngestError::Unavailable))
+        .map(|verdicts| verdicts.unwrap_or(Err(IngestError::Unavailable)))
     }
 
     /// Whether the daemon takes events.
