@@ -120,7 +120,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `inletd=debug`.
     pub log_level: String,
-    /// sled page cache in MiB.
+    /// sled's page cache in MiB: pages read or written stay in memory up to
+    /// this (inletd's own hot data, the key index and the analytics sets,
+    /// is kept outside it).
     pub cache_capacity_mb: u64,
     /// Seconds a client has to send its request headers.
     pub header_read_timeout_secs: u64,
@@ -457,7 +459,7 @@ impl Default for Config {
             stats_token: String::new(),
             log_format: LogFormat::Auto,
             log_level: "info".into(),
-            cache_capacity_mb: 64,
+            cache_capacity_mb: 32,
             header_read_timeout_secs: 10,
             max_restarts_per_minute: 10,
             store_stall_secs: 30,
