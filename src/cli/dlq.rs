@@ -131,7 +131,7 @@ pub struct PurgeArgs {
     /// Delete every entry without asking (needed when stdin is not a terminal).
     #[arg(long, short = 'y')]
     pub yes: bool,
-    /// Print {"removed":n,"missing":[ids]} as JSON.
+    /// Print the result as JSON: `removed` (how many) and `missing` (ids not found).
     #[arg(long)]
     pub json: bool,
     /// Where the daemon is.

@@ -225,7 +225,7 @@ impl Mirror {
     /// `start` (all within the days shared). `None` when a day involved
     /// has more users than `dau_exact_max` (the sets are then gone, and
     /// only this instance's answer is exact), or the days hold more than
-    /// [`COHORT_MEMBERS_MAX`] users in all.
+    /// `COHORT_MEMBERS_MAX` (2,000,000) users in all.
     pub async fn deployment_retention(
         &self,
         start: i32,
