@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Daemon, eventually, signal};
+use common::{Daemon, RawConnection, eventually, signal};
 use inletd::signature::sign;
 use serde_json::json;
 
@@ -47,6 +47,40 @@ fn a_changed_secret_takes_effect_on_sighup() {
     assert_eq!(post_signed(&d, "d", "old-secret"), 401);
     assert_eq!(d.child.id(), pid);
     assert_eq!(d.get("/health").status, 200);
+}
+
+/// A request whose headers came in before the secret was rotated, and its
+/// body after, is judged whole by the configuration it came in under: the
+/// sender signed it with the secret of that moment, and it is accepted.
+/// The next request needs the new secret.
+#[test]
+fn a_request_in_flight_across_a_secret_rotation_is_checked_as_it_came_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &source("old-secret"));
+    let body = json!({"event_id": "in-flight", "event_type": "push"}).to_string();
+    let sig = sign::github("old-secret", body.as_bytes()).unwrap();
+    let mut c = RawConnection::open(d.addr).unwrap();
+    c.send_bytes(
+        format!(
+            "POST /webhook/gh/events HTTP/1.1\r\nHost: inletd\r\n\
+             Content-Type: application/json\r\nX-Hub-Signature-256: {sig}\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+
+    common::write_config(dir.path(), &source("new-secret"));
+    signal(&d.child, "HUP");
+    eventually(Duration::from_secs(10), "the reload is logged", || {
+        d.log_text().contains("configuration reloaded")
+    });
+    c.send_bytes(body.as_bytes()).unwrap();
+    let answer = c.read_response().unwrap();
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    assert_eq!(post_signed(&d, "after", "old-secret"), 401);
+    assert_eq!(post_signed(&d, "after", "new-secret"), 202);
 }
 
 /// A broken file is refused: the daemon logs why and keeps the old config;

@@ -74,6 +74,12 @@ impl Admission<'_> {
         &self.live.config
     }
 
+    /// The config, sources and sinks this request was let in under: the
+    /// Receiver checks it against these, not against a reload since.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.clone()
+    }
+
     /// The signature scheme of the request's source, if it has one: it
     /// decides where a single event's key may come from.
     pub fn scheme(&self) -> Option<Scheme> {

@@ -1,10 +1,12 @@
 //! The typed messages of every actor, and the payloads they carry.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use ractor::RpcReplyPort;
 
+use super::Live;
 use crate::event::{BodyError, FieldError, Queued};
 use crate::signature::{SignatureError, SignedHeaders};
 use crate::storage::{BatchAck, DlqEntry, NewEvent};
@@ -26,6 +28,10 @@ pub struct IngestRequest {
     pub received_at_ms: i64,
     /// Receipt time (monotonic) for the receipt→accepted histogram.
     pub received: Instant,
+    /// The config and sources it was admitted under: its signature check
+    /// and limits use these, so a reload while its body arrives does not
+    /// judge it by rules its headers were not read for.
+    pub live: Arc<Live>,
 }
 
 /// The two request shapes.

@@ -294,6 +294,17 @@ pub struct Live {
     pub sinks: Vec<Arc<dyn Sink>>,
 }
 
+impl std::fmt::Debug for Live {
+    /// The names of the sources and how many sinks: the config and the
+    /// verifiers hold secrets, so neither is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("sources", &self.sources.keys().collect::<Vec<_>>())
+            .field("sinks", &self.sinks.len())
+            .finish()
+    }
+}
+
 /// A source's runtime parts.
 pub struct Source {
     /// Its signature check, if it has one.

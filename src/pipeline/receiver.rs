@@ -71,7 +71,7 @@ impl Actor for Receiver {
             let _ = reply.send(Err(IngestError::NotJson(request.content_type)));
             return Ok(());
         }
-        let live = state.context.live();
+        let live = &request.live;
         if let Some(verifier) = live
             .sources
             .get(&request.source)
