@@ -80,7 +80,9 @@ pub async fn serve(
             // read syscall and a new 8 KiB read buffer on every request
             // (the old one still backs the request's headers), and a client
             // that shut its sending side after the request would lose its
-            // answer. A client that left is found when the answer is written.
+            // answer. A client that left is found when the answer is written,
+            // so its connection slot is held until then: milliseconds, or
+            // up to the pipeline's 30 s call limit while the store stalls.
             .half_close(true)
             .serve_connection(TokioIo::new(stream), per_request);
         let connection = graceful.watch(connection);
