@@ -335,6 +335,63 @@ async fn dead_lettered_events_are_delivered_by_a_replay_and_counted_once() {
     running.stop().await;
 }
 
+/// The Batcher hands a caught-up group on from memory, and reads from the
+/// WAL what only the WAL holds. Here both meet: the sink refuses `r1` and
+/// `r2` (they are parked), then takes a while over `n1`; while `n1` is out
+/// at it, an operator replays the DLQ (its events are in the WAL only) and
+/// a client sends `n2` (a group the Batcher holds, behind the replay's
+/// seqs). The sink gets `n1`, `r1`, `r2`, `n2`: each once, in the order
+/// they were queued; nothing is left queued and the counter has each new
+/// event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_queued_between_two_events_is_delivered_between_them_once() {
+    let store = Arc::new(MemoryStorage::new());
+    let sink = Arc::new(Recorder::default());
+    sink.failing.store(true, Ordering::SeqCst);
+    let running = start(config(|_| {}), &store, &sink).await;
+    let send = |key: &str| json!({"event_id": key, "event_type": "signup"});
+
+    let batch = json!({"events": [send("r1"), send("r2")]});
+    let answer = post(running.addr, "/webhook/batch", &batch, &[]).await;
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    eventually("r1 and r2 are parked", || store.dlq_len().unwrap() == 2).await;
+    caught_up(&running.pipeline).await;
+
+    sink.failing.store(false, Ordering::SeqCst);
+    sink.hold_ms.store(300, Ordering::SeqCst);
+    let tried = sink.attempts.load(Ordering::SeqCst);
+    let answer = post(running.addr, "/webhook/events", &send("n1"), &[]).await;
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    eventually("n1 is out at the sink", || {
+        sink.attempts.load(Ordering::SeqCst) > tried
+    })
+    .await;
+    let answer = call(running.addr, "POST", "/admin/dlq/replay", &[], Vec::new()).await;
+    assert_eq!(answer.json(), json!({"replayed": 2, "remaining": 0}));
+    let answer = post(running.addr, "/webhook/events", &send("n2"), &[]).await;
+    assert_eq!(answer.status, 202, "{}", answer.text());
+    assert!(
+        sink.got().is_empty(),
+        "n1 was still out at the sink when r1, r2 and n2 were queued"
+    );
+
+    eventually("all four reach the sink", || sink.got().len() >= 4).await;
+    caught_up(&running.pipeline).await;
+    let keys: Vec<String> = sink.got().into_iter().map(|(_, k, _)| k).collect();
+    assert_eq!(
+        keys,
+        strings(&["n1", "r1", "r2", "n2"]),
+        "each once, in seq order"
+    );
+    assert_eq!(depth(&store), 0, "nothing left queued");
+    assert_eq!(
+        counts(&store),
+        BTreeMap::from([("signup".to_owned(), 4)]),
+        "r1 and r2 counted when first processed, n1 and n2 now; the replay adds nothing"
+    );
+    running.stop().await;
+}
+
 /// Two sources, `a` and `b`, are configured. A client sends the same
 /// Idempotency-Key to both: each takes it (keys are scoped per source);
 /// the same key again on either is a duplicate (200), not stored again.

@@ -18,7 +18,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use super::messages::{AppendRequest, BatcherMsg, DeduperMsg, IngestError, Observation, Verdict};
 use super::{BATCHER, Context, StoreWriteKind, blocking};
 use crate::config::Durability;
-use crate::event::now_ms;
+use crate::event::{Queued, now_ms};
 use crate::mirror::{Accepted, Claim};
 use crate::storage::{AppendOutcome, NewEvent};
 
@@ -287,6 +287,19 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
             shared => Outcome::Shared(shared),
         })
         .collect();
+    // The events this group added to the WAL, with their seqs: the
+    // Batcher's copy (and, with Redis, the mirror's, for a takeover).
+    let appended: Vec<Queued> = stored
+        .iter()
+        .zip(stored_events)
+        .filter_map(|(outcome, event)| match outcome {
+            AppendOutcome::Accepted { seq } => Some(Queued {
+                seq: *seq,
+                record: event.record,
+            }),
+            AppendOutcome::Duplicate { .. } => None,
+        })
+        .collect();
     if let Some(mirror) = &context.mirror {
         // Every key this instance holds, accepted now or before, becomes
         // this instance's in Redis for the rest of its window (a new key's
@@ -305,33 +318,21 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
             .collect();
         // Before the answers: once a client holds a 202, every other
         // instance calls a retry a duplicate, not "in progress".
-        // The events this group added to the WAL, with their seqs: the
-        // mirror's copy for a takeover.
-        let group_events: Vec<(u64, &crate::event::WalRecord)> = stored
-            .iter()
-            .zip(&stored_events)
-            .filter_map(|(outcome, event)| match outcome {
-                AppendOutcome::Accepted { seq } => Some((*seq, &event.record)),
-                AppendOutcome::Duplicate { .. } => None,
-            })
-            .collect();
+        let group_events: Vec<(u64, &crate::event::WalRecord)> =
+            appended.iter().map(|q| (q.seq, &q.record)).collect();
         mirror.confirm(accepted, &group_events, ttl_ms).await;
     }
     // The Batcher hears of the group before any client does: a drain that
     // follows the last answer then finds the group waiting to be processed.
-    let last_seq = stored
-        .iter()
-        .filter_map(|outcome| match outcome {
-            AppendOutcome::Accepted { seq } => Some(*seq),
-            AppendOutcome::Duplicate { .. } => None,
-        })
-        .max();
-    if let Some(last_seq) = last_seq {
-        context
-            .status
-            .last_seq
-            .fetch_max(last_seq, Ordering::Relaxed);
-        context.names.cast(BATCHER, BatcherMsg::Appended(last_seq));
+    if let Some(upto) = appended.iter().map(|q| q.seq).max() {
+        context.status.last_seq.fetch_max(upto, Ordering::Relaxed);
+        context.names.cast(
+            BATCHER,
+            BatcherMsg::Appended {
+                upto,
+                records: appended,
+            },
+        );
     }
     let mut outcomes = outcomes.into_iter();
     let (mut accepted, mut duplicates) = (0, 0);

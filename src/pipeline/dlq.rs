@@ -83,9 +83,13 @@ impl Actor for Dlq {
                         .status
                         .last_seq
                         .fetch_max(report.last_seq, Ordering::Relaxed);
-                    context
-                        .names
-                        .cast(BATCHER, BatcherMsg::Appended(report.last_seq));
+                    context.names.cast(
+                        BATCHER,
+                        BatcherMsg::Appended {
+                            upto: report.last_seq,
+                            records: Vec::new(),
+                        },
+                    );
                 }
                 let _ = reply.send(report.map(|r| r.report).map_err(text));
             }

@@ -108,8 +108,11 @@ pub enum DeduperMsg {
 
 /// Batcher: turns the WAL into micro-batches.
 pub enum BatcherMsg {
-    /// Records up to this seq are durable in the WAL.
-    Appended(u64),
+    /// Records up to `upto` are durable in the WAL. `records` are the ones
+    /// a group commit just wrote, in seq order (empty when they are in the
+    /// WAL only, as after a DLQ replay): a Batcher that is caught up hands
+    /// them on without reading them back.
+    Appended { upto: u64, records: Vec<Queued> },
     /// The batch timeout fired.
     Tick,
     /// The Processor finished (and acknowledged) the batch ending at this seq.
