@@ -622,26 +622,32 @@ pub fn apply<K: KvWrite>(
     // The sets: each distinct entity of the batch is read once and written
     // only when it is new, so a processed event costs a sled key only for a
     // new user, user-day, or user or session in a minute.
-    let mut minute_members: BTreeSet<(i64, u8, Vec<u8>)> = BTreeSet::new();
-    let mut user_days: BTreeSet<(Vec<u8>, i32)> = BTreeSet::new();
-    let mut type_day_users: BTreeMap<(i32, Vec<u8>), BTreeSet<Vec<u8>>> = BTreeMap::new();
-    let mut earliest: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
-    for f in facts {
+    // Each user's key part is built once an event; the sets borrow it.
+    let users: Vec<Option<Vec<u8>>> = facts
+        .iter()
+        .map(|f| f.user_id.as_deref().map(user_part))
+        .collect();
+    let mut minute_members: BTreeSet<(i64, u8, &[u8])> = BTreeSet::new();
+    let mut user_days: BTreeSet<(&[u8], i32)> = BTreeSet::new();
+    let mut type_day_users: BTreeMap<(i32, &str), BTreeSet<&[u8]>> = BTreeMap::new();
+    let mut earliest: BTreeMap<&[u8], i64> = BTreeMap::new();
+    for (f, user) in facts.iter().zip(&users) {
         let in_window = recent(f.occurred_at_ms);
         let minute = f.occurred_at_ms.div_euclid(MS_PER_MINUTE);
         if in_window && let Some(s) = &f.session_id {
-            minute_members.insert((minute, b's', s.as_bytes().to_vec()));
+            minute_members.insert((minute, b's', s.as_bytes()));
         }
-        let Some(user) = &f.user_id else { continue };
-        let user = user_part(user);
+        let Some(user) = user.as_deref() else {
+            continue;
+        };
         if in_window {
-            minute_members.insert((minute, b'u', user.clone()));
+            minute_members.insert((minute, b'u', user));
         }
-        user_days.insert((user.clone(), day_of(f.occurred_at_ms)));
+        user_days.insert((user, day_of(f.occurred_at_ms)));
         type_day_users
-            .entry((day_of(f.occurred_at_ms), user_part(&f.event_type)))
+            .entry((day_of(f.occurred_at_ms), f.event_type.as_str()))
             .or_default()
-            .insert(user.clone());
+            .insert(user);
         earliest
             .entry(user)
             .and_modify(|t| *t = (*t).min(f.occurred_at_ms))
@@ -673,7 +679,12 @@ pub fn apply<K: KvWrite>(
         add(kv, &key(&[b"D", &day_key(day)]), n)?;
     }
     for ((day, event_type), users) in &type_day_users {
-        let k = key(&[b"A", &day_key(*day), event_type, &batch.to_be_bytes()]);
+        let k = key(&[
+            b"A",
+            &day_key(*day),
+            &user_part(event_type),
+            &batch.to_be_bytes(),
+        ]);
         // A record of this batch already there (never, as batches commit
         // once) is kept and added to, not replaced.
         let mut record = kv.get(&k)?.unwrap_or_default();
@@ -682,8 +693,8 @@ pub fn apply<K: KvWrite>(
         }
         kv.put(&k, &record)?;
     }
-    for (user, at) in &earliest {
-        let (at, day) = (*at, day_of(*at));
+    for (&user, &at) in &earliest {
+        let day = day_of(at);
         let cached = known.first_seen.get(user).copied();
         if cached.is_some_and(|first| first <= at) {
             continue;
@@ -698,7 +709,7 @@ pub fn apply<K: KvWrite>(
         };
         match first {
             Some(first) if first <= at => {
-                learned.first_seen.push((user.clone(), first));
+                learned.first_seen.push((user.to_vec(), first));
             }
             Some(first) => {
                 kv.put(&first_key, &at.to_be_bytes())?;
@@ -706,12 +717,12 @@ pub fn apply<K: KvWrite>(
                     kv.remove(&key(&[b"C", &day_key(day_of(first)), user]))?;
                     kv.put(&key(&[b"C", &day_key(day), user]), &[])?;
                 }
-                learned.first_seen.push((user.clone(), at));
+                learned.first_seen.push((user.to_vec(), at));
             }
             None => {
                 kv.put(&first_key, &at.to_be_bytes())?;
                 kv.put(&key(&[b"C", &day_key(day), user]), &[])?;
-                learned.first_seen.push((user.clone(), at));
+                learned.first_seen.push((user.to_vec(), at));
             }
         }
     }
