@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use inletd::analytics::KvRead;
-use inletd::config::Config;
+use inletd::config::{Config, Durability};
 use inletd::event::Queued;
 use inletd::pipeline::{BATCHER, METRICS};
 use inletd::sinks::{Delivery, Sink};
@@ -31,6 +31,8 @@ struct Faulty {
     hang_flush: AtomicBool,
     /// How many events each `append` was handed: the group commits.
     groups: Mutex<Vec<usize>>,
+    /// Records `read_after` has answered: what was read back from the WAL.
+    records_read: AtomicUsize,
 }
 
 impl KvRead for Faulty {
@@ -73,7 +75,9 @@ impl Storage for Faulty {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<Queued>, Vec<Quarantined>), StorageError> {
-        self.inner.read_after(after, limit)
+        let read = self.inner.read_after(after, limit)?;
+        self.records_read.fetch_add(read.0.len(), Ordering::SeqCst);
+        Ok(read)
     }
     fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
         self.inner.commit_batch(ack)
@@ -297,6 +301,58 @@ async fn a_metrics_restart_hands_no_batch_out_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batcher_restart_hands_no_batch_out_twice() {
     restart_while_a_batch_is_out(BATCHER.name).await;
+}
+
+/// A client sends five events one at a time to a daemon that keeps up,
+/// each delivered before the next is sent. With `durability = "fsync"`
+/// each group is synced when the Deduper passes it on, and the Batcher
+/// hands it to the sink from memory: nothing is read back from the WAL.
+/// With `"interval"` a group is not synced yet when it is passed on (a
+/// store that failed before the sync would reopen without it), so every
+/// record is read back from the WAL, as the store then holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_daemon_reads_back_only_the_groups_not_yet_synced() {
+    for (durability, read_back) in [(Durability::Fsync, 0), (Durability::Interval, 5)] {
+        let store = Arc::new(Faulty::default());
+        let sink = Arc::new(SlowSink {
+            hold: Duration::ZERO,
+            deliveries: AtomicUsize::new(0),
+            got: Mutex::new(Vec::new()),
+        });
+        let running = inletd::app::start(
+            config(|c| c.durability = durability),
+            store.clone(),
+            Some(vec![sink.clone() as Arc<dyn Sink>]),
+        )
+        .await
+        .unwrap();
+        for n in 1..=5 {
+            let id = format!("e{n}");
+            assert_eq!(
+                post(running.addr, "/webhook/events", event(&id)).await.0,
+                202
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while sink.got.lock().unwrap().len() < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{durability:?}: {id} never reached the sink"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert_eq!(
+            *sink.got.lock().unwrap(),
+            ["e1", "e2", "e3", "e4", "e5"],
+            "{durability:?}: each once, in order"
+        );
+        assert_eq!(
+            store.records_read.load(Ordering::SeqCst),
+            read_back,
+            "{durability:?}: records read back from the WAL"
+        );
+        running.stop().await;
+    }
 }
 
 /// Kills the child `role` while a batch is held at a slow sink, then

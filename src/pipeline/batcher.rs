@@ -4,7 +4,9 @@
 //!
 //! A backlog (start-up replay, a slow sink) is read from storage, which
 //! keeps it in bounded memory. When caught up, the records a group commit
-//! just wrote come with its `Appended` and are handed on from memory: the
+//! just wrote and synced (`durability = "fsync"`; with `"interval"` they
+//! are not synced yet, and are read back) come with its `Appended` and are
+//! handed on from memory: the
 //! Batcher holds the newest run of them, contiguous in seq and at most
 //! [`HELD_BYTES`], and uses it once everything before its first seq has
 //! been handed out. They are the records the WAL holds, in the same order,

@@ -326,13 +326,14 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
     // follows the last answer then finds the group waiting to be processed.
     if let Some(upto) = appended.iter().map(|q| q.seq).max() {
         context.status.last_seq.fetch_max(upto, Ordering::Relaxed);
-        context.names.cast(
-            BATCHER,
-            BatcherMsg::Appended {
-                upto,
-                records: appended,
-            },
-        );
+        // Only a synced group is handed on from memory. With "interval" it
+        // is not synced yet: a store that fails before it is reopens
+        // without it (its seqs set aside as lost), and the Batcher must
+        // then find it gone from the WAL, not deliver it anyway.
+        let records = if fsync { appended } else { Vec::new() };
+        context
+            .names
+            .cast(BATCHER, BatcherMsg::Appended { upto, records });
     }
     let mut outcomes = outcomes.into_iter();
     let (mut accepted, mut duplicates) = (0, 0);

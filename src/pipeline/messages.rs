@@ -108,10 +108,11 @@ pub enum DeduperMsg {
 
 /// Batcher: turns the WAL into micro-batches.
 pub enum BatcherMsg {
-    /// Records up to `upto` are durable in the WAL. `records` are the ones
-    /// a group commit just wrote, in seq order (empty when they are in the
-    /// WAL only, as after a DLQ replay): a Batcher that is caught up hands
-    /// them on without reading them back.
+    /// Records up to `upto` are in the WAL. `records` are the ones a group
+    /// commit just wrote and synced, in seq order (empty when only the WAL
+    /// has them: a DLQ replay's, or a group not synced yet under
+    /// `durability = "interval"`): a Batcher that is caught up hands them
+    /// on without reading them back.
     Appended { upto: u64, records: Vec<Queued> },
     /// The batch timeout fired.
     Tick,
