@@ -4,15 +4,15 @@
 //!
 //! A backlog (start-up replay, a slow sink) is read from storage, which
 //! keeps it in bounded memory. When caught up, the records a group commit
-//! just wrote and synced (`durability = "fsync"`; with `"interval"` they
-//! are not synced yet, and are read back) come with its `Appended` and are
-//! handed on from memory: the
-//! Batcher holds the newest run of them, contiguous in seq and at most
-//! [`HELD_BYTES`], and uses it once everything before its first seq has
-//! been handed out. They are the records the WAL holds, in the same order,
-//! so the Processor sees the same records either way (a held run that ends
-//! early makes a smaller hand-over); reading them back cost a sled walk
-//! and a decode of every string in every record.
+//! just wrote and synced come with its `Appended` and are handed on from
+//! memory (`durability = "fsync"`; with `"interval"` they are not synced
+//! yet, and are read back). The Batcher holds the newest run of them,
+//! contiguous in seq and at most [`HELD_BYTES`], and uses it once
+//! everything before its first seq has been handed out. They are the
+//! records the WAL holds, in the same order, so the Processor sees the
+//! same records either way (a held run that ends early makes a smaller
+//! hand-over); reading them back cost a sled walk and a decode of every
+//! string in every record.
 //!
 //! With a backlog, one hand-over holds up to [`CATCH_UP_BATCHES`] full
 //! micro-batches: the sinks still get them one `batch_size` at a time, but
