@@ -29,6 +29,8 @@ struct Faulty {
     bytes_unknown: AtomicBool,
     /// `flush` does not return while this is set, as a deadlocked store.
     hang_flush: AtomicBool,
+    /// `append` panics, as a bug in the store would.
+    panic_append: AtomicBool,
     /// How many events each `append` was handed: the group commits.
     groups: Mutex<Vec<usize>>,
     /// Records `read_after` has answered: what was read back from the WAL.
@@ -58,6 +60,9 @@ impl Storage for Faulty {
         ttl_ms: i64,
     ) -> Result<Vec<AppendOutcome>, StorageError> {
         self.groups.lock().unwrap().push(events.len());
+        if self.panic_append.load(Ordering::SeqCst) {
+            panic!("the store's append panicked (test fault)");
+        }
         let mut outcomes = self.inner.append(events, now_ms, ttl_ms)?;
         if self.short_outcomes.load(Ordering::SeqCst) {
             outcomes.pop();
@@ -212,6 +217,40 @@ async fn a_store_that_answers_for_fewer_events_gets_no_202() {
     store.short_outcomes.store(false, Ordering::SeqCst);
     let (status, body) = post(running.addr, "/webhook/events", event("e")).await;
     assert_eq!(status, 202, "{body}");
+    running.stop().await;
+}
+
+/// A group commit panics in the store: its request is answered 503, not
+/// left hanging, and the next request is written as its own group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_commit_that_panics_answers_503_and_the_next_is_written() {
+    let store = Arc::new(Faulty::default());
+    let running = inletd::app::start(config(|_| {}), store.clone(), Some(Vec::new()))
+        .await
+        .unwrap();
+    store.panic_append.store(true, Ordering::SeqCst);
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        post(running.addr, "/webhook/events", event("a")),
+    )
+    .await
+    .expect("a request whose group panicked must still be answered");
+    assert_eq!(status, 503, "{body}");
+
+    store.panic_append.store(false, Ordering::SeqCst);
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        post(running.addr, "/webhook/events", event("b")),
+    )
+    .await
+    .expect("the group after a panic must be written");
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(*store.groups.lock().unwrap(), [1, 1]);
+    assert_eq!(
+        store.inner.queue_info().unwrap().last_seq,
+        1,
+        "only b is stored"
+    );
     running.stop().await;
 }
 
