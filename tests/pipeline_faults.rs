@@ -192,6 +192,16 @@ fn event(id: &str) -> String {
     format!(r#"{{"event_id":"{id}","event_type":"signup"}}"#)
 }
 
+/// Posts one event; `None` if no answer came within 10 s.
+async fn post_event_within_10s(addr: std::net::SocketAddr, id: &str) -> Option<(u16, String)> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        post(addr, "/webhook/events", event(id)),
+    )
+    .await
+    .ok()
+}
+
 /// The store answers for fewer events than it was given: no request of
 /// that group is told its events were accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,21 +239,15 @@ async fn a_group_commit_that_panics_answers_503_and_the_next_is_written() {
         .await
         .unwrap();
     store.panic_append.store(true, Ordering::SeqCst);
-    let (status, body) = tokio::time::timeout(
-        Duration::from_secs(10),
-        post(running.addr, "/webhook/events", event("a")),
-    )
-    .await
-    .expect("a request whose group panicked must still be answered");
+    let (status, body) = post_event_within_10s(running.addr, "a")
+        .await
+        .expect("a request whose group panicked must still be answered");
     assert_eq!(status, 503, "{body}");
 
     store.panic_append.store(false, Ordering::SeqCst);
-    let (status, body) = tokio::time::timeout(
-        Duration::from_secs(10),
-        post(running.addr, "/webhook/events", event("b")),
-    )
-    .await
-    .expect("the group after a panic must be written");
+    let (status, body) = post_event_within_10s(running.addr, "b")
+        .await
+        .expect("the group after a panic must be written");
     assert_eq!(status, 202, "{body}");
     assert_eq!(*store.groups.lock().unwrap(), [1, 1]);
     assert_eq!(
