@@ -17,7 +17,10 @@
 //! With a backlog, one hand-over holds up to [`CATCH_UP_BATCHES`] full
 //! micro-batches: the sinks still get them one `batch_size` at a time, but
 //! they are committed together, so that acks keep pace with group commits
-//! of up to 1000 events instead of taking one lock turn per 100.
+//! of up to 1000 events instead of taking one lock turn per 100. Each
+//! hand-over is a round of messages and blocking-pool calls whose waits do
+//! not shrink with its size, so catching up must take more events a round
+//! than intake adds in one, or a backlog only grows.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -34,8 +37,11 @@ use crate::event::Queued;
 pub struct Batcher;
 
 /// Most micro-batches handed to the Processor at once (and committed in one
-/// transaction) while a backlog waits.
-pub const CATCH_UP_BATCHES: usize = 10;
+/// transaction) while a backlog waits. With 10, under batches of 100 from
+/// 64 clients a round of hand-over, delivery and commit took long enough
+/// that processing fell behind intake for good in some runs (BENCHMARKS.md,
+/// "A writer thread for the group commits").
+pub const CATCH_UP_BATCHES: usize = 40;
 
 /// The most the records held in memory may weigh (their strings, roughly):
 /// past it the Batcher reads from the WAL instead.

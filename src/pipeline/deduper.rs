@@ -1,12 +1,18 @@
 //! Deduper: idempotency check and WAL append as one step, with group
-//! commit. Requests that arrive while a group is being written and flushed
-//! wait in `pending`; when that group ends (`Stored`), the next `Commit`
-//! takes all of them, writes them as one group (storage invariant 1),
-//! flushes once, and only then answers each. With Redis on, the group's
-//! keys are claimed in Redis before the commit (one call per group) and
-//! confirmed after it, before the answers; the next group is formed and
+//! commit. Each group is written (storage invariant 1), flushed once, and
+//! only then are its requests answered. Groups are written one at a time,
+//! in order.
+//!
+//! Without Redis, requests go to a [`Lane`]: a writer thread takes every
+//! request waiting as the next group the moment it has answered the last,
+//! so nothing but that group's own work lies between one sync and the next
+//! write. Requests that arrive meanwhile make the group after.
+//!
+//! With Redis on, a group's keys are claimed in Redis before the commit
+//! (one call per group) and confirmed after it, before the answers.
+//! Requests wait in `pending` for a `Commit`; the next group is formed and
 //! claimed while the current one is written, so that round trip overlaps
-//! the flush. Groups are still written one at a time, in order.
+//! the flush.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -16,11 +22,11 @@ use futures_util::FutureExt as _;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{AppendRequest, BatcherMsg, DeduperMsg, IngestError, Observation, Verdict};
-use super::{BATCHER, Context, StoreWriteKind, blocking};
-use crate::config::Durability;
+use super::{BATCHER, Context, StoreWriteKind};
+use crate::config::{Config, Durability};
 use crate::event::{Queued, now_ms};
 use crate::mirror::{Accepted, Claim};
-use crate::storage::{AppendOutcome, NewEvent};
+use crate::storage::{AppendOutcome, NewEvent, Storage};
 
 /// The Deduper actor.
 pub struct Deduper;
@@ -32,31 +38,25 @@ const MAX_GROUP_EVENTS: usize = 1000;
 pub struct State {
     /// Storage, config and names.
     context: Arc<Context>,
-    /// Requests gathered for the next group commit.
+    /// With Redis: requests gathered for the next group commit.
     pending: Vec<AppendRequest>,
     /// A `Commit` is already in the mailbox.
     commit_scheduled: bool,
     /// The group being written, flushed and answered. The next group's keys
     /// are claimed in Redis meanwhile; it is written only once this ends.
     storing: Option<tokio::task::JoinHandle<()>>,
-    /// The number of the last group started: its `Stored` clears `storing`.
+    /// The number of the last group started, for the log.
     started: u64,
+    /// Without Redis: where requests wait for the writer thread.
+    lane: Arc<Lane>,
 }
 
 impl State {
-    /// Without Redis nothing can be prepared while a group is written: the
-    /// requests wait, and all of them become the next group when it ends
-    /// (`Stored`). Taking some before would split them into a small group
-    /// and a large one: two flushes where one does.
-    fn waits_for_stored(&self) -> bool {
-        self.storing.is_some() && self.context.mirror.is_none()
-    }
-
-    /// Sends the Deduper a `Commit` if requests wait and none is on its way,
-    /// unless the group being written will (`Stored`). It goes behind
-    /// everything already queued: those requests join the group.
+    /// Sends the Deduper a `Commit` if requests wait and none is on its way.
+    /// It goes behind everything already queued: those requests join the
+    /// group.
     fn schedule_commit(&mut self, myself: &ActorRef<DeduperMsg>) -> Result<(), ActorProcessingErr> {
-        if self.pending.is_empty() || self.commit_scheduled || self.waits_for_stored() {
+        if self.pending.is_empty() || self.commit_scheduled {
             return Ok(());
         }
         self.commit_scheduled = true;
@@ -84,6 +84,7 @@ impl Actor for Deduper {
             commit_scheduled: false,
             storing: None,
             started: 0,
+            lane: Arc::new(Lane::default()),
         })
     }
 
@@ -94,26 +95,18 @@ impl Actor for Deduper {
         state: &mut State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
+            DeduperMsg::Append(request) if state.context.mirror.is_none() => {
+                state.lane.push(&state.context, request);
+            }
             DeduperMsg::Append(request) => {
                 state.pending.push(request);
                 state.schedule_commit(&myself)?;
             }
             DeduperMsg::Commit => {
                 state.commit_scheduled = false;
-                if state.waits_for_stored() {
-                    return Ok(());
-                }
                 // Bounded groups keep each append short, so the ack path
                 // gets its turn at the store between them.
-                let mut events = 0;
-                let take = state
-                    .pending
-                    .iter()
-                    .take_while(|r| {
-                        events += r.events.len();
-                        events - r.events.len() < MAX_GROUP_EVENTS
-                    })
-                    .count();
+                let take = group_len(&state.pending);
                 let group: Vec<AppendRequest> = state.pending.drain(..take).collect();
                 if group.is_empty() {
                     return Ok(());
@@ -126,7 +119,6 @@ impl Actor for Deduper {
                 state.started += 1;
                 let number = state.started;
                 let storing = store(state.context.clone(), claimed);
-                let deduper = myself.clone();
                 state.storing = Some(tokio::spawn(async move {
                     // A group that panicked still ends: its requests were
                     // answered 503 when their reply ports dropped.
@@ -136,18 +128,9 @@ impl Actor for Deduper {
                             "a group commit panicked; its requests were answered 503"
                         );
                     }
-                    let _ = deduper.cast(DeduperMsg::Stored(number));
                 }));
                 // What did not fit in this group.
                 state.schedule_commit(&myself)?;
-            }
-            DeduperMsg::Stored(number) => {
-                // An earlier group's end is old news: a later one was started
-                // after awaiting it.
-                if number == state.started {
-                    state.storing = None;
-                    state.schedule_commit(&myself)?;
-                }
             }
         }
         Ok(())
@@ -178,7 +161,8 @@ struct Claimed {
 }
 
 /// Claims the group's keys in Redis: one call per group (see
-/// [`crate::mirror`]). Without Redis every key is left to the local index.
+/// [`crate::mirror`]). Without Redis (not a case the Deduper sends here)
+/// every key is left to the local index.
 async fn claim(context: &Arc<Context>, mut group: Vec<AppendRequest>) -> Claimed {
     // Moved, not copied: once written, a request needs only its slots.
     let events: Vec<NewEvent> = group
@@ -206,19 +190,17 @@ async fn claim(context: &Arc<Context>, mut group: Vec<AppendRequest>) -> Claimed
     }
 }
 
-/// Writes one group, flushes once, answers every request in it; with Redis,
-/// confirms the keys it stored before the answers.
+/// With Redis: writes one claimed group on a blocking thread, flushes once,
+/// confirms in Redis the keys it stored, then answers every request in it.
 async fn store(context: Arc<Context>, claimed: Claimed) {
     let context = &context;
     let Claimed {
-        mut group,
+        group,
         events,
         redis_keys,
         claims,
         claimed_ms,
     } = claimed;
-    let config = context.live().config.clone();
-    let ttl_ms = config.idempotency_ttl_ms();
     // Only the events no other instance holds are written here.
     let to_store: Vec<NewEvent> = events
         .into_iter()
@@ -226,40 +208,27 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         .filter(|(_, claim)| claim.is_local())
         .map(|(event, _)| event)
         .collect();
-    let storing = to_store.len();
     let _writing = context
         .status
         .store_writes
         .begin(StoreWriteKind::GroupCommit {
-            events: storing,
+            events: to_store.len(),
             requests: group.len(),
         });
-    let fsync = config.durability == Durability::Fsync;
+    let config = context.live().config.clone();
+    let synced = config.durability == Durability::Fsync;
     let written = if to_store.is_empty() {
         Ok((Vec::new(), Vec::new()))
     } else {
-        blocking(&context.storage, move |s| {
-            let outcomes = s.append(&to_store, now_ms(), ttl_ms)?;
-            if fsync {
-                s.flush()?;
-            }
-            // The events come back for the mirror's copy of the group.
-            Ok((outcomes, to_store))
+        let storage = context.storage.clone();
+        tokio::task::spawn_blocking(move || {
+            write(storage.as_ref(), &to_store, &config).map(|outcomes| (outcomes, to_store))
         })
         .await
+        .unwrap_or_else(|e| Err(format!("storage task failed: {e}")))
     };
-    let stored = match written {
-        // One outcome per event, or no answer can be trusted: a 202 is
-        // only ever sent for an event the store said it holds.
-        Ok((outcomes, _)) if outcomes.len() != storing => Err(format!(
-            "the store answered {} outcomes for {storing} events",
-            outcomes.len()
-        )),
-        Ok(written) => Ok(written),
-        Err(e) => Err(e.to_string()),
-    };
-    let (stored, stored_events) = match stored {
-        Ok(stored) => stored,
+    let (stored, stored_events) = match written {
+        Ok(written) => written,
         Err(error) => {
             if let Some(mirror) = &context.mirror {
                 let ours: Vec<String> = redis_keys
@@ -273,33 +242,7 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
             return fail(context, group, error);
         }
     };
-    context
-        .status
-        .storage_failed
-        .store(false, Ordering::Relaxed);
-    let mut stored_outcomes = stored.iter().copied();
-    let outcomes: Vec<Outcome> = claims
-        .into_iter()
-        .map(|claim| match claim {
-            local if local.is_local() => stored_outcomes
-                .next()
-                .map_or(Outcome::Shared(Claim::InProgress), Outcome::Stored),
-            shared => Outcome::Shared(shared),
-        })
-        .collect();
-    // The events this group added to the WAL, with their seqs: the
-    // Batcher's copy (and, with Redis, the mirror's, for a takeover).
-    let appended: Vec<Queued> = stored
-        .iter()
-        .zip(stored_events)
-        .filter_map(|(outcome, event)| match outcome {
-            AppendOutcome::Accepted { seq } => Some(Queued {
-                seq: *seq,
-                record: event.record,
-            }),
-            AppendOutcome::Duplicate { .. } => None,
-        })
-        .collect();
+    let (outcomes, appended) = settle(claims, &stored, stored_events);
     if let Some(mirror) = &context.mirror {
         // Every key this instance holds, accepted now or before, becomes
         // this instance's in Redis for the rest of its window (a new key's
@@ -320,8 +263,83 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         // instance calls a retry a duplicate, not "in progress".
         let group_events: Vec<(u64, &crate::event::WalRecord)> =
             appended.iter().map(|q| (q.seq, &q.record)).collect();
+        let ttl_ms = context.live().config.idempotency_ttl_ms();
         mirror.confirm(accepted, &group_events, ttl_ms).await;
     }
+    answer(context, group, outcomes, appended, synced);
+}
+
+/// Appends a group's events to the store and, under `durability =
+/// "fsync"`, flushes them, on the calling thread: one outcome per event,
+/// or an error (no answer can be trusted then: a 202 is only ever sent for
+/// an event the store said it holds).
+fn write(
+    storage: &dyn Storage,
+    events: &[NewEvent],
+    config: &Config,
+) -> Result<Vec<AppendOutcome>, String> {
+    let outcomes = storage
+        .append(events, now_ms(), config.idempotency_ttl_ms())
+        .map_err(|e| e.to_string())?;
+    if outcomes.len() != events.len() {
+        return Err(format!(
+            "the store answered {} outcomes for {} events",
+            outcomes.len(),
+            events.len()
+        ));
+    }
+    if config.durability == Durability::Fsync {
+        storage.flush().map_err(|e| e.to_string())?;
+    }
+    Ok(outcomes)
+}
+
+/// What became of each event of a group, from Redis's claims and the
+/// store's outcomes of the events it wrote; and the events the group added
+/// to the WAL, with their seqs (the Batcher's copy and, with Redis, the
+/// mirror's, for a takeover).
+fn settle(
+    claims: Vec<Claim>,
+    stored: &[AppendOutcome],
+    stored_events: Vec<NewEvent>,
+) -> (Vec<Outcome>, Vec<Queued>) {
+    let mut stored_outcomes = stored.iter().copied();
+    let outcomes: Vec<Outcome> = claims
+        .into_iter()
+        .map(|claim| match claim {
+            local if local.is_local() => stored_outcomes
+                .next()
+                .map_or(Outcome::Shared(Claim::InProgress), Outcome::Stored),
+            shared => Outcome::Shared(shared),
+        })
+        .collect();
+    let appended: Vec<Queued> = stored
+        .iter()
+        .zip(stored_events)
+        .filter_map(|(outcome, event)| match outcome {
+            AppendOutcome::Accepted { seq } => Some(Queued {
+                seq: *seq,
+                record: event.record,
+            }),
+            AppendOutcome::Duplicate { .. } => None,
+        })
+        .collect();
+    (outcomes, appended)
+}
+
+/// Tells the Batcher of a stored group, then answers each of its requests.
+/// `synced`: the group was flushed (`durability = "fsync"`).
+fn answer(
+    context: &Arc<Context>,
+    mut group: Vec<AppendRequest>,
+    outcomes: Vec<Outcome>,
+    appended: Vec<Queued>,
+    synced: bool,
+) {
+    context
+        .status
+        .storage_failed
+        .store(false, Ordering::Relaxed);
     // The Batcher hears of the group before any client does: a drain that
     // follows the last answer then finds the group waiting to be processed.
     if let Some(upto) = appended.iter().map(|q| q.seq).max() {
@@ -330,7 +348,7 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         // is not synced yet: a store that fails before it is reopens
         // without it (its seqs set aside as lost), and the Batcher must
         // then find it gone from the WAL, not deliver it anyway.
-        let records = if fsync { appended } else { Vec::new() };
+        let records = if synced { appended } else { Vec::new() };
         context
             .names
             .cast(BATCHER, BatcherMsg::Appended { upto, records });
@@ -372,6 +390,114 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
     for request in group {
         let _ = request.reply.send(Ok(request.verdicts));
     }
+}
+
+/// Without Redis, groups are written by one thread at a time that takes
+/// the next group as soon as it has answered the last: no message, task or
+/// thread hand-off lies between one group's sync and the next group's
+/// write, so the disk is idle only while no request waits. (With Redis each
+/// group is claimed and confirmed there, which the Deduper's tasks
+/// overlap with the writes instead.)
+#[derive(Default)]
+struct Lane {
+    /// The requests waiting, and whether a writer thread is running.
+    queue: std::sync::Mutex<LaneQueue>,
+}
+
+#[derive(Default)]
+struct LaneQueue {
+    /// Requests not yet in a group, in arrival order.
+    pending: Vec<AppendRequest>,
+    /// A writer thread is running: it takes `pending` before it ends.
+    writing: bool,
+}
+
+impl Lane {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LaneQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a request for the next group, and starts a writer thread
+    /// unless one runs.
+    fn push(self: &Arc<Self>, context: &Arc<Context>, request: AppendRequest) {
+        let start = {
+            let mut queue = self.lock();
+            queue.pending.push(request);
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if start {
+            let (lane, context) = (self.clone(), context.clone());
+            tokio::task::spawn_blocking(move || lane.write_groups(&context));
+        }
+    }
+
+    /// Writes group after group until no request waits.
+    fn write_groups(&self, context: &Arc<Context>) {
+        let mut number = 0u64;
+        loop {
+            let group = {
+                let mut queue = self.lock();
+                let take = group_len(&queue.pending);
+                if take == 0 {
+                    queue.writing = false;
+                    return;
+                }
+                queue.pending.drain(..take).collect::<Vec<_>>()
+            };
+            number += 1;
+            // A group that panicked still ends: its requests were answered
+            // 503 when their reply ports dropped.
+            let written =
+                std::panic::catch_unwind(AssertUnwindSafe(|| write_group(context, group)));
+            if written.is_err() {
+                tracing::error!(
+                    group = number,
+                    "a group commit panicked; its requests were answered 503"
+                );
+            }
+        }
+    }
+}
+
+/// Writes, flushes and answers one group on the calling thread (no Redis).
+fn write_group(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
+    let events: Vec<NewEvent> = group
+        .iter_mut()
+        .flat_map(|r| std::mem::take(&mut r.events))
+        .collect();
+    let claims = vec![Claim::Unchecked; events.len()];
+    let config = context.live().config.clone();
+    let written = {
+        let _writing = context
+            .status
+            .store_writes
+            .begin(StoreWriteKind::GroupCommit {
+                events: events.len(),
+                requests: group.len(),
+            });
+        write(context.storage.as_ref(), &events, &config)
+    };
+    match written {
+        Ok(stored) => {
+            let (outcomes, appended) = settle(claims, &stored, events);
+            let synced = config.durability == Durability::Fsync;
+            answer(context, group, outcomes, appended, synced);
+        }
+        Err(error) => fail(context, group, error),
+    }
+}
+
+/// How many of the first requests make the next group: at least one, and
+/// no more once it holds [`MAX_GROUP_EVENTS`] events.
+fn group_len(pending: &[AppendRequest]) -> usize {
+    let mut events = 0;
+    pending
+        .iter()
+        .take_while(|r| {
+            events += r.events.len();
+            events - r.events.len() < MAX_GROUP_EVENTS
+        })
+        .count()
 }
 
 fn fail(context: &Arc<Context>, group: Vec<AppendRequest>, error: String) {

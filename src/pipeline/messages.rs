@@ -99,11 +99,9 @@ pub struct AppendRequest {
 pub enum DeduperMsg {
     /// A request to add to the next group.
     Append(AppendRequest),
-    /// Commit everything gathered so far (sent by the Deduper to itself).
+    /// With Redis: commit everything gathered so far (sent by the Deduper
+    /// to itself).
     Commit,
-    /// The group commit with this number has ended, answered or failed
-    /// (sent by its task): the next group may start.
-    Stored(u64),
 }
 
 /// Batcher: turns the WAL into micro-batches.
