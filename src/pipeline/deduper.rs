@@ -22,7 +22,7 @@ use futures_util::FutureExt as _;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{AppendRequest, BatcherMsg, DeduperMsg, IngestError, Observation, Verdict};
-use super::{BATCHER, Context, StoreWriteKind};
+use super::{BATCHER, Context, StoreWrite, StoreWriteKind};
 use crate::config::{Config, Durability};
 use crate::event::{Queued, now_ms};
 use crate::mirror::{Accepted, Claim};
@@ -164,11 +164,7 @@ struct Claimed {
 /// [`crate::mirror`]). Without Redis (not a case the Deduper sends here)
 /// every key is left to the local index.
 async fn claim(context: &Arc<Context>, mut group: Vec<AppendRequest>) -> Claimed {
-    // Moved, not copied: once written, a request needs only its slots.
-    let events: Vec<NewEvent> = group
-        .iter_mut()
-        .flat_map(|r| std::mem::take(&mut r.events))
-        .collect();
+    let events = take_events(&mut group);
     let claimed_ms = now_ms();
     let (redis_keys, claims) = match &context.mirror {
         Some(mirror) => {
@@ -208,13 +204,7 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         .filter(|(_, claim)| claim.is_local())
         .map(|(event, _)| event)
         .collect();
-    let _writing = context
-        .status
-        .store_writes
-        .begin(StoreWriteKind::GroupCommit {
-            events: to_store.len(),
-            requests: group.len(),
-        });
+    let _writing = watch_group_commit(context, to_store.len(), group.len());
     let config = context.live().config.clone();
     let synced = config.durability == Durability::Fsync;
     let written = if to_store.is_empty() {
@@ -461,20 +451,11 @@ impl Lane {
 
 /// Writes, flushes and answers one group on the calling thread (no Redis).
 fn write_group(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
-    let events: Vec<NewEvent> = group
-        .iter_mut()
-        .flat_map(|r| std::mem::take(&mut r.events))
-        .collect();
+    let events = take_events(&mut group);
     let claims = vec![Claim::Unchecked; events.len()];
     let config = context.live().config.clone();
     let written = {
-        let _writing = context
-            .status
-            .store_writes
-            .begin(StoreWriteKind::GroupCommit {
-                events: events.len(),
-                requests: group.len(),
-            });
+        let _writing = watch_group_commit(context, events.len(), group.len());
         write(context.storage.as_ref(), &events, &config)
     };
     match written {
@@ -485,6 +466,23 @@ fn write_group(context: &Arc<Context>, mut group: Vec<AppendRequest>) {
         }
         Err(error) => fail(context, group, error),
     }
+}
+
+/// Moves every event out of a group's requests, in order: moved, not
+/// copied, since once written a request needs only its slots.
+fn take_events(group: &mut [AppendRequest]) -> Vec<NewEvent> {
+    group
+        .iter_mut()
+        .flat_map(|r| std::mem::take(&mut r.events))
+        .collect()
+}
+
+/// Registers a group commit with the stall watch until the guard drops.
+fn watch_group_commit(context: &Context, events: usize, requests: usize) -> StoreWrite<'_> {
+    context
+        .status
+        .store_writes
+        .begin(StoreWriteKind::GroupCommit { events, requests })
 }
 
 /// How many of the first requests make the next group: at least one, and
