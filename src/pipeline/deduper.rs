@@ -22,7 +22,7 @@ use futures_util::FutureExt as _;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use super::messages::{AppendRequest, BatcherMsg, DeduperMsg, IngestError, Observation, Verdict};
-use super::{BATCHER, Context, StoreWrite, StoreWriteKind};
+use super::{BATCHER, Context, StoreWrite, StoreWriteKind, blocking};
 use crate::config::{Config, Durability};
 use crate::event::{Queued, now_ms};
 use crate::mirror::{Accepted, Claim};
@@ -207,15 +207,15 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
     let _writing = watch_group_commit(context, to_store.len(), group.len());
     let config = context.live().config.clone();
     let synced = config.durability == Durability::Fsync;
+    let ttl_ms = config.idempotency_ttl_ms();
     let written = if to_store.is_empty() {
         Ok((Vec::new(), Vec::new()))
     } else {
-        let storage = context.storage.clone();
-        tokio::task::spawn_blocking(move || {
-            write(storage.as_ref(), &to_store, &config).map(|outcomes| (outcomes, to_store))
+        blocking(&context.storage, move |s| {
+            Ok(write(s, &to_store, &config).map(|outcomes| (outcomes, to_store)))
         })
         .await
-        .unwrap_or_else(|e| Err(format!("storage task failed: {e}")))
+        .unwrap_or_else(|e| Err(e.to_string()))
     };
     let (stored, stored_events) = match written {
         Ok(written) => written,
@@ -253,7 +253,6 @@ async fn store(context: Arc<Context>, claimed: Claimed) {
         // instance calls a retry a duplicate, not "in progress".
         let group_events: Vec<(u64, &crate::event::WalRecord)> =
             appended.iter().map(|q| (q.seq, &q.record)).collect();
-        let ttl_ms = context.live().config.idempotency_ttl_ms();
         mirror.confirm(accepted, &group_events, ttl_ms).await;
     }
     answer(context, group, outcomes, appended, synced);
