@@ -1,7 +1,8 @@
 //! The HTTP ceiling: a warp server that reads each POST body and answers
 //! `202 {"status":"accepted"}` without any other work, served by the same
 //! accept loop and hyper settings as inletd (`inletd::http::server::serve`)
-//! on the same kind of runtime (tokio multi-thread, one worker per core).
+//! on the same kind of runtime (tokio multi-thread, one worker per core)
+//! and the same allocator (`inletd::allocator`).
 //!
 //! ```sh
 //! cargo build --release --examples
@@ -11,12 +12,21 @@
 //! Prints `{"addr":"…"}` on stdout once listening (`--bind 127.0.0.1:0`
 //! picks a free port), then serves until killed.
 
+use std::ffi::c_char;
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use warp::http::StatusCode;
 use warp::{Filter, Reply};
+
+/// inletd's allocator, so that the ceiling differs from it only in the work.
+#[global_allocator]
+static ALLOCATOR: inletd::allocator::Jemalloc = inletd::allocator::Jemalloc;
+
+/// inletd's jemalloc settings.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: Option<&c_char> = inletd::allocator::MALLOC_CONF;
 
 fn bind_arg() -> anyhow::Result<String> {
     let mut args = std::env::args().skip(1);

@@ -10,7 +10,7 @@
 //!
 //! | module       | holds |
 //! |--------------|-------|
-//! | [`allocator`]| the one setting made in glibc's allocator at start: large buffers stay mapped, so freeing them gives memory back |
+//! | [`allocator`]| the daemon's allocator, jemalloc, and its settings: large buffers in an arena that gives memory back |
 //! | [`analytics`]| the aggregates (DAU, top events, cohorts, rolling windows), the `/stats` queries parsed and checked (`query`) and answered, over the key-value traits it owns (`KvRead`, `KvWrite`) |
 //! | [`cli`]      | the command line (args), its man pages and completions (assets, rendered from args), and the client subcommands: import, stats, demo, dlq (they talk to a running daemon over HTTP) |
 //! | [`config`]   | settings: defaults, TOML file, `INLETD_*` environment, flags; validation |

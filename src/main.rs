@@ -1,12 +1,21 @@
 //! The `inletd` command line: parse, load the config, dispatch. The
 //! definitions live in `inletd::cli::args`.
 
+use std::ffi::c_char;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser as _;
 
 use inletd::cli::{self, args::Cli, args::Command};
+
+/// jemalloc, not glibc's malloc: less CPU per event (`inletd::allocator`).
+#[global_allocator]
+static ALLOCATOR: inletd::allocator::Jemalloc = inletd::allocator::Jemalloc;
+
+/// jemalloc's settings for inletd, read before `main` from this global.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: Option<&c_char> = inletd::allocator::MALLOC_CONF;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -50,8 +59,6 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Run => {
-            // Before the runtime starts its threads.
-            inletd::allocator::keep_large_buffers_mapped();
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let ran = runtime.block_on(async {
                 let signal = inletd::shutdown::on_signal().context("installing signal handlers")?;

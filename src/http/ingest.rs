@@ -256,15 +256,14 @@ where
 
 #[cfg(test)]
 mod tests {
-    /// glibc serves an allocation of up to 1,032 bytes from a per-thread
-    /// cache; a larger one takes its arena's slow path and, while small
-    /// chunks wait to be merged, merges them first. warp boxes each
-    /// request's future, and it was 1.9 KiB (ractor's `call` kept the
-    /// request in every layer of its state): that slow path on every
-    /// request. Measured in a debug build, where futures are no smaller,
-    /// with a zero-sized body stream standing in for warp's (whose type
-    /// cannot be named): the limit leaves room for it and for warp's
-    /// filters around it in the same box.
+    /// warp boxes each request's future, and it was 1.9 KiB (ractor's
+    /// `call` kept the request in every layer of its state): an allocation
+    /// over glibc's per-thread cache on every request, when inletd ran on
+    /// glibc, and a copy of every layer as the future is built. Measured in
+    /// a debug build, where futures are no smaller, with a zero-sized body
+    /// stream standing in for warp's (whose type cannot be named): the
+    /// limit leaves room for it and for warp's filters around it in the
+    /// same box.
     #[test]
     fn an_intake_request_future_fits_the_allocators_thread_cache() {
         fn future_size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
