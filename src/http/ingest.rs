@@ -265,7 +265,7 @@ mod tests {
     /// limit leaves room for it and for warp's filters around it in the
     /// same box.
     #[test]
-    fn an_intake_request_future_fits_the_allocators_thread_cache() {
+    fn an_intake_request_future_stays_small() {
         fn future_size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
             std::mem::size_of::<F>()
         }

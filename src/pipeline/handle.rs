@@ -208,7 +208,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Not ractor's `call`: its future keeps the message builder and the
 /// message (an intake request's body, headers and source) in every layer
 /// of its state, which made an intake request's future 1.9 KiB, a size
-/// glibc serves from its slow path and not its per-thread cache. This one
+/// that glibc (inletd's allocator then) served from its slow path and not
+/// its per-thread cache. This one
 /// sends before it returns, so its future holds only the reply channel and
 /// the timer.
 fn ask<M: Message, R: Send + 'static, B: FnOnce(ractor::RpcReplyPort<R>) -> M>(

@@ -102,7 +102,9 @@ impl Daemon {
             .arg(config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // The daemon's own jemalloc settings, unless a test sets them.
+            .env_remove("_RJEM_MALLOC_CONF");
         for (k, v) in env {
             cmd.env(k, v);
         }
