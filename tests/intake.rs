@@ -560,8 +560,9 @@ fn metrics_carry_the_standard_process_figures_and_the_build() {
     );
     assert!(
         metrics.contains(&format!(
-            "inletd_build_info{{version=\"{}\",storage_format=\"4\"}} 1",
-            env!("CARGO_PKG_VERSION")
+            "inletd_build_info{{version=\"{}\",storage_format=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            inletd::storage::FORMAT_VERSION
         )),
         "{metrics}"
     );

@@ -13,12 +13,13 @@
 //! |---------------|---------------------------------------|---------------------------------------|
 //! | `wal`         | last seq of the segment (u64 BE)      | a segment: up to ~96 KiB of one group commit's records ([`encode_segment`]) |
 //! | `idem_expiry` | first seen ms (i64, sign bit flipped, BE) ‖ last seq of the group (u64 BE) | the group's scoped keys, front-coded ([`encode_key_list`]) in at most 7 KiB: the durable idempotency index |
-//! | `meta`        | `cursor`, `format_version`, `dlq_last`, `dlq_len`, `store_id` | u64 BE     |
+//! | `meta`        | `cursor`, `format_version`, `dlq_last`, `dlq_len`, `store_id`, `batch_commits` | u64 BE |
 //! | `meta`        | `queue_bytes`                         | bytes waiting ‖ the last seq they count (u64 BE each) |
 //! | `counts`      | event type                            | u64 BE                                |
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |
 //! | `aggregates`  | see [`crate::analytics`]              | counts, user days, cohorts, windows   |
 //! | `quarantine`  | tree name `\0` original key           | the raw bytes that failed to decode   |
+//! | `redo`        | `last_commit`                         | the last batch commit's writes (`redo.rs`) |
 //!
 //! ## Why packed records (format 3)
 //!
@@ -57,8 +58,8 @@
 //!   user-days, first times and minute members that committed batches
 //!   found or wrote ([`crate::analytics::Known`], at most 32,768, about
 //!   2.5 MiB), so a batch reads sled only for members it has not seen. It
-//!   learns only after a commit succeeds (sled may run a transaction's
-//!   closure again) and is empty after a start.
+//!   learns only after a commit's writes are made, and is empty after a
+//!   start.
 //!
 //! A segment is removed once the cursor has passed its last seq; records
 //! at or below the cursor inside a segment that is still there count as
@@ -69,6 +70,11 @@
 //! whole WAL: converting it writes the version, and every open of a store
 //! whose gauge names no seq (a new one too) writes it with the last seq
 //! before any group commit runs.
+//!
+//! Format 5 is format 4 whose batch commit (invariant 3) is plain writes
+//! after a redo record, not a sled transaction: an older build would not
+//! finish one a crash interrupted, so it refuses the store. Converting a
+//! format 4 store writes the version only.
 //!
 //! Older stores are converted at open: format 1 and 2 WAL values are read
 //! as they are (a version-1 WAL value is a single record, a segment of one);
@@ -99,10 +105,16 @@
 //!    (group commit), then answers all of them.
 //! 3. **The cursor moves with the counters.** [`Storage::commit_batch`]
 //!    removes processed records, adds their counts and analytics
-//!    aggregates, parks failures in the DLQ and moves the cursor in one
-//!    transaction, skipping any seq at or
-//!    below the cursor; so a batch processed twice (a crash before the ack,
-//!    an actor restart) is counted once. Sinks are at-least-once.
+//!    aggregates, parks failures in the DLQ and moves the cursor as one
+//!    atomic step, skipping any seq at or below the cursor; so a batch
+//!    processed twice (a crash before the ack, an actor restart) is
+//!    counted once. Sinks are at-least-once. The step is plain writes
+//!    after a redo record that holds them all, with the values they leave
+//!    (`redo.rs`): an open finishes a commit that a crash interrupted, and
+//!    writing a value twice changes nothing. (A sled transaction wrote
+//!    sled's log buffer out twice more, each time waiting for the device:
+//!    4–5 % of the CPU an event costs.) Queries read without the lock, so
+//!    one may see a batch half-written, never a batch counted twice.
 //! 4. **Seqs only grow.** The next seq is `max(last WAL key, cursor) + 1`,
 //!    so an emptied queue never reuses a number.
 //! 5. **Nothing undecodable crashes the daemon.** Each record and segment
@@ -150,6 +162,7 @@
 mod index;
 pub mod mark;
 pub mod memory;
+mod redo;
 pub mod sled;
 
 use serde::{Deserialize, Serialize};
@@ -165,8 +178,9 @@ pub const MAX_RECORD_BYTES: usize = 64 * 1024 * 1024;
 /// each group commit into one WAL segment, 3 keeps no sled key per event
 /// (packed key lists, the index in memory), 4 writes a group commit
 /// without a transaction, its byte gauge naming the last seq it counts
-/// (invariant 1). Record envelopes carry it too.
-pub const FORMAT_VERSION: u8 = 4;
+/// (invariant 1), 5 a batch commit too, after its redo record (invariant
+/// 3). Record envelopes carry it too.
+pub const FORMAT_VERSION: u8 = 5;
 
 /// The envelope version of a WAL value that holds one bare [`WalRecord`]
 /// (format 1, before segments).
@@ -254,7 +268,7 @@ pub struct DlqEntry {
     pub record: WalRecord,
 }
 
-/// Everything the Processor commits for one batch, in one transaction.
+/// Everything the Processor commits for one batch, as one atomic step (invariant 3).
 #[derive(Debug, Clone, Default)]
 pub struct BatchAck {
     /// The highest seq of the batch: the cursor moves here.

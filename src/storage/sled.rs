@@ -21,6 +21,7 @@ use sled::{Db, IVec, Tree};
 
 use super::index::KeyIndex;
 use super::mark::{self, Mark, Summary};
+use super::redo::{self, Redo};
 use super::{
     AppendOutcome, BatchAck, Counted, DlqEntry, FORMAT_VERSION, NewEvent, Quarantined, QueueInfo,
     Storage, StorageError, decode_key_list, decode_record, decode_segment, encode_key_list,
@@ -35,6 +36,11 @@ const STORE_ID: &[u8] = b"store_id";
 const DLQ_LAST: &[u8] = b"dlq_last";
 const QUEUE_BYTES: &[u8] = b"queue_bytes";
 const DLQ_LEN: &[u8] = b"dlq_len";
+/// `meta`: the number of the last batch commit that finished (see [`Redo`]).
+const BATCH_COMMITS: &[u8] = b"batch_commits";
+/// A batch commit's redo record is written in parts of at most this many
+/// bytes: under sled's blob threshold, like a WAL segment.
+const REDO_PART_BYTES: usize = SEGMENT_BYTES;
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
@@ -77,6 +83,9 @@ struct Store {
     quarantine: Tree,
     /// The analytics key space (see `crate::analytics`).
     aggregates: Tree,
+    /// The last batch commit's writes ([`Redo`]): part index (u32 BE) →
+    /// part.
+    redo: Tree,
     /// The last seq handed out (invariant 4); only changed under `write_lock`.
     last_seq: AtomicU64,
     /// The highest seq that a write of this store committed (or that it
@@ -90,9 +99,9 @@ struct Store {
     /// The mark on disk is clean: the first write after it must replace
     /// it (read on every `lock()`, so an atomic beside `marking`).
     clean: AtomicBool,
-    /// A group commit failed part-way: sled may hold some of its writes
-    /// past `last_seq`, so no group may be written after it until the
-    /// store is reopened (whose open finishes that group).
+    /// A group or batch commit failed part-way: sled may hold some of its
+    /// writes, so nothing may be written after it until the store is
+    /// reopened (whose open finishes that commit).
     unfinished: AtomicBool,
     /// What the mark on disk says; held while one is written.
     marking: parking_lot::Mutex<Marking>,
@@ -779,6 +788,7 @@ impl Store {
             dlq: tree("dlq")?,
             quarantine: tree("quarantine")?,
             aggregates: tree("aggregates")?,
+            redo: tree("redo")?,
             db,
             last_seq: AtomicU64::new(0),
             committed: AtomicU64::new(0),
@@ -925,6 +935,8 @@ impl Store {
                 }
             }
         }
+        // Before anything reads the cursor, the gauge or the DLQ's length.
+        self.finish_last_commit()?;
         if self.meta.get(STORE_ID).map_err(io)?.is_none() {
             // Durable with the next flush; one lost to a crash is drawn
             // again, and only makes this store a stranger once more.
@@ -1194,12 +1206,19 @@ impl Store {
 
     /// Takes the write lock; the first write after a clean close replaces
     /// the clean mark, which would no longer hold.
-    fn lock(&self) -> FairMutexGuard<'_, ()> {
+    /// Takes the write lock; refused once a commit failed part-way (see
+    /// `unfinished`).
+    fn lock(&self) -> Result<FairMutexGuard<'_, ()>, StorageError> {
         let guard = self.write_lock.lock();
+        if self.unfinished.load(Ordering::SeqCst) {
+            return Err(StorageError::Io(
+                "an earlier commit failed part-way; the store must be reopened".into(),
+            ));
+        }
         if self.clean.load(Ordering::SeqCst) {
             self.update_mark(false);
         }
-        guard
+        Ok(guard)
     }
 
     /// Moves a value that does not decode to `quarantine`, taking it out of
@@ -1224,8 +1243,11 @@ impl Store {
             Err(_) => format!("{tree} key {:?}", String::from_utf8_lossy(key)),
         };
         tracing::error!(%position, %reason, "damaged record moved to quarantine");
-        let _guard = self.lock();
         // Best effort: if moving aside fails, the record is still skipped and reported.
+        let Ok(_guard) = self.lock() else {
+            tracing::error!(%position, "could not move damaged record aside");
+            return Quarantined { position, reason };
+        };
         let moved = (&self.quarantine, &self.wal, &self.dlq, &self.meta).transaction(
             |(q, wal, dlq, meta)| {
                 q.insert(qkey.as_slice(), value)?;
@@ -1372,6 +1394,197 @@ impl Store {
         Ok(())
     }
 
+    /// The number of the last batch commit that finished (see [`Redo`]).
+    fn batch_commits(&self) -> Result<u64, StorageError> {
+        Ok(u64_of(self.meta.get(BATCH_COMMITS).map_err(io)?))
+    }
+
+    /// What a batch commit writes, read under the write lock: its redo
+    /// record, and what it leaves in memory once written. Writes nothing.
+    fn plan_batch_commit(
+        &self,
+        ack: &BatchAck,
+        known: &analytics::Known,
+    ) -> Result<BatchCommit, StorageError> {
+        let last_seq = self.last_seq.load(Ordering::SeqCst);
+        let cursor = self.cursor()?;
+        let new_cursor = cursor.max(ack.upto);
+        let mut redo = Redo {
+            number: self.batch_commits()? + 1,
+            writes: Vec::new(),
+        };
+        // The sizes of the processed records, from their segments' headers:
+        // each segment is opened (and its checksum checked) once.
+        let mut freed = 0u64;
+        let mut seqs: Vec<u64> = ack
+            .processed
+            .iter()
+            .map(|(seq, _)| *seq)
+            .filter(|seq| *seq > cursor)
+            .collect();
+        seqs.sort_unstable();
+        let mut rest = seqs.as_slice();
+        while let Some(&seq) = rest.first() {
+            let Some((last, v)) = self
+                .wal
+                .range(seq.to_be_bytes()..)
+                .next()
+                .transpose()
+                .map_err(io)?
+                .and_then(|(k, v)| Some((u64::from_be_bytes(k.as_ref().try_into().ok()?), v)))
+            else {
+                break;
+            };
+            let in_segment = rest.iter().take_while(|s| **s <= last).count();
+            if let Ok(segment) = decode_segment(last, &v) {
+                freed += rest[..in_segment]
+                    .iter()
+                    .map(|s| segment.size_of(*s))
+                    .sum::<u64>();
+            }
+            rest = &rest[in_segment..];
+        }
+        // Segments that the cursor has passed entirely.
+        for key in self.wal.range(..=new_cursor.to_be_bytes()).keys() {
+            redo.remove(redo::Tree::Wal, &key.map_err(io)?);
+        }
+        let mut added: std::collections::BTreeMap<&str, u64> = Default::default();
+        let mut facts = Vec::with_capacity(ack.processed.len());
+        for (seq, f) in &ack.processed {
+            if *seq > cursor
+                && let Some(f) = f
+            {
+                *added.entry(f.event_type.as_str()).or_default() += 1;
+                facts.push(f);
+            }
+        }
+        let mut aggregates = StagedKv {
+            tree: &self.aggregates,
+            writes: Default::default(),
+        };
+        let learned = analytics::apply(&mut aggregates, &facts, ack.now_ms, ack.upto, known)?;
+        for (key, value) in &aggregates.writes {
+            match value {
+                Some(value) => redo.put(redo::Tree::Aggregates, key, value),
+                None => redo.remove(redo::Tree::Aggregates, key),
+            }
+        }
+        for (t, n) in &added {
+            let now = u64_of(self.counts.get(t.as_bytes()).map_err(io)?);
+            redo.put(redo::Tree::Counts, t.as_bytes(), &(now + n).to_be_bytes());
+        }
+        let mut dlq_len = self.dlq_len.load(Ordering::SeqCst);
+        let dead: Vec<&DlqEntry> = ack
+            .dead
+            .iter()
+            .filter(|(seq, _)| *seq > cursor)
+            .map(|(_, e)| e)
+            .collect();
+        if !dead.is_empty() {
+            let mut dlq_last = u64_of(self.meta.get(DLQ_LAST).map_err(io)?);
+            for entry in dead {
+                dlq_last += 1;
+                dlq_len += 1;
+                redo.put(
+                    redo::Tree::Dlq,
+                    &dlq_last.to_be_bytes(),
+                    &encode_record(entry),
+                );
+            }
+            redo.put(redo::Tree::Meta, DLQ_LAST, &dlq_last.to_be_bytes());
+            redo.put(redo::Tree::Meta, DLQ_LEN, &dlq_len.to_be_bytes());
+        }
+        let mut gauge = Gauge::of(self.meta.get(QUEUE_BYTES).map_err(io)?).less(freed);
+        if new_cursor >= last_seq {
+            // Nothing waits, so nothing counts: this heals the gauge after
+            // damage (seqs reported missing, segments a damaged tree's walk
+            // did not find), whose sizes no segment gave.
+            gauge.bytes = 0;
+        }
+        redo.put(redo::Tree::Meta, CURSOR, &new_cursor.to_be_bytes());
+        redo.put(redo::Tree::Meta, QUEUE_BYTES, &gauge.stored(last_seq));
+        // Last: the commit has finished once this is written.
+        redo.put(redo::Tree::Meta, BATCH_COMMITS, &redo.number.to_be_bytes());
+        Ok(BatchCommit {
+            redo,
+            new_cursor,
+            queue_bytes: gauge.bytes,
+            dlq_len,
+            learned,
+        })
+    }
+
+    /// Makes a batch commit's writes, in order, as plain inserts and
+    /// removes (see [`Redo`]).
+    fn make_writes(&self, writes: &[redo::Write]) -> Result<(), StorageError> {
+        for write in writes {
+            let tree = match write.tree {
+                redo::Tree::Meta => &self.meta,
+                redo::Tree::Counts => &self.counts,
+                redo::Tree::Dlq => &self.dlq,
+                redo::Tree::Aggregates => &self.aggregates,
+                redo::Tree::Wal => &self.wal,
+            };
+            match &write.value {
+                Some(value) => tree
+                    .insert(write.key.as_slice(), value.as_slice())
+                    .map(drop),
+                None => tree.remove(write.key.as_slice()).map(drop),
+            }
+            .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a batch commit's redo record, part by part.
+    fn write_redo(&self, redo: &Redo) -> Result<(), StorageError> {
+        for (index, part) in redo.encode(REDO_PART_BYTES).into_iter().enumerate() {
+            self.redo
+                .insert((index as u32).to_be_bytes(), part)
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Makes again the writes of the batch commit a crash interrupted: its
+    /// redo record is whole, its number is above the last that finished.
+    fn finish_last_commit(&self) -> Result<(), StorageError> {
+        let mut parts: Vec<IVec> = Vec::new();
+        for item in self.redo.iter() {
+            let (k, v) = item.map_err(io)?;
+            if k.as_ref() != (parts.len() as u32).to_be_bytes() {
+                break;
+            }
+            parts.push(v);
+        }
+        let finished = self.batch_commits()?;
+        match Redo::decode(&parts.iter().map(|p| p.as_ref()).collect::<Vec<_>>()) {
+            Ok(Some(redo)) if redo.number > finished => {
+                tracing::info!(
+                    commit = redo.number,
+                    writes = redo.writes.len(),
+                    "finishing the batch commit that a crash interrupted"
+                );
+                self.make_writes(&redo.writes)
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // sled recovers whole values: this is damage, not a crash.
+                tracing::error!(
+                    error = %e,
+                    "the last batch commit's redo record is damaged and moved to quarantine; \
+                     if a crash interrupted that commit, its events may be counted twice"
+                );
+                for (index, part) in parts.into_iter().enumerate() {
+                    let mut qkey = b"redo\0".to_vec();
+                    qkey.extend_from_slice(&(index as u32).to_be_bytes());
+                    self.quarantine.insert(qkey, part).map_err(io)?;
+                }
+                self.redo.clear().map_err(io)
+            }
+        }
+    }
+
     fn cursor(&self) -> Result<u64, StorageError> {
         Ok(u64_of(self.meta.get(CURSOR).map_err(io)?))
     }
@@ -1435,12 +1648,7 @@ impl Storage for Store {
         now_ms: i64,
         ttl_ms: i64,
     ) -> Result<Vec<AppendOutcome>, StorageError> {
-        let _guard = self.lock();
-        if self.unfinished.load(Ordering::SeqCst) {
-            return Err(StorageError::Io(
-                "an earlier group commit failed part-way; the store must be reopened".into(),
-            ));
-        }
+        let _guard = self.lock()?;
         let start = self.last_seq.load(Ordering::SeqCst);
         let keys_of: Vec<Vec<u8>> = events.iter().map(|e| scoped_key(&e.record)).collect();
         let mut idem = self.idempotency.lock();
@@ -1597,108 +1805,25 @@ impl Storage for Store {
     }
 
     fn commit_batch(&self, ack: &BatchAck) -> Result<(), StorageError> {
-        // Writers take turns: a group commit's plain writes (segments, key
-        // list, gauge) must not interleave with this transaction, which
-        // reads the gauge; and under the lock nobody else moves the cursor
-        // or removes segments, so what is read here holds below.
-        let _guard = self.lock();
-        let last_seq = self.last_seq.load(Ordering::SeqCst);
-        let cursor = self.cursor()?;
-        let new_cursor = cursor.max(ack.upto);
-        // The sizes of the processed records, from their segments' headers:
-        // each segment is opened (and its checksum checked) once.
-        let mut freed = 0u64;
-        let mut seqs: Vec<u64> = ack
-            .processed
-            .iter()
-            .map(|(seq, _)| *seq)
-            .filter(|seq| *seq > cursor)
-            .collect();
-        seqs.sort_unstable();
-        let mut rest = seqs.as_slice();
-        while let Some(&seq) = rest.first() {
-            let Some((last, v)) = self
-                .wal
-                .range(seq.to_be_bytes()..)
-                .next()
-                .transpose()
-                .map_err(io)?
-                .and_then(|(k, v)| Some((u64::from_be_bytes(k.as_ref().try_into().ok()?), v)))
-            else {
-                break;
-            };
-            let in_segment = rest.iter().take_while(|s| **s <= last).count();
-            if let Ok(segment) = decode_segment(last, &v) {
-                freed += rest[..in_segment]
-                    .iter()
-                    .map(|s| segment.size_of(*s))
-                    .sum::<u64>();
-            }
-            rest = &rest[in_segment..];
-        }
-        // Segments that the cursor has passed entirely.
-        let done: Vec<IVec> = self
-            .wal
-            .range(..=new_cursor.to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(io)?;
-        let dead: Vec<Vec<u8>> = ack
-            .dead
-            .iter()
-            .filter(|(seq, _)| *seq > cursor)
-            .map(|(_, e)| encode_record(e))
-            .collect();
-        let mut added: std::collections::BTreeMap<&str, u64> = Default::default();
+        // Writers take turns: under the lock nobody else moves the cursor,
+        // the gauge or the DLQ's ids, or removes segments, so what the plan
+        // read holds while its writes are made.
+        let _guard = self.lock()?;
         let mut known = self.known.lock();
-        let mut facts = Vec::with_capacity(ack.processed.len());
-        for (seq, f) in &ack.processed {
-            if *seq > cursor
-                && let Some(f) = f
-            {
-                *added.entry(f.event_type.as_str()).or_default() += 1;
-                facts.push(f);
-            }
-        }
-        (
-            &self.wal,
-            &self.meta,
-            &self.counts,
-            &self.dlq,
-            &self.aggregates,
-        )
-            .transaction(|(wal, meta, counts, dlq, aggregates)| {
-                for key in &done {
-                    wal.remove(key)?;
-                }
-                let mut gauge = Gauge::of(meta.get(QUEUE_BYTES)?).less(freed);
-                if new_cursor >= last_seq {
-                    // Nothing waits, so nothing counts: this heals the
-                    // gauge after damage (seqs reported missing, segments a
-                    // damaged tree's walk did not find), whose sizes no
-                    // segment gave.
-                    gauge.bytes = 0;
-                }
-                let learned =
-                    analytics::apply(&mut TxKv(aggregates), &facts, ack.now_ms, ack.upto, &known)?;
-                for (t, n) in &added {
-                    let now = u64_of(counts.get(t.as_bytes())?);
-                    counts.insert(t.as_bytes(), &(now + n).to_be_bytes())?;
-                }
-                let dlq_len = Self::put_dlq(dlq, meta, &dead)?;
-                meta.insert(CURSOR, &new_cursor.to_be_bytes())?;
-                meta.insert(QUEUE_BYTES, &gauge.stored(last_seq))?;
-                Ok::<_, ConflictableTransactionError<StorageError>>((gauge.bytes, dlq_len, learned))
-            })
-            .map_err(tx_err)
-            .map(|(bytes, dlq_len, learned)| {
-                self.queue_bytes.store(bytes, Ordering::SeqCst);
-                self.dlq_len.store(dlq_len, Ordering::SeqCst);
-                // Only now: sled may have run the closure more than once.
-                known.learn(learned);
-            })?;
+        let commit = self.plan_batch_commit(ack, &known)?;
+        // Invariant 3 without a sled transaction: the redo record first,
+        // then its writes, the commit's number last (see `redo`). A write
+        // that fails leaves the store `unfinished` until reopened, whose
+        // open makes the writes again.
+        self.write_redo(&commit.redo)
+            .and_then(|_| self.make_writes(&commit.redo.writes))
+            .inspect_err(|_| self.unfinished.store(true, Ordering::SeqCst))?;
+        self.queue_bytes.store(commit.queue_bytes, Ordering::SeqCst);
+        self.dlq_len.store(commit.dlq_len, Ordering::SeqCst);
+        known.learn(commit.learned);
         self.last_seq.fetch_max(ack.upto, Ordering::SeqCst);
-        self.committed.fetch_max(new_cursor, Ordering::SeqCst);
+        self.committed
+            .fetch_max(commit.new_cursor, Ordering::SeqCst);
         Ok(())
     }
 
@@ -1765,7 +1890,7 @@ impl Storage for Store {
         if entries.is_empty() {
             return Ok(());
         }
-        let _guard = self.lock();
+        let _guard = self.lock()?;
         let encoded: Vec<Vec<u8>> = entries.iter().map(encode_record).collect();
         let dlq_len = (&self.dlq, &self.meta)
             .transaction(|(dlq, meta)| {
@@ -1837,7 +1962,7 @@ impl Storage for Store {
         while removed < limit {
             // One group at a time under the lock: an append must not find a
             // key in a group this sweep is taking apart.
-            let _guard = self.lock();
+            let _guard = self.lock()?;
             let Some((entry, value)) = self
                 .expiry
                 .range(..end.as_slice())
@@ -1931,7 +2056,7 @@ impl Storage for Store {
     }
 
     fn dlq_remove(&self, ids: &[u64]) -> Result<usize, StorageError> {
-        let _guard = self.lock();
+        let _guard = self.lock()?;
         let (removed, dlq_len) = (&self.dlq, &self.meta)
             .transaction(|(dlq, meta)| {
                 let mut removed = 0;
@@ -1954,7 +2079,7 @@ impl Storage for Store {
     }
 
     fn dlq_replay(&self, ids: &[u64]) -> Result<(Vec<u64>, u64), StorageError> {
-        let _guard = self.lock();
+        let _guard = self.lock()?;
         let start = self.last_seq.load(Ordering::SeqCst);
         let (moved, last, bytes, dlq_len) = (&self.dlq, &self.wal, &self.meta)
             .transaction(|(dlq, wal, meta)| {
@@ -1993,20 +2118,43 @@ impl Storage for Store {
     }
 }
 
-/// sled's transactional tree as an analytics transaction target.
-struct TxKv<'a>(&'a TransactionalTree);
+/// What a batch commit writes, and what it leaves in memory once written.
+struct BatchCommit {
+    /// Its writes, the redo record written before them.
+    redo: Redo,
+    /// The cursor afterwards.
+    new_cursor: u64,
+    /// The byte gauge afterwards.
+    queue_bytes: u64,
+    /// The DLQ's length afterwards.
+    dlq_len: u64,
+    /// Set members the batch found or wrote, for `known`.
+    learned: analytics::Learned,
+}
 
-impl KvWrite for TxKv<'_> {
-    type Error = UnabortableTransactionError;
+/// The aggregates as a batch commit sees them: its own writes, gathered for
+/// its redo record, over the tree.
+struct StagedKv<'a> {
+    /// The aggregates tree, read where the batch wrote nothing.
+    tree: &'a Tree,
+    /// Key → the value the batch leaves (`None`: removed), in key order.
+    writes: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl KvWrite for StagedKv<'_> {
+    type Error = StorageError;
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error> {
-        Ok(self.0.get(key)?.map(|v| v.to_vec()))
+        match self.writes.get(key) {
+            Some(staged) => Ok(staged.clone()),
+            None => Ok(self.tree.get(key).map_err(io)?.map(|v| v.to_vec())),
+        }
     }
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Self::Error> {
-        self.0.insert(key, value)?;
+        self.writes.insert(key.to_vec(), Some(value.to_vec()));
         Ok(())
     }
     fn remove(&mut self, key: &[u8]) -> Result<(), Self::Error> {
-        self.0.remove(key)?;
+        self.writes.insert(key.to_vec(), None);
         Ok(())
     }
 }
@@ -2611,12 +2759,182 @@ mod tests {
         assert_eq!(store.expiry.iter().count(), 4);
     }
 
+    /// What a batch commit leaves, as the queries and the next batch see
+    /// it: the cursor, the byte gauge, the counters, every aggregate and
+    /// the DLQ.
+    type Committed = (
+        u64,
+        u64,
+        Vec<(String, u64)>,
+        Vec<(IVec, IVec)>,
+        Vec<(u64, DlqEntry)>,
+        u64,
+    );
+
+    fn committed(store: &Store) -> Committed {
+        (
+            store.cursor().unwrap(),
+            store.queue_info().unwrap().bytes,
+            store.counts().unwrap(),
+            store.aggregates.iter().collect::<Result<_, _>>().unwrap(),
+            store.dlq_list(0, 100).unwrap(),
+            store.dlq_len().unwrap(),
+        )
+    }
+
+    /// Six events of two types from three users, one minute apart.
+    fn batch_of_users() -> Vec<NewEvent> {
+        (0..6)
+            .map(|i| NewEvent {
+                record: WalRecord {
+                    source: "default".into(),
+                    key: format!("evt-{i}"),
+                    event_type: ["signup", "page_view"][i % 2].into(),
+                    received_at_ms: NOW_MS - 1_000,
+                    occurred_at_ms: NOW_MS - 60_000 * i as i64,
+                    only_sink: None,
+                    body: format!(r#"{{"user_id":"u{}","session_id":"s{i}"}}"#, i % 3),
+                },
+            })
+            .collect()
+    }
+
+    const NOW_MS: i64 = 1_700_000_000_000;
+
+    /// The Processor's acknowledgement of everything after the cursor, one
+    /// event of it failed by a sink.
+    fn ack_after_cursor(store: &Store) -> Option<BatchAck> {
+        let (records, _) = store.read_after(store.cursor().unwrap(), 100).unwrap();
+        let last = records.last()?.seq;
+        let failure = crate::storage::SinkFailure {
+            sink: "dashboard".into(),
+            error: "dashboard answered 503".into(),
+            attempts: 3,
+            first_failed_ms: NOW_MS - 500,
+            last_failed_ms: NOW_MS,
+        };
+        let dead = [(&records[1], failure)];
+        Some(BatchAck::of(
+            &records,
+            last,
+            NOW_MS,
+            analytics::Wanted::default(),
+            dead,
+        ))
+    }
+
+    /// A batch commit is its redo record, then plain writes, the commit's
+    /// number last. A crash after any prefix of them (sled keeps a prefix
+    /// of its log) is finished at the next open, so the Processor, which
+    /// starts again from the cursor, finds the batch committed: nothing is
+    /// counted twice or lost, whatever the cut. A finished commit's record
+    /// is never made again, though it stays.
+    #[test]
+    fn a_crash_inside_a_batch_commit_is_finished_at_the_next_open() {
+        let ttl = 1_000_000;
+        let reference = tempfile::tempdir().unwrap();
+        let store = Store::open(reference.path(), &SledOptions::default()).unwrap();
+        store
+            .append(&batch_of_users(), NOW_MS - 1_000, ttl)
+            .unwrap();
+        let ack = ack_after_cursor(&store).unwrap();
+        let writes = {
+            let known = store.known.lock();
+            store
+                .plan_batch_commit(&ack, &known)
+                .unwrap()
+                .redo
+                .writes
+                .len()
+        };
+        store.commit_batch(&ack).unwrap();
+        let whole = committed(&store);
+        assert_eq!(whole.0, 6, "the cursor passed the batch");
+        assert_eq!(whole.5, 1, "one failure parked");
+        assert!(writes > 10, "{writes} writes");
+        drop(store);
+
+        for cut in 0..=writes {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
+            store
+                .append(&batch_of_users(), NOW_MS - 1_000, ttl)
+                .unwrap();
+            let ack = ack_after_cursor(&store).unwrap();
+            {
+                // The crash: the record and the first `cut` writes only.
+                let _guard = store.lock().unwrap();
+                let known = store.known.lock();
+                let commit = store.plan_batch_commit(&ack, &known).unwrap();
+                store.write_redo(&commit.redo).unwrap();
+                store.make_writes(&commit.redo.writes[..cut]).unwrap();
+            }
+            store.flush().unwrap();
+            drop(store);
+
+            let store = open_again(dir.path());
+            if let Some(again) = ack_after_cursor(&store) {
+                store.commit_batch(&again).unwrap();
+            }
+            assert_eq!(
+                committed(&store),
+                whole,
+                "a crash after {cut} of {writes} writes"
+            );
+
+            if cut == writes {
+                // A DLQ change after the finished commit survives a
+                // restart: the old record's values are not written again.
+                store.park(&[whole.4[0].1.clone()]).unwrap();
+                store.flush().unwrap();
+                drop(store);
+                let store = open_again(dir.path());
+                assert_eq!(store.dlq_len().unwrap(), 2);
+                assert_eq!(store.dlq_list(0, 100).unwrap().len(), 2);
+            }
+        }
+
+        // A crash while the record's parts were written: it is not whole,
+        // so none of its writes was made, and none is made at the open.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
+        store
+            .append(&batch_of_users(), NOW_MS - 1_000, ttl)
+            .unwrap();
+        let ack = ack_after_cursor(&store).unwrap();
+        {
+            let _guard = store.lock().unwrap();
+            let known = store.known.lock();
+            let parts = store
+                .plan_batch_commit(&ack, &known)
+                .unwrap()
+                .redo
+                .encode(200);
+            assert!(parts.len() > 2, "{} parts", parts.len());
+            for (index, part) in parts.into_iter().enumerate().take(2) {
+                store
+                    .redo
+                    .insert((index as u32).to_be_bytes(), part)
+                    .unwrap();
+            }
+        }
+        store.flush().unwrap();
+        drop(store);
+        let store = open_again(dir.path());
+        assert_eq!(store.cursor().unwrap(), 0);
+        assert!(store.counts().unwrap().is_empty());
+        store
+            .commit_batch(&ack_after_cursor(&store).unwrap())
+            .unwrap();
+        assert_eq!(committed(&store), whole);
+    }
+
     /// A format 3 store kept its byte gauge in 8 bytes, for the whole WAL
     /// (its group commits were transactions). Opened now it keeps its bytes,
-    /// finishes nothing, and is format 4 from then on; an older build
-    /// refuses it then rather than misread the gauge.
+    /// finishes nothing, and is this build's format from then on; an older
+    /// build refuses it then rather than misread the gauge.
     #[test]
-    fn a_format_3_store_keeps_its_gauge_and_becomes_format_4() {
+    fn a_format_3_store_keeps_its_gauge_and_becomes_this_format() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
         store.append(&["a", "b"].map(event), 10, 1_000_000).unwrap();
@@ -2630,7 +2948,10 @@ mod tests {
         drop(store);
 
         let store = open_again(dir.path());
-        assert_eq!(u64_of(store.meta.get(FORMAT).unwrap()), 4);
+        assert_eq!(
+            u64_of(store.meta.get(FORMAT).unwrap()),
+            u64::from(FORMAT_VERSION)
+        );
         // It names its seq before any group commit: a crash inside the
         // first one is finished like any other.
         assert_eq!(
