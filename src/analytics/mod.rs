@@ -3,10 +3,10 @@
 //! # Design
 //!
 //! Aggregates live in one key space (sled tree `aggregates`) and are updated
-//! by [`apply`] inside the same storage transaction that acknowledges the
+//! by [`apply`] in the same atomic storage commit that acknowledges the
 //! batch in the WAL, so each accepted event is counted exactly once across
-//! crashes and restarts. The same code runs over sled's transactional tree
-//! and over the in-memory model, through the small [`KvWrite`] / [`KvRead`]
+//! crashes and restarts. The same code runs over the sled store's staged
+//! writes and over the in-memory model, through the small [`KvWrite`] / [`KvRead`]
 //! traits. This module owns them and names no store: each store implements
 //! them with its own error type, which the queries hand back as they got
 //! it (storage depends on analytics, not the reverse). Everything is on
@@ -383,11 +383,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for Page<'a> {
     }
 }
 
-/// Writes inside a storage transaction.
+/// Writes of one batch commit.
 pub trait KvWrite {
     /// The store's error.
     type Error;
-    /// Reads a key (seeing this transaction's own writes).
+    /// Reads a key (seeing this commit's own writes).
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error>;
     /// Sets a key.
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Self::Error>;
@@ -473,10 +473,10 @@ fn add<K: KvWrite>(kv: &mut K, k: &[u8], n: u64) -> Result<(), K::Error> {
 /// (`U`), a minute's users and sessions (`m`), and each user's first time
 /// (`F`). [`apply`] reads a member from the store only when it is not here,
 /// so that a batch of users seen before costs no read of the store for
-/// them (reads inside sled's transaction were about half of what a
-/// batch's analytics cost). The store fills it after each batch whose commit
-/// succeeded ([`Known::learn`]), never from a transaction that may still be
-/// run again or abort, and empties what it removes ([`Known::forget_minutes`]
+/// them (reads of sled were about half of what a batch's analytics cost).
+/// The store fills it after each batch whose commit succeeded
+/// ([`Known::learn`]), never from a commit that may still fail, and
+/// empties what it removes ([`Known::forget_minutes`]
 /// after a prune). It is a cache: empty after a start, emptied when full.
 #[derive(Debug, Default)]
 pub struct Known {

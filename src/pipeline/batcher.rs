@@ -37,7 +37,7 @@ use crate::event::Queued;
 pub struct Batcher;
 
 /// Most micro-batches handed to the Processor at once (and committed in one
-/// transaction) while a backlog waits. With 10, under batches of 100 from
+/// step) while a backlog waits. With 10, under batches of 100 from
 /// 64 clients a round of hand-over, delivery and commit took long enough
 /// that processing fell behind intake for good in some runs (BENCHMARKS.md,
 /// "A writer thread for the group commits").

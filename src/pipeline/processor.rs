@@ -3,7 +3,7 @@
 //! exponential backoff and jitter, honouring Retry-After; a circuit breaker
 //! isolates a sink that keeps failing), then commits the batch: WAL entries
 //! removed, built-in counters added, failures parked in the DLQ and the
-//! cursor moved, all in one storage transaction.
+//! cursor moved, all in one atomic storage commit (storage invariant 3).
 //!
 //! `handle` only strings the steps together: the breaker (`breaker.rs`)
 //! decides what each sink may do, `fan_out` delivers, the pure

@@ -44,7 +44,7 @@ impl Inner {
     }
 }
 
-/// The aggregates map as a transaction target (also the analytics unit
+/// The aggregates map as a batch commit's target (also the analytics unit
 /// tests' store).
 pub(crate) struct MapTx<'a>(pub(crate) &'a mut BTreeMap<Vec<u8>, Vec<u8>>);
 

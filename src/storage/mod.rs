@@ -19,7 +19,7 @@
 //! | `dlq`         | id (u64 BE)                           | record envelope of a [`DlqEntry`]     |
 //! | `aggregates`  | see [`crate::analytics`]              | counts, user days, cohorts, windows   |
 //! | `quarantine`  | tree name `\0` original key           | the raw bytes that failed to decode   |
-//! | `redo`        | `last_commit`                         | the last batch commit's writes (`redo.rs`) |
+//! | `redo`        | part index (u32 BE)                   | the writes of the batch commit being made (`redo.rs`); empty between commits |
 //!
 //! ## Why packed records (format 3)
 //!

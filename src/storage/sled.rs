@@ -83,8 +83,8 @@ struct Store {
     quarantine: Tree,
     /// The analytics key space (see `crate::analytics`).
     aggregates: Tree,
-    /// The last batch commit's writes ([`Redo`]): part index (u32 BE) →
-    /// part.
+    /// The writes of the batch commit being made ([`Redo`]): part index
+    /// (u32 BE) → part; empty between commits.
     redo: Tree,
     /// The last seq handed out (invariant 4); only changed under `write_lock`.
     last_seq: AtomicU64,
@@ -1204,19 +1204,25 @@ impl Store {
         })
     }
 
-    /// Takes the write lock; the first write after a clean close replaces
-    /// the clean mark, which would no longer hold.
-    /// Takes the write lock; refused once a commit failed part-way (see
-    /// `unfinished`).
+    /// Takes the write lock to write; the first write after a clean close
+    /// replaces the clean mark, which would no longer hold.
     fn lock(&self) -> Result<FairMutexGuard<'_, ()>, StorageError> {
+        let guard = self.settled_lock()?;
+        if self.clean.load(Ordering::SeqCst) {
+            self.update_mark(false);
+        }
+        Ok(guard)
+    }
+
+    /// Takes the write lock over a store that holds no commit made in
+    /// part: refused once one failed part-way (see `unfinished`), whose
+    /// writes only the reopen finishes.
+    fn settled_lock(&self) -> Result<FairMutexGuard<'_, ()>, StorageError> {
         let guard = self.write_lock.lock();
         if self.unfinished.load(Ordering::SeqCst) {
             return Err(StorageError::Io(
                 "an earlier commit failed part-way; the store must be reopened".into(),
             ));
-        }
-        if self.clean.load(Ordering::SeqCst) {
-            self.update_mark(false);
         }
         Ok(guard)
     }
@@ -1444,10 +1450,14 @@ impl Store {
             }
             rest = &rest[in_segment..];
         }
-        // Segments that the cursor has passed entirely.
-        for key in self.wal.range(..=new_cursor.to_be_bytes()).keys() {
-            redo.remove(redo::Tree::Wal, &key.map_err(io)?);
-        }
+        // Segments that the cursor has passed entirely: removed after the
+        // cursor moves, so that no reader finds them gone below it.
+        let done = self
+            .wal
+            .range(..=new_cursor.to_be_bytes())
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io)?;
         let mut added: std::collections::BTreeMap<&str, u64> = Default::default();
         let mut facts = Vec::with_capacity(ack.processed.len());
         for (seq, f) in &ack.processed {
@@ -1503,6 +1513,9 @@ impl Store {
         }
         redo.put(redo::Tree::Meta, CURSOR, &new_cursor.to_be_bytes());
         redo.put(redo::Tree::Meta, QUEUE_BYTES, &gauge.stored(last_seq));
+        for key in &done {
+            redo.remove(redo::Tree::Wal, key);
+        }
         // Last: the commit has finished once this is written.
         redo.put(redo::Tree::Meta, BATCH_COMMITS, &redo.number.to_be_bytes());
         Ok(BatchCommit {
@@ -1573,7 +1586,7 @@ impl Store {
                 tracing::error!(
                     error = %e,
                     "the last batch commit's redo record is damaged and moved to quarantine; \
-                     if a crash interrupted that commit, its events may be counted twice"
+                     if a crash interrupted that commit, some of its events may be counted twice"
                 );
                 for (index, part) in parts.into_iter().enumerate() {
                     let mut qkey = b"redo\0".to_vec();
@@ -1738,7 +1751,7 @@ impl Storage for Store {
     /// Flushes, then writes the clean mark with what the store holds,
     /// under the write lock so that no write slips between.
     fn close(&self) -> Result<(), StorageError> {
-        let _guard = self.write_lock.lock();
+        let _guard = self.settled_lock()?;
         self.flush()?;
         let summary = self.summary()?;
         let _marking = self.marking.lock();
@@ -1818,6 +1831,10 @@ impl Storage for Store {
         self.write_redo(&commit.redo)
             .and_then(|_| self.make_writes(&commit.redo.writes))
             .inspect_err(|_| self.unfinished.store(true, Ordering::SeqCst))?;
+        // Finished: the record goes, so that no copy of a parked event's
+        // body outlives its removal from the DLQ. (A crash first leaves it
+        // numbered as finished: never made again.)
+        self.redo.clear().map_err(io)?;
         self.queue_bytes.store(commit.queue_bytes, Ordering::SeqCst);
         self.dlq_len.store(commit.dlq_len, Ordering::SeqCst);
         known.learn(commit.learned);
@@ -1873,7 +1890,7 @@ impl Storage for Store {
         // Batch commits take this lock: none lands between the reads. Not
         // `lock()`: a read does not withdraw the clean mark.
         let mut counted = {
-            let _guard = self.write_lock.lock();
+            let _guard = self.settled_lock()?;
             Counted {
                 cursor: self.cursor()?,
                 by_type: self.counts()?,
@@ -1923,8 +1940,10 @@ impl Storage for Store {
         }
         let mut removed = 0;
         for merge in analytics::merge_user_records(&records) {
-            // The records merged are never written again (a batch commits
-            // once), so no commit can race this one.
+            // Under the lock: a batch commit that a crash interrupts writes
+            // its own record again at the next open, which must not bring
+            // back one merged away meanwhile.
+            let _guard = self.lock()?;
             self.aggregates
                 .transaction(|tx| {
                     for k in &merge.remove {
@@ -1942,14 +1961,26 @@ impl Storage for Store {
     fn prune_windows(&self, before_ms: i64) -> Result<usize, StorageError> {
         let mut removed = 0;
         for (from, to) in analytics::stale_window_ranges(before_ms) {
-            for k in self.aggregates.range(from..to).keys() {
-                self.aggregates.remove(k.map_err(io)?).map_err(io)?;
-                removed += 1;
+            let keys = self
+                .aggregates
+                .range(from..to)
+                .keys()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(io)?;
+            // Under the lock, a few at a time: a batch commit's plan reads
+            // aggregates that its writes then set, and a removal between the
+            // two would be undone; intake waits for no long removal.
+            for chunk in keys.chunks(256) {
+                let _guard = self.lock()?;
+                for k in chunk {
+                    self.aggregates.remove(k).map_err(io)?;
+                }
+                removed += chunk.len();
             }
         }
         // Some minutes' members are gone: none may be taken as there. (A
-        // batch committing meanwhile may teach one back: its minute is older
-        // than the window, and no later batch writes to it.)
+        // batch that committed meanwhile may teach one back: its minute is
+        // older than the window, and no later batch writes to it.)
         if removed > 0 {
             self.known.lock().forget_minutes();
         }
@@ -2827,8 +2858,8 @@ mod tests {
     /// number last. A crash after any prefix of them (sled keeps a prefix
     /// of its log) is finished at the next open, so the Processor, which
     /// starts again from the cursor, finds the batch committed: nothing is
-    /// counted twice or lost, whatever the cut. A finished commit's record
-    /// is never made again, though it stays.
+    /// counted twice or lost, whatever the cut. A record that a crash left
+    /// after its commit finished is never made again.
     #[test]
     fn a_crash_inside_a_batch_commit_is_finished_at_the_next_open() {
         let ttl = 1_000_000;
@@ -2848,6 +2879,7 @@ mod tests {
                 .len()
         };
         store.commit_batch(&ack).unwrap();
+        assert!(store.redo.is_empty(), "a finished commit leaves no record");
         let whole = committed(&store);
         assert_eq!(whole.0, 6, "the cursor passed the batch");
         assert_eq!(whole.5, 1, "one failure parked");
@@ -2873,6 +2905,8 @@ mod tests {
             drop(store);
 
             let store = open_again(dir.path());
+            // Without the redo at open, the cursor has not moved and the
+            // batch comes again, on top of what was written of it.
             if let Some(again) = ack_after_cursor(&store) {
                 store.commit_batch(&again).unwrap();
             }
@@ -2881,16 +2915,20 @@ mod tests {
                 whole,
                 "a crash after {cut} of {writes} writes"
             );
-
             if cut == writes {
-                // A DLQ change after the finished commit survives a
-                // restart: the old record's values are not written again.
+                // The record is still there, numbered as finished. A DLQ
+                // change after it survives a restart: its values are not
+                // written again.
                 store.park(&[whole.4[0].1.clone()]).unwrap();
                 store.flush().unwrap();
                 drop(store);
                 let store = open_again(dir.path());
                 assert_eq!(store.dlq_len().unwrap(), 2);
                 assert_eq!(store.dlq_list(0, 100).unwrap().len(), 2);
+            } else {
+                // The Processor, restarted, acknowledges the batch once more.
+                store.commit_batch(&ack).unwrap();
+                assert_eq!(committed(&store), whole, "the batch acknowledged twice");
             }
         }
 
