@@ -10,17 +10,25 @@
 //! 1. the record is written first, numbered one past the last commit that
 //!    finished, in parts of under 128 KiB (sled's blob threshold), each a
 //!    value of the `redo` tree under its index;
-//! 2. then its writes, as plain inserts and removes;
-//! 3. last of them, the commit's number (`meta`, `batch_commits`).
+//! 2. then its writes, as plain inserts and removes (WAL segments after
+//!    the cursor, so that no reader finds them gone below it);
+//! 3. last of them, the commit's number (`meta`, `batch_commits`);
+//! 4. then the record is cleared: no copy of a parked event's body stays
+//!    after the DLQ lets it go.
 //!
 //! sled recovers a prefix of its log, so after a crash either the record
 //! is not whole and none of its writes was made, or the record is whole
 //! with some of them. An open that finds a whole record numbered above
-//! `batch_commits` makes its writes again. An older record's parts past
-//! the newest one's count stay until a larger commit overwrites them; the
-//! count in each part says where a record ends. Each sets a key to the value it had after the commit
-//! (or removes it), so writing one twice changes nothing: the counters
-//! move once, with the cursor (invariant 3).
+//! `batch_commits` makes its writes again. Each sets a key to the value it
+//! had after the commit (or removes it), so writing one twice changes
+//! nothing: the counters move once, with the cursor (invariant 3). A
+//! record a crash left after step 3 is numbered as finished and never made
+//! again; should its parts outnumber the next record's, the count in each
+//! part says where a record ends.
+//!
+//! Every other writer takes the store's write lock, as the commit does, and
+//! so do the reads that must not see half a commit (a takeover's counts,
+//! the clean mark); queries do not, and may.
 
 use super::{ENVELOPE_HEADER, RecordError, get_varint, open_envelope, put_varint, seal};
 
