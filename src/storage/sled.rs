@@ -2854,6 +2854,25 @@ mod tests {
         ))
     }
 
+    /// A store in `dir` holding the six events, and the Processor's
+    /// acknowledgement of them.
+    fn store_with_batch(dir: &Path) -> (Store, BatchAck) {
+        let store = Store::open(dir, &SledOptions::default()).unwrap();
+        store
+            .append(&batch_of_users(), NOW_MS - 1_000, 1_000_000)
+            .unwrap();
+        let ack = ack_after_cursor(&store).unwrap();
+        (store, ack)
+    }
+
+    /// The writes committing `ack` would make, planned as the commit plans
+    /// them.
+    fn plan(store: &Store, ack: &BatchAck) -> Redo {
+        let _guard = store.lock().unwrap();
+        let known = store.known.lock();
+        store.plan_batch_commit(ack, &known).unwrap().redo
+    }
+
     /// A batch commit is its redo record, then plain writes, the commit's
     /// number last. A crash after any prefix of them (sled keeps a prefix
     /// of its log) is finished at the next open, so the Processor, which
@@ -2862,22 +2881,9 @@ mod tests {
     /// after its commit finished is never made again.
     #[test]
     fn a_crash_inside_a_batch_commit_is_finished_at_the_next_open() {
-        let ttl = 1_000_000;
         let reference = tempfile::tempdir().unwrap();
-        let store = Store::open(reference.path(), &SledOptions::default()).unwrap();
-        store
-            .append(&batch_of_users(), NOW_MS - 1_000, ttl)
-            .unwrap();
-        let ack = ack_after_cursor(&store).unwrap();
-        let writes = {
-            let known = store.known.lock();
-            store
-                .plan_batch_commit(&ack, &known)
-                .unwrap()
-                .redo
-                .writes
-                .len()
-        };
+        let (store, ack) = store_with_batch(reference.path());
+        let writes = plan(&store, &ack).writes.len();
         store.commit_batch(&ack).unwrap();
         assert!(store.redo.is_empty(), "a finished commit leaves no record");
         let whole = committed(&store);
@@ -2888,19 +2894,11 @@ mod tests {
 
         for cut in 0..=writes {
             let dir = tempfile::tempdir().unwrap();
-            let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
-            store
-                .append(&batch_of_users(), NOW_MS - 1_000, ttl)
-                .unwrap();
-            let ack = ack_after_cursor(&store).unwrap();
-            {
-                // The crash: the record and the first `cut` writes only.
-                let _guard = store.lock().unwrap();
-                let known = store.known.lock();
-                let commit = store.plan_batch_commit(&ack, &known).unwrap();
-                store.write_redo(&commit.redo).unwrap();
-                store.make_writes(&commit.redo.writes[..cut]).unwrap();
-            }
+            let (store, ack) = store_with_batch(dir.path());
+            // The crash: the record and the first `cut` writes only.
+            let redo = plan(&store, &ack);
+            store.write_redo(&redo).unwrap();
+            store.make_writes(&redo.writes[..cut]).unwrap();
             store.flush().unwrap();
             drop(store);
 
@@ -2935,26 +2933,14 @@ mod tests {
         // A crash while the record's parts were written: it is not whole,
         // so none of its writes was made, and none is made at the open.
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &SledOptions::default()).unwrap();
-        store
-            .append(&batch_of_users(), NOW_MS - 1_000, ttl)
-            .unwrap();
-        let ack = ack_after_cursor(&store).unwrap();
-        {
-            let _guard = store.lock().unwrap();
-            let known = store.known.lock();
-            let parts = store
-                .plan_batch_commit(&ack, &known)
-                .unwrap()
+        let (store, ack) = store_with_batch(dir.path());
+        let parts = plan(&store, &ack).encode(200);
+        assert!(parts.len() > 2, "{} parts", parts.len());
+        for (index, part) in parts.into_iter().enumerate().take(2) {
+            store
                 .redo
-                .encode(200);
-            assert!(parts.len() > 2, "{} parts", parts.len());
-            for (index, part) in parts.into_iter().enumerate().take(2) {
-                store
-                    .redo
-                    .insert((index as u32).to_be_bytes(), part)
-                    .unwrap();
-            }
+                .insert((index as u32).to_be_bytes(), part)
+                .unwrap();
         }
         store.flush().unwrap();
         drop(store);
