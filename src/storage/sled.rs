@@ -1831,17 +1831,16 @@ impl Storage for Store {
         self.write_redo(&commit.redo)
             .and_then(|_| self.make_writes(&commit.redo.writes))
             .inspect_err(|_| self.unfinished.store(true, Ordering::SeqCst))?;
-        // Finished: the record goes, so that no copy of a parked event's
-        // body outlives its removal from the DLQ. (A crash first leaves it
-        // numbered as finished: never made again.)
-        self.redo.clear().map_err(io)?;
         self.queue_bytes.store(commit.queue_bytes, Ordering::SeqCst);
         self.dlq_len.store(commit.dlq_len, Ordering::SeqCst);
         known.learn(commit.learned);
         self.last_seq.fetch_max(ack.upto, Ordering::SeqCst);
         self.committed
             .fetch_max(commit.new_cursor, Ordering::SeqCst);
-        Ok(())
+        // Finished: the record goes, so that no copy of a parked event's
+        // body outlives its removal from the DLQ. (A crash, or a failure,
+        // first leaves it numbered as finished: never made again.)
+        self.redo.clear().map_err(io)
     }
 
     fn queue_info(&self) -> Result<QueueInfo, StorageError> {
