@@ -166,6 +166,18 @@ impl KeyIndex {
         }
     }
 
+    /// Reads the home slot of each fingerprint, so that the lookups that
+    /// follow find them in the cache. A table of millions of keys is far
+    /// larger than the cache: a group commit's lookups one by one waited on
+    /// one miss after another, where these independent reads overlap (in a
+    /// profile of batches of 100, the lookups were 7.9 % of the CPU).
+    pub fn prefetch(&self, fingerprints: &[u64]) {
+        for &fingerprint in fingerprints {
+            let part = self.part(fingerprint);
+            std::hint::black_box(part.slots[part.home(Self::tag(fingerprint))]);
+        }
+    }
+
     /// Forgets one record of (`fingerprint`, `group`); false if there was none.
     pub fn remove(&mut self, fingerprint: u64, group: u32) -> bool {
         let wanted = Self::entry(fingerprint, group);

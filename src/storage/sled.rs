@@ -1665,6 +1665,8 @@ impl Storage for Store {
         let start = self.last_seq.load(Ordering::SeqCst);
         let keys_of: Vec<Vec<u8>> = events.iter().map(|e| scoped_key(&e.record)).collect();
         let mut idem = self.idempotency.lock();
+        let fingerprints_of: Vec<u64> = keys_of.iter().map(|k| idem.fingerprint(k)).collect();
+        idem.index.prefetch(&fingerprints_of);
         // Invariant 1: the check reads the index and the stored
         // key lists, all under the write lock; the group is then written
         // and only then added to the index.
@@ -1682,7 +1684,7 @@ impl Storage for Store {
                 });
                 continue;
             }
-            let fp = idem.fingerprint(key);
+            let fp = fingerprints_of[i];
             match self.seen(&idem, fp, key, now_ms, ttl_ms, &mut lists)? {
                 Seen::Live(first_seen_ms) => {
                     outcomes.push(AppendOutcome::Duplicate { first_seen_ms });
