@@ -627,32 +627,40 @@ pub fn apply<K: KvWrite>(
         .iter()
         .map(|f| f.user_id.as_deref().map(user_part))
         .collect();
-    let mut minute_members: BTreeSet<(i64, u8, &[u8])> = BTreeSet::new();
-    let mut user_days: BTreeSet<(&[u8], i32)> = BTreeSet::new();
-    let mut type_day_users: BTreeMap<(i32, &str), BTreeSet<&[u8]>> = BTreeMap::new();
-    let mut earliest: BTreeMap<&[u8], i64> = BTreeMap::new();
+    // Gathered in vectors, then sorted and deduplicated: the order a
+    // sorted set gives, for one sort each instead of a tree insert (and its
+    // comparisons) per event: in a profile of batches of 100 the trees'
+    // inserts were 6 % of the CPU.
+    let mut minute_members: Vec<(i64, u8, &[u8])> = Vec::with_capacity(2 * facts.len());
+    let mut user_days: Vec<(&[u8], i32)> = Vec::with_capacity(facts.len());
+    let mut type_day_users: Vec<((i32, &str), &[u8])> = Vec::with_capacity(facts.len());
+    let mut earliest: Vec<(&[u8], i64)> = Vec::with_capacity(facts.len());
     for (f, user) in facts.iter().zip(&users) {
         let in_window = recent(f.occurred_at_ms);
         let minute = f.occurred_at_ms.div_euclid(MS_PER_MINUTE);
         if in_window && let Some(s) = &f.session_id {
-            minute_members.insert((minute, b's', s.as_bytes()));
+            minute_members.push((minute, b's', s.as_bytes()));
         }
         let Some(user) = user.as_deref() else {
             continue;
         };
         if in_window {
-            minute_members.insert((minute, b'u', user));
+            minute_members.push((minute, b'u', user));
         }
-        user_days.insert((user, day_of(f.occurred_at_ms)));
-        type_day_users
-            .entry((day_of(f.occurred_at_ms), f.event_type.as_str()))
-            .or_default()
-            .insert(user);
-        earliest
-            .entry(user)
-            .and_modify(|t| *t = (*t).min(f.occurred_at_ms))
-            .or_insert(f.occurred_at_ms);
+        let day = day_of(f.occurred_at_ms);
+        user_days.push((user, day));
+        type_day_users.push(((day, f.event_type.as_str()), user));
+        earliest.push((user, f.occurred_at_ms));
     }
+    minute_members.sort_unstable();
+    minute_members.dedup();
+    user_days.sort_unstable();
+    user_days.dedup();
+    type_day_users.sort_unstable();
+    type_day_users.dedup();
+    // Each user's first time in the batch: the first of its run.
+    earliest.sort_unstable();
+    earliest.dedup_by_key(|(user, _)| *user);
     for (minute, kind, id) in &minute_members {
         let k = key(&[b"m", &i64_key(*minute), &[*kind], id]);
         if known.present.contains(&k) {
@@ -678,22 +686,23 @@ pub fn apply<K: KvWrite>(
     for (day, n) in new_dau {
         add(kv, &key(&[b"D", &day_key(day)]), n)?;
     }
-    for ((day, event_type), users) in &type_day_users {
+    for users in type_day_users.chunk_by(|a, b| a.0 == b.0) {
+        let (day, event_type) = users[0].0;
         let k = key(&[
             b"A",
-            &day_key(*day),
+            &day_key(day),
             &user_part(event_type),
             &batch.to_be_bytes(),
         ]);
         // A record of this batch already there (never, as batches commit
         // once) is kept and added to, not replaced.
         let mut record = kv.get(&k)?.unwrap_or_default();
-        for user in users {
+        for (_, user) in users {
             record.extend_from_slice(user);
         }
         kv.put(&k, &record)?;
     }
-    for (&user, &at) in &earliest {
+    for &(user, at) in &earliest {
         let day = day_of(at);
         let cached = known.first_seen.get(user).copied();
         if cached.is_some_and(|first| first <= at) {
