@@ -22,9 +22,9 @@
 //! `batch_commits` makes its writes again. Each sets a key to the value it
 //! had after the commit (or removes it), so writing one twice changes
 //! nothing: the counters move once, with the cursor (invariant 3). A
-//! record a crash left after step 3 is numbered as finished and never made
-//! again; should its parts outnumber the next record's, the count in each
-//! part says where a record ends.
+//! record left after step 3 (a crash, or a clear that failed while the
+//! store went on) is numbered as finished and never made again. The open
+//! then clears the record, whatever it found, as a finished commit does.
 //!
 //! Every other writer takes the store's write lock, as the commit does, and
 //! so do the reads that must not see half a commit (a takeover's counts,
