@@ -25,7 +25,7 @@
 # single events at SWEEP_PCTS percent of the measured maximum, written to
 # target/bench/sweep.csv and drawn into benches/latency.svg by benches/plot.py.
 #
-#   benches/compare.sh                   # about 7 minutes on 2 cores
+#   benches/compare.sh                   # about 8 minutes on 2 cores
 #   ROUNDS=1 DURATION=3 SWEEP_PCTS="25 50 100" benches/compare.sh   # a smoke run
 #
 # Every run is also one JSON line in target/bench/results.jsonl; the summary
@@ -443,7 +443,7 @@ def ratio(a, b):
 def cpu(label):
     """Median over rounds of server CPU (µs) per event."""
     v = [r["server_cpu_pct"] * 1e4 / r["events_per_s"] for r in rows
-         if r["label"] == label and r.get("events_per_s")]
+         if r["label"] == label and r.get("events_per_s") and r.get("server_cpu_pct") is not None]
     return statistics.median(v) if v else None
 def cpu_ratio(a, b):
     a, b = cpu(a), cpu(b)

@@ -6,9 +6,9 @@
 //!
 //! With `--group-fsync DIR` it is the durable ceiling instead: each body
 //! is appended to one file in DIR and answered only once that file is
-//! synced, with inletd's group commit (a writer thread takes every request
-//! waiting as one group, writes it, `fdatasync`s once, answers it, and
-//! takes the next). No parsing, idempotency, store, actors or analytics:
+//! synced, with a group commit like inletd's (a writer thread takes every
+//! request waiting as one group, writes it, `fdatasync`s once, answers it,
+//! and takes the next; inletd also caps a group at 1000 events). No parsing, idempotency, store, actors or analytics:
 //! what HTTP plus one sync per group costs on the machine, the floor
 //! under inletd's `durability = "fsync"`.
 //!
@@ -81,8 +81,8 @@ type Waiting = Vec<(bytes::Bytes, tokio::sync::oneshot::Sender<()>)>;
 struct Lane {
     /// The bodies waiting, and whether a writer thread is running.
     queue: Mutex<(Waiting, bool)>,
-    /// The file every group is appended to.
-    file: Mutex<File>,
+    /// The file every group is appended to (by one writer at a time).
+    file: File,
 }
 
 impl Lane {
@@ -100,9 +100,7 @@ impl Lane {
         }
     }
 
-    /// Writes, syncs and answers group after group until none waits. A
-    /// failed write or sync drops the group's senders: those requests are
-    /// answered 503.
+    /// Writes, syncs and answers group after group until none waits.
     fn write_groups(&self) {
         loop {
             let group = {
@@ -113,20 +111,28 @@ impl Lane {
                 }
                 std::mem::take(&mut queue.0)
             };
-            let mut bytes = Vec::with_capacity(group.iter().map(|(body, _)| body.len()).sum());
-            for (body, _) in &group {
-                bytes.extend_from_slice(body);
-            }
-            let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-            if file
-                .write_all(&bytes)
-                .and_then(|()| file.sync_data())
-                .is_ok()
-            {
+            // A group that panicked still ends (its requests are answered
+            // 503 as their senders drop), and the writer goes on.
+            let _ =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_group(group)));
+        }
+    }
+
+    /// Appends one group, syncs it and answers it; a failed write or sync
+    /// drops the group's senders, and its requests are answered 503.
+    fn write_group(&self, group: Waiting) {
+        let mut bytes = Vec::with_capacity(group.iter().map(|(body, _)| body.len()).sum());
+        for (body, _) in &group {
+            bytes.extend_from_slice(body);
+        }
+        let mut file = &self.file;
+        match file.write_all(&bytes).and_then(|()| file.sync_data()) {
+            Ok(()) => {
                 for (_, done) in group {
                     let _ = done.send(());
                 }
             }
+            Err(e) => eprintln!("bare_warp: a group of {} failed: {e}", group.len()),
         }
     }
 }
@@ -149,7 +155,7 @@ fn main() -> anyhow::Result<()> {
                 File::create(&path).with_context(|| format!("creating {}", path.display()))?;
             Some(Arc::new(Lane {
                 queue: Mutex::new((Vec::new(), false)),
-                file: Mutex::new(file),
+                file,
             }))
         }
         None => None,

@@ -444,9 +444,11 @@ async fn queue_depth(addr: SocketAddr) -> Option<u64> {
         .and_then(|q| q.get("depth").and_then(Value::as_u64))
 }
 
-/// Whether the server has a queue to wait for after the load: inletd
-/// answers `/admin/queue`; a server without one (`bare_warp`) answers it
-/// with a client error, and the drain is not waited for (60 s) in vain.
+/// Whether the queue's drain after the load can be measured: the server
+/// answers `/admin/queue`. A server without one (`bare_warp`) answers it
+/// 404 or 405, and an inletd with an `admin_token` 401 or 403: the depth
+/// cannot be read from either, so the drain is not waited for (60 s) in
+/// vain.
 async fn has_queue(addr: SocketAddr) -> bool {
     let status = async {
         let mut sender = connect(addr).await?;
@@ -456,10 +458,15 @@ async fn has_queue(addr: SocketAddr) -> bool {
         sender.ready().await?;
         anyhow::Ok(sender.send_request(req).await?.status())
     };
-    !matches!(
-        tokio::time::timeout(Duration::from_secs(1), status).await,
-        Ok(Ok(status)) if status.is_client_error()
-    )
+    match tokio::time::timeout(Duration::from_secs(1), status).await {
+        Ok(Ok(status)) if status.is_client_error() => {
+            if matches!(status.as_u16(), 401 | 403) {
+                eprintln!("load: /admin/queue answered {status}: the drain is not measured");
+            }
+            false
+        }
+        _ => true,
+    }
 }
 
 async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
