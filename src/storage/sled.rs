@@ -13,10 +13,7 @@ use std::time::{Duration, Instant};
 
 use inotify::{Inotify, WatchMask};
 use parking_lot::{FairMutex, FairMutexGuard};
-use sled::transaction::{
-    ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
-    UnabortableTransactionError,
-};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::{Db, IVec, Tree};
 
 use super::index::KeyIndex;
@@ -1487,26 +1484,19 @@ impl Store {
             let now = u64_of(self.counts.get(t.as_bytes()).map_err(io)?);
             redo.put(redo::Tree::Counts, t.as_bytes(), &(now + n).to_be_bytes());
         }
-        let mut dlq_len = self.dlq_len.load(Ordering::SeqCst);
-        let dead: Vec<&DlqEntry> = ack
+        let dead: Vec<Vec<u8>> = ack
             .dead
             .iter()
             .filter(|(seq, _)| *seq > cursor)
-            .map(|(_, e)| e)
+            .map(|(_, e)| encode_record(e))
             .collect();
+        let mut dlq_len = self.dlq_len.load(Ordering::SeqCst);
         if !dead.is_empty() {
-            let mut dlq_last = u64_of(self.meta.get(DLQ_LAST).map_err(io)?);
-            for entry in dead {
-                dlq_last += 1;
-                dlq_len += 1;
-                redo.put(
-                    redo::Tree::Dlq,
-                    &dlq_last.to_be_bytes(),
-                    &encode_record(entry),
-                );
-            }
-            redo.put(redo::Tree::Meta, DLQ_LAST, &dlq_last.to_be_bytes());
-            redo.put(redo::Tree::Meta, DLQ_LEN, &dlq_len.to_be_bytes());
+            let dlq_last = u64_of(self.meta.get(DLQ_LAST).map_err(io)?);
+            dlq_len = Self::put_dlq(dlq_last, dlq_len, &dead, |tree, k, v| {
+                redo.put(tree, k, v);
+                Ok::<_, StorageError>(())
+            })?;
         }
         let mut gauge = Gauge::of(self.meta.get(QUEUE_BYTES).map_err(io)?).less(freed);
         if new_cursor >= last_seq {
@@ -1612,21 +1602,25 @@ impl Store {
         Ok(u64_of(self.meta.get(CURSOR).map_err(io)?))
     }
 
-    /// Adds encoded DLQ entries under the next ids, inside a transaction;
-    /// returns the DLQ's new length (kept in `meta`, invariant 6).
-    fn put_dlq(
-        dlq: &TransactionalTree,
-        meta: &TransactionalTree,
+    /// Parks encoded DLQ entries under the ids after `dlq_last`, through
+    /// `put(tree, key, value)`: each entry, then `DLQ_LAST` and `DLQ_LEN`
+    /// (kept in `meta`, invariant 6; `dlq_len` entries before these).
+    /// Returns the DLQ's new length. Shared by `park` (a transaction) and
+    /// the batch commit (its redo record).
+    fn put_dlq<E>(
+        dlq_last: u64,
+        dlq_len: u64,
         entries: &[Vec<u8>],
-    ) -> Result<u64, UnabortableTransactionError> {
-        let mut dlq_last = u64_of(meta.get(DLQ_LAST)?);
+        mut put: impl FnMut(redo::Tree, &[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let mut id = dlq_last;
         for entry in entries {
-            dlq_last += 1;
-            dlq.insert(&dlq_last.to_be_bytes(), entry.as_slice())?;
+            id += 1;
+            put(redo::Tree::Dlq, &id.to_be_bytes(), entry)?;
         }
-        meta.insert(DLQ_LAST, &dlq_last.to_be_bytes())?;
-        let dlq_len = u64_of(meta.get(DLQ_LEN)?) + entries.len() as u64;
-        meta.insert(DLQ_LEN, &dlq_len.to_be_bytes())?;
+        let dlq_len = dlq_len + entries.len() as u64;
+        put(redo::Tree::Meta, DLQ_LAST, &id.to_be_bytes())?;
+        put(redo::Tree::Meta, DLQ_LEN, &dlq_len.to_be_bytes())?;
         Ok(dlq_len)
     }
 
@@ -1922,9 +1916,17 @@ impl Storage for Store {
         let encoded: Vec<Vec<u8>> = entries.iter().map(encode_record).collect();
         let dlq_len = (&self.dlq, &self.meta)
             .transaction(|(dlq, meta)| {
-                Ok::<_, ConflictableTransactionError<StorageError>>(Self::put_dlq(
-                    dlq, meta, &encoded,
-                )?)
+                let dlq_last = u64_of(meta.get(DLQ_LAST)?);
+                let dlq_len = u64_of(meta.get(DLQ_LEN)?);
+                let dlq_len = Self::put_dlq(dlq_last, dlq_len, &encoded, |tree, k, v| {
+                    // `put_dlq` writes to these two trees only.
+                    match tree {
+                        redo::Tree::Dlq => dlq.insert(k, v),
+                        _ => meta.insert(k, v),
+                    }
+                    .map(drop)
+                })?;
+                Ok::<_, ConflictableTransactionError<StorageError>>(dlq_len)
             })
             .map_err(tx_err)?;
         self.dlq_len.store(dlq_len, Ordering::SeqCst);
