@@ -214,10 +214,30 @@ impl Histogram {
 // ---------------------------------------------------------------------------
 // The server: spawned or external.
 
+/// The bytes of every file under `dir` (0 when it does not exist).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 struct Spawned {
     child: Child,
     _dir: Option<tempfile::TempDir>,
     startup: Duration,
+    /// The daemon's data dir: its size is the disk the run kept.
+    data_dir: PathBuf,
+    /// The data dir held nothing before this run, so its size per event
+    /// answered is what each event costs on disk.
+    fresh: bool,
 }
 
 impl Drop for Spawned {
@@ -233,6 +253,7 @@ fn spawn_inletd(args: &Args, bin: &PathBuf) -> anyhow::Result<(Spawned, SocketAd
         Some(d) => d.clone(),
         None => dir.path().join("data"),
     };
+    let fresh = dir_bytes(&data_dir) == 0;
     let config = dir.path().join("inletd.toml");
     let mut text = format!(
         "durability = {}\nlog_format = \"json\"\nlog_level = {}\n",
@@ -294,6 +315,8 @@ fn spawn_inletd(args: &Args, bin: &PathBuf) -> anyhow::Result<(Spawned, SocketAd
         child,
         _dir: Some(dir),
         startup: Duration::ZERO,
+        data_dir,
+        fresh,
     };
     let addr = rx
         .recv_timeout(Duration::from_secs(300))
@@ -807,6 +830,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let peak_rss_kib = pid.and_then(|p| status_kib(p, "VmHWM:"));
     let rss_kib = pid.and_then(|p| status_kib(p, "VmRSS:"));
     let startup_ms = spawned.as_ref().map(|s| s.startup.as_secs_f64() * 1000.0);
+    let disk_bytes = spawned.as_ref().map(|s| dir_bytes(&s.data_dir));
+    // Every event answered, warm-up included: all of them are on disk.
+    let answered = plan.completed_events.load(Ordering::Relaxed);
+    let disk_per_event = match (&spawned, disk_bytes) {
+        (Some(s), Some(bytes)) if s.fresh && answered > 0 => Some(bytes as f64 / answered as f64),
+        _ => None,
+    };
     drop(spawned);
 
     let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
@@ -889,6 +919,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "peak_rss_mib": mib(peak_rss_kib),
         "rss_mib": mib(rss_kib),
         "startup_ms": startup_ms.map(|v| round(v, 1)),
+        "disk_bytes": disk_bytes,
+        "disk_bytes_per_event": disk_per_event.map(|v| round(v, 1)),
         "server_latency_ms": summary.as_ref().and_then(|s| s.get("latency_ms").cloned()),
         "queue_depth": summary.as_ref().and_then(|s| s.get("queue_depth").cloned()),
         "queue_depth_while_measured": json!({
@@ -973,6 +1005,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         opt(mib(peak_rss_kib), " MiB"),
         opt(mib(rss_kib), " MiB")
     )?;
+    if let Some(bytes) = disk_bytes {
+        writeln!(
+            stdout,
+            "server data dir at the end: {:.1} MiB{}",
+            bytes as f64 / 1_048_576.0,
+            disk_per_event.map_or(String::new(), |b| format!(
+                ", {b:.1} bytes per event answered ({answered} events)"
+            ))
+        )?;
+    }
     writeln!(
         stdout,
         "queue depth while measured (10 a second): p50 {}, p99 {}, max {}; empty {} after the last request",

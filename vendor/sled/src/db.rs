@@ -427,6 +427,16 @@ impl Db {
         self.context.pagecache.size_on_disk()
     }
 
+    /// Moves the live pages of one segment marked for cleaning (at most
+    /// half of it still live) to the log's tip, so that the segment can
+    /// be reused once they are stable. Returns `Ok(false)` when no page
+    /// waits to move. sled's periodic flusher does this between its
+    /// flushes; a database opened with `flush_every_ms(None)` must call it
+    /// itself, or its file grows with every page rewritten.
+    pub fn collect_garbage(&self) -> Result<bool> {
+        self.context.pagecache.collect_garbage()
+    }
+
     /// Traverses all files and calculates their total physical
     /// size, then traverses all pages and calculates their
     /// total logical size, then divides the physical size

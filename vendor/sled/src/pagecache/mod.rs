@@ -874,6 +874,19 @@ impl PageCache {
         ret
     }
 
+    /// Moves one page out of a segment marked for cleaning, as
+    /// `attempt_gc`, but does not stop at a segment whose pages have all
+    /// moved already (`attempt_gc` answers `false` when it drops one):
+    /// `Ok(false)` means that no segment waits.
+    pub(crate) fn collect_garbage(&self) -> Result<bool> {
+        while !self.log.iobufs.segment_cleaner.is_empty() {
+            if self.attempt_gc()? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Initiate an atomic sequence of writes to the
     /// underlying log. Returns a `RecoveryGuard` which,
     /// when dropped, will record the current max reserved

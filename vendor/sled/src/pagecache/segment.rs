@@ -119,6 +119,11 @@ impl SegmentCleaner {
         None
     }
 
+    /// Whether no segment waits for its pages to be moved.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.inner.lock().is_empty()
+    }
+
     fn add_pids(&self, offset: LogOffset, pids: BTreeSet<PageId>) {
         let mut inner = self.inner.lock();
         let prev = inner.insert(offset, pids);
