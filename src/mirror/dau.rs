@@ -2,10 +2,14 @@
 //! the batches it processed to one set and one HyperLogLog per day, so
 //! that `/stats/dau` counts a user who reached several instances once.
 //!
-//! The sets are `sets.rs`'s `dau:{day}` and `dauh:{day}`. Users never
-//! added (the users noted since the last round when the process dies, a
-//! pending list that outgrew `backlog_max_keys` while Redis was down, or a
-//! Redis that lost its data) are covered by a *heal*: each instance re-adds
+//! The sets are `sets.rs`'s `dau:{day}` and `dauh:{day}`. A round shares
+//! the users it noted before it publishes the cursor that covers their
+//! events (`Mirror::maintain`), so an instance that dies leaves unshared
+//! only users of events after its published cursor: the instance that
+//! takes its queue over shares those before it records them delivered.
+//! Users never added (a pending list that outgrew `backlog_max_keys` while
+//! Redis was down, or a Redis that lost its data) are covered by a
+//! *heal*: each instance re-adds
 //! every user of the last `shared_days` days from its own store at
 //! start, when its pending list overflowed, and when its heal mark is gone
 //! from Redis (a FLUSHALL, a Redis restarted without persistence).
@@ -40,42 +44,42 @@ pub struct DeploymentDay {
 }
 
 impl Mirror {
-    /// Notes the users of a processed batch by the day of their event,
-    /// and by that day and the event's type (trends of one type); the
-    /// next round adds them to the deployment's sets. Days older than
-    /// `shared_days` are not shared.
-    pub(super) fn note_active(&self, ack: &BatchAck) {
+    /// Adds to `members` the users of a processed batch by the day of
+    /// their event, and by that day and the event's type (trends of one
+    /// type). Days older than `shared_days` are not shared.
+    pub(super) fn day_members<'a>(
+        &self,
+        ack: &'a BatchAck,
+        members: &mut BTreeMap<SharedSet, BTreeSet<&'a str>>,
+    ) {
         let today = day_of(now_ms());
-        let mut days: BTreeMap<i32, BTreeSet<&str>> = BTreeMap::new();
-        let mut day_types: BTreeMap<(i32, &str), BTreeSet<&str>> = BTreeMap::new();
-        // Every user's first day is offered, whatever the event's day: an
-        // old event may move a user's cohort back.
-        let mut users: BTreeSet<&str> = BTreeSet::new();
         for facts in ack.processed.iter().filter_map(|(_, f)| f.as_ref()) {
             let Some(user) = facts.user_id.as_deref() else {
                 continue;
             };
-            users.insert(user);
             let day = day_of(facts.occurred_at_ms);
             if day > today - self.shared_days && day <= today + 1 {
-                days.entry(day).or_default().insert(user);
-                day_types
-                    .entry((day, facts.event_type.as_str()))
+                members
+                    .entry(SharedSet::DayUsers(day))
+                    .or_default()
+                    .insert(user);
+                members
+                    .entry(SharedSet::DayTypeUsers(day, facts.event_type.clone()))
                     .or_default()
                     .insert(user);
             }
         }
-        let noted = self.note_first_days(users);
-        self.note_members(
-            days.into_iter()
-                .map(|(day, users)| (SharedSet::DayUsers(day), users)),
-        );
-        self.note_members(
-            day_types
-                .into_iter()
-                .map(|((day, t), users)| (SharedSet::DayTypeUsers(day, t.to_owned()), users)),
-        );
-        if noted > self.backlog_max {
+    }
+
+    /// Notes every user of a committed batch for the cohorts, whatever the
+    /// event's day (an old event may move a user's cohort back): the round
+    /// reads their first days from the store.
+    pub(super) fn note_first_days_of(&self, ack: &BatchAck) {
+        let users = ack
+            .processed
+            .iter()
+            .filter_map(|(_, f)| f.as_ref()?.user_id.as_deref());
+        if self.note_first_days(users) > self.backlog_max {
             // The cohorts' heal offers every user again.
             self.forget_first_days();
             self.cohorts_heal_due.store(true, Ordering::Relaxed);

@@ -265,6 +265,17 @@ impl Mirror {
     /// for `takeover_after_ms`, the stream cut below `cursor`, and kept
     /// (a takeover that ended left it to expire).
     pub(super) fn beat(&self, pipe: &mut redis::Pipeline, cursor: u64) {
+        self.alive(pipe);
+        pipe.cmd("XTRIM")
+            .arg(self.handoff_key("wal", &self.instance))
+            .arg("MINID")
+            .arg(id_from(cursor.saturating_add(1)))
+            .ignore();
+    }
+
+    /// Adds the heartbeat alone: alive for `takeover_after_ms`, and the
+    /// stream kept (a takeover that ended left it to expire).
+    fn alive(&self, pipe: &mut redis::Pipeline) {
         pipe.cmd("PERSIST")
             .arg(self.handoff_key("wal", &self.instance))
             .ignore()
@@ -273,12 +284,18 @@ impl Mirror {
             .arg(now_ms())
             .arg("PX")
             .arg(self.takeover_after_ms)
-            .ignore()
-            .cmd("XTRIM")
-            .arg(self.handoff_key("wal", &self.instance))
-            .arg("MINID")
-            .arg(id_from(cursor.saturating_add(1)))
             .ignore();
+    }
+
+    /// Beats, without publishing anything: the round's first call, so
+    /// that the backlog and the members it shares before it publishes
+    /// never hold the heartbeat back.
+    pub(super) async fn heartbeat(&self) -> Result<(), MirrorError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        self.alive(&mut pipe);
+        let mut conn = self.conn.clone();
+        self.call(pipe.query_async::<()>(&mut conn)).await
     }
 
     /// The other instances that are not beating (their `alive:` key is

@@ -597,11 +597,18 @@ impl Mirror {
         format!("{}{name}:healed:{}", self.prefix, self.instance)
     }
 
-    /// The background task's round: probes a Redis that was down, writes
-    /// the backlog, publishes this instance's processed counts with its
-    /// heartbeat, and adds the users and sessions noted since the last
-    /// round to the deployment's sets (the rolling windows' cells are
-    /// [`Mirror::share_windows`], which reads the store).
+    /// The background task's round: probes a Redis that was down, beats,
+    /// writes the backlog, adds the users and sessions noted since the
+    /// last round to the deployment's sets, and then publishes this
+    /// instance's processed counts and its cursor (the rolling windows'
+    /// cells are [`Mirror::share_windows`], which reads the store).
+    ///
+    /// The members go first: the cursor is where another instance starts
+    /// if this one stops beating, and it neither delivers nor counts the
+    /// events up to it, so their users must already be shared when the
+    /// cursor lands. `counted` was read after they were noted: the
+    /// Processor notes a batch's members before its commit moves the
+    /// cursor. A round that cannot share them publishes nothing.
     pub async fn maintain(&self, counted: &Counted, ttl_ms: i64) {
         if !self.is_up() {
             let mut conn = self.conn.clone();
@@ -614,11 +621,13 @@ impl Mirror {
                 return;
             }
         }
-        // The heartbeat first: the backlog may take a while.
-        let published = self.publish(counted).await.is_ok();
+        // The heartbeat first, alone: the backlog and the members may take
+        // a while.
+        if self.heartbeat().await.is_err() {
+            return;
+        }
         self.write_backlog(ttl_ms).await;
-        if published {
-            let _ = self.share_members().await;
+        if self.share_members().await.is_ok() && self.publish(counted).await.is_ok() {
             self.read_persistence().await;
         }
     }

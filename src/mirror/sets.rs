@@ -30,6 +30,7 @@ use std::sync::atomic::Ordering;
 
 use super::{Mirror, MirrorError};
 use crate::analytics::ACTIVE_WINDOW_MINUTES;
+use crate::storage::BatchAck;
 
 /// Members per script call: Lua's `unpack` has a stack limit.
 const CHUNK: usize = 1000;
@@ -166,6 +167,38 @@ impl Mirror {
         }
     }
 
+    /// What a processed batch adds to the deployment's sets: its users by
+    /// day, and by day and event type; its users and sessions by minute.
+    fn members_of<'a>(&self, ack: &'a BatchAck) -> BTreeMap<SharedSet, BTreeSet<&'a str>> {
+        let mut members = BTreeMap::new();
+        self.day_members(ack, &mut members);
+        Self::minute_members(ack, &mut members);
+        members
+    }
+
+    /// Notes a batch's members for the next round. The Processor calls it
+    /// before the batch's commit: a round that reads a cursor past the
+    /// batch then shares them before it publishes that cursor
+    /// ([`Mirror::maintain`]).
+    pub fn note_members_of(&self, ack: &BatchAck) {
+        self.note_members(self.members_of(ack));
+    }
+
+    /// Adds a batch's members to the deployment's sets now: a takeover's
+    /// chunk, before it is recorded as delivered. Once it is, no other
+    /// instance delivers (or counts the users of) those events again.
+    pub async fn share_members_of(&self, ack: &BatchAck) -> Result<(), MirrorError> {
+        self.add_members(&self.members_of(ack)).await
+    }
+
+    /// Notes what a committed batch changed in the store, which the next
+    /// round reads from it: its users' first days, and the minutes whose
+    /// page views or window groups changed.
+    pub fn note_committed(&self, ack: &BatchAck) {
+        self.note_first_days_of(ack);
+        self.note_dirty_minutes(ack);
+    }
+
     /// The round's part: adds the members noted since the last round.
     pub(super) async fn share_members(&self) -> Result<(), MirrorError> {
         let noted = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
@@ -196,16 +229,16 @@ impl Mirror {
     }
 
     /// Adds `sets`' members, in one pipeline of scripts.
-    pub(super) async fn add_members(
+    pub(super) async fn add_members<M: AsRef<str>>(
         &self,
-        sets: &BTreeMap<SharedSet, BTreeSet<String>>,
+        sets: &BTreeMap<SharedSet, BTreeSet<M>>,
     ) -> Result<(), MirrorError> {
         let now = crate::event::now_ms();
         let mut pipe = redis::pipe();
         let mut calls = 0;
         for (set, members) in sets {
             let keys = set.keys(&self.prefix);
-            let members: Vec<&String> = members.iter().collect();
+            let members: Vec<&str> = members.iter().map(AsRef::as_ref).collect();
             for chunk in members.chunks(CHUNK) {
                 pipe.cmd("EVAL")
                     .arg(ADD_MEMBERS)

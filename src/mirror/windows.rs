@@ -78,36 +78,46 @@ pub struct DeploymentWindows {
 }
 
 impl Mirror {
-    /// Notes what a processed batch adds to the rolling windows: its
-    /// users and sessions by minute, and the minutes whose page views or
-    /// window groups changed; the next round shares them. Also notes its
-    /// users for the deployment's DAU.
-    pub fn note_batch(&self, ack: &BatchAck) {
-        self.note_active(ack);
+    /// Adds to `members` the users and sessions of a processed batch by
+    /// the minute of their event, for the minutes a window still reaches.
+    pub(super) fn minute_members<'a>(
+        ack: &'a BatchAck,
+        members: &mut BTreeMap<SharedSet, BTreeSet<&'a str>>,
+    ) {
         let now_minute = ack.now_ms.div_euclid(MS_PER_MINUTE);
         let active = now_minute - (ACTIVE_WINDOW_MINUTES - 1)..=now_minute + SKEW_MINUTES;
-        let paged = now_minute - (PAGE_WINDOW_MINUTES - 1)..=now_minute + SKEW_MINUTES;
-        let facts = ack.processed.iter().filter_map(|(_, f)| f.as_ref());
-        let mut members: BTreeMap<SharedSet, BTreeSet<&str>> = BTreeMap::new();
-        let mut dirty = BTreeSet::new();
-        for f in facts {
+        for f in ack.processed.iter().filter_map(|(_, f)| f.as_ref()) {
             let minute = f.occurred_at_ms.div_euclid(MS_PER_MINUTE);
-            if active.contains(&minute) {
-                if let Some(user) = &f.user_id {
-                    let set = SharedSet::MinuteUsers(minute);
-                    members.entry(set).or_default().insert(user.as_str());
-                }
-                if let Some(session) = &f.session_id {
-                    let set = SharedSet::MinuteSessions(minute);
-                    members.entry(set).or_default().insert(session.as_str());
-                }
+            if !active.contains(&minute) {
+                continue;
             }
-            // Windows' facts are only there for events inside their window.
-            if (f.page.is_some() && paged.contains(&minute)) || !f.windows.is_empty() {
-                dirty.insert(minute);
+            if let Some(user) = &f.user_id {
+                let set = SharedSet::MinuteUsers(minute);
+                members.entry(set).or_default().insert(user.as_str());
+            }
+            if let Some(session) = &f.session_id {
+                let set = SharedSet::MinuteSessions(minute);
+                members.entry(set).or_default().insert(session.as_str());
             }
         }
-        self.note_members(members);
+    }
+
+    /// Notes the minutes whose page views or window groups a committed
+    /// batch changed: the next round reads their cells from the store.
+    pub(super) fn note_dirty_minutes(&self, ack: &BatchAck) {
+        let now_minute = ack.now_ms.div_euclid(MS_PER_MINUTE);
+        let paged = now_minute - (PAGE_WINDOW_MINUTES - 1)..=now_minute + SKEW_MINUTES;
+        let dirty: BTreeSet<i64> = ack
+            .processed
+            .iter()
+            .filter_map(|(_, f)| f.as_ref())
+            // Windows' facts are only there for events inside their window.
+            .filter(|f| {
+                let minute = f.occurred_at_ms.div_euclid(MS_PER_MINUTE);
+                (f.page.is_some() && paged.contains(&minute)) || !f.windows.is_empty()
+            })
+            .map(|f| f.occurred_at_ms.div_euclid(MS_PER_MINUTE))
+            .collect();
         if !dirty.is_empty() {
             self.dirty_minutes
                 .lock()

@@ -78,12 +78,18 @@ impl Actor for Processor {
                 let ack = deliver_batch(state, &mut records, upto, delivered_elsewhere).await;
                 let failed = ack.dead.len() as u64;
                 let ack = Arc::new(ack);
+                // Its users before the commit, what the store holds after:
+                // a mirror round that reads the cursor past this batch
+                // shares its users before it publishes that cursor.
+                if let Some(mirror) = &context.mirror {
+                    mirror.note_members_of(&ack);
+                }
                 commit(&context, &ack).await?;
                 // Cleared after the commit: a Batcher that reads 0 then reads a
                 // cursor past this batch.
                 context.status.processing.store(0, Ordering::SeqCst);
                 if let Some(mirror) = &context.mirror {
-                    mirror.note_batch(&ack);
+                    mirror.note_committed(&ack);
                 }
                 report_batch(&records, failed, started, &context.names);
                 context.names.cast(BATCHER, BatcherMsg::Done(upto));

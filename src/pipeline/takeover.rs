@@ -108,6 +108,10 @@ async fn take_over(
                 _ => return Err(TakeoverError::Processor("it stopped".into())),
             }
         };
+        // Once the chunk is recorded no instance delivers it again, so its
+        // users go to the deployment's sets first (adding them twice, had
+        // another instance delivered it meanwhile, changes nothing).
+        mirror.share_members_of(&ack).await?;
         if !mirror
             .record_taken(orphan, &taken, &TakenCounts::of(&ack))
             .await?
@@ -115,7 +119,7 @@ async fn take_over(
             tracing::info!(orphan = %orphan.name, "takeover over: the instance beats again or another took it");
             return Ok(());
         }
-        mirror.note_batch(&ack);
+        mirror.note_committed(&ack);
         delivered += ack.processed.len();
     }
     mirror
