@@ -426,6 +426,10 @@ for label, name in names.items():
           f"| {fmt(med(label, 'server_cpu_pct'))} % | {fmt(med(label, 'loadgen_cpu_pct'))} % | {fmt(med(label, 'others_cpu_pct'))} % | {fmt(med(label, 'machine_iowait_pct'))} / {fmt(med(label, 'machine_steal_pct'))} % | {fmt(med(label, 'peak_rss_mib'), '.1f')} MiB |")
 bad = sum(r.get("non2xx", 0) + r.get("errors", 0) for r in rows)
 print(f"\nnon-2xx answers and connection errors over all runs: {bad}")
+disk = [(label, med(label, "disk_bytes_per_event")) for label in ("fsync", "interval", "batch")]
+if any(v is not None for _, v in disk):
+    print("inletd's data dir at the end of a run, bytes per event answered (medians; the ids count up): "
+          + ", ".join(f"{label} {fmt(v, '.1f')}" for label, v in disk))
 dups = [r for r in rows if r["label"] == "redis_lua"]
 if dups:
     print(f"Redis Lua calls that found their random key taken (duplicates, warm-ups included): "

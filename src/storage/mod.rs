@@ -145,6 +145,10 @@
 //! roll back with the cursor, and the next group commit flushes it anyway).
 //! `durability = "interval"`: a background thread calls `flush()` every
 //! `flush_interval_ms` and `flush()` is not called on the request path.
+//! sled's own periodic flusher is off in both; the other work it did,
+//! moving live pages out of mostly-dead log segments so that they are
+//! reused, is a thread of the store's (`spawn_collector`, at most 2 ms
+//! every 100 ms): without it the file grew to about four times its data.
 //!
 //! A flush is power-safe: sled's own ends in `sync_file_range`, which
 //! persists neither the file size nor the drive's cache, and sled never

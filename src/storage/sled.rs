@@ -671,9 +671,9 @@ fn spawn_marker(store: &Arc<Store>) {
 const COLLECT_EVERY: Duration = Duration::from_millis(100);
 
 /// The most the collector works each time it wakes: 2 % of a core. A
-/// fill of random ids in batches at full speed (about 360,000 events/s)
-/// kept 63 B an event on disk with it, against 140–145 without, for
-/// 0.5–3 % more CPU an event; 5 ms kept 51 B for 4 % (BENCHMARKS.md,
+/// fill of random ids in batches at full speed (about 350,000 events/s)
+/// kept 58–66 B an event on disk with it, against 138–147 without, for
+/// about 1 % more CPU an event; 5 ms kept 51 B for 4 % (BENCHMARKS.md,
 /// "sled's garbage collector"). Slower writes need less than the budget.
 const COLLECT_BUDGET: Duration = Duration::from_millis(2);
 
