@@ -440,8 +440,8 @@ fn a_published_cursor_never_runs_ahead_of_the_users_it_covers() {
         "user_id": format!("u{n}"), "timestamp": noon})
     };
     // The cursor and the day set, read in one step: a script runs alone.
-    let read = || {
-        let reply = redis.command(&[
+    let read = |conn: &mut common::redis::Connection| {
+        let reply = conn.command(&[
             "EVAL",
             "return {redis.call('HGET', KEYS[1], 'cursor') or '0', redis.call('SCARD', KEYS[2])}",
             "2",
@@ -459,9 +459,10 @@ fn a_published_cursor_never_runs_ahead_of_the_users_it_covers() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (sent, reads, ahead) = std::thread::scope(|scope| {
         let watcher = scope.spawn(|| {
+            let mut conn = redis.connect();
             let (mut reads, mut ahead) = (0u64, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let (cursor, users) = read();
+                let (cursor, users) = read(&mut conn);
                 reads += 1;
                 if users < cursor as i64 && ahead.len() < 5 {
                     ahead.push((cursor, users));
@@ -478,8 +479,9 @@ fn a_published_cursor_never_runs_ahead_of_the_users_it_covers() {
             std::thread::sleep(Duration::from_millis(2));
         }
         a.wait_processed(Duration::from_secs(10));
+        let mut conn = redis.connect();
         eventually(Duration::from_secs(10), "the last cursor published", || {
-            read().0 == sent
+            read(&mut conn).0 == sent
         });
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let (reads, ahead) = watcher.join().expect("watcher");
@@ -491,7 +493,11 @@ fn a_published_cursor_never_runs_ahead_of_the_users_it_covers() {
         ahead.is_empty(),
         "the cursor ran ahead of the day's users (cursor, users): {ahead:?}"
     );
-    assert_eq!(read(), (sent, sent as i64), "every user counted once");
+    assert_eq!(
+        read(&mut redis.connect()),
+        (sent, sent as i64),
+        "every user counted once"
+    );
 }
 
 /// `/stats/windows` on `d`, once it answers for the deployment.

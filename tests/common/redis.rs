@@ -190,6 +190,11 @@ impl RedisServer {
 
     /// One command over a fresh connection, after AUTH when there is a password.
     fn roundtrip(&self, args: &[&str], limit: Duration) -> io::Result<Reply> {
+        send(&mut self.open(limit)?, args)
+    }
+
+    /// A connection, authenticated when the server has a password.
+    fn open(&self, limit: Duration) -> io::Result<BufReader<TcpStream>> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let stream = TcpStream::connect_timeout(&addr, limit)?;
         stream.set_read_timeout(Some(limit))?;
@@ -201,7 +206,21 @@ impl RedisServer {
                 return Err(io::Error::other(format!("AUTH was answered {answer:?}")));
             }
         }
-        send(&mut conn, args)
+        Ok(conn)
+    }
+
+    /// One connection kept open, for a test that asks thousands of times
+    /// a second: a connection a command would go through the machine's
+    /// ephemeral ports, which the other tests need too.
+    pub fn connect(&self) -> Connection {
+        let conn = self.open(REPLY_LIMIT).unwrap_or_else(|e| {
+            panic!(
+                "connecting to redis on port {} failed: {e}; redis log:\n{}",
+                self.port,
+                self.log_text()
+            )
+        });
+        Connection { conn }
     }
 
     /// Sends a signal by name with kill(1).
@@ -256,6 +275,18 @@ fn spawn(program: &Path, port: u16, options: &RedisOptions, dir: &Path) -> Child
 }
 
 /// Writes `args` as a RESP2 array of bulk strings and reads the reply.
+/// A connection to the server, kept for many commands ([`RedisServer::connect`]).
+pub struct Connection {
+    conn: BufReader<TcpStream>,
+}
+
+impl Connection {
+    /// Sends one command and reads its reply; panics if the server does not answer.
+    pub fn command(&mut self, args: &[&str]) -> Reply {
+        send(&mut self.conn, args).unwrap_or_else(|e| panic!("redis {args:?} failed: {e}"))
+    }
+}
+
 fn send(conn: &mut BufReader<TcpStream>, args: &[&str]) -> io::Result<Reply> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
     for arg in args {
