@@ -53,6 +53,9 @@ impl Mirror {
         members: &mut BTreeMap<SharedSet, BTreeSet<&'a str>>,
     ) {
         let today = day_of(now_ms());
+        // Keyed by the type's text first: a set's key owns its type, made
+        // once per set, not once per event.
+        let mut day_types: BTreeMap<(i32, &str), BTreeSet<&str>> = BTreeMap::new();
         for facts in ack.processed.iter().filter_map(|(_, f)| f.as_ref()) {
             let Some(user) = facts.user_id.as_deref() else {
                 continue;
@@ -63,11 +66,15 @@ impl Mirror {
                     .entry(SharedSet::DayUsers(day))
                     .or_default()
                     .insert(user);
-                members
-                    .entry(SharedSet::DayTypeUsers(day, facts.event_type.clone()))
+                day_types
+                    .entry((day, facts.event_type.as_str()))
                     .or_default()
                     .insert(user);
             }
+        }
+        for ((day, t), users) in day_types {
+            let set = SharedSet::DayTypeUsers(day, t.to_owned());
+            members.entry(set).or_default().extend(users);
         }
     }
 
