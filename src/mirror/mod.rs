@@ -68,7 +68,11 @@
 //! # When Redis is unreachable
 //!
 //! No Redis call waits longer than `timeout_ms`. The first that fails marks
-//! Redis down (logged once); from then on claims are skipped (dedupe is
+//! Redis down (logged once). A bulk write (the users a round shares, a
+//! heal) that only ran past the timeout is the exception: it alone is
+//! tried again at the next round, and intake goes on claiming in Redis,
+//! whose small calls may well answer in time. Once Redis is marked down,
+//! claims are skipped (dedupe is
 //! local only, counted in `inletd_redis_fail_open_total`) and the keys
 //! accepted go to a bounded backlog. A background task probes Redis every
 //! `publish_interval_ms`; once it answers, the backlog is written and the
@@ -246,6 +250,9 @@ pub struct Mirror {
     since_ms: AtomicI64,
     /// Why the last call failed.
     last_error: Mutex<Option<String>>,
+    /// A bulk write (members, heals) ran past the timeout and none has
+    /// finished since: said once, not every round.
+    bulk_slow: AtomicBool,
     /// Keys accepted while Redis was down, oldest first.
     backlog: Mutex<VecDeque<Accepted>>,
     /// `dau_exact_max`.
@@ -354,6 +361,7 @@ impl Mirror {
             up: AtomicBool::new(true),
             since_ms: AtomicI64::new(now_ms()),
             last_error: Mutex::new(None),
+            bulk_slow: AtomicBool::new(false),
             backlog: Mutex::new(VecDeque::new()),
             dau_exact_max: config.dau_exact_max,
             shared_days: i32::try_from(config.shared_days).unwrap_or(31),
@@ -1003,6 +1011,30 @@ impl Mirror {
         result
     }
 
+    /// Runs one bulk write (the members a round shares, a heal) within
+    /// the timeout. A timeout is that write's alone, tried again at the
+    /// next round: a pipeline of thousands of members on a busy Redis may
+    /// take longer than a claim does, and marking Redis down for it would
+    /// turn intake to local-only dedupe while Redis answers claims in
+    /// time. Any other failure marks Redis down, as [`Mirror::call`] does.
+    async fn call_bulk<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, MirrorError> {
+        let result = self.bounded(call).await;
+        match &result {
+            Ok(_) => self.bulk_slow.store(false, Ordering::Relaxed),
+            Err(e @ MirrorError::Timeout(_)) => {
+                if !self.bulk_slow.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(url = %self.shown_url, error = %e,
+                        "a bulk write to redis (users shared, or a heal) took too long; it is tried again, and intake keeps using redis");
+                }
+            }
+            Err(e) => self.went_down(e.to_string()),
+        }
+        result
+    }
+
     /// Runs one read for a `/stats` answer within the timeout. A failure
     /// is that answer's alone (it falls back to this instance's): a slow
     /// query or a server error does not mark Redis down for intake.
@@ -1068,6 +1100,36 @@ mod tests {
             ..RedisConfig::default()
         };
         Mirror::connect(&config).expect("a lazy connection to a valid url")
+    }
+
+    /// A bulk write that only takes too long fails alone and leaves
+    /// Redis up for intake; one that cannot reach Redis, or a claim's
+    /// timeout, marks it down.
+    #[tokio::test]
+    async fn a_slow_bulk_write_does_not_mark_redis_down() {
+        let m = mirror("a");
+        let slow = || async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            redis::RedisResult::Ok(())
+        };
+        assert!(m.is_up());
+        assert!(matches!(
+            m.call_bulk(slow()).await,
+            Err(MirrorError::Timeout(_))
+        ));
+        assert!(m.is_up(), "a slow bulk write marked redis down");
+        let refused = async {
+            redis::RedisResult::<()>::Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "connection refused",
+            )))
+        };
+        assert!(m.call_bulk(refused).await.is_err());
+        assert!(!m.is_up(), "an unreachable redis stayed up");
+
+        let m = mirror("b");
+        assert!(matches!(m.call(slow()).await, Err(MirrorError::Timeout(_))));
+        assert!(!m.is_up(), "a claim's timeout left redis up");
     }
 
     #[tokio::test]

@@ -265,7 +265,7 @@ impl Mirror {
 
     async fn send(&self, pipe: redis::Pipeline) -> Result<(), MirrorError> {
         let mut conn = self.conn.clone();
-        self.call(pipe.query_async::<()>(&mut conn)).await
+        self.call_bulk(pipe.query_async::<()>(&mut conn)).await
     }
 }
 
