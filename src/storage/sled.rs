@@ -649,22 +649,41 @@ impl Drop for Store {
     }
 }
 
-/// Rewrites the running mark once a second when a flush made more seqs
-/// durable, until the store is dropped.
-fn spawn_marker(store: &Arc<Store>) {
+/// Runs `tick` with the store on a thread named `name` every `every`,
+/// until the store is dropped (at shutdown, or when it is reopened);
+/// `without_it` says what a thread that cannot start costs.
+fn spawn_every(
+    store: &Arc<Store>,
+    name: &str,
+    every: Duration,
+    without_it: &'static str,
+    mut tick: impl FnMut(&Store) + Send + 'static,
+) {
     let store: Weak<Store> = Arc::downgrade(store);
     let spawned = std::thread::Builder::new()
-        .name("inletd-mark".into())
+        .name(name.into())
         .spawn(move || {
             loop {
-                std::thread::sleep(Duration::from_secs(1));
+                std::thread::sleep(every);
                 let Some(store) = store.upgrade() else { return };
-                store.update_mark(true);
+                tick(&store);
             }
         });
     if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the mark thread; the store is checked only after a clean stop");
+        tracing::error!(error = %e, thread = name, "cannot start a thread of the store; {without_it}");
     }
+}
+
+/// Rewrites the running mark once a second when a flush made more seqs
+/// durable.
+fn spawn_marker(store: &Arc<Store>) {
+    spawn_every(
+        store,
+        "inletd-mark",
+        Duration::from_secs(1),
+        "the store is checked only after a clean stop",
+        |store| store.update_mark(true),
+    );
 }
 
 /// How often the collector thread wakes ([`spawn_collector`]).
@@ -678,39 +697,34 @@ const COLLECT_EVERY: Duration = Duration::from_millis(100);
 const COLLECT_BUDGET: Duration = Duration::from_millis(2);
 
 /// Moves live pages out of sled's log segments that are mostly dead, so
-/// that the segments are reused, until the store is dropped. sled does
-/// this on its periodic flusher's thread, which this store turns off (it
-/// syncs on its own terms, [`Store::open`]); without it only a page
-/// rewrite moved one page now and then, and the log file grew to about
-/// four times the live data.
+/// that the segments are reused. sled does this on its periodic
+/// flusher's thread, which this store turns off (it syncs on its own
+/// terms, [`Store::open`]); without it only a page rewrite moved one page
+/// now and then, and the log file grew to about four times the live data.
 fn spawn_collector(store: &Arc<Store>) {
-    let store: Weak<Store> = Arc::downgrade(store);
-    let spawned = std::thread::Builder::new()
-        .name("inletd-gc".into())
-        .spawn(move || {
-            let mut failing = false;
-            loop {
-                std::thread::sleep(COLLECT_EVERY);
-                let Some(store) = store.upgrade() else { return };
-                // A panic inside sled is an error here too, and is said
-                // once, not every tick: the writes that fail the same way
-                // say it as well.
-                let collected = without_panic(&store.dir, || {
-                    collect(&store.db, COLLECT_BUDGET).map_err(io)
-                });
-                match collected {
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::warn!(error = %e, "moving pages out of old log segments failed; the store's file may grow");
-                    }
-                    Err(_) => {}
-                    Ok(()) => failing = false,
+    let mut failing = false;
+    spawn_every(
+        store,
+        "inletd-gc",
+        COLLECT_EVERY,
+        "the store's file may grow",
+        move |store| {
+            // A panic inside sled is an error here too, and is said once,
+            // not every tick: the writes that fail the same way say it as
+            // well.
+            let collected = without_panic(&store.dir, || {
+                collect(&store.db, COLLECT_BUDGET).map_err(io)
+            });
+            match collected {
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "moving pages out of old log segments failed; the store's file may grow");
                 }
+                Err(_) => {}
+                Ok(()) => failing = false,
             }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the log collector thread; the store's file may grow");
-    }
+        },
+    );
 }
 
 /// Moves pages out of segments marked for cleaning until none waits or
@@ -721,24 +735,20 @@ fn collect(db: &Db, budget: Duration) -> sled::Result<()> {
     Ok(())
 }
 
-/// Runs `durability = "interval"`: flushes and syncs `store` every `every`
-/// until it is dropped (at shutdown, or when the store is reopened).
+/// Runs `durability = "interval"`: flushes and syncs the store every
+/// `every`.
 fn spawn_flusher(store: &Arc<Store>, every: Duration) {
-    let store: Weak<Store> = Arc::downgrade(store);
-    let spawned = std::thread::Builder::new()
-        .name("inletd-flusher".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(every);
-                let Some(store) = store.upgrade() else { return };
-                if let Err(e) = store.flush() {
-                    tracing::warn!(error = %e, "background flush failed");
-                }
+    spawn_every(
+        store,
+        "inletd-flusher",
+        every,
+        "writes are synced at shutdown only",
+        |store| {
+            if let Err(e) = store.flush() {
+                tracing::warn!(error = %e, "background flush failed");
             }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the background flusher; writes are synced at shutdown only");
-    }
+        },
+    );
 }
 
 fn io(e: impl std::fmt::Display) -> StorageError {
